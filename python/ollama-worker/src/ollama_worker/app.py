@@ -1,0 +1,29 @@
+"""The worker's Celery app: the shared configuration plus the tasks that call Ollama."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_init
+
+from avocado_shared.celery_config import make_celery
+from avocado_shared.topology import declare_topology
+from ollama_worker.settings import WorkerSettings
+
+__all__ = ["app", "settings"]
+
+logger = logging.getLogger(__name__)
+
+settings = WorkerSettings()
+app = make_celery("ollama_worker", settings)
+app.conf.include = ["ollama_worker.tasks"]
+
+
+@worker_init.connect
+def _declare_topology(**_: Any) -> None:
+    """Declare the dead-letter queue and exchanges too, which the worker does not consume."""
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=10)
+        declare_topology(connection, settings)
+    logger.info("topology declared on %s", connection.as_uri())

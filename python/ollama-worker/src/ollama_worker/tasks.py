@@ -1,0 +1,197 @@
+"""The jobs: generate and summarize, each validated, run on Ollama and returned as a result."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from celery import Task
+from celery.signals import worker_process_shutdown
+from pydantic import BaseModel
+
+from avocado_shared.contracts import (
+    GenerateRequest,
+    GenerateResult,
+    InvalidRequest,
+    SummarizeRequest,
+    SummarizeResult,
+    validate_request,
+)
+from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+from ollama_worker.app import app, settings
+from ollama_worker.errors import InvalidPayload, PermanentError, TransientError
+from ollama_worker.ollama import Completion, ModelNotFound, OllamaClient
+from ollama_worker.summary import summarize_text
+
+__all__ = ["generate", "summarize"]
+
+logger = logging.getLogger(__name__)
+_Request = TypeVar("_Request", bound=BaseModel)
+
+_client: OllamaClient | None = None
+_client_lock = threading.Lock()
+_present_models: set[str] = set()
+
+
+def ollama() -> OllamaClient:
+    """This process's Ollama client, made on first use (after the pool forked)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = OllamaClient(
+                settings.ollama_url,
+                connect_timeout=settings.ollama_connect_timeout_s,
+                read_timeout=settings.ollama_read_timeout_s,
+                pull_timeout=settings.ollama_pull_timeout_s,
+            )
+        return _client
+
+
+@worker_process_shutdown.connect
+def _close_client(**_: Any) -> None:
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+            _client = None
+
+
+def _log_pull(model: str) -> Callable[[dict[str, Any]], None]:
+    last: dict[str, str] = {}
+
+    def progress(chunk: dict[str, Any]) -> None:
+        status = str(chunk.get("status", ""))
+        if status != last.get("status"):
+            logger.info("pulling %s: %s", model, status)
+            last["status"] = status
+
+    return progress
+
+
+def ensure_model(client: OllamaClient, model: str) -> None:
+    """Make sure ``model`` is on this host, pulling it when allowed."""
+    if model in _present_models:
+        return
+    if not client.has_model(model):
+        if not settings.allow_pull:
+            raise ModelNotFound(
+                f"model {model!r} is not on this host and pulling is disabled (AVOCADO_ALLOW_PULL)"
+            )
+        logger.info("model %s is missing: pulling it", model)
+        client.pull(model, progress=_log_pull(model))
+    _present_models.add(model)
+
+
+def _parse(model: type[_Request], payload: Any) -> _Request:
+    try:
+        return validate_request(model, payload)
+    except InvalidRequest as error:
+        raise InvalidPayload(str(error)) from None
+
+
+def _usage(done: Completion) -> dict[str, Any]:
+    return {
+        "model": done.model,
+        "done_reason": done.done_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_duration_ms": done.total_duration_ns / 1e6,
+        "load_duration_ms": done.load_duration_ns / 1e6,
+        "prompt_eval_duration_ms": done.prompt_eval_duration_ns / 1e6,
+        "eval_duration_ms": done.eval_duration_ns / 1e6,
+    }
+
+
+def backoff(retries: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter, never sooner than the server's Retry-After."""
+    ceiling = min(settings.retry_backoff_max_s, 2.0 ** (retries + 1))
+    delay = random.uniform(ceiling / 2, ceiling)
+    return max(delay, retry_after or 0.0)
+
+
+class JobTask(Task):  # type: ignore[misc]
+    """Retries transient failures with backoff; permanent ones fail at once."""
+
+    throws = (PermanentError,)
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def retry_transient(self, error: TransientError) -> NoReturn:
+        """Schedule another try, or give up once the retry budget is spent."""
+        retries = int(self.request.retries)
+        if retries >= settings.retry_max:
+            raise error
+        countdown = backoff(retries, error.retry_after)
+        logger.warning(
+            "%s[%s] will retry in %.1fs: %s", self.name, self.request.id, countdown, error
+        )
+        raise self.retry(exc=error, countdown=countdown, max_retries=settings.retry_max)
+
+    def worker_name(self) -> str:
+        """The Celery node that ran the job, for the result."""
+        return str(self.request.hostname or settings.worker_id)
+
+
+@app.task(name=GENERATE_TASK, base=JobTask, bind=True)
+def generate(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
+    """Run a prompt or chat generation on the local Ollama."""
+    job = _parse(GenerateRequest, request)
+    model = job.model or settings.default_model
+    client = ollama()
+    try:
+        ensure_model(client, model)
+        if job.messages is not None:
+            messages = [m.model_dump(exclude_none=True) for m in job.messages]
+            if job.system:
+                messages.insert(0, {"role": "system", "content": job.system})
+            done = client.chat(
+                model, messages, options=job.options, format=job.format, keep_alive=job.keep_alive
+            )
+        else:
+            assert job.prompt is not None
+            done = client.generate(
+                model,
+                job.prompt,
+                system=job.system,
+                options=job.options,
+                format=job.format,
+                keep_alive=job.keep_alive,
+            )
+    except TransientError as error:
+        self.retry_transient(error)
+    result = GenerateResult(
+        job_id=str(self.request.id), text=done.text, worker=self.worker_name(), **_usage(done)
+    )
+    return result.model_dump(mode="json")
+
+
+@app.task(name=SUMMARIZE_TASK, base=JobTask, bind=True)
+def summarize(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
+    """Summarize one shared item, in parts when it is longer than the context."""
+    job = _parse(SummarizeRequest, request)
+    model = job.options.model or settings.default_model
+    client = ollama()
+    try:
+        ensure_model(client, model)
+        done, chunks = summarize_text(
+            client,
+            model,
+            job.content.text,
+            job.options,
+            num_ctx=settings.summary_num_ctx,
+            title=job.content.title,
+        )
+    except TransientError as error:
+        self.retry_transient(error)
+    result = SummarizeResult(
+        job_id=str(self.request.id),
+        share_id=job.share_id,
+        summary=done.text.strip(),
+        chunks=chunks,
+        worker=self.worker_name(),
+        **_usage(done),
+    )
+    return result.model_dump(mode="json")

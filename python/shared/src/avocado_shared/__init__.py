@@ -1,0 +1,44 @@
+"""Spicy Avocado's shared contract: settings, topology, Celery config, job contracts, producer."""
+
+from __future__ import annotations
+
+from avocado_shared.celery_config import celery_config, make_celery
+from avocado_shared.contracts import (
+    ChatMessage,
+    GenerateRequest,
+    GenerateResult,
+    InvalidRequest,
+    JobKind,
+    JobResult,
+    SummarizeContent,
+    SummarizeOptions,
+    SummarizeRequest,
+    SummarizeResult,
+    parse_result,
+)
+from avocado_shared.producer import JobFailed, JobHandle, Producer, generate, summarize
+from avocado_shared.settings import Settings
+from avocado_shared.topology import declare_topology
+
+__all__ = [
+    "ChatMessage",
+    "GenerateRequest",
+    "GenerateResult",
+    "InvalidRequest",
+    "JobFailed",
+    "JobHandle",
+    "JobKind",
+    "JobResult",
+    "Producer",
+    "Settings",
+    "SummarizeContent",
+    "SummarizeOptions",
+    "SummarizeRequest",
+    "SummarizeResult",
+    "celery_config",
+    "declare_topology",
+    "generate",
+    "make_celery",
+    "parse_result",
+    "summarize",
+]

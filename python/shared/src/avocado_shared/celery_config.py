@@ -1,0 +1,78 @@
+"""The Celery configuration producers and workers must share to talk to each other safely."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from avocado_shared.settings import Settings
+from avocado_shared.topology import (
+    GENERATE_TASK,
+    ML_EXCHANGE,
+    SUMMARIZE_TASK,
+    job_queues,
+    task_routes,
+)
+
+__all__ = ["celery_config", "make_celery"]
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Late acks, prefetch 1, confirms, JSON only, time limits under the consumer timeout."""
+    return {
+        "broker_url": settings.broker_url.get_secret_value(),
+        "result_backend": settings.result_backend,
+        "result_backend_transport_options": {"global_keyprefix": settings.key_prefix},
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"confirm_publish": True},
+        "broker_pool_limit": 4,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 2.0,
+        },
+        # Topology: topic exchanges (native delayed delivery needs them) and quorum queues.
+        "task_queues": job_queues(settings),
+        "task_routes": task_routes(),
+        "task_default_exchange": ML_EXCHANGE.name,
+        "task_default_exchange_type": "topic",
+        "task_default_queue_type": "quorum",
+        "task_default_delivery_mode": "persistent",
+        "worker_detect_quorum_queues": True,
+        # A job is acknowledged only once it ended, and goes back if its worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # JSON only: a job is data, never pickle.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.result_expires_s,
+        "result_extended": True,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "task_annotations": {
+            GENERATE_TASK: {
+                "soft_time_limit": settings.generate_soft_time_limit_s,
+                "time_limit": settings.generate_time_limit_s,
+            },
+            SUMMARIZE_TASK: {
+                "soft_time_limit": settings.summarize_soft_time_limit_s,
+                "time_limit": settings.summarize_time_limit_s,
+            },
+        },
+        "enable_utc": True,
+    }
+
+
+def make_celery(main: str, settings: Settings) -> Celery:
+    """A Celery app configured for the fleet; producers and workers both start from this."""
+    app = Celery(main, set_as_current=False)
+    app.config_from_object(celery_config(settings))
+    return app

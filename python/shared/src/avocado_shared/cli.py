@@ -1,0 +1,176 @@
+"""``avocado``: submit jobs, read results and show the topology from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from avocado_shared.contracts import (
+    GenerateResult,
+    InvalidRequest,
+    JobResult,
+    SummarizeResult,
+)
+from avocado_shared.producer import JobFailed, JobHandle, Producer
+from avocado_shared.topology import describe
+
+__all__ = ["main"]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value as JSON when it parses, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avocado", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def waitable(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    gen = sub.add_parser("generate", help="enqueue a prompt (or chat) generation job")
+    gen.add_argument("prompt", nargs="?", help="the prompt; omit with --messages")
+    gen.add_argument("--messages", type=Path, help="a JSON file with a list of chat messages")
+    gen.add_argument("--model")
+    gen.add_argument("--system")
+    gen.add_argument(
+        "--option",
+        "-o",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Ollama option such as temperature=0.2 or num_predict=64 (repeatable)",
+    )
+    gen.add_argument("--format", help='"json" or a JSON schema (inline or @file)')
+    gen.add_argument("--keep-alive")
+    gen.add_argument("--idempotency-key")
+    waitable(gen)
+
+    summ = sub.add_parser("summarize", help="enqueue a summary of a shared item")
+    summ.add_argument("--share-id", required=True)
+    source = summ.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text")
+    source.add_argument("--file", type=Path)
+    summ.add_argument("--title")
+    summ.add_argument("--max-words", type=int)
+    summ.add_argument("--language")
+    summ.add_argument("--model")
+    waitable(summ)
+
+    res = sub.add_parser("result", help="show a job's state and result")
+    res.add_argument("job_id")
+    waitable(res)
+
+    sub.add_parser("topology", help="declare the exchanges and queues, then show them")
+    return parser
+
+
+def _format_arg(raw: str | None) -> str | dict[str, Any] | None:
+    if raw is None or raw == "json":
+        return raw
+    text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def _submit(producer: Producer, args: argparse.Namespace) -> JobHandle[Any]:
+    if args.command == "generate":
+        messages = json.loads(args.messages.read_text()) if args.messages else None
+        return producer.generate(
+            args.prompt,
+            messages=messages,
+            model=args.model,
+            system=args.system,
+            options=dict(args.option),
+            format=_format_arg(args.format),
+            keep_alive=args.keep_alive,
+            idempotency_key=args.idempotency_key,
+        )
+    text = args.text if args.text is not None else args.file.read_text()
+    content = {"text": text, "title": args.title}
+    options = {
+        key: value
+        for key, value in {
+            "max_words": args.max_words,
+            "language": args.language,
+            "model": args.model,
+        }.items()
+        if value is not None
+    }
+    return producer.summarize(args.share_id, content, options=options)
+
+
+def _show(result: JobResult, as_json: bool) -> None:
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    if isinstance(result, GenerateResult):
+        print(result.text)
+    elif isinstance(result, SummarizeResult):
+        print(result.summary)
+    print(
+        f"-- {result.kind.value} {result.job_id} on {result.worker}: model {result.model}, "
+        f"{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens, "
+        f"{result.total_duration_ms:.0f} ms",
+        file=sys.stderr,
+    )
+
+
+def _topology(producer: Producer) -> None:
+    with producer.app.connection_for_write() as connection:
+        infos = describe(connection, producer.settings)
+    for info in infos:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(info.arguments.items()))
+        print(
+            f"{info.name:<16} exchange={info.exchange:<8} key={info.routing_key:<15} "
+            f"messages={info.messages:<5} consumers={info.consumers:<3} {args}"
+        )
+
+
+def _run(args: argparse.Namespace) -> int:
+    with Producer() as producer:
+        if args.command == "topology":
+            _topology(producer)
+            return 0
+        handle = (
+            producer.handle(args.job_id) if args.command == "result" else _submit(producer, args)
+        )
+        if args.command == "result" and not args.wait and not handle.ready():
+            print(f"{handle.id} {handle.state}")
+            return 0
+        if args.command != "result" and not args.wait:
+            print(handle.id)
+            return 0
+        _show(handle.get(timeout=args.timeout), args.json)
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``avocado`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InvalidRequest as error:
+        print(f"avocado: {error}", file=sys.stderr)
+        return 2
+    except (JobFailed, TimeoutError, OSError, json.JSONDecodeError) as error:
+        print(f"avocado: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Job contracts: what a producer may send and what a worker returns, validated at both ends."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ChatMessage",
+    "GenerateRequest",
+    "GenerateResult",
+    "InvalidRequest",
+    "JobKind",
+    "JobResult",
+    "SummarizeContent",
+    "SummarizeOptions",
+    "SummarizeRequest",
+    "SummarizeResult",
+    "parse_result",
+    "validate_request",
+]
+
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Identifier = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^\S+$")
+]
+ModelName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^\S+$")
+]
+OptionValue = int | float | str | bool | list[str]
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+class JobKind(str, Enum):
+    """The two kinds of job; also the ``kind`` field of every result."""
+
+    GENERATE = "generate"
+    SUMMARIZE = "summarize"
+
+
+class InvalidRequest(ValueError):
+    """A request that breaks its contract; refused before anything is published."""
+
+    @classmethod
+    def from_validation(cls, what: str, error: ValidationError) -> InvalidRequest:
+        """Turn pydantic's report into one line a user can act on."""
+        parts = []
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"]) or what
+            parts.append(f"{where}: {item['msg']}")
+        return cls(f"invalid {what} request: " + "; ".join(parts))
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(_Contract):
+    """One chat turn, as Ollama's ``/api/chat`` takes it."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    images: list[str] | None = None
+
+
+class GenerateRequest(_Contract):
+    """A prompt (``/api/generate``) or a chat (``/api/chat``) generation job."""
+
+    prompt: NonEmpty | None = None
+    messages: list[ChatMessage] | None = None
+    system: str | None = None
+    model: ModelName | None = Field(default=None, description="The worker's default when unset.")
+    options: dict[str, OptionValue] = Field(default_factory=dict)
+    format: Literal["json"] | dict[str, Any] | None = Field(
+        default=None, description='"json" or a JSON schema the answer must follow.'
+    )
+    keep_alive: str | int | None = None
+    idempotency_key: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+    @field_validator("format")
+    @classmethod
+    def _schema_is_object(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "type" not in value:
+            raise ValueError('a JSON schema format needs a "type"')
+        return value
+
+    @property
+    def is_chat(self) -> bool:
+        """True when the job goes to ``/api/chat``."""
+        return self.messages is not None
+
+
+class SummarizeContent(BaseModel):
+    """The shared item to summarize; ``text`` is required, other metadata is kept out."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    text: NonEmpty
+    title: str | None = None
+    url: str | None = None
+
+
+class SummarizeOptions(_Contract):
+    """How the summary should look."""
+
+    max_words: int = Field(default=150, ge=10, le=2000)
+    language: str | None = Field(default=None, max_length=50)
+    model: ModelName | None = None
+    style: Literal["paragraph", "bullets"] = "paragraph"
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+class SummarizeRequest(_Contract):
+    """Summarize one shared item; at most one such job per ``share_id`` runs at once."""
+
+    share_id: Identifier
+    content: SummarizeContent
+    options: SummarizeOptions = Field(default_factory=SummarizeOptions)
+
+
+class JobResult(BaseModel):
+    """What every finished job reports: the model's answer plus its cost."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    kind: JobKind
+    job_id: str
+    model: str
+    done_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_duration_ms: float = 0.0
+    load_duration_ms: float = 0.0
+    prompt_eval_duration_ms: float = 0.0
+    eval_duration_ms: float = 0.0
+    worker: str
+    finished_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generation speed as Ollama measured it."""
+        if self.eval_duration_ms <= 0:
+            return 0.0
+        return self.completion_tokens / (self.eval_duration_ms / 1000)
+
+
+class GenerateResult(JobResult):
+    """The text (or JSON text) a generation produced."""
+
+    kind: Literal[JobKind.GENERATE] = JobKind.GENERATE
+    text: str
+
+
+class SummarizeResult(JobResult):
+    """The summary of one shared item; ``chunks`` > 1 when it was summarized in parts."""
+
+    kind: Literal[JobKind.SUMMARIZE] = JobKind.SUMMARIZE
+    share_id: str
+    summary: str
+    chunks: int = 1
+
+
+def parse_result(data: dict[str, Any]) -> GenerateResult | SummarizeResult:
+    """Read a stored result back into its model, by its ``kind``."""
+    if data.get("kind") == JobKind.SUMMARIZE.value:
+        return SummarizeResult.model_validate(data)
+    return GenerateResult.model_validate(data)
+
+
+def validate_request(model: type[_Model], data: Any) -> _Model:
+    """Validate ``data`` against a contract, raising ``InvalidRequest`` with a readable reason."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        what = model.__name__.removesuffix("Request").lower()
+        raise InvalidRequest.from_validation(what, error) from None

@@ -1,0 +1,67 @@
+"""Settings every part of the fleet reads: one class, environment prefix ``AVOCADO_``."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Broker, Redis and job policy shared by producers and workers.
+
+    Secrets are ``SecretStr`` so they never appear in a repr, a log line or an announcement.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AVOCADO_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672//")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    result_backend_url: SecretStr | None = Field(
+        default=None, description="Celery result backend; the Redis URL when unset."
+    )
+    key_prefix: str = Field(
+        default="avocado:", description="Prefix of every Redis key we write, for isolation."
+    )
+    default_model: str = "llama3.2:1b"
+
+    delivery_limit: int = Field(
+        default=5, ge=1, description="Deliveries of one message before it is dead-lettered."
+    )
+    consumer_timeout_s: int = Field(
+        default=1800, ge=60, description="RabbitMQ's consumer_timeout; job limits stay below it."
+    )
+    generate_soft_time_limit_s: int = Field(default=600, ge=1)
+    generate_time_limit_s: int = Field(default=660, ge=1)
+    summarize_soft_time_limit_s: int = Field(default=1200, ge=1)
+    summarize_time_limit_s: int = Field(default=1260, ge=1)
+    result_expires_s: int = Field(default=7 * 24 * 3600, ge=60)
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long a publish may wait for the broker's confirm."
+    )
+
+    @model_validator(mode="after")
+    def _limits_below_consumer_timeout(self) -> Settings:
+        """A job must end before RabbitMQ closes the channel that holds its unacked message."""
+        pairs = {
+            "generate": (self.generate_soft_time_limit_s, self.generate_time_limit_s),
+            "summarize": (self.summarize_soft_time_limit_s, self.summarize_time_limit_s),
+        }
+        for kind, (soft, hard) in pairs.items():
+            if soft >= hard:
+                raise ValueError(f"{kind}: soft time limit {soft}s must be below hard {hard}s")
+            if hard >= self.consumer_timeout_s:
+                raise ValueError(
+                    f"{kind}: time limit {hard}s must be below RabbitMQ's consumer_timeout "
+                    f"{self.consumer_timeout_s}s, or the broker closes the channel mid-job"
+                )
+        return self
+
+    @property
+    def result_backend(self) -> str:
+        """The Celery result backend URL (Redis unless set otherwise)."""
+        url = self.result_backend_url or self.redis_url
+        return url.get_secret_value()

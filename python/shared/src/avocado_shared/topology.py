@@ -1,0 +1,136 @@
+"""RabbitMQ topology of the fleet, declared in one place for producers, workers and consumers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+
+from avocado_shared.settings import Settings
+
+__all__ = [
+    "ANNOUNCE_QUEUE",
+    "ANNOUNCE_TASK",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "DISCOVERY_EXCHANGE",
+    "GENERATE_QUEUE",
+    "GENERATE_TASK",
+    "INFRA_EXCHANGE",
+    "ML_EXCHANGE",
+    "SUMMARIZE_QUEUE",
+    "SUMMARIZE_TASK",
+    "URL_CHANGED",
+    "URL_REMOVED",
+    "QueueInfo",
+    "declare_topology",
+    "describe",
+    "job_queues",
+    "task_routes",
+]
+
+ML_EXCHANGE = Exchange("ml", type="topic", durable=True)
+INFRA_EXCHANGE = Exchange("infra", type="topic", durable=True)
+DEAD_LETTER_EXCHANGE = Exchange("ml.dlx", type="topic", durable=True)
+DISCOVERY_EXCHANGE = Exchange("service-discovery", type="topic", durable=True)
+
+GENERATE_QUEUE = "ml.generate"
+SUMMARIZE_QUEUE = "ml.summarize"
+ANNOUNCE_QUEUE = "infra.announce"
+DEAD_LETTER_QUEUE = "ml.dead-letter"
+
+GENERATE_TASK = "avocado.generate"
+SUMMARIZE_TASK = "avocado.summarize"
+ANNOUNCE_TASK = "avocado.announce"
+
+URL_CHANGED = "inference.url.changed"
+URL_REMOVED = "inference.url.removed"
+
+_ROUTES = {
+    GENERATE_TASK: GENERATE_QUEUE,
+    SUMMARIZE_TASK: SUMMARIZE_QUEUE,
+    ANNOUNCE_TASK: ANNOUNCE_QUEUE,
+}
+
+
+def _job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
+    """A quorum queue that dead-letters a message once it was delivered too often."""
+    return Queue(
+        name,
+        exchange,
+        routing_key=name,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
+        },
+    )
+
+
+def job_queues(settings: Settings) -> tuple[Queue, ...]:
+    """The queues workers consume, in the order Celery should list them."""
+    return (
+        _job_queue(GENERATE_QUEUE, ML_EXCHANGE, settings),
+        _job_queue(SUMMARIZE_QUEUE, ML_EXCHANGE, settings),
+        _job_queue(ANNOUNCE_QUEUE, INFRA_EXCHANGE, settings),
+    )
+
+
+def dead_letter_queue() -> Queue:
+    """Keeps every dead-lettered job, whatever its routing key, for inspection and replay."""
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        DEAD_LETTER_EXCHANGE,
+        routing_key="#",
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def task_routes() -> dict[str, dict[str, str]]:
+    """Celery ``task_routes``: each task name to its queue."""
+    return {task: {"queue": queue} for task, queue in _ROUTES.items()}
+
+
+def declare_topology(connection: Connection, settings: Settings) -> list[Queue]:
+    """Declare exchanges, queues and bindings; idempotent, safe on every start."""
+    channel = connection.default_channel
+    DISCOVERY_EXCHANGE(channel).declare()
+    queues = [*job_queues(settings), dead_letter_queue()]
+    for queue in queues:
+        queue(channel).declare()
+    return queues
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """What ``avocado topology`` shows of one queue."""
+
+    name: str
+    exchange: str
+    routing_key: str
+    arguments: dict[str, Any]
+    messages: int
+    consumers: int
+
+
+def describe(connection: Connection, settings: Settings) -> list[QueueInfo]:
+    """Declare the topology and report each queue's depth and consumer count."""
+    infos = []
+    for queue in declare_topology(connection, settings):
+        bound = queue(connection.default_channel)
+        _, messages, consumers = bound.queue_declare(passive=True)
+        infos.append(
+            QueueInfo(
+                name=queue.name,
+                exchange=queue.exchange.name,
+                routing_key=queue.routing_key,
+                arguments=dict(getattr(queue, "queue_arguments", None) or {}),
+                messages=messages,
+                consumers=consumers,
+            )
+        )
+    return infos

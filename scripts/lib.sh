@@ -1,0 +1,107 @@
+# Shared steps of the scripts: the virtualenv and the local services. Source it; do not run it.
+# Quiet on success, loud and specific on failure.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="${AVOCADO_VENV:-$ROOT/.venv}"
+PY_MIN_MINOR=10
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_port() { # host port seconds what
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do port_open "$1" "$2" && return 0; sleep 0.1; done
+  die "$4 did not answer on $1:$2 within $3 s"
+}
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "need root to run: $*"
+  fi
+}
+
+APT_UPDATED=
+apt_install() {
+  command -v apt-get >/dev/null || die "$* missing and this is not a Debian/Ubuntu machine: install $* yourself"
+  if [ -z "$APT_UPDATED" ]; then as_root apt-get update -qq >/dev/null || die "apt-get update failed"; APT_UPDATED=1; fi
+  say "installing $* with apt"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null \
+    || die "apt-get install $* failed"
+}
+
+have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
+
+ensure_python() {
+  PYTHON="${AVOCADO_PYTHON:-}"
+  if [ -z "$PYTHON" ]; then
+    for candidate in python3.13 python3.12 python3.11 python3.10 python3; do
+      if command -v "$candidate" >/dev/null &&
+        "$candidate" -c "import sys; sys.exit(sys.version_info < (3, $PY_MIN_MINOR))"; then
+        PYTHON=$(command -v "$candidate"); break
+      fi
+    done
+  fi
+  [ -n "$PYTHON" ] || { apt_install python3 python3-venv; PYTHON=$(command -v python3); }
+  "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
+}
+
+# Make .venv and install both packages and the dev tools; skipped when nothing changed.
+ensure_venv() {
+  ensure_python
+  local stamp="$VENV/.avocado-installed" want
+  want=$(cat "$ROOT/pyproject.toml" "$ROOT"/python/*/pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/celery" ]; then return 0; fi
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "could not make a virtualenv at $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U "pip>=25.1" \
+    || die "could not upgrade pip in $VENV"
+  (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    -e python/shared -e python/ollama-worker --group dev) || die "pip install failed (see above)"
+  printf '%s\n' "$want" >"$stamp"
+}
+
+ensure_rabbitmq() {
+  port_open 127.0.0.1 5672 && return 0
+  command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server
+  say "starting RabbitMQ"
+  if have_systemd; then as_root systemctl start rabbitmq-server
+  else as_root env PATH="$PATH:/usr/sbin" rabbitmq-server -detached >/dev/null 2>&1
+  fi
+  wait_port 127.0.0.1 5672 90 RabbitMQ
+}
+
+ensure_redis() {
+  port_open 127.0.0.1 6379 && return 0
+  command -v redis-server >/dev/null || apt_install redis-server
+  say "starting Redis"
+  if have_systemd; then as_root systemctl start redis-server
+  else
+    as_root mkdir -p /var/lib/redis /var/log/redis
+    as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir /var/lib/redis \
+      --logfile /var/log/redis/avocado.log >/dev/null
+  fi
+  wait_port 127.0.0.1 6379 30 Redis
+}
+
+ensure_postgres() {
+  port_open 127.0.0.1 5432 && return 0
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  say "starting PostgreSQL"
+  if have_systemd; then as_root systemctl start postgresql
+  else
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+    [ -n "$version" ] || die "PostgreSQL is installed but has no cluster in /etc/postgresql"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  fi
+  wait_port 127.0.0.1 5432 60 PostgreSQL
+}
+
+# The services a local fleet and the tests use, when they point at this machine.
+ensure_services() {
+  ensure_rabbitmq
+  ensure_redis
+  ensure_postgres
+}

@@ -1,0 +1,162 @@
+"""Real services for the tests: an isolated RabbitMQ vhost, a Redis key prefix, worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+RABBIT_HOST = os.environ.get("AVOCADO_TEST_RABBIT_HOST", "127.0.0.1:5672")
+REDIS_URL = os.environ.get("AVOCADO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+VENV_BIN = Path(sys.executable).parent
+
+
+def wait_for(
+    condition: Callable[[], _T | None], timeout: float = 30.0, what: str = "condition"
+) -> _T:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run rabbitmqctl; tests need it to make and drop their own vhost."""
+    exe = shutil.which("rabbitmqctl")
+    if exe is None:
+        raise RuntimeError("rabbitmqctl not found: run scripts/test.sh, which installs RabbitMQ")
+    done = subprocess.run(
+        [exe, "-q", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+@contextmanager
+def isolated_vhost() -> Iterator[str]:
+    """A fresh vhost for one test session, removed afterwards; yields its broker URL."""
+    vhost = f"avocado-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{RABBIT_HOST}/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``celery worker`` subprocess, stopped (or killed) by the test that made it."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str] = field(repr=False)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait for the process to end; returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return int(self.process.returncode)
+
+
+def service_env(broker_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
+    """The environment a worker or CLI subprocess of this test session runs with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVOCADO_")}
+    env.update(
+        {
+            "AVOCADO_BROKER_URL": broker_url,
+            "AVOCADO_REDIS_URL": REDIS_URL,
+            "AVOCADO_KEY_PREFIX": key_prefix,
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def start_worker(
+    env: dict[str, str],
+    log_dir: Path,
+    ping: Callable[[str], bool],
+    *,
+    pool: str = "prefork",
+    concurrency: int = 2,
+    queues: str | None = None,
+) -> WorkerProcess:
+    """Start ``celery -A ollama_worker worker`` and wait until it answers a ping."""
+    name = f"test-{uuid.uuid4().hex[:6]}@localhost"
+    log = log_dir / f"{name.split('@')[0]}.log"
+    args = [
+        str(VENV_BIN / "celery"),
+        "-A",
+        "ollama_worker",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        name,
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if queues:
+        args += ["--queues", queues]
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(name=name, process=process, log=log, env=env)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"worker exited with {process.returncode}:\n{worker.log_text()}")
+        return ping(name)
+
+    try:
+        wait_for(ready, timeout=60, what=f"worker {name} to answer a ping")
+    except BaseException:
+        worker.stop(signal.SIGKILL)
+        raise
+    return worker
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the ``avocado`` command as a user would."""
+    return subprocess.run(
+        [str(VENV_BIN / "avocado"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
