@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from avocado_shared import (
     GenerateRequest,
     GenerateResult,
@@ -15,7 +17,6 @@ from avocado_shared import (
 )
 from avocado_shared.celery_config import celery_config
 from avocado_shared.contracts import validate_request
-from pydantic import ValidationError
 
 
 def test_generate_request_takes_a_prompt_or_messages() -> None:
@@ -49,8 +50,9 @@ def test_schema_format_needs_a_type() -> None:
 
 
 def test_results_round_trip_through_json_by_kind() -> None:
-    gen = GenerateResult(job_id="j1", text="t", model="m", worker="w", completion_tokens=10,
-                         eval_duration_ms=500.0)
+    gen = GenerateResult(
+        job_id="j1", text="t", model="m", worker="w", completion_tokens=10, eval_duration_ms=500.0
+    )
     summ = SummarizeResult(job_id="j2", share_id="s", summary="x", model="m", worker="w")
 
     back_gen = parse_result(gen.model_dump(mode="json"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from avocado_shared import SummarizeOptions
 from ollama_worker.errors import PermanentError
 from ollama_worker.summary import CHARS_PER_TOKEN, content_budget, split_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from avocado_shared.contracts import (
     validate_request,
 )
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
-from ollama_worker.app import app, settings
+from ollama_worker.celery_app import app, settings
 from ollama_worker.errors import InvalidPayload, PermanentError, TransientError
 from ollama_worker.ollama import Completion, ModelNotFound, OllamaClient
 from ollama_worker.summary import summarize_text
@@ -105,11 +106,15 @@ def _usage(done: Completion) -> dict[str, Any]:
     }
 
 
-def backoff(retries: int, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter, never sooner than the server's Retry-After."""
+def backoff(retries: int, retry_after: float | None = None) -> int:
+    """Exponential backoff with jitter, never sooner than the server's Retry-After.
+
+    Whole seconds, at least one: native delayed delivery on quorum queues rejects a
+    countdown that truncates to zero.
+    """
     ceiling = min(settings.retry_backoff_max_s, 2.0 ** (retries + 1))
     delay = random.uniform(ceiling / 2, ceiling)
-    return max(delay, retry_after or 0.0)
+    return max(1, math.ceil(max(delay, retry_after or 0.0)))
 
 
 class JobTask(Task):  # type: ignore[misc]

@@ -1,0 +1,249 @@
+"""Configuration and shared, thread-safe state of the Ollama simulator."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, overload
+
+from ollama_worker.testing._sim_catalog import normalize
+
+__all__ = ["RecordedRequest", "RequestLog", "SimConfig", "SimState", "SlotGate"]
+
+_LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "0.0.0.0"]  # noqa: S104 - a Host value
+# Ollama also accepts these suffixes on a loopback bind (allowedHost in server/routes.go).
+_LOCAL_SUFFIXES = [".localhost", ".local", ".internal"]
+
+
+@dataclass
+class SimConfig:
+    """How the simulated Ollama behaves; mutable while it runs."""
+
+    models: list[str] = field(default_factory=lambda: ["llama3.2:1b"])
+    """Models already pulled; /api/pull appends, /api/delete removes."""
+    hub: list[str] | None = None
+    """Models /api/pull can fetch; None accepts any well-formed name."""
+    latency_ms: float = 0.0
+    """Delay before the first token (streaming) or the answer."""
+    tokens_per_s: float | None = None
+    """None sends all tokens at once; a rate paces them."""
+    fail_first: int = 0
+    """Fail this many of the next generate/chat calls; counts down as they fail."""
+    fail_status: int = 503
+    parallel: int = 4
+    """Generation slots, like OLLAMA_NUM_PARALLEL."""
+    max_queue: int = 512
+    """Requests that may wait for a slot, like OLLAMA_MAX_QUEUE; beyond it: 503."""
+    context_length: int = 4096
+    """The model's context window, reported by /api/show and /api/ps."""
+    pull_chunks: int = 5
+    """Progress lines per layer in a streamed /api/pull."""
+    allowed_hosts: list[str] = field(default_factory=lambda: [*_LOOPBACK_NAMES, *_LOCAL_SUFFIXES])
+    """Host header values accepted on a loopback bind (any port); '.x' is a suffix, '*' any."""
+    default_tokens: int = 24
+    """Reply length when the request sets no num_predict."""
+    version: str = "0.12.6"
+    """What /api/version reports."""
+    max_recorded: int = 10_000
+    """Recorded requests kept (oldest dropped); 0 records nothing, for benchmarks."""
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        if self.max_queue < 0 or self.latency_ms < 0 or self.fail_first < 0:
+            raise ValueError("max_queue, latency_ms and fail_first cannot be negative")
+        if self.tokens_per_s is not None and self.tokens_per_s <= 0:
+            raise ValueError("tokens_per_s must be positive or None")
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the simulator received it."""
+
+    method: str
+    path: str
+    body: Any
+    """The parsed JSON body; None when there was none or it was not JSON."""
+    headers: Mapping[str, str]
+
+
+class RequestLog(Sequence[RecordedRequest]):
+    """Thread-safe record of received requests, readable like a list."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[RecordedRequest] = deque(maxlen=max(maxlen, 0))
+
+    def append(self, item: RecordedRequest) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def snapshot(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._items)
+
+    def to(self, path: str) -> list[RecordedRequest]:
+        """The requests sent to one path, oldest first."""
+        return [r for r in self.snapshot() if r.path == path]
+
+    def last(self, path: str | None = None) -> RecordedRequest:
+        """The newest request (to ``path`` if given); LookupError if there is none."""
+        for item in reversed(self.snapshot()):
+            if path is None or item.path == path:
+                return item
+        raise LookupError(f"no request recorded for {path or 'any path'}")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> RecordedRequest: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[RecordedRequest]: ...
+    def __getitem__(self, index: int | slice) -> RecordedRequest | list[RecordedRequest]:
+        return self.snapshot()[index]
+
+    def __iter__(self) -> Iterator[RecordedRequest]:
+        return iter(self.snapshot())
+
+    def __repr__(self) -> str:
+        return f"RequestLog({self.snapshot()!r})"
+
+
+class SlotGate:
+    """Ollama's scheduler in miniature: `parallel` slots and a bounded wait queue."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.running = 0
+        self.waiting = 0
+
+    def enter(self, config: SimConfig, stopping: threading.Event) -> bool:
+        """Take a slot, waiting if needed; False means 'server busy' (or shutting down)."""
+        with self._cond:
+            if self.running + self.waiting >= max(config.parallel, 1) + config.max_queue:
+                return False
+            self.waiting += 1
+            self._cond.notify_all()
+            try:
+                while self.running >= max(config.parallel, 1) and not stopping.is_set():
+                    self._cond.wait(0.1)  # re-read config.parallel if a test raises it
+                if stopping.is_set():
+                    return False
+                self.running += 1
+                return True
+            finally:
+                self.waiting -= 1
+                self._cond.notify_all()
+
+    def leave(self) -> None:
+        with self._cond:
+            self.running -= 1
+            self._cond.notify_all()
+
+    def wake_all(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, in_flight: int, timeout: float) -> bool:
+        """Block until exactly `in_flight` generations are running or queued."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.running + self.waiting == in_flight, timeout)
+
+
+@lru_cache(maxsize=64)
+def _normalized(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(normalize(n) for n in names)
+
+
+class SimState:
+    """Everything the request handlers share, behind one lock."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self.gate = SlotGate()
+        self.stopping = threading.Event()
+        self.requests = RequestLog(config.max_recorded)
+        self.generation_calls = 0
+        self.started_at = time.time()
+        self.modified: dict[str, float] = {}
+        self.loaded: dict[str, tuple[float, int]] = {}  # name -> (expires epoch, num_ctx)
+
+    def count_generation(self) -> None:
+        with self.lock:
+            self.generation_calls += 1
+
+    def take_failure(self) -> int | None:
+        """The status to fail this call with, consuming one of config.fail_first."""
+        with self.lock:
+            if self.config.fail_first <= 0:
+                return None
+            self.config.fail_first -= 1
+            return self.config.fail_status
+
+    def has_model(self, name: str) -> bool:
+        return normalize(name) in _normalized(tuple(self.config.models))
+
+    def in_hub(self, name: str) -> bool:
+        hub = self.config.hub
+        return hub is None or normalize(name) in _normalized(tuple(hub))
+
+    def add_model(self, name: str) -> None:
+        norm = normalize(name)
+        with self.lock:
+            if norm not in _normalized(tuple(self.config.models)):
+                self.config.models.append(norm)
+            self.modified[norm] = time.time()
+
+    def remove_model(self, name: str) -> bool:
+        norm = normalize(name)
+        with self.lock:
+            kept = [m for m in self.config.models if normalize(m) != norm]
+            if len(kept) == len(self.config.models):
+                return False
+            self.config.models[:] = kept
+            self.loaded.pop(norm, None)
+            return True
+
+    def pulled(self) -> list[tuple[str, float]]:
+        """(name, modified epoch) of every local model, newest first like Ollama."""
+        with self.lock:
+            names = sorted(_normalized(tuple(self.config.models)))
+            found = [(n, self.modified.get(n, self.started_at)) for n in names]
+        return sorted(found, key=lambda item: -item[1])
+
+    def mark_loaded(self, name: str, keep_alive_s: float, num_ctx: int) -> bool:
+        """Record a model as resident; True when it was not loaded before."""
+        norm = normalize(name)
+        now = time.time()
+        with self.lock:
+            before = self.loaded.get(norm)
+            fresh = before is None or before[0] <= now
+            if keep_alive_s <= 0:
+                self.loaded.pop(norm, None)
+            else:
+                self.loaded[norm] = (now + keep_alive_s, num_ctx)
+            return fresh
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            self.loaded.pop(normalize(name), None)
+
+    def running_models(self) -> list[tuple[str, float, int]]:
+        """(name, expires epoch, num_ctx) of loaded models, longest-lived first."""
+        now = time.time()
+        with self.lock:
+            for name in [n for n, (exp, _) in self.loaded.items() if exp <= now]:
+                del self.loaded[name]
+            found = [(n, exp, ctx) for n, (exp, ctx) in self.loaded.items()]
+        return sorted(found, key=lambda item: -item[1])

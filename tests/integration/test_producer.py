@@ -1,0 +1,120 @@
+"""The producer side: refusal of bad requests before publishing, the topology, the CLI."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from avocado_shared import InvalidRequest, Producer
+from avocado_shared.topology import (
+    DEAD_LETTER_QUEUE,
+    GENERATE_QUEUE,
+    SUMMARIZE_QUEUE,
+    declare_topology,
+)
+from ollama_worker.testing import OllamaSimulator
+from tests.services import WorkerProcess, rabbitmqctl, run_cli, service_env
+
+
+def _depth(producer: Producer, queue: str) -> int:
+    with producer.app.connection_for_write() as connection:
+        channel = connection.default_channel
+        _, messages, _ = channel.queue_declare(queue, passive=True)
+        return int(messages)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.generate(None), "exactly one of prompt or messages"),
+        (lambda p: p.generate("hi", messages=[{"role": "user", "content": "x"}]), "exactly one"),
+        (lambda p: p.generate("   "), "prompt"),
+        (lambda p: p.generate(messages=[]), "messages must not be empty"),
+        (lambda p: p.generate(messages=[{"role": "robot", "content": "x"}]), "messages.0.role"),
+        (lambda p: p.generate("hi", options={"temperature": {"a": 1}}), "options.temperature"),
+        (lambda p: p.generate("hi", format="xml"), "format"),
+        (lambda p: p.generate("hi", model="two words"), "model"),
+        (lambda p: p.summarize("", "text"), "share_id"),
+        (lambda p: p.summarize("s1", "   "), "content.text"),
+        (lambda p: p.summarize("s1", {"title": "no text"}), "content.text"),
+        (lambda p: p.summarize("s1", "text", options={"max_words": 5}), "options.max_words"),
+        (lambda p: p.summarize("s1", "text", options={"colour": "red"}), "options.colour"),
+    ],
+)
+def test_invalid_requests_are_refused_before_publishing(
+    producer: Producer, call: Any, message: str
+) -> None:
+    with producer.app.connection_for_write() as connection:
+        declare_topology(connection, producer.settings)
+    before = (_depth(producer, GENERATE_QUEUE), _depth(producer, SUMMARIZE_QUEUE))
+
+    with pytest.raises(InvalidRequest, match=r"invalid (generate|summarize) request") as caught:
+        call(producer)
+
+    assert message in str(caught.value)
+    assert (_depth(producer, GENERATE_QUEUE), _depth(producer, SUMMARIZE_QUEUE)) == before
+
+
+def test_queues_are_quorum_with_delivery_limit_and_dead_lettering(
+    producer: Producer, broker_url: str
+) -> None:
+    with producer.app.connection_for_write() as connection:
+        declare_topology(connection, producer.settings)
+    vhost = broker_url.rsplit("/", 1)[1]
+
+    listing = rabbitmqctl(
+        "list_queues", "-p", vhost, "name", "type", "arguments", "--formatter", "json"
+    )
+
+    queues = {q["name"]: q for q in json.loads(listing)}
+    for name in (GENERATE_QUEUE, SUMMARIZE_QUEUE, "infra.announce"):
+        args = {key: value for key, _type, value in queues[name]["arguments"]}
+        assert queues[name]["type"] == "quorum"
+        assert args["x-delivery-limit"] == producer.settings.delivery_limit
+        assert args["x-dead-letter-exchange"] == "ml.dlx"
+    assert queues[DEAD_LETTER_QUEUE]["type"] == "quorum"
+
+
+def test_cli_generate_and_summarize_wait_for_results(
+    broker_url: str, key_prefix: str, fresh_sim: OllamaSimulator, worker: WorkerProcess
+) -> None:
+    env = service_env(broker_url, key_prefix)
+
+    gen = run_cli(env, "generate", "Why is the sky blue?", "--wait")
+    summ = run_cli(env, "summarize", "--share-id", "cli-1", "--text", "A long day.", "--wait")
+
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.strip()
+    assert f"on {worker.name}" in gen.stderr
+    assert summ.returncode == 0, summ.stderr
+    assert summ.stdout.strip()
+    assert "summarize" in summ.stderr
+
+
+def test_cli_submit_then_read_result_as_json(
+    broker_url: str, key_prefix: str, fresh_sim: OllamaSimulator, worker: WorkerProcess
+) -> None:
+    env = service_env(broker_url, key_prefix)
+
+    submitted = run_cli(env, "generate", "Hello", "-o", "num_predict=5")
+    job_id = submitted.stdout.strip()
+    shown = run_cli(env, "result", job_id, "--wait", "--json")
+
+    assert submitted.returncode == 0, submitted.stderr
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["job_id"] == job_id
+    assert data["completion_tokens"] == 5
+    assert data["kind"] == "generate"
+
+
+def test_cli_refuses_invalid_request_with_a_clear_message(broker_url: str, key_prefix: str) -> None:
+    env = service_env(broker_url, key_prefix)
+
+    done = run_cli(env, "summarize", "--share-id", "x", "--text", "hi", "--max-words", "3")
+
+    assert done.returncode == 2
+    assert "invalid summarize request: options.max_words" in done.stderr
+    assert "Traceback" not in done.stderr
