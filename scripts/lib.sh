@@ -37,9 +37,9 @@ have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; 
 ensure_python() {
   PYTHON="${AVOCADO_PYTHON:-}"
   if [ -z "$PYTHON" ]; then
-    for candidate in python3.13 python3.12 python3.11 python3.10 python3; do
-      if command -v "$candidate" >/dev/null &&
-        "$candidate" -c "import sys; sys.exit(sys.version_info < (3, $PY_MIN_MINOR))"; then
+    for candidate in python3 python3.13 python3.12 python3.11 python3.10; do
+      if command -v "$candidate" >/dev/null 2>&1 &&
+        "$candidate" -c "import sys; sys.exit(sys.version_info < (3, $PY_MIN_MINOR))" 2>/dev/null; then
         PYTHON=$(command -v "$candidate"); break
       fi
     done

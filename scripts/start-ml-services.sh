@@ -58,7 +58,9 @@ wait_until() { # seconds what command...
   die "$what did not become healthy within ${seconds}s; see its log in $RUN"
 }
 
-ollama_up() { "$VENV/bin/python" -c "import httpx,sys; httpx.get(sys.argv[1] + '/api/version', timeout=2).raise_for_status()" "$OLLAMA_URL"; }
+ollama_up() {
+  "$VENV/bin/python" -c "import httpx, sys; httpx.get(sys.argv[1] + '/api/version', timeout=2).raise_for_status()" "$OLLAMA_URL" >/dev/null 2>&1
+}
 hostport=${OLLAMA_URL#*://}; hostport=${hostport%%/*}
 OLLAMA_HOST_ONLY=${hostport%:*}; OLLAMA_PORT=${hostport##*:}
 
