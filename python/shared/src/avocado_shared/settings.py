@@ -27,6 +27,16 @@ class Settings(BaseSettings):
         default="avocado:", description="Prefix of every Redis key we write, for isolation."
     )
     default_model: str = "llama3.2:1b"
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="ml_results database: postgresql://... in deployment; SQLite file when unset.",
+    )
+    sqlite_path: str = Field(
+        default="avocado-results.sqlite3", description="The SQLite file used when no URL is set."
+    )
+    lock_expiry_s: int = Field(
+        default=3600, ge=60, description="Singleton locks expire on their own after this."
+    )
 
     delivery_limit: int = Field(
         default=5, ge=1, description="Deliveries of one message before it is dead-lettered."
