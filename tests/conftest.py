@@ -1,13 +1,21 @@
-"""Fixtures: real RabbitMQ (own vhost), Redis (own key prefix), the Ollama simulator, workers."""
+"""Fixtures: real RabbitMQ (own vhost), Redis (own key prefix), PostgreSQL (own database),
+the Ollama simulator, workers."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from avocado_shared import Producer, Settings
 from ollama_worker.testing import OllamaSimulator, SimConfig
@@ -18,6 +26,24 @@ from tests.services import (
     service_env,
     start_worker,
 )
+
+PG_ADMIN_URL = os.environ.get(
+    "AVOCADO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+# Trust auth ignores it; it is there so the tests can check it never shows.
+PG_FAKE_PASSWORD = "not-shown-3f9a1c"
+
+_DATA_HOME = "AVOCADO_TEST_DATA_HOME"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Default SQLite results of this session go to a directory of its own, not the user's."""
+    home = tempfile.mkdtemp(prefix="avocado-test-data-")
+    os.environ["XDG_DATA_HOME"] = os.environ[_DATA_HOME] = home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop(_DATA_HOME, ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +70,44 @@ def producer(settings: Settings) -> Iterator[Producer]:
         yield made
 
 
+def _with_database(url: str, dbname: str) -> str:
+    """``url`` pointing at ``dbname``, carrying a password the tests look for in output."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user or 'postgres'}:{PG_FAKE_PASSWORD}@{host}"
+    return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, ""))
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this test session only, dropped at the end; yields its URL."""
+    name = f"avocado_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        pytest.fail(f"PostgreSQL ({PG_ADMIN_URL}) does not answer: {error}")
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield _with_database(PG_ADMIN_URL, name)
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty results database of each kind: a fresh SQLite file, or the session's
+    PostgreSQL database with the tables of the previous test dropped."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.sqlite3'}"
+    url: str = request.getfixturevalue("pg_database")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema")
+    return url
+
+
 @pytest.fixture(scope="module")
 def sim() -> Iterator[OllamaSimulator]:
     """One simulator per test module; tests reset what they change."""
@@ -62,13 +126,12 @@ def fresh_sim(sim: OllamaSimulator) -> OllamaSimulator:
 WorkerFactory = Callable[..., WorkerProcess]
 
 
-@pytest.fixture(scope="module")
-def worker_factory(
-    broker_url: str, key_prefix: str, producer: Producer, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def _workers(
+    broker_url: str, key_prefix: str, producer: Producer, log_dir: Path
 ) -> Iterator[WorkerFactory]:
-    """Start real worker subprocesses; every one still running is stopped at teardown."""
+    """Start real worker subprocesses; every one still running is stopped on exit."""
     started: list[WorkerProcess] = []
-    log_dir = tmp_path_factory.mktemp("workers")
 
     def ping(name: str) -> bool:
         return bool(producer.app.control.ping(destination=[name], timeout=0.5))
@@ -76,20 +139,36 @@ def worker_factory(
     def make(ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:
         extra = {"AVOCADO_OLLAMA_URL": ollama_url, "AVOCADO_RETRY_BACKOFF_MAX_S": "1", **env}
         worker = start_worker(
-            service_env(broker_url, key_prefix, **extra),
-            Path(log_dir),
-            ping,
-            concurrency=concurrency,
+            service_env(broker_url, key_prefix, **extra), log_dir, ping, concurrency=concurrency
         )
         started.append(worker)
         return worker
 
-    yield make
-    for worker in started:
-        worker.stop(signal.SIGTERM)
+    try:
+        yield make
+    finally:
+        for worker in started:
+            worker.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def worker_factory(
+    broker_url: str, key_prefix: str, producer: Producer, tmp_path: Path
+) -> Iterator[WorkerFactory]:
+    """Workers of one test, stopped when it ends so they never take another test's jobs."""
+    with _workers(broker_url, key_prefix, producer, tmp_path) as make:
+        yield make
 
 
 @pytest.fixture(scope="module")
-def worker(worker_factory: WorkerFactory, sim: OllamaSimulator) -> WorkerProcess:
+def worker(
+    broker_url: str,
+    key_prefix: str,
+    producer: Producer,
+    sim: OllamaSimulator,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcess]:
     """One worker of this module, on the module's simulator, 2048-token summary context."""
-    return worker_factory(sim.url, AVOCADO_SUMMARY_NUM_CTX="2048")
+    log_dir = tmp_path_factory.mktemp("workers")
+    with _workers(broker_url, key_prefix, producer, log_dir) as make:
+        yield make(sim.url, AVOCADO_SUMMARY_NUM_CTX="2048")

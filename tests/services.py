@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -76,7 +77,7 @@ class WorkerProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send ``sig`` and wait for the process to end; returns its exit code."""
+        """Send ``sig`` and wait for the worker to end; then no process of its group is left."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -84,7 +85,17 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        self._kill_group()
         return int(self.process.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool at once, as when a notebook's machine vanishes."""
+        self._kill_group()
+        self.process.wait(timeout=10)
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def service_env(broker_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
@@ -134,7 +145,9 @@ def start_worker(
     if queues:
         args += ["--queues", queues]
     with log.open("wb") as out:
-        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     worker = WorkerProcess(name=name, process=process, log=log, env=env)
 
     def ready() -> bool:

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 settings = WorkerSettings()
 app = make_celery("ollama_worker", settings)
 app.conf.include = ["ollama_worker.tasks"]
+# Poison messages go to ml.dlx with their reason instead of being dropped or crashing the worker.
+app.conf.worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"
 
 
 @worker_init.connect

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InvalidPayload", "JobError", "PermanentError", "TransientError"]
+__all__ = ["InvalidPayload", "JobError", "JobTimedOut", "PermanentError", "TransientError"]
 
 
 class JobError(Exception):
@@ -23,3 +23,7 @@ class PermanentError(JobError):
 
 class InvalidPayload(PermanentError):
     """The message does not follow its contract."""
+
+
+class JobTimedOut(PermanentError):
+    """The job ran past its soft time limit; running it again would likely overrun again."""

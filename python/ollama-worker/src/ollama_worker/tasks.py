@@ -9,7 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from celery import Task
+from billiard.einfo import ExceptionInfo
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 from pydantic import BaseModel
 
@@ -21,16 +22,21 @@ from avocado_shared.contracts import (
     SummarizeResult,
     validate_request,
 )
+from avocado_shared.locks import SingletonJob
+from avocado_shared.store import JobStatus, StoreUnavailable
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.celery_app import app, settings
-from ollama_worker.errors import InvalidPayload, PermanentError, TransientError
+from ollama_worker.deadletter import dead_letter_task
+from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
 from ollama_worker.ollama import Completion, ModelNotFound, OllamaClient
+from ollama_worker.results import record, record_quietly
 from ollama_worker.summary import summarize_text
 
 __all__ = ["generate", "summarize"]
 
 logger = logging.getLogger(__name__)
 _Request = TypeVar("_Request", bound=BaseModel)
+_T = TypeVar("_T")
 
 _client: OllamaClient | None = None
 _client_lock = threading.Lock()
@@ -86,10 +92,12 @@ def ensure_model(client: OllamaClient, model: str) -> None:
     _present_models.add(model)
 
 
-def _parse(model: type[_Request], payload: Any) -> _Request:
+def _parse(task: JobTask, model: type[_Request], payload: Any) -> _Request:
+    """Validate the payload; one that breaks its contract goes to the dead-letter queue."""
     try:
         return validate_request(model, payload)
     except InvalidRequest as error:
+        dead_letter_task(task, f"invalid payload: {error}")
         raise InvalidPayload(str(error)) from None
 
 
@@ -117,21 +125,42 @@ def backoff(retries: int, retry_after: float | None = None) -> int:
     return max(1, math.ceil(max(delay, retry_after or 0.0)))
 
 
-class JobTask(Task):  # type: ignore[misc]
-    """Retries transient failures with backoff; permanent ones fail at once."""
+class JobTask(SingletonJob):
+    """Retries transient failures with backoff; permanent ones fail at once.
+
+    As a ``SingletonJob`` it holds the job's lock until it succeeds or fails for good.
+    """
 
     throws = (PermanentError,)
     acks_late = True
     reject_on_worker_lost = True
 
+    def attempt(self, call: Callable[[], _T]) -> _T:
+        """Run one attempt: a transient failure schedules a retry, an overrun fails for good."""
+        try:
+            return call()
+        except TransientError as error:
+            self.retry_transient(error)
+        except SoftTimeLimitExceeded:
+            raise JobTimedOut(
+                f"{self.name} ran past its soft time limit of {self.soft_time_limit}s"
+            ) from None
+
     def retry_transient(self, error: TransientError) -> NoReturn:
         """Schedule another try, or give up once the retry budget is spent."""
         retries = int(self.request.retries)
         if retries >= settings.retry_max:
+            logger.warning("%s[%s] gave up after %d retries", self.name, self.request.id, retries)
             raise error
         countdown = backoff(retries, error.retry_after)
         logger.warning(
-            "%s[%s] will retry in %.1fs: %s", self.name, self.request.id, countdown, error
+            "%s[%s] retry %d/%d in %ds: %s",
+            self.name,
+            self.request.id,
+            retries + 1,
+            settings.retry_max,
+            countdown,
+            error,
         )
         raise self.retry(exc=error, countdown=countdown, max_retries=settings.retry_max)
 
@@ -139,64 +168,96 @@ class JobTask(Task):  # type: ignore[misc]
         """The Celery node that ran the job, for the result."""
         return str(self.request.hostname or settings.worker_id)
 
+    def finish(self, result: BaseModel) -> dict[str, Any]:
+        """Store the result durably, then return it; no stored row, no success."""
+        data = result.model_dump(mode="json")
+        try:
+            record(self, JobStatus.SUCCESS, self.request.kwargs, result=data)
+        except StoreUnavailable as error:
+            self.retry_transient(TransientError(f"result not stored: {error}"))
+        return data
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        super().before_start(task_id, args, kwargs)
+        record_quietly(self, JobStatus.STARTED, kwargs)
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
+    ) -> None:
+        record_quietly(self, JobStatus.RETRY, kwargs, _reason(exc))
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
+    ) -> None:
+        """Store why the job failed, then let the next submission of it take the lock."""
+        record_quietly(self, JobStatus.FAILURE, kwargs, _reason(exc))
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _generate(job: GenerateRequest, model: str) -> Completion:
+    client = ollama()
+    ensure_model(client, model)
+    if job.messages is None:
+        assert job.prompt is not None
+        return client.generate(
+            model,
+            job.prompt,
+            system=job.system,
+            options=job.options,
+            format=job.format,
+            keep_alive=job.keep_alive,
+        )
+    messages = [m.model_dump(exclude_none=True) for m in job.messages]
+    if job.system:
+        messages.insert(0, {"role": "system", "content": job.system})
+    return client.chat(
+        model, messages, options=job.options, format=job.format, keep_alive=job.keep_alive
+    )
+
+
+def _summarize(job: SummarizeRequest, model: str) -> tuple[Completion, int]:
+    client = ollama()
+    ensure_model(client, model)
+    return summarize_text(
+        client,
+        model,
+        job.content.text,
+        job.options,
+        num_ctx=settings.summary_num_ctx,
+        title=job.content.title,
+    )
+
 
 @app.task(name=GENERATE_TASK, base=JobTask, bind=True)
 def generate(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
     """Run a prompt or chat generation on the local Ollama."""
-    job = _parse(GenerateRequest, request)
+    job = _parse(self, GenerateRequest, request)
     model = job.model or settings.default_model
-    client = ollama()
-    try:
-        ensure_model(client, model)
-        if job.messages is not None:
-            messages = [m.model_dump(exclude_none=True) for m in job.messages]
-            if job.system:
-                messages.insert(0, {"role": "system", "content": job.system})
-            done = client.chat(
-                model, messages, options=job.options, format=job.format, keep_alive=job.keep_alive
-            )
-        else:
-            assert job.prompt is not None
-            done = client.generate(
-                model,
-                job.prompt,
-                system=job.system,
-                options=job.options,
-                format=job.format,
-                keep_alive=job.keep_alive,
-            )
-    except TransientError as error:
-        self.retry_transient(error)
-    result = GenerateResult(
-        job_id=str(self.request.id), text=done.text, worker=self.worker_name(), **_usage(done)
+    done = self.attempt(lambda: _generate(job, model))
+    return self.finish(
+        GenerateResult(
+            job_id=str(self.request.id), text=done.text, worker=self.worker_name(), **_usage(done)
+        )
     )
-    return result.model_dump(mode="json")
 
 
 @app.task(name=SUMMARIZE_TASK, base=JobTask, bind=True)
 def summarize(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
     """Summarize one shared item, in parts when it is longer than the context."""
-    job = _parse(SummarizeRequest, request)
+    job = _parse(self, SummarizeRequest, request)
     model = job.options.model or settings.default_model
-    client = ollama()
-    try:
-        ensure_model(client, model)
-        done, chunks = summarize_text(
-            client,
-            model,
-            job.content.text,
-            job.options,
-            num_ctx=settings.summary_num_ctx,
-            title=job.content.title,
+    done, chunks = self.attempt(lambda: _summarize(job, model))
+    return self.finish(
+        SummarizeResult(
+            job_id=str(self.request.id),
+            share_id=job.share_id,
+            summary=done.text.strip(),
+            chunks=chunks,
+            worker=self.worker_name(),
+            **_usage(done),
         )
-    except TransientError as error:
-        self.retry_transient(error)
-    result = SummarizeResult(
-        job_id=str(self.request.id),
-        share_id=job.share_id,
-        summary=done.text.strip(),
-        chunks=chunks,
-        worker=self.worker_name(),
-        **_usage(done),
     )
-    return result.model_dump(mode="json")

@@ -1,4 +1,5 @@
-"""Spicy Avocado's shared contract: settings, topology, Celery config, job contracts, producer."""
+"""Spicy Avocado's shared contract: settings, topology, Celery config, job contracts, producer,
+and the results table."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from avocado_shared.contracts import (
     SummarizeResult,
     parse_result,
 )
-from avocado_shared.producer import JobFailed, JobHandle, Producer, generate, summarize
+from avocado_shared.producer import (
+    JobFailed,
+    JobHandle,
+    Producer,
+    PublishError,
+    generate,
+    summarize,
+)
 from avocado_shared.settings import Settings
+from avocado_shared.store import JobStatus, ResultRow, ResultStore, StoreError
 from avocado_shared.topology import declare_topology
 
 __all__ = [
@@ -29,8 +38,13 @@ __all__ = [
     "JobHandle",
     "JobKind",
     "JobResult",
+    "JobStatus",
     "Producer",
+    "PublishError",
+    "ResultRow",
+    "ResultStore",
     "Settings",
+    "StoreError",
     "SummarizeContent",
     "SummarizeOptions",
     "SummarizeRequest",

@@ -68,6 +68,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
         },
         "enable_utc": True,
+        # celery-singleton: job locks in Redis, under our prefix, always with an expiry.
+        "singleton_backend_url": settings.redis_url.get_secret_value(),
+        "singleton_key_prefix": f"{settings.key_prefix}lock:",
+        "singleton_lock_expiry": settings.lock_expiry_s,
     }
 
 

@@ -1,4 +1,4 @@
-"""``avocado``: submit jobs, read results and show the topology from a shell."""
+"""``avocado``: submit jobs, read results, show the topology and the dead letters from a shell."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ from typing import Any
 from avocado_shared.contracts import (
     GenerateResult,
     InvalidRequest,
+    JobKind,
     JobResult,
     SummarizeResult,
+    parse_result,
 )
-from avocado_shared.producer import JobFailed, JobHandle, Producer
+from avocado_shared.dlq import add_dlq_parser, run_dlq
+from avocado_shared.producer import JobFailed, JobHandle, Producer, PublishError
+from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import describe
 
 __all__ = ["main"]
@@ -71,11 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     summ.add_argument("--model")
     waitable(summ)
 
-    res = sub.add_parser("result", help="show a job's state and result")
-    res.add_argument("job_id")
+    res = sub.add_parser("result", help="show a job's state and result, from ml_results")
+    which = res.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_id", nargs="?")
+    which.add_argument("--share-id", help="the latest summary job of this shared item")
     waitable(res)
 
     sub.add_parser("topology", help="declare the exchanges and queues, then show them")
+    add_dlq_parser(sub)
     return parser
 
 
@@ -146,17 +153,41 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "topology":
             _topology(producer)
             return 0
-        handle = (
-            producer.handle(args.job_id) if args.command == "result" else _submit(producer, args)
-        )
-        if args.command == "result" and not args.wait and not handle.ready():
-            print(f"{handle.id} {handle.state}")
-            return 0
-        if args.command != "result" and not args.wait:
+        if args.command == "dlq":
+            with producer.app.connection_for_write() as connection:
+                return run_dlq(args, connection, app=producer.app)
+        if args.command == "result":
+            return _result(producer, args)
+        handle = _submit(producer, args)
+        if not args.wait:
             print(handle.id)
             return 0
         _show(handle.get(timeout=args.timeout), args.json)
         return 0
+
+
+def _result(producer: Producer, args: argparse.Namespace) -> int:
+    """The stored row when the job ended; else its live state, or its result once it ends."""
+    results = producer.results
+    if args.share_id is not None:
+        row = results.get_by_key(job_key(JobKind.SUMMARIZE, "", args.share_id))
+        if row is None:
+            print(f"avocado: no summary of share id {args.share_id!r} stored", file=sys.stderr)
+            return 1
+    else:
+        row = results.get(args.job_id)
+    if row is not None and row.status is JobStatus.SUCCESS and row.result is not None:
+        _show(parse_result(row.result), args.json)
+        return 0
+    if row is not None and row.status is JobStatus.FAILURE:
+        print(f"avocado: job {row.job_id} failed: {row.error}", file=sys.stderr)
+        return 1
+    handle = producer.handle(row.job_id if row is not None else args.job_id)
+    if not args.wait:
+        print(f"{handle.id} {row.status.value if row is not None else handle.state}")
+        return 0
+    _show(handle.get(timeout=args.timeout), args.json)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,7 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidRequest as error:
         print(f"avocado: {error}", file=sys.stderr)
         return 2
-    except (JobFailed, TimeoutError, OSError, json.JSONDecodeError) as error:
+    except (
+        JobFailed,
+        PublishError,
+        StoreError,
+        TimeoutError,
+        OSError,
+        json.JSONDecodeError,
+    ) as error:
         print(f"avocado: {error}", file=sys.stderr)
         return 1
 

@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar, cast
 
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from avocado_shared.celery_config import make_celery
 from avocado_shared.contracts import (
@@ -20,10 +22,12 @@ from avocado_shared.contracts import (
     parse_result,
     validate_request,
 )
+from avocado_shared.locks import register_job_tasks
 from avocado_shared.settings import Settings
+from avocado_shared.store import ResultStore
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK, declare_topology
 
-__all__ = ["JobFailed", "JobHandle", "Producer", "generate", "summarize"]
+__all__ = ["JobFailed", "JobHandle", "Producer", "PublishError", "generate", "summarize"]
 
 _R = TypeVar("_R", bound=JobResult)
 
@@ -35,6 +39,10 @@ class JobFailed(RuntimeError):
         super().__init__(f"job {job_id} failed: {reason}")
         self.job_id = job_id
         self.reason = reason
+
+
+class PublishError(ConnectionError):
+    """The job was not published: the broker, or Redis that holds the job locks, is unreachable."""
 
 
 class JobHandle(Generic[_R]):
@@ -77,8 +85,20 @@ class Producer:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.app = make_celery("avocado-producer", self.settings)
+        register_job_tasks(self.app)
         self._declared = False
         self._lock = threading.Lock()
+        self._results: ResultStore | None = None
+
+    @property
+    def results(self) -> ResultStore:
+        """``ml_results``, where workers store every job's outcome for good (Redis expires)."""
+        with self._lock:
+            if self._results is None:
+                store = ResultStore.from_settings(self.settings)
+                store.migrate()
+                self._results = store
+            return self._results
 
     def generate(
         self,
@@ -121,14 +141,23 @@ class Producer:
         return cast(JobHandle[SummarizeResult], self.submit(request))
 
     def submit(self, request: GenerateRequest | SummarizeRequest) -> JobHandle[JobResult]:
-        """Publish an already validated request, persistent and publisher-confirmed."""
-        self._ensure_topology()
+        """Publish a validated request, persistent and confirmed; duplicates share one job.
+
+        A summary with the same ``share_id``, or a generation with the same
+        ``idempotency_key``, that is still queued or running is not published again.
+        """
         task = GENERATE_TASK if isinstance(request, GenerateRequest) else SUMMARIZE_TASK
-        result = self.app.send_task(
-            task,
-            kwargs={"request": request.model_dump(mode="json", exclude_none=True)},
-            confirm_timeout=self.settings.publish_timeout_s,
-        )
+        try:
+            self._ensure_topology()
+            result = self.app.tasks[task].apply_async(
+                kwargs={"request": request.model_dump(mode="json", exclude_none=True)},
+                confirm_timeout=self.settings.publish_timeout_s,
+                # The worker's limits apply: they are set for its hardware and consumer timeout.
+                time_limit=None,
+                soft_time_limit=None,
+            )
+        except (OperationalError, RedisError, OSError) as error:
+            raise PublishError(f"{task} not published: {error}") from error
         return JobHandle(result)
 
     def handle(self, job_id: str) -> JobHandle[JobResult]:
@@ -136,8 +165,10 @@ class Producer:
         return JobHandle(AsyncResult(job_id, app=self.app))
 
     def close(self) -> None:
-        """Release broker and backend connections."""
+        """Release broker, backend and database connections."""
         self.app.close()
+        if self._results is not None:
+            self._results.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -152,6 +183,7 @@ class Producer:
         with self._lock:
             if not self._declared:
                 with self.app.connection_for_write() as connection:
+                    connection.ensure_connection(max_retries=2, interval_start=0.2)
                     declare_topology(connection, self.settings)
                 self._declared = True
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
 
 
 class Settings(BaseSettings):
@@ -32,7 +39,9 @@ class Settings(BaseSettings):
         description="ml_results database: postgresql://... in deployment; SQLite file when unset.",
     )
     sqlite_path: str = Field(
-        default="avocado-results.sqlite3", description="The SQLite file used when no URL is set."
+        default_factory=lambda: str(_data_home() / "avocado" / "results.sqlite3"),
+        description="The SQLite file used when no URL is set; one per machine by default, so "
+        "the workers and the CLI on it read the same results.",
     )
     lock_expiry_s: int = Field(
         default=3600, ge=60, description="Singleton locks expire on their own after this."

@@ -1,0 +1,83 @@
+"""Singleton locks keyed on a job's identity, so a job sent twice runs once.
+
+Built on celery-singleton, with three fixes: a retry re-publishes for real instead of finding
+its own lock and returning (the job would stop in RETRY), unlock only deletes a lock its own job
+holds, and every lock expires (``lock_expiry_s``) so a dead worker cannot hold one forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from celery_singleton import Singleton
+
+from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+
+__all__ = ["SingletonJob", "job_identity", "register_job_tasks"]
+
+# Delete or refresh a lock only while it still names this job.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+_REFRESH = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('expire', KEYS[1], ARGV[2]) end"
+)
+
+
+def job_identity(task_name: str, kwargs: Any) -> str | None:
+    """What makes two submissions the same job: the share id of a summary, the
+    idempotency key of a generation. ``None``: the job is never deduplicated."""
+    request = kwargs.get("request") if isinstance(kwargs, dict) else None
+    if not isinstance(request, dict):
+        return None
+    if task_name == SUMMARIZE_TASK:
+        value = request.get("share_id")
+    elif task_name == GENERATE_TASK:
+        value = request.get("idempotency_key")
+    else:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+class SingletonJob(Singleton):  # type: ignore[misc]
+    """A job task whose identity is locked in Redis from publish until it ends."""
+
+    abstract = True
+
+    def generate_lock(self, task_name: str, task_args: Any = None, task_kwargs: Any = None) -> str:
+        identity = job_identity(task_name, task_kwargs)
+        return f"{self.singleton_config.key_prefix}{task_name}:{identity}"
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+    ) -> Any:
+        """Lock and publish; without an identity, or for a retry, publish as a plain task."""
+        if options.get("retries") or job_identity(self.name, kwargs) is None:
+            # A retry keeps the lock its first run took; re-locking would find it held.
+            return Task.apply_async(self, args, kwargs, task_id=task_id, **options)
+        return super().apply_async(args, kwargs, task_id=task_id, **options)
+
+    def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> None:
+        """Release this job's lock, never another job's that took the same identity since."""
+        if job_identity(self.name, task_kwargs) is None:
+            return
+        lock = self.generate_lock(self.name, task_args, task_kwargs)
+        self.singleton_backend.redis.eval(_RELEASE, 1, lock, self.request.id)
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Push the lock's expiry back when the job starts, however long it waited queued."""
+        if job_identity(self.name, kwargs) is None:
+            return
+        lock = self.generate_lock(self.name, args, kwargs)
+        expiry = self.singleton_config.lock_expiry
+        self.singleton_backend.redis.eval(_REFRESH, 1, lock, task_id, expiry)
+
+
+def register_job_tasks(app: Celery) -> None:
+    """Give a producer app the job tasks' names and lock behaviour; their bodies run on workers."""
+
+    def remote(*_: Any, **__: Any) -> None:
+        raise NotImplementedError("this job runs on an Ollama worker, not in the producer")
+
+    for name in (GENERATE_TASK, SUMMARIZE_TASK):
+        app.task(name=name, base=SingletonJob, shared=False)(remote)

@@ -1,0 +1,209 @@
+"""No job lost, none run twice, every failure classified: with real processes killed."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from avocado_shared import JobFailed, JobHandle, JobStatus, Producer, ResultStore
+from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.conftest import WorkerFactory
+from tests.services import REDIS_URL, WorkerProcess, wait_for
+
+WAIT = 90
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _locks(key_prefix: str) -> list[str]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    return list(client.scan_iter(f"{key_prefix}lock:*"))
+
+
+@pytest.fixture
+def slow_sim() -> Iterator[OllamaSimulator]:
+    """A simulator of this test only, answering after a delay so jobs are caught in flight."""
+    with OllamaSimulator(SimConfig(latency_ms=300)) as server:
+        yield server
+
+
+def test_duplicate_summary_while_running_shares_one_execution(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+) -> None:
+    worker_factory(slow_sim.url)
+    slow_sim.config.latency_ms = 1500
+    share_id = _uid("dup")
+
+    first = producer.summarize(share_id, "Quorum queues replicate with Raft.")
+    assert slow_sim.wait_in_flight(1, timeout=30)
+    second = producer.summarize(share_id, "Quorum queues replicate with Raft.")
+
+    assert second.id == first.id
+    assert first.get(timeout=WAIT) == second.get(timeout=WAIT)
+    assert slow_sim.generation_calls == 1
+
+    third = producer.summarize(share_id, "Quorum queues replicate with Raft.")
+
+    assert third.id != first.id
+    assert third.get(timeout=WAIT).share_id == share_id
+    assert slow_sim.generation_calls == 2
+
+
+def test_generate_with_idempotency_key_is_not_queued_twice(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+) -> None:
+    worker_factory(slow_sim.url)
+    key = _uid("idem")
+
+    handles = [producer.generate("Hello", idempotency_key=key) for _ in range(3)]
+    plain = [producer.generate("Hello") for _ in range(2)]
+
+    assert len({h.id for h in handles}) == 1
+    assert len({h.id for h in plain}) == 2
+    for handle in handles + plain:
+        handle.get(timeout=WAIT)
+    assert slow_sim.generation_calls == 3
+
+
+def test_singleton_job_really_retries_after_busy_answers(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, key_prefix: str
+) -> None:
+    worker_factory(slow_sim.url)
+    slow_sim.config.fail_status = 503
+    slow_sim.config.fail_first = 3
+    share_id = _uid("retry")
+
+    result = producer.summarize(share_id, "Retry me.").get(timeout=WAIT)
+
+    assert result.share_id == share_id
+    assert slow_sim.generation_calls == 4
+    assert not [k for k in _locks(key_prefix) if share_id in k]
+
+
+def test_jobs_survive_ollama_going_away_and_coming_back(
+    producer: Producer, worker_factory: WorkerFactory
+) -> None:
+    sim = OllamaSimulator(SimConfig()).start()
+    port = sim.port
+    worker_factory(sim.url)
+    sim.stop()
+
+    handle = producer.summarize(_uid("outage"), "The server was down for a while.")
+    wait_for(lambda: handle.state == "RETRY", timeout=WAIT, what="the job to be retried")
+    with OllamaSimulator(SimConfig(), port=port) as back:
+        result = handle.get(timeout=WAIT)
+
+        assert result.summary
+        assert back.generation_calls == 1
+
+
+def test_bad_request_fails_once_with_a_clear_reason(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, key_prefix: str
+) -> None:
+    worker_factory(slow_sim.url)
+    slow_sim.config.fail_status = 400
+    slow_sim.config.fail_first = 1
+    share_id = _uid("bad")
+
+    handle = producer.summarize(share_id, "Bad.")
+
+    with pytest.raises(JobFailed, match="OllamaRejected: ollama answered 400"):
+        handle.get(timeout=WAIT)
+    assert slow_sim.generation_calls == 1
+    assert not [k for k in _locks(key_prefix) if share_id in k]
+
+
+def test_model_that_may_not_be_pulled_fails_at_once(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+) -> None:
+    worker_factory(slow_sim.url, AVOCADO_ALLOW_PULL="false")
+
+    handle = producer.generate("Hi", model="mistral:7b")
+
+    with pytest.raises(JobFailed, match="pulling is disabled"):
+        handle.get(timeout=WAIT)
+    assert not slow_sim.requests.to("/api/pull")
+    assert slow_sim.generation_calls == 0
+
+
+def test_job_past_its_soft_time_limit_fails_and_is_not_redelivered(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+) -> None:
+    worker_factory(
+        slow_sim.url,
+        AVOCADO_GENERATE_SOFT_TIME_LIMIT_S="2",
+        AVOCADO_GENERATE_TIME_LIMIT_S="5",
+    )
+    slow_sim.config.latency_ms = 10_000
+
+    handle = producer.generate("Take your time.")
+
+    with pytest.raises(JobFailed, match=r"JobTimedOut: .*soft time limit of 2s"):
+        handle.get(timeout=WAIT)
+    slow_sim.config.latency_ms = 0
+    producer.generate("Next one.").get(timeout=WAIT)
+    assert slow_sim.generation_calls == 2
+
+
+def _submit_mix(producer: Producer, count: int, tag: str) -> list[JobHandle[object]]:
+    handles: list[JobHandle[object]] = []
+    for i in range(count):
+        if i % 2:
+            handles.append(producer.summarize(f"{tag}-{i}", f"Item {i} to summarize."))
+        else:
+            handles.append(producer.generate(f"Job {i}", idempotency_key=f"{tag}-{i}"))
+    return handles
+
+
+def test_sigkilled_worker_loses_no_job(
+    producer: Producer,
+    slow_sim: OllamaSimulator,
+    worker_factory: WorkerFactory,
+    key_prefix: str,
+    database_url: str,
+) -> None:
+    doomed = worker_factory(slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url)
+    tag = _uid("crash")
+    handles = _submit_mix(producer, 50, tag)
+
+    wait_for(lambda: sum(h.ready() for h in handles) >= 6, timeout=WAIT, what="some jobs done")
+    assert slow_sim.wait_in_flight(1, timeout=30)
+    doomed.kill()
+    done_before = sum(h.ready() for h in handles)
+    worker_factory(slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url)
+
+    results = [h.get(timeout=WAIT) for h in handles]
+
+    assert done_before < 50
+    assert len({r.job_id for r in results}) == 50
+    assert {r.job_id for r in results} == {h.id for h in handles}
+    with ResultStore.open(database_url) as store:
+        rows = store.recent(limit=100)
+    assert len(rows) == 50
+    assert {r.job_id for r in rows} == {h.id for h in handles}
+    assert {r.status for r in rows} == {JobStatus.SUCCESS}
+    assert max(r.attempts for r in rows) == 2  # the jobs in flight ran again, once
+    wait_for(lambda: not [k for k in _locks(key_prefix) if tag in k], what="locks released")
+
+
+def test_sigterm_finishes_the_running_job_and_leaves_the_rest_queued(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+) -> None:
+    slow_sim.config.latency_ms = 1000
+    first: WorkerProcess = worker_factory(slow_sim.url, concurrency=1)
+    handles = [producer.generate(f"Graceful {i}") for i in range(4)]
+    assert slow_sim.wait_in_flight(1, timeout=30)
+
+    code = first.stop(signal.SIGTERM, timeout=60)
+
+    assert code == 0
+    assert handles[0].ready()
+    assert not all(h.ready() for h in handles)
+    worker_factory(slow_sim.url, concurrency=1)
+    assert all(h.get(timeout=WAIT).text for h in handles)

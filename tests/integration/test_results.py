@@ -1,0 +1,106 @@
+"""Durable results: what workers write to ``ml_results``, read back by ``avocado result``.
+
+The same test runs on a SQLite file and on a PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from avocado_shared import JobFailed, JobStatus, Producer, ResultStore
+from avocado_shared.store import SCHEMA_VERSION
+from avocado_shared.topology import GENERATE_TASK
+from ollama_worker.testing import OllamaSimulator
+from tests.conftest import PG_FAKE_PASSWORD, WorkerFactory
+from tests.services import run_cli, service_env
+
+WAIT = 60
+
+
+def test_results_are_stored_and_read_back(
+    producer: Producer,
+    fresh_sim: OllamaSimulator,
+    worker_factory: WorkerFactory,
+    database_url: str,
+    broker_url: str,
+    key_prefix: str,
+) -> None:
+    worker = worker_factory(fresh_sim.url, AVOCADO_DATABASE_URL=database_url)
+    store = ResultStore.open(database_url)
+    assert store.schema_version() == SCHEMA_VERSION  # migrated when the worker started
+    cli = service_env(broker_url, key_prefix, AVOCADO_DATABASE_URL=database_url)
+    share_id = f"results-{uuid.uuid4().hex[:8]}"
+
+    generated = producer.generate("Store me.", options={"num_predict": 12}).get(timeout=WAIT)
+    first = producer.summarize(share_id, "A first version of the text.").get(timeout=WAIT)
+    fresh_sim.config.fail_status, fresh_sim.config.fail_first = 503, 2
+    second = producer.summarize(share_id, "A second version of the text.").get(timeout=WAIT)
+    fresh_sim.config.fail_status, fresh_sim.config.fail_first = 400, 1
+    rejected = producer.generate("Refused.")
+    invalid = producer.app.send_task(GENERATE_TASK, kwargs={"request": {"prompt": 7}})
+    for failing in (rejected, producer.handle(invalid.id)):
+        try:
+            failing.get(timeout=WAIT)
+        except JobFailed:
+            continue
+        raise AssertionError(f"job {failing.id} should have failed")
+
+    row = store.get(generated.job_id)
+    assert row is not None
+    assert (row.status, row.task_type, row.share_id, row.attempts) == (
+        JobStatus.SUCCESS,
+        "generate",
+        None,
+        1,
+    )
+    assert row.result == generated.model_dump(mode="json")
+    assert (row.model, row.prompt_tokens, row.completion_tokens) == (
+        generated.model,
+        generated.prompt_tokens,
+        generated.completion_tokens,
+    )
+    assert row.completion_tokens == 12
+    assert row.total_duration_ms == generated.total_duration_ms > 0
+    assert row.eval_duration_ms == generated.eval_duration_ms > 0
+    assert row.worker == worker.name
+    assert row.created_at <= row.updated_at
+
+    # One row per shared item: the second summary took it over, after two busy answers.
+    summary = store.get_by_key(f"summarize:{share_id}")
+    assert summary is not None
+    assert (summary.job_id, summary.status, summary.attempts) == (
+        second.job_id,
+        JobStatus.SUCCESS,
+        3,
+    )
+    assert summary.result is not None
+    assert summary.result["summary"] == second.summary
+    assert store.get(first.job_id) is None
+
+    failed = store.get(rejected.id)
+    assert failed is not None
+    assert failed.status is JobStatus.FAILURE
+    assert failed.error is not None
+    assert failed.error.startswith("OllamaRejected: ollama answered 400")
+    assert failed.attempts == 1
+    bad = store.get(invalid.id)
+    assert bad is not None
+    assert (bad.status, bad.attempts) == (JobStatus.FAILURE, 1)
+    assert bad.error is not None
+    assert bad.error.startswith("InvalidPayload: ")
+    assert "prompt" in bad.error
+    store.close()
+
+    # `avocado result` reads the table: it answers after Redis forgot the job.
+    producer.app.backend.forget(generated.job_id)
+    shown = run_cli(cli, "result", generated.job_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == generated.model_dump(mode="json")
+    by_share = run_cli(cli, "result", "--share-id", share_id, "--json")
+    assert by_share.returncode == 0, by_share.stderr
+    assert json.loads(by_share.stdout)["summary"] == second.summary
+    refused = run_cli(cli, "result", rejected.id)
+    assert refused.returncode == 1
+    assert f"job {rejected.id} failed: OllamaRejected: ollama answered 400" in refused.stderr
+    assert PG_FAKE_PASSWORD not in worker.log_text() + refused.stderr + shown.stderr
