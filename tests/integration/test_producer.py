@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from avocado_shared import InvalidRequest, Producer
+from avocado_shared import InvalidRequest, Producer, PublishError, Settings
 from avocado_shared.topology import (
     DEAD_LETTER_QUEUE,
     GENERATE_QUEUE,
@@ -15,7 +17,7 @@ from avocado_shared.topology import (
     declare_topology,
 )
 from ollama_worker.testing import OllamaSimulator
-from tests.services import WorkerProcess, rabbitmqctl, run_cli, service_env
+from tests.services import REDIS_URL, WorkerProcess, rabbitmqctl, run_cli, service_env
 
 
 def _depth(producer: Producer, queue: str) -> int:
@@ -118,3 +120,51 @@ def test_cli_refuses_invalid_request_with_a_clear_message(broker_url: str, key_p
     assert done.returncode == 2
     assert "invalid summarize request: options.max_words" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A local port bound but not listening: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def test_unreachable_broker_is_a_clear_error_not_a_silent_drop(
+    broker_url: str, key_prefix: str, closed_port: int
+) -> None:
+    dead = f"amqp://guest:s3cret-broker@127.0.0.1:{closed_port}//"
+    settings = Settings(broker_url=dead, redis_url=REDIS_URL, key_prefix=key_prefix)
+    with (
+        Producer(settings) as p,
+        pytest.raises(PublishError, match=r"avocado\.generate not published") as raised,
+    ):
+        p.generate("Anyone there?")
+    assert "s3cret-broker" not in str(raised.value)
+
+    done = run_cli(
+        service_env(broker_url, key_prefix, AVOCADO_BROKER_URL=dead), "generate", "Anyone?"
+    )
+    assert done.returncode == 1
+    assert "avocado: avocado.generate not published" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "s3cret-broker" not in done.stderr
+
+
+def test_unreachable_redis_refuses_jobs_that_need_a_lock(
+    producer: Producer, broker_url: str, key_prefix: str, closed_port: int
+) -> None:
+    dead = f"redis://:s3cret-redis@127.0.0.1:{closed_port}/0"
+    settings = Settings(broker_url=broker_url, redis_url=dead, key_prefix=key_prefix)
+    with producer.app.connection_for_write() as connection:
+        declare_topology(connection, producer.settings)
+    before = _depth(producer, SUMMARIZE_QUEUE)
+    with Producer(settings) as p:
+        with pytest.raises(PublishError, match=r"avocado\.summarize not published") as raised:
+            p.summarize("no-lock", "Without Redis this could run twice.")
+        with pytest.raises(PublishError, match=r"avocado\.generate not published"):
+            p.generate("Keyed.", idempotency_key="no-lock")
+        with pytest.raises(PublishError, match=r"avocado\.generate not published"):
+            p.generate("Not even a plain one: its result could not be waited for.")
+    assert "s3cret-redis" not in str(raised.value)
+    assert _depth(producer, SUMMARIZE_QUEUE) == before

@@ -5,14 +5,16 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
 
-from avocado_shared import JobFailed, JobHandle, JobStatus, Producer, ResultStore
+from avocado_shared import JobFailed, JobHandle, JobStatus, Producer, ResultStore, Settings
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
-from tests.services import REDIS_URL, WorkerProcess, wait_for
+from tests.services import REDIS_URL, RedisServer, WorkerProcess, rabbitmqctl, wait_for
 
 WAIT = 90
 
@@ -207,3 +209,85 @@ def test_sigterm_finishes_the_running_job_and_leaves_the_rest_queued(
     assert not all(h.ready() for h in handles)
     worker_factory(slow_sim.url, concurrency=1)
     assert all(h.get(timeout=WAIT).text for h in handles)
+
+
+@contextmanager
+def _broker_stopped() -> Iterator[None]:
+    """RabbitMQ's application stopped (the node stays up), started again whatever happens."""
+    rabbitmqctl("stop_app")
+    try:
+        yield
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+
+
+def test_rabbitmq_restart_loses_no_job_and_workers_resume(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    slow_sim.config.latency_ms = 200
+    database = tmp_path / "results.sqlite3"
+    worker = worker_factory(slow_sim.url, concurrency=2, AVOCADO_SQLITE_PATH=str(database))
+    tag = _uid("restart")
+    handles = _submit_mix(producer, 20, tag)
+    wait_for(lambda: sum(h.ready() for h in handles) >= 4, timeout=WAIT, what="some jobs done")
+
+    with _broker_stopped():
+        wait_for(
+            lambda: "Connection to broker lost" in worker.log_text(),
+            timeout=WAIT,
+            what="the worker to notice the broker went away",
+        )
+    handles += _submit_mix(producer, 6, f"{tag}-after")
+
+    results = [h.get(timeout=WAIT) for h in handles]
+
+    assert {r.job_id for r in results} == {h.id for h in handles}
+    with ResultStore.open(f"sqlite:///{database}") as store:
+        rows = store.recent(limit=100)
+    assert sorted(r.job_id for r in rows) == sorted(h.id for h in handles)
+    assert {r.status for r in rows} == {JobStatus.SUCCESS}
+    assert worker.process.poll() is None  # the same process, reconnected on its own
+    assert "Connected to amqp://" in worker.log_text().split("Connection to broker lost")[-1]
+
+
+def test_redis_restart_loses_no_job_and_runs_none_twice(
+    broker_url: str,
+    key_prefix: str,
+    slow_sim: OllamaSimulator,
+    worker_factory: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "results.sqlite3"
+    tag = _uid("redis")
+    with RedisServer(tmp_path) as private_redis:
+        settings = Settings(
+            broker_url=broker_url, redis_url=private_redis.url, key_prefix=key_prefix
+        )
+        with Producer(settings) as producer:
+            worker = worker_factory(
+                slow_sim.url,
+                AVOCADO_REDIS_URL=private_redis.url,
+                AVOCADO_SQLITE_PATH=str(database),
+            )
+            slow_sim.config.latency_ms = 1000
+            handles = [producer.summarize(f"{tag}-{i}", f"Item {i}.") for i in range(10)]
+            wait_for(lambda: handles[0].ready(), timeout=WAIT, what="a first job done")
+            private_redis.stop()
+            wait_for(
+                lambda: "Failed operation" in worker.log_text(),
+                timeout=WAIT,
+                what="the worker to hold a result while Redis is down",
+            )
+            private_redis.start()
+            results = [h.get(timeout=WAIT) for h in handles]
+
+            assert {r.share_id for r in results} == {f"{tag}-{i}" for i in range(10)}
+            assert slow_sim.generation_calls == 10  # none ran twice
+            assert worker.process.poll() is None
+            client = redis.Redis.from_url(private_redis.url, decode_responses=True)
+            assert not list(client.scan_iter(f"{key_prefix}lock:*"))
+    with ResultStore.open(f"sqlite:///{database}") as store:
+        rows = store.recent(limit=100)
+    assert sorted(r.share_id or "" for r in rows) == sorted(r.share_id for r in results)
+    assert {r.status for r in rows} == {JobStatus.SUCCESS}

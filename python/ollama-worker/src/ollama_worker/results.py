@@ -57,15 +57,19 @@ def _share_id(kwargs: Mapping[str, Any] | None) -> str | None:
 
 def record(
     task: Task,
+    job_id: str,
     status: JobStatus,
     kwargs: Mapping[str, Any] | None,
     *,
     result: Mapping[str, Any] | None = None,
     error: str | None = None,
 ) -> None:
-    """Upsert the running job's row; the usage columns come from its result."""
+    """Upsert the job's row; the usage columns come from its result.
+
+    ``job_id`` is explicit: Celery calls ``on_retry`` for a job it cancels from the main
+    process, where ``task.request`` is not that job's.
+    """
     kind = JobKind.SUMMARIZE if task.name == SUMMARIZE_TASK else JobKind.GENERATE
-    job_id = str(task.request.id)
     share_id = _share_id(kwargs) if kind is JobKind.SUMMARIZE else None
     usage = {name: (result or {}).get(name) for name in _USAGE}
     _ensure_schema()
@@ -83,10 +87,14 @@ def record(
 
 
 def record_quietly(
-    task: Task, status: JobStatus, kwargs: Mapping[str, Any] | None, error: str | None = None
+    task: Task,
+    job_id: str,
+    status: JobStatus,
+    kwargs: Mapping[str, Any] | None,
+    error: str | None = None,
 ) -> None:
     """``record`` for a state change the job must not fail over: a warning when it cannot."""
     try:
-        record(task, status, kwargs, error=error)
+        record(task, job_id, status, kwargs, error=error)
     except StoreError as failure:
-        logger.warning("%s[%s]: %s not stored: %s", task.name, task.request.id, status, failure)
+        logger.warning("%s[%s]: %s not stored: %s", task.name, job_id, status.value, failure)

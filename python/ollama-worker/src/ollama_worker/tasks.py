@@ -172,25 +172,25 @@ class JobTask(SingletonJob):
         """Store the result durably, then return it; no stored row, no success."""
         data = result.model_dump(mode="json")
         try:
-            record(self, JobStatus.SUCCESS, self.request.kwargs, result=data)
+            record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=data)
         except StoreUnavailable as error:
             self.retry_transient(TransientError(f"result not stored: {error}"))
         return data
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         super().before_start(task_id, args, kwargs)
-        record_quietly(self, JobStatus.STARTED, kwargs)
+        record_quietly(self, task_id, JobStatus.STARTED, kwargs)
 
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
     ) -> None:
-        record_quietly(self, JobStatus.RETRY, kwargs, _reason(exc))
+        record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
     ) -> None:
         """Store why the job failed, then let the next submission of it take the lock."""
-        record_quietly(self, JobStatus.FAILURE, kwargs, _reason(exc))
+        record_quietly(self, task_id, JobStatus.FAILURE, kwargs, _reason(exc))
         super().on_failure(exc, task_id, args, kwargs, einfo)
 
 

@@ -23,7 +23,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url.get_secret_value(),
         "result_backend": settings.result_backend,
-        "result_backend_transport_options": {"global_keyprefix": settings.key_prefix},
+        "result_backend_transport_options": {
+            "global_keyprefix": settings.key_prefix,
+            # A producer learns in seconds that Redis is down (PublishError), not in 20.
+            "retry_policy": {
+                "max_retries": 3,
+                "interval_start": 0,
+                "interval_step": 0.5,
+                "interval_max": 1,
+            },
+        },
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"confirm_publish": True},
         "broker_pool_limit": 4,
@@ -53,6 +62,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "result_expires": settings.result_expires_s,
+        # Redis down: a worker holds its finished job (unacked, row already in ml_results)
+        # and keeps trying to store the result until Redis is back, rather than lose it.
+        "result_backend_always_retry": True,
+        "result_backend_max_sleep_between_retries_ms": 5000,
         "result_extended": True,
         "task_track_started": True,
         "task_send_sent_event": True,

@@ -7,14 +7,18 @@ holds, and every lock expires (``lock_expiry_s``) so a dead worker cannot hold o
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, Task
 from celery_singleton import Singleton
+from redis.exceptions import RedisError
 
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 
 __all__ = ["SingletonJob", "job_identity", "register_job_tasks"]
+
+logger = logging.getLogger(__name__)
 
 # Delete or refresh a lock only while it still names this job.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
@@ -43,6 +47,17 @@ class SingletonJob(Singleton):  # type: ignore[misc]
     """A job task whose identity is locked in Redis from publish until it ends."""
 
     abstract = True
+    _singleton_backend: Any = None
+
+    @property
+    def singleton_backend(self) -> Any:
+        """This app's lock store; celery-singleton keeps one per process, the first app's."""
+        if self._singleton_backend is None:
+            config = self.singleton_config
+            self._singleton_backend = config.backend_class(
+                config.backend_url, **config.backend_kwargs
+            )
+        return self._singleton_backend
 
     def generate_lock(self, task_name: str, task_args: Any = None, task_kwargs: Any = None) -> str:
         identity = job_identity(task_name, task_kwargs)
@@ -59,18 +74,21 @@ class SingletonJob(Singleton):  # type: ignore[misc]
 
     def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> None:
         """Release this job's lock, never another job's that took the same identity since."""
-        if job_identity(self.name, task_kwargs) is None:
-            return
-        lock = self.generate_lock(self.name, task_args, task_kwargs)
-        self.singleton_backend.redis.eval(_RELEASE, 1, lock, self.request.id)
+        self._on_lock(_RELEASE, self.request.id, task_args, task_kwargs)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Push the lock's expiry back when the job starts, however long it waited queued."""
+        self._on_lock(_REFRESH, task_id, args, kwargs, self.singleton_config.lock_expiry)
+
+    def _on_lock(self, script: str, task_id: str, args: Any, kwargs: Any, *extra: Any) -> None:
+        """Run a lock script; with Redis down the job goes on and the lock expires by itself."""
         if job_identity(self.name, kwargs) is None:
             return
         lock = self.generate_lock(self.name, args, kwargs)
-        expiry = self.singleton_config.lock_expiry
-        self.singleton_backend.redis.eval(_REFRESH, 1, lock, task_id, expiry)
+        try:
+            self.singleton_backend.redis.eval(script, 1, lock, task_id, *extra)
+        except RedisError as error:
+            logger.warning("lock %s of job %s left to expire: %s", lock, task_id, error)
 
 
 def register_job_tasks(app: Celery) -> None:

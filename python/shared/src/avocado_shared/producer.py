@@ -156,7 +156,8 @@ class Producer:
                 time_limit=None,
                 soft_time_limit=None,
             )
-        except (OperationalError, RedisError, OSError) as error:
+        # RuntimeError: Celery's result consumer gave up reconnecting to the result backend.
+        except (OperationalError, RedisError, OSError, RuntimeError) as error:
             raise PublishError(f"{task} not published: {error}") from error
         return JobHandle(result)
 

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -586,7 +587,16 @@ class ResultStore:
                 check_same_thread=False,
             )
             # WAL lets readers run beside the one writer; the busy timeout makes writers queue.
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL ignores the busy timeout when many processes open at once.
+            deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as busy:
+                    if "locked" not in str(busy) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         except sqlite3.Error as error:
             where = Path(path).resolve()
             raise StoreUnavailable(f"cannot open SQLite file {where}: {error}") from error
