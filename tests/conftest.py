@@ -8,7 +8,7 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +24,7 @@ from tests.services import (
     WorkerProcess,
     isolated_vhost,
     service_env,
+    start_beat,
     start_worker,
 )
 
@@ -123,32 +124,48 @@ def fresh_sim(sim: OllamaSimulator) -> OllamaSimulator:
     return sim
 
 
-WorkerFactory = Callable[..., WorkerProcess]
+class WorkerFactory:
+    """Starts real worker (and beat) subprocesses; ``stop_all`` ends every one still running."""
+
+    def __init__(self, broker_url: str, key_prefix: str, producer: Producer, log_dir: Path):
+        self.broker_url = broker_url
+        self.key_prefix = key_prefix
+        self.producer = producer
+        self.log_dir = log_dir
+        self.started: list[WorkerProcess] = []
+
+    def _ping(self, name: str) -> bool:
+        return bool(self.producer.app.control.ping(destination=[name], timeout=0.5))
+
+    def __call__(self, ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:
+        """A worker on ``ollama_url``, answering pings; ``env`` adds AVOCADO_* settings."""
+        extra = {"AVOCADO_OLLAMA_URL": ollama_url, "AVOCADO_RETRY_BACKOFF_MAX_S": "1", **env}
+        environment = service_env(self.broker_url, self.key_prefix, **extra)
+        worker = start_worker(environment, self.log_dir, self._ping, concurrency=concurrency)
+        self.started.append(worker)
+        return worker
+
+    def beat(self, **env: str) -> WorkerProcess:
+        """``celery beat`` of the worker app, started."""
+        beat = start_beat(service_env(self.broker_url, self.key_prefix, **env), self.log_dir)
+        self.started.append(beat)
+        return beat
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop(signal.SIGTERM)
 
 
 @contextmanager
 def _workers(
     broker_url: str, key_prefix: str, producer: Producer, log_dir: Path
 ) -> Iterator[WorkerFactory]:
-    """Start real worker subprocesses; every one still running is stopped on exit."""
-    started: list[WorkerProcess] = []
-
-    def ping(name: str) -> bool:
-        return bool(producer.app.control.ping(destination=[name], timeout=0.5))
-
-    def make(ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:
-        extra = {"AVOCADO_OLLAMA_URL": ollama_url, "AVOCADO_RETRY_BACKOFF_MAX_S": "1", **env}
-        worker = start_worker(
-            service_env(broker_url, key_prefix, **extra), log_dir, ping, concurrency=concurrency
-        )
-        started.append(worker)
-        return worker
-
+    """A factory whose every process still running is stopped on exit."""
+    factory = WorkerFactory(broker_url, key_prefix, producer, log_dir)
     try:
-        yield make
+        yield factory
     finally:
-        for worker in started:
-            worker.stop(signal.SIGTERM)
+        factory.stop_all()
 
 
 @pytest.fixture

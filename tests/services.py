@@ -166,6 +166,26 @@ def start_worker(
     return worker
 
 
+def start_beat(env: dict[str, str], log_dir: Path) -> WorkerProcess:
+    """Start ``celery -A ollama_worker beat`` with a schedule file of its own."""
+    name = f"beat-{uuid.uuid4().hex[:6]}"
+    log = log_dir / f"{name}.log"
+    args = [str(VENV_BIN / "celery"), "-A", "ollama_worker", "beat", "--loglevel", "INFO"]
+    args += ["--schedule", str(log_dir / f"{name}-schedule")]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    beat = WorkerProcess(name=name, process=process, log=log, env=env)
+    wait_for(
+        lambda: "beat: Starting" in beat.log_text() or process.poll() is not None,
+        timeout=60,
+        what="celery beat to start",
+    )
+    assert process.poll() is None, f"beat exited with {process.returncode}:\n{beat.log_text()}"
+    return beat
+
+
 def run_cli(
     env: dict[str, str], *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

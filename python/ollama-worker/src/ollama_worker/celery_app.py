@@ -8,7 +8,7 @@ from typing import Any
 from celery.signals import worker_init
 
 from avocado_shared.celery_config import make_celery
-from avocado_shared.topology import declare_topology
+from avocado_shared.topology import ANNOUNCE_TASK, declare_topology
 from ollama_worker.settings import WorkerSettings
 
 __all__ = ["app", "settings"]
@@ -17,7 +17,15 @@ logger = logging.getLogger(__name__)
 
 settings = WorkerSettings()
 app = make_celery("ollama_worker", settings)
-app.conf.include = ["ollama_worker.tasks"]
+app.conf.include = ["ollama_worker.tasks", "ollama_worker.announce", "ollama_worker.node"]
+# Beat (celery -A ollama_worker beat) re-announces the live endpoints through infra.announce.
+app.conf.beat_schedule = {
+    "announce-endpoints": {
+        "task": ANNOUNCE_TASK,
+        "schedule": settings.announce_interval_s,
+        "options": {"expires": settings.announce_interval_s},
+    }
+}
 # Poison messages go to ml.dlx with their reason instead of being dropped or crashing the worker.
 app.conf.worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"
 

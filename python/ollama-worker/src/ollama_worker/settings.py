@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from avocado_shared.settings import Settings
 
@@ -27,3 +27,48 @@ class WorkerSettings(Settings):
     retry_max: int = Field(default=5, ge=0, description="Retries of a transient failure.")
     retry_backoff_max_s: int = Field(default=60, ge=1)
     worker_id: str = Field(default_factory=socket.gethostname)
+
+    # The node's public endpoint: an ngrok tunnel, or an address it already has.
+    tunnel: bool = Field(
+        default=False, description="Expose Ollama through an ngrok tunnel and announce it."
+    )
+    public_url: str | None = Field(
+        default=None, description="Announce this URL (a host with a public address), no tunnel."
+    )
+    service_id: str = Field(
+        default_factory=socket.gethostname, description="This node's id in the registry."
+    )
+    ngrok_authtoken: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("NGROK_AUTHTOKEN", "AVOCADO_NGROK_AUTHTOKEN")
+    )
+    ngrok_path: str | None = Field(
+        default=None, description="A pre-installed ngrok binary; pyngrok installs one otherwise."
+    )
+    ngrok_domain: str | None = Field(default=None, description="A reserved ngrok domain.")
+    tunnel_user: str = Field(default="avocado", min_length=1)
+    tunnel_password: SecretStr | None = Field(
+        default=None, description="Basic auth password of the tunnel, 8 to 128 characters."
+    )
+    node_ttl_s: int = Field(default=30, ge=2, description="A node record lives this long.")
+    node_refresh_s: float = Field(
+        default=10.0, gt=0, description="How often a node checks its endpoint and refreshes."
+    )
+    announce_interval_s: float = Field(
+        default=15.0, gt=0, description="Beat re-announces every live endpoint this often."
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_settings(self) -> WorkerSettings:
+        """Refuse at start what would make a node announce an endpoint it cannot keep."""
+        if self.node_refresh_s >= self.node_ttl_s:
+            raise ValueError(
+                f"node_refresh_s {self.node_refresh_s} must be below node_ttl_s "
+                f"{self.node_ttl_s}, or a live node's record expires between refreshes"
+            )
+        password = self.tunnel_password.get_secret_value() if self.tunnel_password else ""
+        if self.tunnel and not 8 <= len(password) <= 128:
+            raise ValueError(
+                "AVOCADO_TUNNEL needs AVOCADO_TUNNEL_PASSWORD (8 to 128 characters): "
+                "an open tunnel would give the internet your Ollama"
+            )
+        return self

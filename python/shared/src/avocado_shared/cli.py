@@ -1,4 +1,5 @@
-"""``avocado``: submit jobs, read results, show the topology and the dead letters from a shell."""
+"""``avocado``: submit jobs, read results, show the topology, the dead letters and the live
+endpoints from a shell."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from avocado_shared.contracts import (
     GenerateResult,
     InvalidRequest,
@@ -17,8 +20,10 @@ from avocado_shared.contracts import (
     SummarizeResult,
     parse_result,
 )
+from avocado_shared.discovery import Announcement, Endpoint, EndpointWatcher
 from avocado_shared.dlq import add_dlq_parser, run_dlq
 from avocado_shared.producer import JobFailed, JobHandle, Producer, PublishError
+from avocado_shared.registry import NodeRegistry
 from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import describe
 
@@ -83,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("topology", help="declare the exchanges and queues, then show them")
     add_dlq_parser(sub)
+
+    ends = sub.add_parser("endpoints", help="the fleet's live Ollama endpoints")
+    ends.add_argument("--watch", action="store_true", help="then print announcements as they come")
+    ends.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -158,12 +167,45 @@ def _run(args: argparse.Namespace) -> int:
                 return run_dlq(args, connection, app=producer.app)
         if args.command == "result":
             return _result(producer, args)
+        if args.command == "endpoints":
+            return _endpoints(producer, args)
         handle = _submit(producer, args)
         if not args.wait:
             print(handle.id)
             return 0
         _show(handle.get(timeout=args.timeout), args.json)
         return 0
+
+
+def _show_endpoint(endpoint: Endpoint, as_json: bool) -> None:
+    event = endpoint.event.value if isinstance(endpoint, Announcement) else "live"
+    if as_json:
+        print(json.dumps({"event": event, **endpoint.model_dump(mode="json")}), flush=True)
+        return
+    print(
+        f"{event:<8} {endpoint.service_id}  {endpoint.url}  auth={endpoint.auth}  "
+        f"ollama={endpoint.version}  models={','.join(endpoint.models) or '-'}  "
+        f"until={endpoint.expires_at:%H:%M:%S}",
+        flush=True,
+    )
+
+
+def _endpoints(producer: Producer, args: argparse.Namespace) -> int:
+    """The registry's live records, then (``--watch``) announcements until interrupted."""
+    registry = NodeRegistry.from_settings(producer.settings)
+    try:
+        for endpoint in registry.live():
+            _show_endpoint(endpoint, args.json)
+    finally:
+        registry.close()
+    if not args.watch:
+        return 0
+    with (
+        producer.app.connection_for_read() as connection,
+        EndpointWatcher(connection, on_event=lambda a: _show_endpoint(a, args.json)) as watcher,
+    ):
+        while True:
+            watcher.drain(1.0)
 
 
 def _result(producer: Producer, args: argparse.Namespace) -> int:
@@ -198,9 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidRequest as error:
         print(f"avocado: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     except (
         JobFailed,
         PublishError,
+        RedisError,
         StoreError,
         TimeoutError,
         OSError,

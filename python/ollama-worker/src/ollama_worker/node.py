@@ -1,0 +1,209 @@
+"""This host's public endpoint: opened, checked for real, kept in the registry, announced.
+
+A thread of the worker's main process. It opens the endpoint (an ngrok tunnel or a fixed
+public URL), checks ``/api/version`` through it with the credentials before announcing, and
+then every ``node_refresh_s`` checks it again and refreshes the registry record. When the
+endpoint stops answering it is reopened and the new URL announced, the old one removed.
+Jobs never wait on any of this: a node that cannot expose itself still serves the queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import httpx
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from avocado_shared.discovery import Endpoint, EndpointEvent, publish_announcement
+from avocado_shared.registry import NodeRegistry
+from ollama_worker.celery_app import app
+from ollama_worker.celery_app import settings as app_settings
+from ollama_worker.settings import WorkerSettings
+
+__all__ = ["Exposure", "FixedURL", "Node", "NodeError"]
+
+logger = logging.getLogger(__name__)
+
+# ngrok shows free-plan visitors an HTML warning page unless this header is sent.
+CALLER_HEADERS = {"ngrok-skip-browser-warning": "true"}
+
+
+class NodeError(RuntimeError):
+    """The endpoint cannot be opened or does not answer; the node tries again later."""
+
+
+class Exposure(Protocol):
+    """A way to make the local Ollama reachable from outside."""
+
+    def open(self) -> str:
+        """Open (or reopen) and return the public URL."""
+
+    def close(self) -> None:
+        """Stop exposing; idempotent."""
+
+
+class FixedURL:
+    """A host that is reachable already (a VM with a public address, a reverse proxy)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def open(self) -> str:
+        return self.url
+
+    def close(self) -> None:
+        return None
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Node:
+    """Keeps this host's endpoint open, checked, registered and announced."""
+
+    def __init__(
+        self,
+        app: Celery,
+        settings: WorkerSettings,
+        exposure: Exposure,
+        registry: NodeRegistry,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.exposure = exposure
+        self.registry = registry
+        self.endpoint: Endpoint | None = None
+        self._started_at = _utc_now()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        password = settings.tunnel_password
+        self._auth = (
+            httpx.BasicAuth(settings.tunnel_user, password.get_secret_value())
+            if password is not None
+            else None
+        )
+        self._http = httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0), headers=CALLER_HEADERS)
+
+    def start(self) -> Node:
+        """Run in a daemon thread, so a stuck tunnel never holds up the worker's exit."""
+        self._thread = threading.Thread(target=self._run, name="avocado-node", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Withdraw at once: registry record deleted, removal announced, endpoint closed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        try:
+            self.registry.remove(self.settings.service_id)
+            if self.endpoint is not None:
+                self._announce(self.endpoint, EndpointEvent.REMOVED)
+        except Exception as error:  # the record expires on its own in node_ttl_s
+            logger.warning("could not withdraw %s: %s", self.settings.service_id, error)
+        finally:
+            self.exposure.close()
+            self._http.close()
+            self.registry.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as error:
+                logger.warning("endpoint of %s: %s", self.settings.service_id, error)
+            self._stop.wait(self.settings.node_refresh_s)
+
+    def tick(self) -> None:
+        """One round: reopen when the endpoint does not answer, then refresh the record."""
+        if self.endpoint is None or not self._answers(self.endpoint.url):
+            self._reopen()
+            return
+        self.endpoint = self.endpoint.model_copy(update={"updated_at": _utc_now()})
+        self.registry.put(self.endpoint)
+
+    def _reopen(self) -> None:
+        old = self.endpoint
+        url = self.exposure.open()
+        version = self._answers(url)
+        if not version:
+            raise NodeError(f"{url} does not answer /api/version: not announced")
+        self.endpoint = Endpoint(
+            service_id=self.settings.service_id,
+            url=url,
+            auth="basic" if self._auth is not None else "none",
+            headers=CALLER_HEADERS,
+            models=self._models(),
+            version=version,
+            worker=self.settings.worker_id,
+            started_at=self._started_at,
+            updated_at=_utc_now(),
+            ttl_s=self.settings.node_ttl_s,
+        )
+        self.registry.put(self.endpoint)
+        if old is not None and old.url != url:
+            self._announce(old, EndpointEvent.REMOVED)
+        self._announce(self.endpoint, EndpointEvent.CHANGED)
+        logger.info("%s announced at %s", self.settings.service_id, url)
+
+    def _answers(self, url: str) -> str:
+        """The Ollama version behind ``url``, asked with the caller's credentials; "" if none."""
+        try:
+            response = self._http.get(
+                f"{url}/api/version", auth=self._auth or httpx.USE_CLIENT_DEFAULT
+            )
+            response.raise_for_status()
+            return str(response.json().get("version") or "unknown")
+        except (httpx.HTTPError, ValueError) as error:
+            logger.info("%s does not answer: %s", url, error)
+            return ""
+
+    def _models(self) -> list[str]:
+        """The models this host's Ollama has, asked locally."""
+        try:
+            response = self._http.get(f"{self.settings.ollama_url.rstrip('/')}/api/tags")
+            response.raise_for_status()
+            return sorted(str(m["name"]) for m in response.json().get("models", []))
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            logger.warning("models of %s unknown: %s", self.settings.ollama_url, error)
+            return []
+
+    def _announce(self, endpoint: Endpoint, event: EndpointEvent) -> None:
+        with self.app.connection_for_write() as connection:
+            publish_announcement(
+                connection, endpoint, event, timeout=self.settings.publish_timeout_s
+            )
+
+
+_node: Node | None = None
+
+
+def _exposure(settings: WorkerSettings) -> Exposure:
+    if settings.public_url:
+        return FixedURL(settings.public_url)
+    from ollama_worker.tunnel import Tunnel
+
+    return Tunnel(settings)
+
+
+@worker_ready.connect
+def _start_node(sender: Any = None, **_: Any) -> None:
+    """With a tunnel or a public URL configured, this worker's host joins the registry."""
+    global _node
+    if not (app_settings.tunnel or app_settings.public_url):
+        return
+    registry = NodeRegistry.from_settings(app_settings)
+    _node = Node(app, app_settings, _exposure(app_settings), registry).start()
+
+
+@worker_shutdown.connect
+def _stop_node(**_: Any) -> None:
+    global _node
+    if _node is not None:
+        _node.stop()
+        _node = None
