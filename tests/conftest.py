@@ -15,9 +15,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from kombu.connection import Connection
+from kombu.exceptions import OperationalError
 from psycopg import sql
 
 from avocado_shared import Producer, Settings
+from avocado_shared.discovery import Announcement, EndpointWatcher
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.services import (
     REDIS_URL,
@@ -135,7 +138,11 @@ class WorkerFactory:
         self.started: list[WorkerProcess] = []
 
     def _ping(self, name: str) -> bool:
-        return bool(self.producer.app.control.ping(destination=[name], timeout=0.5))
+        try:
+            return bool(self.producer.app.control.ping(destination=[name], timeout=0.5))
+        except (OSError, OperationalError):  # a pooled connection RabbitMQ's restart broke
+            self.producer.app.pool.force_close_all()
+            return False
 
     def __call__(self, ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:
         """A worker on ``ollama_url``, answering pings; ``env`` adds AVOCADO_* settings."""
@@ -189,3 +196,14 @@ def worker(
     log_dir = tmp_path_factory.mktemp("workers")
     with _workers(broker_url, key_prefix, producer, log_dir) as make:
         yield make(sim.url, AVOCADO_SUMMARY_NUM_CTX="2048")
+
+
+@pytest.fixture
+def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement]]]:
+    """A watcher bound before the test starts anything, and every announcement it saw."""
+    seen: list[Announcement] = []
+    with (
+        Connection(broker_url) as connection,
+        EndpointWatcher(connection, on_event=seen.append) as watcher,
+    ):
+        yield watcher, seen

@@ -31,17 +31,6 @@ NODE = {
 
 
 @pytest.fixture
-def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement]]]:
-    """A watcher bound before the test starts anything, and every announcement it saw."""
-    seen: list[Announcement] = []
-    with (
-        Connection(broker_url) as connection,
-        EndpointWatcher(connection, on_event=seen.append) as watcher,
-    ):
-        yield watcher, seen
-
-
-@pytest.fixture
 def registry(settings: Settings) -> Iterator[NodeRegistry]:
     made = NodeRegistry.from_settings(settings)
     yield made

@@ -28,6 +28,7 @@ __all__ = ["Exposure", "FixedURL", "Node", "NodeError"]
 
 logger = logging.getLogger(__name__)
 
+_MAX_BACKOFF_S = 300.0
 # ngrok shows free-plan visitors an HTML warning page unless this header is sent.
 CALLER_HEADERS = {"ngrok-skip-browser-warning": "true"}
 
@@ -112,12 +113,18 @@ class Node:
             self.registry.close()
 
     def _run(self) -> None:
+        """Tick every ``node_refresh_s``; after failures back off, up to five minutes."""
+        delay = self.settings.node_refresh_s
         while not self._stop.is_set():
             try:
                 self.tick()
+                delay = self.settings.node_refresh_s
             except Exception as error:
-                logger.warning("endpoint of %s: %s", self.settings.service_id, error)
-            self._stop.wait(self.settings.node_refresh_s)
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+                logger.warning(
+                    "endpoint of %s: %s (next try in %.0fs)", self.settings.service_id, error, delay
+                )
+            self._stop.wait(delay)
 
     def tick(self) -> None:
         """One round: reopen when the endpoint does not answer, then refresh the record."""

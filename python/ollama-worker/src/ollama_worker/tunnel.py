@@ -23,6 +23,8 @@ from ollama_worker.settings import WorkerSettings
 __all__ = ["Tunnel"]
 
 logger = logging.getLogger(__name__)
+# pyngrok logs every agent line, one per proxied connection at INFO: keep the worker log readable.
+logging.getLogger("pyngrok.process.ngrok").setLevel(logging.WARNING)
 
 
 class Tunnel:
@@ -34,7 +36,7 @@ class Tunnel:
         self._config = conf.PyngrokConfig(
             ngrok_path=settings.ngrok_path or conf.DEFAULT_NGROK_PATH,
             config_path=str(self._private_config()),
-            config_version="2",
+            config_version="2",  # the tunnels API, where basic_auth and host_header are fields
             startup_timeout=20,
         )
         self._config.auth_token = None  # pyngrok would read NGROK_AUTHTOKEN onto argv
@@ -44,18 +46,22 @@ class Tunnel:
         folder = Path(tempfile.gettempdir()) / f"avocado-ngrok-{os.getuid()}"
         folder.mkdir(mode=0o700, exist_ok=True)
         path = folder / f"{self.settings.service_id}.yml"
-        token = self.settings.ngrok_authtoken
+        token = self._token()
         lines = ['version: "2"']
-        if token is not None:
-            lines.append(f"authtoken: {token.get_secret_value()}")
+        if token:
+            lines.append(f"authtoken: {token}")
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as out:
             out.write("\n".join(lines) + "\n")
         return path
 
+    def _token(self) -> str:
+        token = self.settings.ngrok_authtoken
+        return token.get_secret_value().strip() if token is not None else ""
+
     def open(self) -> str:
         """Stop any agent of ours, start a new one with one tunnel; its public URL."""
-        if self.settings.ngrok_authtoken is None:
+        if not self._token():
             raise NodeError(
                 "no tunnel: NGROK_AUTHTOKEN is not set (get one at "
                 "https://dashboard.ngrok.com/get-started/your-authtoken); jobs are still served"
