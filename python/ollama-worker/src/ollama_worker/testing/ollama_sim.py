@@ -8,6 +8,7 @@ celery.contrib.testing. Run it alone with ``avocado-ollama-sim --port 0``.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -150,9 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _serve_args(argv: Sequence[str]) -> list[str]:
+    """``serve`` as ``ollama serve`` takes it: the address from ``OLLAMA_HOST``, so the
+    simulator can stand in for the ``ollama`` binary (a link named ``ollama``)."""
+    host, _, port = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")
+    return ["--host", host or "127.0.0.1", "--port", port or "11434", *argv[1:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: serve until SIGTERM or SIGINT, then exit 0."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(_serve_args(argv) if argv[:1] == ["serve"] else argv)
     try:
         config = SimConfig(
             models=args.models,
