@@ -17,7 +17,12 @@ logger = logging.getLogger(__name__)
 
 settings = WorkerSettings()
 app = make_celery("ollama_worker", settings)
-app.conf.include = ["ollama_worker.tasks", "ollama_worker.announce", "ollama_worker.node"]
+app.conf.include = [
+    "ollama_worker.tasks",
+    "ollama_worker.announce",
+    "ollama_worker.node",
+    "ollama_worker.metrics",
+]
 # Beat (celery -A ollama_worker beat) re-announces the live endpoints through infra.announce.
 app.conf.beat_schedule = {
     "announce-endpoints": {

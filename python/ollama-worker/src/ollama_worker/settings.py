@@ -57,6 +57,16 @@ class WorkerSettings(Settings):
         default=15.0, gt=0, description="Beat re-announces every live endpoint this often."
     )
 
+    # Prometheus metrics of the jobs, served by the worker's main process.
+    metrics_port: int | None = Field(
+        default=9808, ge=0, le=65535, description="/metrics on this port; 0 turns it off."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address /metrics listens on: loopback unless a scraper needs it, since "
+        "it tells anyone who asks which models run here and how busy they are.",
+    )
+
     @model_validator(mode="after")
     def _endpoint_settings(self) -> WorkerSettings:
         """Refuse at start what would make a node announce an endpoint it cannot keep."""

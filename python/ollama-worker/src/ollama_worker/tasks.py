@@ -169,12 +169,17 @@ class JobTask(SingletonJob):
         return str(self.request.hostname or settings.worker_id)
 
     def finish(self, result: BaseModel) -> dict[str, Any]:
-        """Store the result durably, then return it; no stored row, no success."""
+        """Store the result durably, release the job's lock, then return the result.
+
+        The lock goes before Celery publishes the result (it releases in ``on_success``,
+        after), so a producer that resubmits the moment it sees the result runs it again.
+        """
         data = result.model_dump(mode="json")
         try:
             record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=data)
         except StoreUnavailable as error:
             self.retry_transient(TransientError(f"result not stored: {error}"))
+        self.release_lock(task_args=self.request.args, task_kwargs=self.request.kwargs)
         return data
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:

@@ -24,6 +24,7 @@ from avocado_shared.discovery import Announcement, Endpoint, EndpointWatcher
 from avocado_shared.dlq import add_dlq_parser, run_dlq
 from avocado_shared.producer import JobFailed, JobHandle, Producer, PublishError
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.status import collect, render
 from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import describe
 
@@ -92,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     ends = sub.add_parser("endpoints", help="the fleet's live Ollama endpoints")
     ends.add_argument("--watch", action="store_true", help="then print announcements as they come")
     ends.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    stat = sub.add_parser(
+        "status", help="queues, workers, dead letters, endpoints and recent failures at once"
+    )
+    stat.add_argument("--json", action="store_true", help="print JSON")
+    stat.add_argument("--dead-letters", type=int, default=5, help="newest dead letters to show")
+    stat.add_argument("--failures", type=int, default=5, help="recent failed jobs to show")
+    stat.add_argument("--timeout", type=float, default=1.0, help="seconds workers get to answer")
     return parser
 
 
@@ -169,6 +178,8 @@ def _run(args: argparse.Namespace) -> int:
             return _result(producer, args)
         if args.command == "endpoints":
             return _endpoints(producer, args)
+        if args.command == "status":
+            return _status(producer, args)
         handle = _submit(producer, args)
         if not args.wait:
             print(handle.id)
@@ -206,6 +217,15 @@ def _endpoints(producer: Producer, args: argparse.Namespace) -> int:
     ):
         while True:
             watcher.drain(1.0)
+
+
+def _status(producer: Producer, args: argparse.Namespace) -> int:
+    """Every part that can be read is shown; exit 1 when a part could not be."""
+    status = collect(
+        producer, dead_letters=args.dead_letters, failures=args.failures, timeout=args.timeout
+    )
+    print(render(status, as_json=args.json))
+    return 0 if status.ok else 1
 
 
 def _result(producer: Producer, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.saferepr import saferepr
 from kombu.connection import Connection
 
+from avocado_shared.producer import SENT_AT_HEADER
 from avocado_shared.topology import DEAD_LETTER_QUEUE, dead_letter_queue
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ _DEATH_HEADERS = frozenset(
         ORIGINAL_ROUTING_KEY_HEADER,
         DEAD_LETTERED_AT_HEADER,
         DEAD_LETTERED_BY_HEADER,
+        SENT_AT_HEADER,  # a replay is a new publish: its queue wait starts now
         "x-delivery-count",
     }
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
 
@@ -27,7 +28,18 @@ from avocado_shared.settings import Settings
 from avocado_shared.store import ResultStore
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK, declare_topology
 
-__all__ = ["JobFailed", "JobHandle", "Producer", "PublishError", "generate", "summarize"]
+__all__ = [
+    "SENT_AT_HEADER",
+    "JobFailed",
+    "JobHandle",
+    "Producer",
+    "PublishError",
+    "generate",
+    "summarize",
+]
+
+# When the job was published (epoch seconds); workers measure its queue wait from it.
+SENT_AT_HEADER = "x-avocado-sent-at"
 
 _R = TypeVar("_R", bound=JobResult)
 
@@ -152,6 +164,7 @@ class Producer:
             result = self.app.tasks[task].apply_async(
                 kwargs={"request": request.model_dump(mode="json", exclude_none=True)},
                 confirm_timeout=self.settings.publish_timeout_s,
+                headers={SENT_AT_HEADER: time.time()},
                 # The worker's limits apply: they are set for its hardware and consumer timeout.
                 time_limit=None,
                 soft_time_limit=None,
