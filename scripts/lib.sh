@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared steps of the scripts: the virtualenv and the local services. Source it; do not run it.
 # Quiet on success, loud and specific on failure.
 
@@ -92,7 +93,7 @@ ensure_postgres() {
   if have_systemd; then as_root systemctl start postgresql
   else
     local version
-    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+    version=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -1)
     [ -n "$version" ] || die "PostgreSQL is installed but has no cluster in /etc/postgresql"
     as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
   fi
@@ -104,4 +105,84 @@ ensure_services() {
   ensure_rabbitmq
   ensure_redis
   ensure_postgres
+}
+
+# Debian's docker-compose 1.29.2: a real Compose implementation that validates and merges the
+# compose files without a Docker engine (tests/unit/test_compose.py runs its `config`).
+ensure_docker_compose_v1() {
+  command -v docker-compose >/dev/null && return 0
+  command -v apt-get >/dev/null || die "docker-compose missing and this is not a Debian/Ubuntu machine: install docker-compose (1.29) yourself"
+  say "installing docker-compose with apt"
+  local install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose)
+  if ! as_root "${install[@]}" >/dev/null 2>&1; then
+    as_root apt-get update -qq >/dev/null || die "apt-get update failed"
+    APT_UPDATED=1
+    as_root "${install[@]}" >/dev/null || die "apt-get install docker-compose failed"
+  fi
+  command -v docker-compose >/dev/null || die "docker-compose still missing after apt-get install"
+}
+
+# The env file the scripts and Compose read: .env at the root unless AVOCADO_ENV_FILE says.
+ENV_FILE="${AVOCADO_ENV_FILE:-$ROOT/.env}"
+
+# The value of NAME=... in an env file (the last one), unquoted; fails when there is none.
+# The file is parsed, never run.
+env_file_value() { # file name
+  local line value
+  [ -f "$1" ] || return 1
+  line=$(grep -E "^[[:space:]]*(export[[:space:]]+)?$2[[:space:]]*=" "$1" | tail -1) || return 1
+  [ -n "$line" ] || return 1
+  value=${line#*=}
+  value=${value#"${value%%[![:space:]]*}"}
+  value=${value%"${value##*[![:space:]]}"}
+  case "$value" in
+    \"*\") value=${value:1:${#value}-2} ;;
+    \'*\') value=${value:1:${#value}-2} ;;
+  esac
+  printf '%s\n' "$value"
+}
+
+# Export each NAME that is unset in the environment with its value in $ENV_FILE, the way the
+# settings and Compose read it: the environment wins.
+load_env_file() { # NAME...
+  local name value
+  for name in "$@"; do
+    [ -z "${!name+set}" ] || continue
+    value=$(env_file_value "$ENV_FILE" "$name") || continue
+    printf -v "$name" '%s' "$value"
+    export "${name?}"
+  done
+}
+
+# A Docker engine answers (the client alone is not enough).
+docker_engine_up() {
+  command -v docker >/dev/null && timeout 15 docker info >/dev/null 2>&1
+}
+
+# COMPOSE: the Compose command line of this stack: the plugin (docker compose) when there is
+# one, else docker-compose; the project name, the env file when it exists, both files.
+COMPOSE_PROJECT=spicy-avocado
+set_compose() {
+  if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
+  elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
+  else die "a Docker engine answers but Compose is missing: install the compose plugin (docker-compose-plugin) or docker-compose, or run with --native"
+  fi
+  COMPOSE+=(-p "$COMPOSE_PROJECT")
+  [ ! -f "$ENV_FILE" ] || COMPOSE+=(--env-file "$ENV_FILE")
+  COMPOSE+=(-f "$ROOT/docker/docker-compose.yml" -f "$ROOT/docker/docker-compose.ml.yml")
+}
+
+# Containers of the stack, running or not.
+compose_containers() {
+  docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT"
+}
+
+# The compose services of each --only part.
+compose_services() { # part
+  case "$1" in
+    services) echo rabbitmq redis postgres ;;
+    ollama) echo ollama ollama-pull ;;
+    worker | beat | flower) echo "$1" ;;
+    *) die "unknown part '$1' (parts: services,ollama,worker,beat,flower)" ;;
+  esac
 }

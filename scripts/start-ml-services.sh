@@ -1,44 +1,148 @@
 #!/usr/bin/env bash
-# Bring up the fleet on this machine: services, Ollama (real or simulated), a worker, beat, Flower.
-# Idempotent: what already runs is left alone. scripts/stop-ml-services.sh stops what this started.
+# Bring up the fleet: services, Ollama (real or simulated), workers, beat, Flower. In Docker
+# (the compose stack in docker/) when a Docker engine answers, else as processes on this
+# machine. Idempotent: what already runs is left alone. scripts/stop-ml-services.sh stops it.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
+
+ALL_PARTS=services,ollama,worker,beat,flower
 
 usage() {
   cat <<USAGE
-usage: scripts/start-ml-services.sh [--simulate] [--concurrency N]
+usage: scripts/start-ml-services.sh [--native | --docker] [--simulate] [--workers N]
+                                    [--concurrency N] [--only PARTS]
 
-  --simulate       run the built-in Ollama simulator instead of a real Ollama
-  --concurrency N  worker processes (default: 1, one LLM job at a time per GPU)
+  --docker         the compose stack in docker/ (the default when 'docker info' answers)
+  --native         processes on this machine (the default without a Docker engine)
+  --simulate       run the built-in Ollama simulator instead of a real Ollama (native only)
+  --workers N      worker nodes (native) or worker containers (Docker); default 1
+  --concurrency N  processes per worker (default 1: one LLM job at a time per GPU)
+  --only PARTS     start only these parts, a comma list of $ALL_PARTS
+                   (in Docker, what they depend on starts too)
 
-Ollama: a server answering at \$AVOCADO_OLLAMA_URL (default http://127.0.0.1:11434) is used;
-else an installed 'ollama' binary is started; else use --simulate.
+Settings come from the environment, then .env (see .env.example).
+Native Ollama: a server answering at \$AVOCADO_OLLAMA_URL (default http://127.0.0.1:11434) is
+used; else an installed 'ollama' binary is started; else use --simulate.
 USAGE
 }
 
+load_env_file AVOCADO_RUN_DIR AVOCADO_OLLAMA_URL AVOCADO_DEFAULT_MODEL AVOCADO_FLOWER_PORT \
+  AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_WORKER_CONCURRENCY \
+  AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS
+
+MODE=auto
 SIMULATE=0
+WORKERS="${AVOCADO_WORKERS:-1}"
 CONCURRENCY="${AVOCADO_WORKER_CONCURRENCY:-1}"
+ONLY=$ALL_PARTS
 while [ $# -gt 0 ]; do
   case "$1" in
     --simulate) SIMULATE=1 ;;
+    --native) MODE=native ;;
+    --docker) MODE=docker ;;
+    --workers) WORKERS="${2:?--workers needs a number}"; shift ;;
     --concurrency) CONCURRENCY="${2:?--concurrency needs a number}"; shift ;;
+    --only) ONLY="${2:?--only needs a comma list of parts: $ALL_PARTS}"; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
   shift
 done
+[[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers needs a whole number of at least 1, not '$WORKERS'"
+[[ $CONCURRENCY =~ ^[1-9][0-9]*$ ]] || die "--concurrency needs a whole number of at least 1, not '$CONCURRENCY'"
+for part in ${ONLY//,/ }; do compose_services "$part" >/dev/null; done
+has_part() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+if [ "$MODE" = auto ]; then
+  # The simulator is a process of this machine; otherwise Docker wins when it is there.
+  if [ "$SIMULATE" = 0 ] && docker_engine_up; then MODE=docker; else MODE=native; fi
+fi
 
 RUN="${AVOCADO_RUN_DIR:-$ROOT/run}"
-OLLAMA_URL="${AVOCADO_OLLAMA_URL:-http://127.0.0.1:11434}"
 FLOWER_PORT="${AVOCADO_FLOWER_PORT:-5555}"
+METRICS_PORT="${AVOCADO_METRICS_PORT:-9808}"
 mkdir -p "$RUN"
 cd "$ROOT"
 
-ensure_venv
-ensure_services
-export PATH="$VENV/bin:$PATH"
-export AVOCADO_OLLAMA_URL="$OLLAMA_URL"
+# ---------------------------------------------------------------------------------- Docker
+start_docker() {
+  [ "$SIMULATE" = 0 ] || die "--simulate runs the Ollama simulator on this machine: use it with --native"
+  docker_engine_up || die "--docker: no Docker engine answers ('docker info' failed): start Docker, or run with --native"
+  load_env_file RABBITMQ_DEFAULT_USER RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD
+  local name
+  for name in RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD AVOCADO_FLOWER_PASSWORD; do
+    case "${!name:-}" in
+      "") die "$name is not set: copy .env.example to .env and set it (or export it)" ;;
+      change-me*) die "$name is still the placeholder of .env.example: set a real secret in $ENV_FILE" ;;
+    esac
+  done
+  set_compose
+  export AVOCADO_WORKER_CONCURRENCY="$CONCURRENCY"
 
+  local services=() names=() part up=(up -d --build --remove-orphans)
+  for part in ${ONLY//,/ }; do
+    read -ra names <<<"$(compose_services "$part")"
+    services+=("${names[@]}")
+  done
+  if has_part worker; then up+=(--scale "worker=$WORKERS"); fi
+  say "building and starting the Docker stack (log: $RUN/compose-up.log)"
+  if ! "${COMPOSE[@]}" "${up[@]}" "${services[@]}" >"$RUN/compose-up.log" 2>&1; then
+    tail -n 30 "$RUN/compose-up.log" >&2
+    die "docker compose up failed; the whole output is in $RUN/compose-up.log"
+  fi
+  wait_docker_healthy 600
+
+  local host=${AVOCADO_PUBLISH_ADDRESS:-127.0.0.1}
+  [ "$host" != 0.0.0.0 ] || host=127.0.0.1
+  say "Spicy Avocado stack is up (Docker, project $COMPOSE_PROJECT)."
+  if has_part services || has_part worker || has_part beat || has_part flower; then
+    say "  RabbitMQ:   amqp://$host:5672//  management http://$host:15672  (user ${RABBITMQ_DEFAULT_USER:-avocado})"
+    say "  Redis:      redis://$host:6379/0"
+  fi
+  if has_part services || has_part worker; then
+    say "  PostgreSQL: postgresql://avocado@$host:5432/avocado  (ml_results)"
+  fi
+  if has_part ollama || has_part worker; then say "  Ollama:     http://$host:11434"; fi
+  if has_part worker; then
+    say "  workers:    $WORKERS container(s) x concurrency $CONCURRENCY; Prometheus /metrics on port $METRICS_PORT inside the stack's network"
+  fi
+  if has_part flower; then
+    say "  Flower:     http://$host:$FLOWER_PORT  (user ${AVOCADO_FLOWER_USER:-avocado}, password AVOCADO_FLOWER_PASSWORD); Prometheus /metrics"
+  fi
+  cat <<DONE
+  Compose:    ${COMPOSE[*]} ps   (or logs -f worker)
+  Producers on this host: set AVOCADO_BROKER_URL, AVOCADO_REDIS_URL and AVOCADO_DATABASE_URL
+  to the addresses above with the passwords of $ENV_FILE (see .env.example).
+
+Stop everything: scripts/stop-ml-services.sh
+DONE
+}
+
+# Until every container of the stack is healthy (or a one-shot exited 0); loud on the first
+# that is unhealthy or failed.
+wait_docker_healthy() { # seconds
+  local deadline=$((SECONDS + $1)) id service state health code pending bad
+  while :; do
+    pending="" bad=""
+    for id in $(compose_containers); do
+      read -r service state health code <<<"$(docker inspect -f \
+        '{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.ExitCode}}' "$id")"
+      case "$state/$health" in
+        running/healthy | running/none) ;;
+        exited/*) [ "$code" = 0 ] || bad="$service exited with status $code" ;;
+        */unhealthy) bad="$service is unhealthy" ;;
+        *) pending="$pending $service" ;;
+      esac
+      [ -z "$bad" ] || die "$bad; see: ${COMPOSE[*]} logs $service"
+    done
+    [ -n "$pending" ] || return 0
+    [ "$SECONDS" -lt "$deadline" ] || die "not healthy within $1 s:$pending; see: ${COMPOSE[*]} ps"
+    sleep 2
+  done
+}
+
+# ---------------------------------------------------------------------------------- native
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 # Start a command in its own session (so stop can end its whole process group).
@@ -61,45 +165,128 @@ wait_until() { # seconds what command...
 ollama_up() {
   "$VENV/bin/python" -c "import httpx, sys; httpx.get(sys.argv[1] + '/api/version', timeout=2).raise_for_status()" "$OLLAMA_URL" >/dev/null 2>&1
 }
-hostport=${OLLAMA_URL#*://}; hostport=${hostport%%/*}
-OLLAMA_HOST_ONLY=${hostport%:*}; OLLAMA_PORT=${hostport##*:}
 
-if [ "$SIMULATE" = 1 ]; then
-  if ! running ollama-sim && ollama_up; then
-    die "something already answers at $OLLAMA_URL; stop it, or drop --simulate to use it"
+# FLOWER_USER and FLOWER_PASSWORD: AVOCADO_FLOWER_PASSWORD when set, else the random one kept
+# in $RUN/flower.credentials (made once, mode 0600). The password is never printed.
+flower_credentials() {
+  local file="$RUN/flower.credentials"
+  FLOWER_USER="${AVOCADO_FLOWER_USER:-avocado}"
+  if [ -n "${AVOCADO_FLOWER_PASSWORD:-}" ]; then
+    FLOWER_PASSWORD=$AVOCADO_FLOWER_PASSWORD
+    FLOWER_PASSWORD_FROM="AVOCADO_FLOWER_PASSWORD"
+  else
+    if ! FLOWER_PASSWORD=$(env_file_value "$file" AVOCADO_FLOWER_PASSWORD) || [ -z "$FLOWER_PASSWORD" ]; then
+      FLOWER_PASSWORD=$("$VENV/bin/python" -c "import secrets; print(secrets.token_urlsafe(24))")
+      (
+        umask 077
+        printf '# Flower basic auth of the native fleet, made by scripts/start-ml-services.sh\n' >"$file"
+        printf 'AVOCADO_FLOWER_USER=%s\nAVOCADO_FLOWER_PASSWORD=%s\n' "$FLOWER_USER" "$FLOWER_PASSWORD" >>"$file"
+      )
+    fi
+    FLOWER_USER=$(env_file_value "$file" AVOCADO_FLOWER_USER || echo "$FLOWER_USER")
+    chmod 600 "$file"
+    FLOWER_PASSWORD_FROM=$file
   fi
-  start_bg ollama-sim avocado-ollama-sim --host "$OLLAMA_HOST_ONLY" --port "$OLLAMA_PORT" \
-    --models "${AVOCADO_DEFAULT_MODEL:-llama3.2:1b}"
-  wait_until 30 "the Ollama simulator" ollama_up
-  OLLAMA_KIND="simulator"
-elif ollama_up; then
-  OLLAMA_KIND="Ollama (already running)"
-elif command -v ollama >/dev/null; then
-  OLLAMA_HOST="$hostport" start_bg ollama ollama serve
-  wait_until 60 "ollama serve" ollama_up
-  OLLAMA_KIND="Ollama (started here)"
-else
-  die "no Ollama answers at $OLLAMA_URL and no 'ollama' binary is installed.
+  [[ $FLOWER_USER != *[:,]* ]] || die "AVOCADO_FLOWER_USER must not contain ':' or ','"
+  [[ $FLOWER_PASSWORD != *,* ]] || die "AVOCADO_FLOWER_PASSWORD must not contain ','"
+}
+
+flower_check() {
+  FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD" "$VENV/bin/python" \
+    "$ROOT/docker/healthcheck.py" flower "http://127.0.0.1:$FLOWER_PORT/" 2>&1
+}
+
+# Flower answers its dashboard to our credentials; one that refuses them (started earlier
+# with another password) is reported at once.
+wait_flower() {
+  local i problem=""
+  for ((i = 0; i < 60 * 4; i++)); do
+    problem=$(flower_check) && return 0
+    if [[ $problem == *"refused the credentials"* ]]; then
+      die "Flower on port $FLOWER_PORT refuses the credentials from $FLOWER_PASSWORD_FROM (it runs with others): restart it with scripts/stop-ml-services.sh --native --only flower, then start again"
+    fi
+    sleep 0.25
+  done
+  die "Flower did not become healthy within 60s (${problem#unhealthy: }); see its log in $RUN"
+}
+
+start_native() {
+  ensure_venv
+  if has_part services; then ensure_services; fi
+  export PATH="$VENV/bin:$PATH"
+  OLLAMA_URL="${AVOCADO_OLLAMA_URL:-http://127.0.0.1:11434}"
+  export AVOCADO_OLLAMA_URL="$OLLAMA_URL"
+  local hostport=${OLLAMA_URL#*://} ollama_kind="" host_name nodes=() i node
+  hostport=${hostport%%/*}
+  local ollama_host_only=${hostport%:*} ollama_port=${hostport##*:}
+
+  if ! has_part ollama; then
+    :
+  elif [ "$SIMULATE" = 1 ]; then
+    if ! running ollama-sim && ollama_up; then
+      die "something already answers at $OLLAMA_URL; stop it, or drop --simulate to use it"
+    fi
+    start_bg ollama-sim avocado-ollama-sim --host "$ollama_host_only" --port "$ollama_port" \
+      --models "${AVOCADO_DEFAULT_MODEL:-llama3.2:1b}"
+    wait_until 30 "the Ollama simulator" ollama_up
+    ollama_kind="simulator"
+  elif ollama_up; then
+    ollama_kind="Ollama (already running)"
+  elif command -v ollama >/dev/null; then
+    OLLAMA_HOST="$hostport" start_bg ollama ollama serve
+    wait_until 60 "ollama serve" ollama_up
+    ollama_kind="Ollama (started here)"
+  else
+    die "no Ollama answers at $OLLAMA_URL and no 'ollama' binary is installed.
   Either install Ollama (https://ollama.com/download) and run this again,
   or point AVOCADO_OLLAMA_URL at a running Ollama,
   or run: scripts/start-ml-services.sh --simulate   (built-in simulator, no GPU needed)"
-fi
+  fi
 
-NODE="worker1@$(hostname)"
-start_bg worker celery -A ollama_worker worker --loglevel INFO --hostname "$NODE" \
-  --concurrency "$CONCURRENCY"
-start_bg beat celery -A ollama_worker beat --loglevel INFO --schedule "$RUN/beat-schedule"
-start_bg flower celery -A ollama_worker flower --address=127.0.0.1 --port="$FLOWER_PORT"
+  host_name=$(hostname)
+  if has_part worker; then
+    for ((i = 1; i <= WORKERS; i++)); do
+      node="worker$i@$host_name"
+      nodes+=("$node")
+      # One metrics port per node: they share this host.
+      local port=$((METRICS_PORT == 0 ? 0 : METRICS_PORT + i - 1))
+      AVOCADO_METRICS_PORT=$port start_bg "worker$i" celery -A ollama_worker worker \
+        --loglevel INFO --hostname "$node" --concurrency "$CONCURRENCY"
+    done
+  fi
+  if has_part beat; then
+    start_bg beat celery -A ollama_worker beat --loglevel INFO --schedule "$RUN/beat-schedule"
+  fi
+  if has_part flower; then
+    flower_credentials
+    # Flower's --basic-auth, through its environment so that it is not in the process list.
+    FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD" start_bg flower \
+      celery -A ollama_worker flower --address=127.0.0.1 --port="$FLOWER_PORT"
+  fi
 
-wait_until 90 "the worker $NODE" celery -A ollama_worker inspect ping --destination "$NODE" --timeout 2
-wait_until 30 "celery beat" grep -q "beat: Starting" "$RUN/beat.log"
-wait_until 60 "Flower" "$VENV/bin/python" -c "import httpx; httpx.get('http://127.0.0.1:$FLOWER_PORT/healthcheck', timeout=2).raise_for_status()"
+  for node in "${nodes[@]}"; do
+    wait_until 90 "the worker $node" celery -A ollama_worker inspect ping --destination "$node" --timeout 2
+  done
+  if has_part beat; then wait_until 30 "celery beat" grep -q "beat: Starting" "$RUN/beat.log"; fi
+  if has_part flower; then
+    wait_flower
+    # A password given now replaces one made earlier: the file would only mislead.
+    [ "$FLOWER_PASSWORD_FROM" != AVOCADO_FLOWER_PASSWORD ] || rm -f "$RUN/flower.credentials"
+  fi
 
-cat <<DONE
-Spicy Avocado fleet is up.
-  Ollama:  $OLLAMA_URL ($OLLAMA_KIND)
-  worker:  $NODE, concurrency $CONCURRENCY
-  Flower:  http://127.0.0.1:$FLOWER_PORT
+  say "Spicy Avocado fleet is up."
+  if [ -n "$ollama_kind" ]; then say "  Ollama:  $OLLAMA_URL ($ollama_kind)"; fi
+  if has_part worker; then
+    local metrics="Prometheus /metrics on 127.0.0.1:$METRICS_PORT"
+    [ "$WORKERS" = 1 ] || metrics="$metrics-$((METRICS_PORT + WORKERS - 1)), one port per worker"
+    [ "$METRICS_PORT" != 0 ] || metrics="metrics off"
+    say "  workers: ${nodes[*]}, concurrency $CONCURRENCY; $metrics"
+  fi
+  if has_part beat; then say "  beat:    re-announces endpoints"; fi
+  if has_part flower; then
+    say "  Flower:  http://127.0.0.1:$FLOWER_PORT  (user $FLOWER_USER, password from $FLOWER_PASSWORD_FROM); Prometheus /metrics"
+  fi
+  cat <<DONE
   logs and pid files: $RUN
 
 Submit a job:
@@ -109,3 +296,6 @@ Submit a job:
 
 Stop everything: scripts/stop-ml-services.sh
 DONE
+}
+
+if [ "$MODE" = docker ]; then start_docker; else start_native; fi

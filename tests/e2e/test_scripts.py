@@ -1,18 +1,27 @@
-"""The README's start command, as a user runs it: fleet up, jobs through RabbitMQ, fleet down."""
+"""The README's start command, as a user runs it: fleet up, jobs through RabbitMQ, Flower
+behind basic auth, fleet down; and the Docker path, driven against a stand-in ``docker``."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from tests.services import run_cli, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
+START = ROOT / "scripts/start-ml-services.sh"
+STOP = ROOT / "scripts/stop-ml-services.sh"
 
 
 def _free_port() -> int:
@@ -45,6 +54,25 @@ def _group_members(pids: list[int]) -> list[int]:
     return members
 
 
+def _command_lines(pids: list[int]) -> str:
+    """The argv of every process in these process groups, as ``ps`` shows them to anyone."""
+    lines = []
+    for pid in _group_members(pids):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return "\n".join(lines)
+
+
+def _run(
+    script: Path, env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [script, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 @pytest.fixture
 def fleet_env(broker_url: str, key_prefix: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     env = service_env(
@@ -54,59 +82,273 @@ def fleet_env(broker_url: str, key_prefix: str, tmp_path: Path) -> Iterator[dict
         AVOCADO_VENV=str(Path(sys.executable).parent.parent),
         AVOCADO_OLLAMA_URL=f"http://127.0.0.1:{_free_port()}",
         AVOCADO_FLOWER_PORT=str(_free_port()),
+        AVOCADO_METRICS_PORT="0",
+        # The scripts read no .env of the developer's.
+        AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),
     )
     yield env
-    subprocess.run([ROOT / "scripts/stop-ml-services.sh"], env=env, timeout=120, check=False)
+    subprocess.run([STOP, "--native"], env=env, timeout=180, check=False)
+
+
+def _flower(env: dict[str, str], path: str, auth: tuple[str, str] | None) -> httpx.Response:
+    url = f"http://127.0.0.1:{env['AVOCADO_FLOWER_PORT']}{path}"
+    return httpx.get(url, auth=auth, timeout=10)
+
+
+def _credentials(run_dir: Path) -> tuple[str, str]:
+    lines = dict(
+        line.split("=", 1)
+        for line in (run_dir / "flower.credentials").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    return lines["AVOCADO_FLOWER_USER"], lines["AVOCADO_FLOWER_PASSWORD"]
 
 
 def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, str]) -> None:
     run_dir = Path(fleet_env["AVOCADO_RUN_DIR"])
-    start = [ROOT / "scripts/start-ml-services.sh", "--simulate"]
 
-    up = subprocess.run(start, env=fleet_env, capture_output=True, text=True, timeout=300)
-    again = subprocess.run(start, env=fleet_env, capture_output=True, text=True, timeout=300)
+    up = _run(START, fleet_env, "--simulate", "--workers", "2")
+    again = _run(START, fleet_env, "--simulate", "--workers", "2")
 
     assert up.returncode == 0, up.stderr + up.stdout
     assert "fleet is up" in up.stdout
     assert f"http://127.0.0.1:{fleet_env['AVOCADO_FLOWER_PORT']}" in up.stdout
+    assert re.search(r"workers: worker1@\S+ worker2@\S+, concurrency 1", up.stdout), up.stdout
     assert again.returncode == 0, again.stderr
-    assert "worker already running" in again.stdout
-    assert sorted(_ours(run_dir)) == ["beat", "flower", "ollama-sim", "worker"]
+    assert "worker1 already running" in again.stdout
+    assert "worker2 already running" in again.stdout
+    assert sorted(_ours(run_dir)) == ["beat", "flower", "ollama-sim", "worker1", "worker2"]
     pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
 
     gen = run_cli(fleet_env, "generate", "Why is the sky blue?", "--wait")
     summ = run_cli(fleet_env, "summarize", "--share-id", "demo-1", "--text", "Sky.", "--wait")
 
     assert gen.returncode == 0, gen.stderr
-    assert "on worker1@" in gen.stderr
+    assert re.search(r"on worker[12]@", gen.stderr), gen.stderr
     assert summ.returncode == 0, summ.stderr
     assert summ.stdout.strip()
 
-    down = subprocess.run(
-        [ROOT / "scripts/stop-ml-services.sh"],
-        env=fleet_env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    down = _run(STOP, fleet_env, timeout=180)
 
     assert down.returncode == 0, down.stderr
     assert _ours(run_dir) == []
     assert _group_members(pids) == []
 
 
+def test_flower_needs_the_generated_credentials(fleet_env: dict[str, str]) -> None:
+    """Without AVOCADO_FLOWER_PASSWORD the start script makes one, keeps it in a 0600 file,
+    says where, and never shows it: not in its output, a log or a command line."""
+    run_dir = Path(fleet_env["AVOCADO_RUN_DIR"])
+
+    up = _run(START, fleet_env, "--simulate")
+    assert up.returncode == 0, up.stderr + up.stdout
+    user, password = _credentials(run_dir)
+    again = _run(START, fleet_env, "--simulate")
+    pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
+
+    assert user == "avocado"
+    assert len(password) >= 24
+    assert stat.S_IMODE((run_dir / "flower.credentials").stat().st_mode) == 0o600
+    assert f"password from {run_dir / 'flower.credentials'}" in up.stdout
+    assert again.returncode == 0, again.stderr
+    assert "flower already running" in again.stdout
+    assert _credentials(run_dir) == (user, password), "a second start keeps the password"
+    assert _flower(fleet_env, "/", (user, password)).status_code == 200
+    assert _flower(fleet_env, "/", None).status_code == 401
+    assert _flower(fleet_env, "/", (user, "not-the-password")).status_code == 401
+    assert _flower(fleet_env, "/api/workers", None).status_code == 401
+
+    metrics = _flower(fleet_env, "/metrics", (user, password))
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "# TYPE flower_worker_online gauge" in metrics.text
+    assert "# TYPE flower_events_total counter" in metrics.text
+    # Flower 2.2 serves /metrics and /healthcheck to anyone: the Docker stack publishes its
+    # port on loopback only, and the native fleet listens on 127.0.0.1.
+    assert _flower(fleet_env, "/metrics", None).status_code == 200
+    shown = up.stdout + up.stderr + again.stdout + again.stderr
+    shown += "".join(log.read_text(errors="replace") for log in run_dir.glob("*.log"))
+    shown += _command_lines(pids)
+    assert password not in shown
+
+
+def test_only_flower_with_a_given_password(fleet_env: dict[str, str]) -> None:
+    run_dir = Path(fleet_env["AVOCADO_RUN_DIR"])
+    env = {**fleet_env, "AVOCADO_FLOWER_USER": "ops", "AVOCADO_FLOWER_PASSWORD": "given-pw-7Qx"}
+
+    up = _run(START, env, "--native", "--only", "flower")
+    other_env = {**env, "AVOCADO_FLOWER_PASSWORD": "another-pw-9Zy"}
+    other = _run(START, other_env, "--native", "--only", "flower")
+
+    assert up.returncode == 0, up.stderr + up.stdout
+    assert _ours(run_dir) == ["flower"]
+    assert not (run_dir / "flower.credentials").exists()
+    assert "(user ops, password from AVOCADO_FLOWER_PASSWORD)" in up.stdout
+    assert "given-pw-7Qx" not in up.stdout + up.stderr
+    assert _flower(env, "/", ("ops", "given-pw-7Qx")).status_code == 200
+    assert _flower(env, "/", ("avocado", "given-pw-7Qx")).status_code == 401
+    assert other.returncode == 1
+    assert "refuses the credentials from AVOCADO_FLOWER_PASSWORD" in other.stderr
+    assert "another-pw-9Zy" not in other.stdout + other.stderr
+
+    down = _run(STOP, env, "--native", "--only", "flower")
+
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == "stopped flower"
+    assert _ours(run_dir) == []
+
+
 def test_start_without_ollama_says_what_to_do(fleet_env: dict[str, str]) -> None:
     env = {**fleet_env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}
 
-    done = subprocess.run(
-        [ROOT / "scripts/start-ml-services.sh"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run(START, env, "--native")
 
     assert done.returncode == 1
     assert "no Ollama answers at" in done.stderr
     assert "--simulate" in done.stderr
     assert not list(Path(fleet_env["AVOCADO_RUN_DIR"]).glob("*.pid"))
+
+
+# --------------------------------------------------------------------------- Docker path
+
+# A stand-in for the docker client: an engine that answers, Compose as a plugin, and a
+# stack whose containers report the health FAKE_DOCKER_HEALTH says. Every call is logged
+# with the environment Compose would interpolate.
+FAKE_DOCKER = """\
+import json, os, sys
+args = sys.argv[1:]
+state = os.environ["FAKE_DOCKER_STATE"]
+with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
+    seen = {k: v for k, v in os.environ.items()
+            if k.startswith(("AVOCADO_", "RABBITMQ_", "REDIS_", "POSTGRES_"))}
+    log.write(json.dumps({"args": args, "env": seen}) + "\\n")
+containers = {"c1": "rabbitmq running healthy 0", "c2": "ollama-pull exited none 0",
+              "c3": "worker running " + os.environ.get("FAKE_DOCKER_HEALTH", "healthy") + " 0"}
+if args[:1] == ["compose"] and "up" in args:
+    open(state, "w").close()
+if args[:1] == ["compose"] and "down" in args and os.path.exists(state):
+    os.remove(state)
+if args[:2] == ["ps", "-aq"] and os.path.exists(state):
+    print("\\n".join(containers))
+if args[:1] == ["inspect"]:
+    print(containers[args[-1]])
+"""
+
+DOCKER_SECRETS = {
+    "RABBITMQ_DEFAULT_PASS": "rabbit-pw-e2e",
+    "REDIS_PASSWORD": "redis-pw-e2e",
+    "POSTGRES_PASSWORD": "postgres-pw-e2e",
+    "AVOCADO_FLOWER_PASSWORD": "flower-pw-e2e",
+}
+
+
+@pytest.fixture
+def docker_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose ``docker`` is the stand-in, and no .env."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "docker"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVOCADO_")}
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        FAKE_DOCKER_LOG=str(tmp_path / "docker.log"),
+        FAKE_DOCKER_STATE=str(tmp_path / "stack-up"),
+        AVOCADO_RUN_DIR=str(tmp_path / "run"),
+        AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),
+    )
+    return env
+
+
+def _docker_calls(env: dict[str, str]) -> list[dict[str, Any]]:
+    log = Path(env["FAKE_DOCKER_LOG"])
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _compose_calls(env: dict[str, str], verb: str) -> list[dict[str, Any]]:
+    return [
+        call
+        for call in _docker_calls(env)
+        if call["args"][:1] == ["compose"] and verb in call["args"]
+    ]
+
+
+def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str, str]) -> None:
+    env = {**docker_env, **DOCKER_SECRETS}
+
+    up = _run(START, env, "--workers", "3", "--concurrency", "2", timeout=60)
+
+    assert up.returncode == 0, up.stderr + up.stdout
+    assert "stack is up (Docker, project spicy-avocado)" in up.stdout
+    assert "3 container(s) x concurrency 2" in up.stdout
+    assert "Flower:     http://127.0.0.1:5555" in up.stdout
+    [call] = _compose_calls(env, "up")
+    args = call["args"]
+    assert args[:3] == ["compose", "-p", "spicy-avocado"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "-f"] == [
+        str(ROOT / "docker/docker-compose.yml"),
+        str(ROOT / "docker/docker-compose.ml.yml"),
+    ]
+    assert args[args.index("up") :][:3] == ["up", "-d", "--build"]
+    assert "--scale" in args
+    assert args[args.index("--scale") + 1] == "worker=3"
+    assert call["env"]["AVOCADO_WORKER_CONCURRENCY"] == "2"
+    for secret in DOCKER_SECRETS.values():
+        assert secret not in up.stdout + up.stderr
+
+    # Stopping needs no secret: Compose only has to read the files.
+    down = _run(STOP, docker_env, timeout=60)
+
+    assert down.returncode == 0, down.stderr
+    assert "stopped the Docker stack" in down.stdout
+    [call] = _compose_calls(env, "down")
+    assert call["args"][-2:] == ["down", "--remove-orphans"]
+
+
+def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
+    env = {**docker_env, **DOCKER_SECRETS}
+
+    up = _run(START, env, "--docker", "--only", "services,flower", timeout=60)
+
+    assert up.returncode == 0, up.stderr
+    [call] = _compose_calls(env, "up")
+    assert call["args"][-4:] == ["rabbitmq", "redis", "postgres", "flower"]
+    assert "--scale" not in call["args"]
+    assert "Flower:" in up.stdout
+    assert "workers:" not in up.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "message"),
+    [
+        ({"REDIS_PASSWORD": ""}, [], "REDIS_PASSWORD is not set"),
+        ({"POSTGRES_PASSWORD": "change-me-postgres"}, [], "POSTGRES_PASSWORD is still the"),
+        ({}, ["--docker", "--simulate"], "use it with --native"),
+        ({"FAKE_DOCKER_HEALTH": "unhealthy"}, [], "worker is unhealthy"),
+        ({}, ["--only", "worker,gpu"], "unknown part 'gpu'"),
+        ({}, ["--workers", "0"], "--workers needs a whole number"),
+    ],
+    ids=["missing-secret", "placeholder", "simulate", "unhealthy", "bad-part", "no-workers"],
+)
+def test_docker_path_refuses_loudly(
+    docker_env: dict[str, str], change: dict[str, str], args: list[str], message: str
+) -> None:
+    env = {**docker_env, **DOCKER_SECRETS, **change}
+
+    done = _run(START, env, *args, timeout=60)
+
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert "stack is up" not in done.stdout
+
+
+def test_without_a_docker_engine_docker_is_refused(docker_env: dict[str, str]) -> None:
+    env = {**docker_env, **DOCKER_SECRETS, "PATH": "/usr/bin:/bin"}
+
+    done = _run(START, env, "--docker", timeout=60)
+
+    assert done.returncode == 1
+    assert "no Docker engine answers" in done.stderr

@@ -35,7 +35,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"confirm_publish": True},
-        "broker_pool_limit": 4,
+        "broker_pool_limit": 10,  # Flower holds two per broadcast and runs several at once
         "task_publish_retry": True,
         "task_publish_retry_policy": {
             "max_retries": 3,
