@@ -138,10 +138,14 @@ class WorkerFactory:
         self.started: list[WorkerProcess] = []
 
     def _ping(self, name: str) -> bool:
+        """On a connection of its own: pooled ones may be stale after RabbitMQ restarted."""
+        app = self.producer.app
         try:
-            return bool(self.producer.app.control.ping(destination=[name], timeout=0.5))
-        except (OSError, OperationalError):  # a pooled connection RabbitMQ's restart broke
-            self.producer.app.pool.force_close_all()
+            with app.connection_for_write() as connection:
+                return bool(
+                    app.control.ping(destination=[name], timeout=0.5, connection=connection)
+                )
+        except (OSError, OperationalError):
             return False
 
     def __call__(self, ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:

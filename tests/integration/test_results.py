@@ -8,14 +8,19 @@ from __future__ import annotations
 import json
 import uuid
 
-from avocado_shared import JobFailed, JobStatus, Producer, ResultStore
+from avocado_shared import JobFailed, JobStatus, Producer, ResultRow, ResultStore
 from avocado_shared.store import SCHEMA_VERSION
 from avocado_shared.topology import GENERATE_TASK
 from ollama_worker.testing import OllamaSimulator
 from tests.conftest import PG_FAKE_PASSWORD, WorkerFactory
-from tests.services import run_cli, service_env
+from tests.services import run_cli, service_env, wait_for
 
 WAIT = 60
+
+
+def _ended(store: ResultStore, job_id: str) -> ResultRow | None:
+    row = store.get(job_id)
+    return row if row is not None and row.status is JobStatus.FAILURE else None
 
 
 def test_results_are_stored_and_read_back(
@@ -78,14 +83,13 @@ def test_results_are_stored_and_read_back(
     assert summary.result["summary"] == second.summary
     assert store.get(first.job_id) is None
 
-    failed = store.get(rejected.id)
-    assert failed is not None
+    # Celery publishes a failure before the task's on_failure hook writes its row.
+    failed = wait_for(lambda: _ended(store, rejected.id), timeout=WAIT, what="the failure row")
     assert failed.status is JobStatus.FAILURE
     assert failed.error is not None
     assert failed.error.startswith("OllamaRejected: ollama answered 400")
     assert failed.attempts == 1
-    bad = store.get(invalid.id)
-    assert bad is not None
+    bad = wait_for(lambda: _ended(store, invalid.id), timeout=WAIT, what="the invalid job's row")
     assert (bad.status, bad.attempts) == (JobStatus.FAILURE, 1)
     assert bad.error is not None
     assert bad.error.startswith("InvalidPayload: ")

@@ -88,9 +88,13 @@ def up_process(up_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], 
     try:
         yield process, lines
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+        if process.poll() is None:  # a failed test: leave the fleet as a user would
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
 
 
 def test_up_joins_the_fleet_and_an_interrupt_leaves_it_with_nothing_behind(
