@@ -1,0 +1,86 @@
+"""Bare Celery, the dispatch baseline: a no-op task on the fleet's broker, queue type and backend.
+
+It keeps what every job queue on this stack pays for: RabbitMQ publisher confirms, persistent
+delivery to a quorum queue, late acks and prefetch 1, JSON, the Redis result backend under a
+key prefix. It drops what the fleet adds on top: task events, the STARTED state, extended
+results, locks and ``ml_results``. ``BENCH_NOOP_FLEET_CONFIG=1`` keeps the fleet's whole
+Celery configuration instead, to tell Celery settings apart from the fleet's own code.
+
+``celery -A bench.noop_app worker`` reads the ``AVOCADO_*`` variables, like the fleet's worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Exchange, Queue
+
+from avocado_shared.celery_config import celery_config
+from avocado_shared.settings import Settings
+from avocado_shared.topology import DEAD_LETTER_EXCHANGE
+
+__all__ = ["NOOP_TASK", "make_app", "noop_queue"]
+
+NOOP_TASK = "bench.noop"
+BENCH_EXCHANGE = Exchange("bench", type="topic", durable=True)
+
+# Fleet features: off in bare Celery.
+_FLEET_FEATURES: dict[str, Any] = {
+    "task_track_started": False,
+    "worker_send_task_events": False,
+    "task_send_sent_event": False,
+    "result_extended": False,
+}
+
+
+def noop_queue(fleet_config: bool, settings: Settings) -> Queue:
+    """A quorum queue with the job queues' arguments; one per variant, so both can run."""
+    name = "bench.noop.fleet-config" if fleet_config else "bench.noop"
+    return Queue(
+        name,
+        BENCH_EXCHANGE,
+        routing_key=name,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
+        },
+    )
+
+
+def make_app(settings: Settings, *, fleet_config: bool = False) -> Celery:
+    """The no-op app: the fleet's Celery configuration with its own queue and task."""
+    config = celery_config(settings)
+    queue = noop_queue(fleet_config, settings)
+    config.update(
+        {
+            "task_queues": (queue,),
+            "task_routes": {NOOP_TASK: {"queue": queue.name}},
+            "task_default_exchange": BENCH_EXCHANGE.name,
+            "task_default_queue": queue.name,
+            "task_annotations": {},
+        }
+    )
+    if not fleet_config:
+        config.update(_FLEET_FEATURES)
+    app = Celery("bench-noop", set_as_current=False)
+    app.config_from_object(config)
+
+    @app.task(name=NOOP_TASK, shared=False, acks_late=True, reject_on_worker_lost=True)
+    def noop(index: int = 0) -> dict[str, int]:
+        return {"index": index}
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``celery -A bench.noop_app`` asks for ``app``: made from the environment on demand."""
+    if name in ("app", "celery"):
+        fleet_config = os.environ.get("BENCH_NOOP_FLEET_CONFIG") == "1"
+        made = make_app(Settings(), fleet_config=fleet_config)
+        globals()["app"] = globals()["celery"] = made
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
