@@ -122,7 +122,6 @@ def start_worker(
     log_dir: Path,
     ping: Callable[[str], bool],
     *,
-    pool: str = "prefork",
     concurrency: int = 2,
     queues: str | None = None,
 ) -> WorkerProcess:
@@ -134,8 +133,6 @@ def start_worker(
         "-A",
         "ollama_worker",
         "worker",
-        "--pool",
-        pool,
         "--concurrency",
         str(concurrency),
         "--hostname",

@@ -62,11 +62,14 @@ def _pids(directory: Path) -> set[int]:
     return {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("counter_*.db")}
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_metrics_count_each_outcome_and_sum_over_the_pool(
-    producer: Producer, fresh_sim: OllamaSimulator, worker_factory: WorkerFactory
+    producer: Producer, fresh_sim: OllamaSimulator, worker_factory: WorkerFactory, pool: str
 ) -> None:
     port = _free_port()
-    worker = worker_factory(fresh_sim.url, concurrency=2, AVOCADO_METRICS_PORT=str(port))
+    worker = worker_factory(
+        fresh_sim.url, concurrency=2, AVOCADO_METRICS_PORT=str(port), AVOCADO_WORKER_POOL=pool
+    )
     url, directory = _endpoint(worker)
     assert url == f"http://127.0.0.1:{port}/metrics"
 
@@ -129,7 +132,10 @@ def test_metrics_count_each_outcome_and_sum_over_the_pool(
     assert _value(samples, "avocado_completion_tokens_total", **by_model) == sum(
         r.completion_tokens for r in results
     )
-    assert len(_pids(directory) - {worker.process.pid}) >= 2, "two pool processes counted"
+    if pool == "prefork":
+        assert len(_pids(directory) - {worker.process.pid}) >= 2, "two pool processes counted"
+    else:
+        assert _pids(directory) == {worker.process.pid}, "threads count in the main process"
 
     assert worker.stop() == 0
     assert not directory.exists(), "the multiprocess directory is removed at shutdown"

@@ -134,13 +134,17 @@ def test_model_that_may_not_be_pulled_fails_at_once(
     assert slow_sim.generation_calls == 0
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_job_past_its_soft_time_limit_fails_and_is_not_redelivered(
-    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, pool: str
 ) -> None:
+    # Prefork: Celery's soft limit or the Ollama client's deadline, whichever comes first;
+    # threads: the deadline alone (Celery enforces no time limit there).
     worker_factory(
         slow_sim.url,
         AVOCADO_GENERATE_SOFT_TIME_LIMIT_S="2",
         AVOCADO_GENERATE_TIME_LIMIT_S="5",
+        AVOCADO_WORKER_POOL=pool,
     )
     slow_sim.config.latency_ms = 10_000
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from ollama_worker.errors import PermanentError, TransientError
-from ollama_worker.ollama import ModelNotFound, OllamaClient, OllamaRejected, OllamaUnavailable
+from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
+from ollama_worker.ollama import (
+    DeadlinePassed,
+    ModelNotFound,
+    OllamaClient,
+    OllamaRejected,
+    OllamaUnavailable,
+)
 from ollama_worker.testing import OllamaSimulator, SimConfig
 
 
@@ -108,3 +115,62 @@ def test_a_stalled_stream_times_out_as_transient(sim: OllamaSimulator) -> None:
     sim.config.latency_ms = 2000
     with OllamaClient(sim.url, read_timeout=0.2) as client, pytest.raises(OllamaUnavailable):
         client.generate("llama3.2:1b", "hi")
+
+
+def test_a_deadline_stops_a_stream_that_keeps_answering(sim: OllamaSimulator) -> None:
+    # Each token comes well within the read timeout; only the deadline can end the call.
+    sim.config.tokens_per_s = 20
+    with OllamaClient(sim.url, read_timeout=5) as client:
+        with client.deadline(0.3), pytest.raises(DeadlinePassed) as caught:
+            client.generate("llama3.2:1b", "hi", options={"num_predict": 200})
+        assert isinstance(caught.value, JobTimedOut)
+        assert isinstance(caught.value, PermanentError), "an overrun is not retried"
+
+        sim.config.tokens_per_s = None
+        assert client.generate("llama3.2:1b", "hi").text, "the deadline ends with its block"
+
+
+def test_a_deadline_cuts_the_wait_for_a_silent_server(sim: OllamaSimulator) -> None:
+    sim.config.latency_ms = 3000
+    with (
+        OllamaClient(sim.url, read_timeout=5) as client,
+        client.deadline(0.3),
+        pytest.raises(DeadlinePassed),
+    ):
+        client.generate("llama3.2:1b", "hi")
+
+
+def test_a_deadline_cuts_the_wait_for_a_server_that_never_answers() -> None:
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()  # connections complete in the kernel; nothing is ever read or sent
+        url = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        with (
+            OllamaClient(url, read_timeout=30) as client,
+            client.deadline(0.3),
+            pytest.raises(DeadlinePassed),
+        ):
+            client.has_model("llama3.2:1b")
+        # Without a deadline the same silence is a read timeout: transient, retried.
+        with OllamaClient(url, read_timeout=0.3) as plain, pytest.raises(OllamaUnavailable):
+            plain.version()
+
+
+def test_a_spent_deadline_makes_no_request(sim: OllamaSimulator) -> None:
+    with OllamaClient(sim.url) as client, client.deadline(0), pytest.raises(DeadlinePassed):
+        client.generate("llama3.2:1b", "hi")
+    assert sim.generation_calls == 0
+
+
+def test_deadlines_belong_to_their_thread(sim: OllamaSimulator) -> None:
+    sim.config.tokens_per_s = 50
+    outcome: dict[str, object] = {}
+
+    def other() -> None:
+        outcome["text"] = client.generate("llama3.2:1b", "hi", options={"num_predict": 25}).text
+
+    with OllamaClient(sim.url) as client, client.deadline(0.05):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(str(outcome["text"]).split()) == 25

@@ -31,6 +31,7 @@ app.conf.beat_schedule = {
         "options": {"expires": settings.announce_interval_s},
     }
 }
+app.conf.worker_pool = settings.worker_pool
 # Poison messages go to ml.dlx with their reason instead of being dropped or crashing the worker.
 app.conf.worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"
 

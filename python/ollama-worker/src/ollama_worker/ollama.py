@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from ollama_worker.errors import PermanentError, TransientError
+from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 
 __all__ = [
     "Completion",
+    "DeadlinePassed",
     "ModelNotFound",
     "OllamaClient",
     "OllamaRejected",
@@ -20,6 +24,9 @@ __all__ = [
 ]
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+
+# When the running job must be done (time.monotonic()), per thread: a pool thread runs one job.
+_DEADLINE: ContextVar[float | None] = ContextVar("ollama_deadline", default=None)
 
 
 class OllamaUnavailable(TransientError):
@@ -32,6 +39,36 @@ class OllamaRejected(PermanentError):
 
 class ModelNotFound(PermanentError):
     """The model is not on this host and may not, or could not, be pulled."""
+
+
+class DeadlinePassed(JobTimedOut):
+    """The job's time limit came while it waited on Ollama (see ``OllamaClient.deadline``)."""
+
+
+def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
+    """``timeout`` cut down to what is left of this thread's deadline, if it has one."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlinePassed("the time limit came before the call to Ollama")
+
+    def cut(value: float | None) -> float:
+        return left if value is None else min(value, left)
+
+    return httpx.Timeout(
+        connect=cut(timeout.connect),
+        read=cut(timeout.read),
+        write=cut(timeout.write),
+        pool=cut(timeout.pool),
+    )
+
+
+def _check_deadline() -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlinePassed("the time limit came while Ollama was still answering")
 
 
 @dataclass(frozen=True)
@@ -145,6 +182,17 @@ class OllamaClient:
         """Close the pooled connections."""
         self._http.close()
 
+    @contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """Make every call in this block, in this thread, end within ``seconds`` or raise
+        ``DeadlinePassed``: a job's time limit that holds in any pool, including the threads
+        pool, where Celery enforces none, and a stalled stream cannot hold its slot."""
+        token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+        try:
+            yield
+        finally:
+            _DEADLINE.reset(token)
+
     def __enter__(self) -> OllamaClient:
         return self
 
@@ -153,8 +201,10 @@ class OllamaClient:
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            response = self._http.request(method, path, json=body)
+            timeout = _bounded(self._http.timeout)
+            response = self._http.request(method, path, json=body, timeout=timeout)
         except httpx.TransportError as error:
+            _check_deadline()
             raise OllamaUnavailable(f"ollama at {self.base_url}: {error!r}") from error
         model = body.get("model") if isinstance(body, dict) else None
         _raise_for_status(response, model)
@@ -165,13 +215,13 @@ class OllamaClient:
     ) -> Iterator[dict[str, Any]]:
         """POST and yield each NDJSON chunk; an ``error`` chunk mid-stream is raised."""
         try:
-            with self._http.stream(
-                "POST", path, json=body, timeout=timeout or self._http.timeout
-            ) as response:
+            bounded = _bounded(timeout or self._http.timeout)
+            with self._http.stream("POST", path, json=body, timeout=bounded) as response:
                 if response.status_code >= 400:
                     response.read()
                     _raise_for_status(response, body.get("model"))
                 for line in response.iter_lines():
+                    _check_deadline()
                     if not line.strip():
                         continue
                     chunk = json.loads(line)
@@ -179,6 +229,7 @@ class OllamaClient:
                         raise OllamaUnavailable(f"ollama failed mid-stream: {chunk['error']}")
                     yield chunk
         except httpx.TransportError as error:
+            _check_deadline()
             raise OllamaUnavailable(f"ollama at {self.base_url}: {error!r}") from error
 
     def version(self) -> str:

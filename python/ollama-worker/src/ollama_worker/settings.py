@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 
@@ -27,6 +28,11 @@ class WorkerSettings(Settings):
     retry_max: int = Field(default=5, ge=0, description="Retries of a transient failure.")
     retry_backoff_max_s: int = Field(default=60, ge=1)
     worker_id: str = Field(default_factory=socket.gethostname)
+    worker_pool: Literal["prefork", "threads"] = Field(
+        default="threads",
+        description="Celery pool of the worker (Celery lets this setting override even an "
+        "explicit --pool prefork); BENCHMARKS.md gives the reasons for the default.",
+    )
 
     # The node's public endpoint: an ngrok tunnel, or an address it already has.
     tunnel: bool = Field(

@@ -28,7 +28,7 @@ from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.celery_app import app, settings
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
-from ollama_worker.ollama import Completion, ModelNotFound, OllamaClient
+from ollama_worker.ollama import Completion, DeadlinePassed, ModelNotFound, OllamaClient
 from ollama_worker.results import record, record_quietly
 from ollama_worker.summary import summarize_text
 
@@ -136,12 +136,17 @@ class JobTask(SingletonJob):
     reject_on_worker_lost = True
 
     def attempt(self, call: Callable[[], _T]) -> _T:
-        """Run one attempt: a transient failure schedules a retry, an overrun fails for good."""
+        """Run one attempt: a transient failure schedules a retry, an overrun fails for good.
+
+        The soft time limit is enforced twice: by Celery in the prefork pool, and in every
+        pool by the Ollama client's deadline, the only place a job waits for long.
+        """
         try:
-            return call()
+            with ollama().deadline(self.soft_time_limit):
+                return call()
         except TransientError as error:
             self.retry_transient(error)
-        except SoftTimeLimitExceeded:
+        except (SoftTimeLimitExceeded, DeadlinePassed):
             raise JobTimedOut(
                 f"{self.name} ran past its soft time limit of {self.soft_time_limit}s"
             ) from None

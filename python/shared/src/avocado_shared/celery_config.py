@@ -66,10 +66,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # and keeps trying to store the result until Redis is back, rather than lose it.
         "result_backend_always_retry": True,
         "result_backend_max_sleep_between_retries_ms": 5000,
-        "result_extended": True,
-        "task_track_started": True,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
+        # Per job, the result backend holds the outcome only (no STARTED state, no extended
+        # fields: ml_results has both) and nobody publishes task events unless asked to.
+        # Each of these costs a confirmed publish or a Redis read and write per job
+        # (BENCHMARKS.md); Flower turns events on in the workers it watches by itself.
+        "result_extended": False,
+        "task_track_started": False,
+        "task_send_sent_event": settings.task_events,
+        "worker_send_task_events": settings.task_events,
         "task_annotations": {
             GENERATE_TASK: {
                 "soft_time_limit": settings.generate_soft_time_limit_s,

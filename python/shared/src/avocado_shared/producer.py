@@ -70,7 +70,7 @@ class JobHandle(Generic[_R]):
 
     @property
     def state(self) -> str:
-        """PENDING, STARTED, RETRY, SUCCESS or FAILURE."""
+        """PENDING (queued or running), RETRY, SUCCESS or FAILURE; ``ml_results`` has STARTED."""
         return str(self._result.state)
 
     def ready(self) -> bool:

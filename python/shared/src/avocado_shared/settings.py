@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     summarize_soft_time_limit_s: int = Field(default=1200, ge=1)
     summarize_time_limit_s: int = Field(default=1260, ge=1)
     result_expires_s: int = Field(default=7 * 24 * 3600, ge=60)
+    task_events: bool = Field(
+        default=False,
+        description="Publish Celery task events for every job; Flower enables them in the "
+        "workers it watches, so only monitors other than Flower need this.",
+    )
     publish_timeout_s: float = Field(
         default=10.0, gt=0, description="How long a publish may wait for the broker's confirm."
     )
