@@ -2,16 +2,15 @@
 
 It keeps what every job queue on this stack pays for: RabbitMQ publisher confirms, persistent
 delivery to a quorum queue, late acks and prefetch 1, JSON, the Redis result backend under a
-key prefix. It drops what the fleet adds on top: task events, the STARTED state, extended
-results, locks and ``ml_results``. ``BENCH_NOOP_FLEET_CONFIG=1`` keeps the fleet's whole
-Celery configuration instead, to tell Celery settings apart from the fleet's own code.
+key prefix. It drops what the fleet adds on top: locks, ``ml_results`` and the Ollama call.
+Task events, the STARTED state and extended results are off here by name (``_BARE``), so the
+baseline stays what it is whatever the fleet's configuration turns on.
 
 ``celery -A bench.noop_app worker`` reads the ``AVOCADO_*`` variables, like the fleet's worker.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from celery import Celery
@@ -26,8 +25,8 @@ __all__ = ["NOOP_TASK", "make_app", "noop_queue"]
 NOOP_TASK = "bench.noop"
 BENCH_EXCHANGE = Exchange("bench", type="topic", durable=True)
 
-# Fleet features: off in bare Celery.
-_FLEET_FEATURES: dict[str, Any] = {
+# Off in bare Celery, whatever the fleet's configuration says.
+_BARE: dict[str, Any] = {
     "task_track_started": False,
     "worker_send_task_events": False,
     "task_send_sent_event": False,
@@ -35,13 +34,12 @@ _FLEET_FEATURES: dict[str, Any] = {
 }
 
 
-def noop_queue(fleet_config: bool, settings: Settings) -> Queue:
-    """A quorum queue with the job queues' arguments; one per variant, so both can run."""
-    name = "bench.noop.fleet-config" if fleet_config else "bench.noop"
+def noop_queue(settings: Settings) -> Queue:
+    """A quorum queue with the job queues' arguments."""
     return Queue(
-        name,
+        NOOP_TASK,
         BENCH_EXCHANGE,
-        routing_key=name,
+        routing_key=NOOP_TASK,
         durable=True,
         queue_arguments={
             "x-queue-type": "quorum",
@@ -51,10 +49,10 @@ def noop_queue(fleet_config: bool, settings: Settings) -> Queue:
     )
 
 
-def make_app(settings: Settings, *, fleet_config: bool = False) -> Celery:
-    """The no-op app: the fleet's Celery configuration with its own queue and task."""
+def make_app(settings: Settings) -> Celery:
+    """The no-op app: the fleet's broker and backend settings with its own queue and task."""
     config = celery_config(settings)
-    queue = noop_queue(fleet_config, settings)
+    queue = noop_queue(settings)
     config.update(
         {
             "task_queues": (queue,),
@@ -62,10 +60,9 @@ def make_app(settings: Settings, *, fleet_config: bool = False) -> Celery:
             "task_default_exchange": BENCH_EXCHANGE.name,
             "task_default_queue": queue.name,
             "task_annotations": {},
+            **_BARE,
         }
     )
-    if not fleet_config:
-        config.update(_FLEET_FEATURES)
     app = Celery("bench-noop", set_as_current=False)
     app.config_from_object(config)
 
@@ -79,8 +76,7 @@ def make_app(settings: Settings, *, fleet_config: bool = False) -> Celery:
 def __getattr__(name: str) -> Any:
     """``celery -A bench.noop_app`` asks for ``app``: made from the environment on demand."""
     if name in ("app", "celery"):
-        fleet_config = os.environ.get("BENCH_NOOP_FLEET_CONFIG") == "1"
-        made = make_app(Settings(), fleet_config=fleet_config)
+        made = make_app(Settings())
         globals()["app"] = globals()["celery"] = made
         return made
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,10 @@
-"""Where the fleet's time goes, and what each recommended fix would remove.
+"""Where the fleet's time goes, and what each applied fix saves.
 
 ``profile``: py-spy samples of the worker (main process and pool children) under sequential
 and burst load, pyinstrument of the producer, and per-job wire counts (connections, Redis
-commands, AMQP socket operations, fsyncs). ``fixes``: each fix applied from outside through
-``bench/fleet_app.py`` and measured end to end against the unchanged fleet.
+commands, AMQP socket operations, fsyncs). ``fixes``: each fix applied in the package undone
+through ``bench/fleet_app.py``, and each candidate not applied made there, measured end to
+end against the current fleet in the same rotation.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kombu.entity import Exchange
 from avocado_shared import GenerateRequest, GenerateResult, Producer, ResultStore
 from avocado_shared.contracts import validate_request
 from avocado_shared.store import JobStatus
+from bench.fleet_app import CANDIDATES, CHANGES, UNDONE, environment
 from bench.noop_app import NOOP_TASK
 from bench.scenarios import Config, alternate, fleet_burst, warm_fleet
 from bench.services import REDIS_URL, VENV_BIN, BenchEnv, Worker, rabbitmqctl
@@ -58,6 +60,9 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("Celery task tracing and dispatch, rest", ("celery/app/trace.py", "celery/worker/")),
 ]
 _OTHER = "other"
+# A threads-pool thread blocked on its work queue between jobs: py-spy's --nonblocking sampling
+# can count that wait as active; it is left out.
+_POOL_THREAD_WAIT = re.compile(r"^_worker \(.*concurrent/futures/thread\.py:\d+\)$")
 
 
 # --- py-spy ----------------------------------------------------------------------------------
@@ -95,13 +100,16 @@ def _categorize(raw: str, rate: int, jobs: int) -> dict[str, Any]:
     by_category: collections.Counter[str] = collections.Counter()
     by_process: collections.Counter[str] = collections.Counter()
     functions: collections.Counter[str] = collections.Counter()
-    total = 0
+    total = idle = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         frames = stack.split(";")
+        if _POOL_THREAD_WAIT.match(frames[-1]):
+            idle += count
+            continue
         processes = [f for f in frames if f.startswith("process ")]
         by_process["pool child" if len(processes) > 1 else "main process"] += count
         total += count
@@ -120,6 +128,7 @@ def _categorize(raw: str, rate: int, jobs: int) -> dict[str, Any]:
     return {
         "jobs": jobs,
         "samples": total,
+        "idle": idle,
         "rate": rate,
         "cpu_ms_per_job": total * per_job,
         "processes": {k: v * per_job for k, v in by_process.items()},
@@ -154,6 +163,10 @@ def _burst_load(producer: Producer, size: int) -> Callable[[threading.Event], in
 
 
 # --- pyinstrument of the producer -------------------------------------------------------------
+
+SENT_EVENT = "`task-sent` event (only with AVOCADO_TASK_EVENTS): publish and wait for its confirm"
+JOB_PUBLISH = "job message: publish and wait for the broker's confirm"
+RESULT_WAIT = "waiting for the result (`JobHandle.get`)"
 
 # name -> (function, class or "", file fragment): wall time inside, per job.
 _PRODUCER_PARTS = {
@@ -201,14 +214,14 @@ def _producer_profile(producer: Producer, jobs: int) -> dict[str, Any]:
     # The task-sent event is published through the same kombu producer, inside the job's publish.
     parts = [
         ("request validation (pydantic)", ms["validate"]),
-        ("job message: publish and wait for the broker's confirm", ms["publish"] - ms["event"]),
-        ("`task-sent` event: publish and wait for its confirm", ms["event"]),
+        (JOB_PUBLISH, ms["publish"] - ms["event"]),
+        (SENT_EVENT, ms["event"]),
         ("SUBSCRIBE to the job's result channel (Redis backend)", ms["subscribe"]),
         (
             "rest of `Producer.generate` (Celery message, routing)",
             ms["generate"] - ms["publish"] - ms["subscribe"] - ms["validate"],
         ),
-        ("waiting for the result (`JobHandle.get`)", ms["get"] - ms["parse"]),
+        (RESULT_WAIT, ms["get"] - ms["parse"]),
         ("result parsing (pydantic)", ms["parse"]),
     ]
     return {"jobs": jobs, "wall_ms_per_job": 1000.0 * wall / jobs, "parts": parts}
@@ -226,6 +239,15 @@ def _ports(processes: list[psutil.Process], remote: int) -> dict[int, int]:
                 if conn.raddr and conn.raddr.port == remote and conn.laddr:
                     found[conn.laddr.port] = proc.pid
     return found
+
+
+def _thread_owners(processes: list[psutil.Process]) -> dict[int, int]:
+    """Thread id -> pid: ``strace -f`` names each thread (the threads pool's too) by its id."""
+    owners: dict[int, int] = {}
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            owners.update({thread.id: proc.pid for thread in proc.threads()})
+    return owners
 
 
 def _fds(processes: list[psutil.Process]) -> dict[tuple[int, int], int]:
@@ -385,6 +407,7 @@ def _wire(env: BenchEnv, worker: Worker, sim_port: int, jobs: int) -> dict[str, 
             tracer.kill()
             tracer.wait()
     procs = worker.processes()
+    owners = _thread_owners(procs)
     redis_port = next(p for p, n in names.items() if n == "Redis")
     sides = {port: "worker" for port in _ports(procs, redis_port)}
     sides.update({port: "producer" for port in _ports(me, redis_port)})
@@ -415,7 +438,8 @@ def _wire(env: BenchEnv, worker: Worker, sim_port: int, jobs: int) -> dict[str, 
             match = _STRACE_LINE.match(line)
             if not match or ("resumed>" in line and "<..." not in line):
                 continue
-            pid, call, fd = int(match.group(1)), match.group(2), match.group(3)
+            tid, call, fd = int(match.group(1)), match.group(2), match.group(3)
+            pid = owners.get(tid, tid)
             if call == "connect":
                 found = re.search(r"htons\((\d+)\)", line)
                 connects[names.get(int(found.group(1)), "other") if found else "unix"] += 1
@@ -487,7 +511,7 @@ def _micro(env: BenchEnv, count: int) -> list[tuple[str, float, str]]:
             (
                 f"`ml_results` upsert, SQLite WAL, synchronous={pragma}",
                 _timed(record, count),
-                "one STARTED or SUCCESS row",
+                "two rows per job: STARTED and SUCCESS",
             )
         )
         store.close()
@@ -505,7 +529,8 @@ def _micro(env: BenchEnv, count: int) -> list[tuple[str, float, str]]:
                 (
                     f"event-sized publish to RabbitMQ, {'with' if confirm else 'without'} confirm",
                     _timed(publish, count),
-                    "a task event (4 per job: sent, received, started, succeeded)",
+                    "a task event, with AVOCADO_TASK_EVENTS on: 4 per job (sent, received, "
+                    "started, succeeded); none by default",
                 )
             )
             exchange(conn.default_channel).delete()
@@ -516,7 +541,7 @@ def _micro(env: BenchEnv, count: int) -> list[tuple[str, float, str]]:
         (
             "Celery Redis backend `store_result` (GET, then SET + PUBLISH)",
             _timed(lambda i: backend.store_result(ids[i], payload, "SUCCESS"), count),
-            "twice per job: STARTED and SUCCESS",
+            "once per job: SUCCESS (twice with `task_track_started`)",
         )
     )
     client = env.redis()
@@ -639,7 +664,7 @@ def profile(env: BenchEnv, cfg: Config) -> dict[str, Any]:
     worker = env.start_worker(
         pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=False
     )
-    bare_worker = noop_worker(env, cfg, pool, fleet_config=False, wait=False)
+    bare_worker = noop_worker(env, cfg, pool, wait=False)
     producer = env.producer
     found: dict[str, Any] = {"pool": pool, "concurrency": cfg.concurrency}
     try:
@@ -674,50 +699,55 @@ def profile(env: BenchEnv, cfg: Config) -> dict[str, Any]:
 
 # --- fixes -----------------------------------------------------------------------------------
 
+_CURRENT = "current fleet"
 _BARE = "bare Celery no-op"
-VARIANTS = [
-    ("unchanged fleet", ""),
-    ("no task events", "events"),
-    ("no STARTED state in Redis", "tracking"),
-    ("no STARTED row in ml_results", "startrow"),
-    ("SQLite synchronous=NORMAL", "sqlite"),
-    ("no Prometheus metrics (AVOCADO_METRICS_PORT=0)", "metrics"),
-    ("fixes 1-4 together", "events,tracking,startrow,sqlite"),
+_ALL_UNDONE = tuple(UNDONE)
+# (label, changes made by bench/fleet_app.py, kind)
+VARIANTS: list[tuple[str, tuple[str, ...], str]] = [
+    (_CURRENT, (), "current"),
+    *((f"{name} undone", (name,), "undone") for name in UNDONE),
+    ("the fleet before the fixes", _ALL_UNDONE, "undone"),
+    *((f"candidate: {name}", (name,), "candidate") for name in CANDIDATES),
 ]
 
 
+def _changed(names: tuple[str, ...]) -> str:
+    if not names:
+        return "nothing"
+    if names == _ALL_UNDONE:
+        return f"all {len(names)} applied fixes undone ({', '.join(names)})"
+    return "; ".join(CHANGES[n] for n in names)
+
+
 def fixes(env: BenchEnv, cfg: Config) -> dict[str, Any]:
-    """Each fix applied to the real worker from outside, measured against the unchanged one."""
+    """Each applied fix undone, and each candidate made, in the real worker, measured in one
+    rotation with the current fleet and bare Celery."""
     from bench.scenarios import noop_app, noop_burst, noop_worker
 
     sim = env.start_sim(latency_ms=0, parallel=4)
     pool = cfg.default_pool
-    workers: list[tuple[str, str, Worker, Producer]] = []
+    workers: list[tuple[str, Worker, Producer]] = []
     seq_jobs = 30 if cfg.quick else 50
     burst_jobs = 60 if cfg.quick else 120
     latency: dict[str, list[float]] = collections.defaultdict(list)
     rates: dict[str, list[float]] = collections.defaultdict(list)
-    bare_worker = noop_worker(env, cfg, pool, fleet_config=False, wait=False)
+    bare_worker = noop_worker(env, cfg, pool, wait=False)
     noop = noop_app(env)
     try:
-        for label, names in VARIANTS:
+        for label, names, _ in VARIANTS:
             made = env.start_worker(
                 app="bench.fleet_app",
                 pool=pool,
                 concurrency=cfg.concurrency,
                 ollama_url=sim.url,
                 queues=f"bench.idle.{uuid.uuid4().hex[:6]}",
-                env={
-                    "BENCH_FIXES": names,
-                    **({"AVOCADO_METRICS_PORT": "0"} if "metrics" in names else {}),
-                },
+                env=environment(list(names)),
                 wait=False,
             )
-            producer = Producer(env.make_settings())
-            if "events" in names:
-                producer.app.conf.task_send_sent_event = False
-            workers.append((label, names, made, producer))
-        for _, _, made, _ in workers:
+            # The producer's side of a setting the variant changes (task-sent events).
+            producer = Producer(env.make_settings(task_events="events" in names))
+            workers.append((label, made, producer))
+        for _, made, _ in workers:
             env.wait_ready(made)
         env.wait_ready(bare_worker)
 
@@ -752,26 +782,33 @@ def fixes(env: BenchEnv, cfg: Config) -> dict[str, Any]:
             latency[_BARE].append(percentile(times, 50))
             rates[_BARE].append(burst_jobs / noop_burst(noop, burst_jobs, confirm))
 
-        alternate(cfg.reps, *(variant(label, made, prod) for label, _, made, prod in workers), bare)
+        alternate(cfg.reps, *(variant(label, made, prod) for label, made, prod in workers), bare)
     finally:
-        for _, _, made, producer in workers:
+        for _, made, producer in workers:
             env.stop_worker(made)
             producer.close()
         env.stop_worker(bare_worker)
         noop.close()
         sim.stop()
+    base_latency = median(latency[_CURRENT])
+    base_rate = median(rates[_CURRENT])
     rows = []
-    base_latency = median(latency[VARIANTS[0][0]])
-    base_rate = median(rates[VARIANTS[0][0]])
-    for label, names in [*VARIANTS, (_BARE, "")]:
+    for label, names, kind in [
+        *VARIANTS,
+        (_BARE, (), "bare"),
+    ]:
         rows.append(
             {
                 "variant": label,
-                "fixes": names or "-" if label != _BARE else "(the dispatch baseline)",
+                "kind": kind,
+                "names": ",".join(names),
+                "changed": _changed(names)
+                if kind != "bare"
+                else "the dispatch baseline: no fleet code, same broker, queue and backend",
                 "p50 ms": median(latency[label]),
-                "p50 saved ms": base_latency - median(latency[label]),
+                "p50 vs current ms": median(latency[label]) - base_latency,
                 "jobs/s": median(rates[label]),
-                "jobs/s gain": median(rates[label]) / base_rate,
+                "jobs/s vs current": median(rates[label]) / base_rate,
             }
         )
     return {"fixes": rows, "fix_pool": pool, "fix_seq": seq_jobs, "fix_burst": burst_jobs}

@@ -157,7 +157,8 @@ def render(
             f"> Failed twice, not reported: {', '.join(failures)} (see the harness's log).",
             "",
         ]
-    parts += ["## Summary", "", _summary(outcomes), "", "## Scenarios", ""]
+    if outcomes:
+        parts += ["## Summary", "", _summary(outcomes), "", "## Scenarios", ""]
     for outcome in outcomes:
         parts += [_scenario(outcome), ""]
     parts += discussion(outcomes, profile, cfg)

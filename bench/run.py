@@ -46,13 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         choices=SCENARIOS,
         help="run only this one (repeatable): 1-5, profile (py-spy, pyinstrument, wire "
-        "counts) or fixes (each recommended fix measured end to end)",
+        "counts) or fixes (each applied fix measured undone, and candidates not applied)",
     )
     p.add_argument(
         "--pools",
         default=None,
-        help="worker pools compared in scenarios 1, 2 and 4 (default prefork,threads; "
-        "--quick: prefork)",
+        help="worker pools compared in scenarios 1-4, comma-separated (default "
+        f"{','.join(scenarios.POOLS)}; --quick: {scenarios.DEFAULT_POOL}); scenario 5, "
+        "profile and fixes run the worker's default pool",
     )
     p.add_argument(
         "--output",
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     default = [s for s in SCENARIOS if s.isdigit()] if args.quick else SCENARIOS
     chosen = list(dict.fromkeys(args.scenario or default))
     pools = [p.strip() for p in args.pools.split(",")] if args.pools else None
+    if pools and set(pools) - set(scenarios.POOLS):
+        _parser().error(f"--pools: choose from {', '.join(scenarios.POOLS)}")
     cfg = scenarios.Config.make(args.quick, pools)
     subset = args.quick or args.scenario is not None
     output = args.output or ("-" if subset else str(REPO / "BENCHMARKS.md"))
@@ -107,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             steps.append((f"1 overhead, {pool}", partial(scenarios.overhead, env, cfg, pool)))
         for pool in cfg.pools if "2" in chosen else ():
             steps.append((f"2 saturation, {pool}", partial(scenarios.saturation, env, cfg, pool)))
-        if "3" in chosen:
-            steps.append(("3 dispatch", partial(scenarios.dispatch, env, cfg)))
+        for pool in cfg.pools if "3" in chosen else ():
+            steps.append((f"3 dispatch, {pool}", partial(scenarios.dispatch, env, cfg, pool)))
         for pool in cfg.pools if "4" in chosen else ():
             steps.append((f"4 memory, {pool}", partial(scenarios.memory, env, cfg, pool)))
         if "5" in chosen:

@@ -6,10 +6,9 @@ import itertools
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import psutil
 from celery import Celery
@@ -20,6 +19,7 @@ from bench.outcome import Outcome, Row
 from bench.services import MODEL, BenchEnv, Worker, wait_for
 from bench.stats import fmt, median, percentile, spread
 from ollama_worker.ollama import OllamaClient
+from ollama_worker.settings import WorkerSettings
 
 __all__ = [
     "Config",
@@ -32,6 +32,15 @@ __all__ = [
 
 _GET_TIMEOUT_S = 300.0
 
+_POOL_FIELD = WorkerSettings.model_fields["worker_pool"]
+DEFAULT_POOL: str = _POOL_FIELD.default
+"""The worker's default pool (``AVOCADO_WORKER_POOL``), the one every single-pool part runs."""
+POOLS: tuple[str, ...] = (
+    DEFAULT_POOL,
+    *(p for p in get_args(_POOL_FIELD.annotation) if p != DEFAULT_POOL),
+)
+"""Every pool the worker offers, the default first."""
+
 
 @dataclass
 class Config:
@@ -40,8 +49,8 @@ class Config:
     quick: bool = False
     reps: int = 5
     concurrency: int = 4
-    pools: Sequence[str] = ("prefork", "threads")
-    default_pool: str = "prefork"
+    pools: Sequence[str] = POOLS
+    default_pool: str = DEFAULT_POOL
     overhead_jobs: int = 120
     saturation_jobs: int = 60
     dispatch_jobs: int = 200
@@ -58,7 +67,7 @@ class Config:
         return cls(
             quick=True,
             reps=2,
-            pools=tuple(pools or ("prefork",)),
+            pools=tuple(pools or (DEFAULT_POOL,)),
             overhead_jobs=15,
             saturation_jobs=12,
             dispatch_jobs=30,
@@ -142,93 +151,72 @@ def _range(values: Sequence[float], digits: int = 2) -> str:
     return f"{fmt(low, digits)}-{fmt(high, digits)}"
 
 
-def noop_worker(
-    env: BenchEnv, cfg: Config, pool: str, fleet_config: bool, wait: bool = True
-) -> Worker:
-    """A bare Celery worker (or one under the fleet's config) on its own quorum queue."""
+def noop_worker(env: BenchEnv, cfg: Config, pool: str, wait: bool = True) -> Worker:
+    """A bare Celery worker on its own quorum queue."""
     return env.start_worker(
         app="bench.noop_app",
         pool=pool,
         concurrency=cfg.concurrency,
-        queues=noop_queue(fleet_config, env.settings).name,
-        env={"BENCH_NOOP_FLEET_CONFIG": "1" if fleet_config else "0"},
+        queues=noop_queue(env.settings).name,
         wait=wait,
     )
 
 
-def noop_app(env: BenchEnv, fleet_config: bool = False, confirms: bool = True) -> Celery:
+def noop_app(env: BenchEnv, confirms: bool = True) -> Celery:
     """The harness's side of the no-op app, its queue declared."""
-    app = make_app(env.settings, fleet_config=fleet_config)
+    app = make_app(env.settings)
     if not confirms:
         app.conf.broker_transport_options = {}
     with app.connection_for_write() as connection:
-        noop_queue(fleet_config, env.settings)(connection.default_channel).declare()
+        noop_queue(env.settings)(connection.default_channel).declare()
     return app
 
 
-FIXES = "events,tracking,startrow,sqlite"
-"""The four fixes BENCHMARKS.md recommends, applied from outside by ``bench/fleet_app.py``."""
+@dataclass
+class _Rates:
+    """Jobs/s per repetition of a baseline and a contender, and how to name them."""
+
+    base: list[float]
+    mine: list[float]
+    names: tuple[str, str]  # keys of ``extra``
+    target: float
+    digits: int = 2
+    labels: tuple[str, str] | None = None  # columns of the repetitions; ``names`` if None
 
 
-class Fixed:
-    """The fleet with fixes 1-4 applied, beside the unchanged worker on the same simulator.
-
-    Only one of the two consumes ``ml.generate`` at a time (``use``), switched with the
-    ``cancel_consumer`` / ``add_consumer`` remote controls.
-    """
-
-    def __init__(self, env: BenchEnv, cfg: Config, pool: str, ollama_url: str) -> None:
-        self.env = env
-        self.cfg = cfg
-        self.worker = env.start_worker(
-            app="bench.fleet_app",
-            pool=pool,
-            concurrency=cfg.concurrency,
-            ollama_url=ollama_url,
-            queues=f"bench.idle.{uuid.uuid4().hex[:6]}",
-            env={"BENCH_FIXES": FIXES},
-            wait=False,
-        )
-        self.producer = Producer(env.make_settings())
-        self.producer.app.conf.task_send_sent_event = False  # fix 1, producer side
-        self.unchanged: Worker | None = None
-        self.active = False
-        self.warm = False
-
-    def use(self, fixed: bool) -> Producer:
-        """Let the fixed (or the unchanged) worker take the jobs; its producer."""
-        assert self.unchanged is not None
-        if fixed != self.active:
-            off, on = (self.unchanged, self.worker) if fixed else (self.worker, self.unchanged)
-            self.env.control(off, "cancel_consumer", queue="ml.generate")
-            self.env.control(on, "add_consumer", queue="ml.generate")
-            self.active = fixed
-        if fixed and not self.warm:
-            self.warm = True
-            warm_fleet(self.producer, self.cfg.concurrency)
-        return self.producer if fixed else self.env.producer
-
-    def ready(self, unchanged: Worker) -> None:
-        self.unchanged = unchanged
-        self.env.wait_ready(self.worker)
-
-    def close(self) -> None:
-        self.env.stop_worker(self.worker)
-        self.producer.close()
+def _throughput(rates: _Rates, pool: str, **outcome: Any) -> Outcome:
+    """An Outcome of one throughput ratio against its target, with the repetitions."""
+    base, mine = median(rates.base), median(rates.mine)
+    ratio = mine / base
+    first, second = rates.names
+    columns = rates.labels or rates.names
+    digits = rates.digits
+    return Outcome(
+        rows=[
+            Row(
+                metric="throughput (jobs/s)",
+                baseline=f"{fmt(base, digits)} ({_range(rates.base, digits)})",
+                fleet=f"{fmt(mine, digits)} ({_range(rates.mine, digits)})",
+                compared=f"x{fmt(ratio, 3)}",
+                target=f"ratio >= {rates.target:g}",
+                met=ratio >= rates.target,
+            )
+        ],
+        reps=[
+            {"rep": i + 1, f"{columns[0]} jobs/s": a, f"{columns[1]} jobs/s": b}
+            for i, (a, b) in enumerate(zip(rates.base, rates.mine, strict=True))
+        ],
+        extra={"pool": pool, first: base, second: mine, "ratio": ratio},
+        **outcome,
+    )
 
 
-def _fixed(env: BenchEnv, cfg: Config, pool: str, ollama_url: str) -> Fixed | None:
-    """The fixed contender, in full runs on the default pool only."""
-    if cfg.quick or pool != cfg.default_pool:
-        return None
-    return Fixed(env, cfg, pool, ollama_url)
-
-
-_FIXED_NOTE = (
-    "Fleet + fixes: the same worker with the four fixes recommended below applied from "
-    "outside (`bench/fleet_app.py`, `BENCH_FIXES=events,tracking,startrow,sqlite`), in the "
-    "same rotation."
-)
+def _fleet_worker(pool: str, cfg: Config) -> str:
+    """How the fleet's worker was started, for the setup texts."""
+    return (
+        f"`AVOCADO_WORKER_POOL={pool} celery -A ollama_worker worker --pool {pool} "
+        f"--concurrency {cfg.concurrency}`"
+    )
 
 
 # --- 1. overhead -----------------------------------------------------------------------------
@@ -240,22 +228,14 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     worker = env.start_worker(
         pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=False
     )
-    bare_worker = noop_worker(env, cfg, pool, fleet_config=False, wait=False)
-    fixed = _fixed(env, cfg, pool, sim.url)
+    bare_worker = noop_worker(env, cfg, pool, wait=False)
     env.wait_ready(worker)
     env.wait_ready(bare_worker)
-    if fixed is not None:
-        fixed.ready(worker)
     noop = noop_app(env)
     producer = env.producer
     client = OllamaClient(sim.url)
     confirm = env.settings.publish_timeout_s
-    latencies: dict[str, dict[int, list[float]]] = {
-        "fleet": {},
-        "direct": {},
-        "noop": {},
-        "fixed": {},
-    }
+    latencies: dict[str, dict[int, list[float]]] = {"fleet": {}, "direct": {}, "noop": {}}
 
     def timed(name: str, call: Callable[[int], Any]) -> Callable[[int], None]:
         def run(rep: int) -> None:
@@ -273,8 +253,9 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         for _ in range(20):
             client.generate(MODEL, "warm")
         task = noop.tasks[NOOP_TASK]
-        runs = [
-            timed("fleet", lambda i: fleet_job(fixed.use(False) if fixed else producer, i)),
+        alternate(
+            cfg.reps,
+            timed("fleet", lambda i: fleet_job(producer, i)),
             timed("direct", lambda i: client.generate(MODEL, "bench direct")),
             timed(
                 "noop",
@@ -282,23 +263,16 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
                     timeout=_GET_TIMEOUT_S
                 ),
             ),
-        ]
-        if fixed is not None:
-            runs.append(timed("fixed", lambda i: fleet_job(fixed.use(True), i)))
-        alternate(cfg.reps, *runs)
+        )
     finally:
         client.close()
         noop.close()
-        if fixed is not None:
-            fixed.close()
         env.stop_worker(bare_worker)
         env.stop_worker(worker)
         sim.stop()
     fleet, direct, bare = latencies["fleet"], latencies["direct"], latencies["noop"]
-    fixed_runs = latencies["fixed"]
-    reps: list[dict[str, Any]] = []
-    for rep in range(cfg.reps):
-        row = {
+    reps: list[dict[str, Any]] = [
+        {
             "rep": rep + 1,
             "direct p50 ms": percentile(direct[rep], 50),
             "fleet p50 ms": percentile(fleet[rep], 50),
@@ -307,31 +281,25 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
             "fleet p99 ms": percentile(fleet[rep], 99),
             "bare Celery p99 ms": percentile(bare[rep], 99),
         }
-        if fixed_runs:
-            row["fleet + fixes p50 ms"] = percentile(fixed_runs[rep], 50)
-            row["fleet + fixes p99 ms"] = percentile(fixed_runs[rep], 99)
-        reps.append(row)
+        for rep in range(cfg.reps)
+    ]
 
     def med(column: str) -> float:
         return median([r[column] for r in reps])
 
     rows = []
     for q, limit in ((50, 3.0), (99, 10.0)):
-        base = med(f"direct p{q} ms")
-        for label, column in (("", "fleet"), (" with fixes 1-4", "fleet + fixes")):
-            if f"{column} p{q} ms" not in reps[0]:
-                continue
-            mine = med(f"{column} p{q} ms")
-            rows.append(
-                Row(
-                    metric=f"p{q} latency (ms){label}",
-                    baseline=fmt(base),
-                    fleet=fmt(mine),
-                    compared=f"+{fmt(mine - base)} ms",
-                    target=f"difference <= {limit:g} ms",
-                    met=(mine - base) <= limit,
-                )
+        base, mine = med(f"direct p{q} ms"), med(f"fleet p{q} ms")
+        rows.append(
+            Row(
+                metric=f"p{q} latency (ms)",
+                baseline=fmt(base),
+                fleet=fmt(mine),
+                compared=f"+{fmt(mine - base)} ms",
+                target=f"difference <= {limit:g} ms",
+                met=(mine - base) <= limit,
             )
+        )
     every = {name: [x for rep in runs.values() for x in rep] for name, runs in latencies.items()}
     pooled = percentile(every["fleet"], 99) - percentile(every["direct"], 99)
     rows.append(
@@ -352,18 +320,6 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
             target="(information)",
         )
     )
-    extra = {
-        "pool": pool,
-        "direct50": med("direct p50 ms"),
-        "fleet50": med("fleet p50 ms"),
-        "bare50": med("bare Celery p50 ms"),
-        "direct99": med("direct p99 ms"),
-        "fleet99": med("fleet p99 ms"),
-        "bare99": med("bare Celery p99 ms"),
-    }
-    if fixed_runs:
-        extra["fixed50"] = med("fleet + fixes p50 ms")
-        extra["fixed99"] = med("fleet + fixes p99 ms")
     return Outcome(
         key="1",
         title=f"1. Overhead ({pool}, concurrency {cfg.concurrency})",
@@ -372,18 +328,24 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
             f"repetitions x {cfg.overhead_jobs} sequential jobs each, alternating. Baseline: "
             "the worker's own `OllamaClient` (one long-lived httpx client, streamed "
             "`/api/generate`). Fleet: `Producer.generate(...).get()` per job through RabbitMQ, "
-            f"one `celery -A ollama_worker worker --pool {pool} --concurrency "
-            f"{cfg.concurrency}`, Redis results, SQLite `ml_results`. Floor: a bare Celery "
-            "no-op task (`bench/noop_app.py`, same broker, quorum queue, confirms and Redis "
-            "backend, same pool) sent and waited for the same way: what any Celery job costs "
-            "here before its work and before the fleet adds anything."
-            + (f" {_FIXED_NOTE}" if fixed_runs else "")
+            f"one {_fleet_worker(pool, cfg)}, Redis results, SQLite `ml_results`. Floor: a "
+            "bare Celery no-op task (`bench/noop_app.py`, same broker, quorum queue, confirms "
+            "and Redis backend, same pool) sent and waited for the same way: what any Celery "
+            "job costs here before its work and before the fleet adds anything."
         ),
         baseline_name="direct httpx",
         fleet_name=f"fleet ({pool})",
         rows=rows,
         reps=reps,
-        extra=extra,
+        extra={
+            "pool": pool,
+            "direct50": med("direct p50 ms"),
+            "fleet50": med("fleet p50 ms"),
+            "bare50": med("bare Celery p50 ms"),
+            "direct99": med("direct p99 ms"),
+            "fleet99": med("fleet p99 ms"),
+            "bare99": med("bare Celery p99 ms"),
+        },
     )
 
 
@@ -393,70 +355,27 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
 def saturation(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """A simulator with 4 slots and 200 ms per generation: can the fleet keep it busy?"""
     sim = env.start_sim(latency_ms=200, parallel=4)
-    worker = env.start_worker(
-        pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=False
-    )
-    fixed = _fixed(env, cfg, pool, sim.url)
-    env.wait_ready(worker)
-    if fixed is not None:
-        fixed.ready(worker)
+    worker = env.start_worker(pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url)
     producer = env.producer
     clients = [OllamaClient(sim.url) for _ in range(4)]
     jobs = cfg.saturation_jobs
-    rates: dict[str, list[float]] = {"fleet": [], "direct": [], "fixed": []}
+    rates: dict[str, list[float]] = {"fleet": [], "direct": []}
     try:
         fleet_burst(producer, cfg.concurrency * 2)
         direct_burst(clients, 8)
-        runs = [
-            lambda _: rates["fleet"].append(
-                jobs / fleet_burst(fixed.use(False) if fixed else producer, jobs)
-            ),
+        alternate(
+            cfg.reps,
+            lambda _: rates["fleet"].append(jobs / fleet_burst(producer, jobs)),
             lambda _: rates["direct"].append(jobs / direct_burst(clients, jobs)),
-        ]
-        if fixed is not None:
-            runs.append(lambda _: rates["fixed"].append(jobs / fleet_burst(fixed.use(True), jobs)))
-        alternate(cfg.reps, *runs)
+        )
     finally:
         for client in clients:
             client.close()
-        if fixed is not None:
-            fixed.close()
         env.stop_worker(worker)
         sim.stop()
-    base, mine = median(rates["direct"]), median(rates["fleet"])
-    ratio = mine / base
-    rows = [
-        Row(
-            metric="throughput (jobs/s)",
-            baseline=f"{fmt(base)} ({_range(rates['direct'])})",
-            fleet=f"{fmt(mine)} ({_range(rates['fleet'])})",
-            compared=f"x{fmt(ratio, 3)}",
-            target="ratio >= 0.95",
-            met=ratio >= 0.95,
-        )
-    ]
-    extra: dict[str, Any] = {"pool": pool, "fleet": mine, "direct": base, "ratio": ratio}
-    if rates["fixed"]:
-        fixed_rate = median(rates["fixed"])
-        rows.append(
-            Row(
-                metric="throughput with fixes 1-4 (jobs/s)",
-                baseline=fmt(base),
-                fleet=f"{fmt(fixed_rate)} ({_range(rates['fixed'])})",
-                compared=f"x{fmt(fixed_rate / base, 3)}",
-                target="ratio >= 0.95",
-                met=fixed_rate / base >= 0.95,
-            )
-        )
-        extra["fixed"] = fixed_rate
-        extra["fixed_ratio"] = fixed_rate / base
-    reps = []
-    for i in range(cfg.reps):
-        row = {"rep": i + 1, "direct jobs/s": rates["direct"][i], "fleet jobs/s": rates["fleet"][i]}
-        if rates["fixed"]:
-            row["fleet + fixes jobs/s"] = rates["fixed"][i]
-        reps.append(row)
-    return Outcome(
+    return _throughput(
+        _Rates(rates["direct"], rates["fleet"], ("direct", "fleet"), target=0.95),
+        pool,
         key="2",
         title=f"2. Saturation ({pool}, concurrency {cfg.concurrency})",
         setup=(
@@ -464,109 +383,53 @@ def saturation(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
             f"20 jobs/s). {cfg.reps} repetitions x {jobs} jobs, alternating. "
             "Baseline: 4 threads, each with its own long-lived `OllamaClient`. Fleet: all jobs "
             "published with `Producer.generate`, then every result `.get()`; time from the "
-            f"first publish to the last result; one worker `--pool {pool} --concurrency "
-            f"{cfg.concurrency}`." + (f" {_FIXED_NOTE}" if rates["fixed"] else "")
+            f"first publish to the last result; one worker {_fleet_worker(pool, cfg)}."
         ),
         baseline_name="direct httpx, 4 clients",
         fleet_name=f"fleet ({pool})",
-        rows=rows,
-        reps=reps,
-        extra=extra,
     )
 
 
 # --- 3. dispatch -----------------------------------------------------------------------------
 
 
-def dispatch(env: BenchEnv, cfg: Config) -> Outcome:
+def dispatch(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """An instant simulator: fleet jobs/s against bare Celery no-op tasks, same broker setup."""
-    pool = cfg.default_pool
     sim = env.start_sim(latency_ms=0, parallel=4)
-    apps = {False: noop_app(env), True: noop_app(env, fleet_config=True)}
-    workers: list[Worker] = []
+    noop = noop_app(env)
+    workers = [
+        env.start_worker(pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=False),
+        noop_worker(env, cfg, pool, wait=False),
+    ]
     producer = env.producer
     confirm = env.settings.publish_timeout_s
-    fixed: Fixed | None = None
     jobs = cfg.dispatch_jobs
-    rates: dict[str, list[float]] = {"fleet": [], "bare": [], "fleet-config": [], "fixed": []}
+    rates: dict[str, list[float]] = {"fleet": [], "bare": []}
     try:
-        workers.append(
-            env.start_worker(pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=False)
-        )
-        workers += [noop_worker(env, cfg, pool, config, wait=False) for config in apps]
-        fixed = _fixed(env, cfg, pool, sim.url)
         for worker in workers:
             env.wait_ready(worker)
-        if fixed is not None:
-            fixed.ready(workers[0])
         warm_fleet(producer, cfg.concurrency)
-        for app in apps.values():
-            noop_burst(app, cfg.concurrency * 4, confirm)
-        runs = [
-            lambda _: rates["fleet"].append(
-                jobs / fleet_burst(fixed.use(False) if fixed else producer, jobs)
-            ),
-            lambda _: rates["bare"].append(jobs / noop_burst(apps[False], jobs, confirm)),
-            lambda _: rates["fleet-config"].append(jobs / noop_burst(apps[True], jobs, confirm)),
-        ]
-        if fixed is not None:
-            runs.append(lambda _: rates["fixed"].append(jobs / fleet_burst(fixed.use(True), jobs)))
-        alternate(cfg.reps, *runs)
+        noop_burst(noop, cfg.concurrency * 4, confirm)
+        alternate(
+            cfg.reps,
+            lambda _: rates["fleet"].append(jobs / fleet_burst(producer, jobs)),
+            lambda _: rates["bare"].append(jobs / noop_burst(noop, jobs, confirm)),
+        )
     finally:
-        if fixed is not None:
-            fixed.close()
         for worker in workers:
             env.stop_worker(worker)
-        for app in apps.values():
-            app.close()
+        noop.close()
         sim.stop()
-    base, mine, mid = median(rates["bare"]), median(rates["fleet"]), median(rates["fleet-config"])
-    ratio = mine / base
-    rows = [
-        Row(
-            metric="throughput (jobs/s)",
-            baseline=f"{fmt(base, 1)} ({_range(rates['bare'], 1)})",
-            fleet=f"{fmt(mine, 1)} ({_range(rates['fleet'], 1)})",
-            compared=f"x{fmt(ratio, 3)}",
-            target="ratio >= 0.7",
-            met=ratio >= 0.7,
-        )
-    ]
-    extra: dict[str, Any] = {"pool": pool, "fleet": mine, "bare": base, "fleet_config": mid}
-    if rates["fixed"]:
-        fixed_rate = median(rates["fixed"])
-        rows.append(
-            Row(
-                metric="throughput with fixes 1-4 (jobs/s)",
-                baseline=fmt(base, 1),
-                fleet=f"{fmt(fixed_rate, 1)} ({_range(rates['fixed'], 1)})",
-                compared=f"x{fmt(fixed_rate / base, 3)}",
-                target="ratio >= 0.7",
-                met=fixed_rate / base >= 0.7,
-            )
-        )
-        extra["fixed"] = fixed_rate
-    rows.append(
-        Row(
-            metric="no-op under the fleet's whole Celery config (jobs/s)",
-            baseline=fmt(base, 1),
-            fleet=f"{fmt(mid, 1)} ({_range(rates['fleet-config'], 1)})",
-            compared=f"x{fmt(mid / base, 3)}",
-            target="(information)",
-        )
-    )
-    reps = []
-    for i in range(cfg.reps):
-        row = {
-            "rep": i + 1,
-            "bare no-op jobs/s": rates["bare"][i],
-            "no-op + fleet config jobs/s": rates["fleet-config"][i],
-            "fleet jobs/s": rates["fleet"][i],
-        }
-        if rates["fixed"]:
-            row["fleet + fixes jobs/s"] = rates["fixed"][i]
-        reps.append(row)
-    return Outcome(
+    return _throughput(
+        _Rates(
+            rates["bare"],
+            rates["fleet"],
+            ("bare", "fleet"),
+            target=0.7,
+            digits=1,
+            labels=("bare no-op", "fleet"),
+        ),
+        pool,
         key="3",
         title=f"3. Dispatch ({pool}, concurrency {cfg.concurrency})",
         setup=(
@@ -575,15 +438,11 @@ def dispatch(env: BenchEnv, cfg: Config) -> Outcome:
             "bare Celery no-op task (`bench/noop_app.py`) on the same vhost, a quorum queue with "
             "the same arguments, publisher confirms, persistent delivery, late acks, prefetch 1, "
             "JSON, the same Redis result backend and key prefix; without task events, STARTED "
-            "state and extended results. Also shown: the same no-op task under the fleet's whole "
-            f"Celery configuration. Every worker `--pool {pool} --concurrency {cfg.concurrency}`."
-            + (f" {_FIXED_NOTE}" if rates["fixed"] else "")
+            "state and extended results (all three now off in the fleet too). Fleet: one worker "
+            f"{_fleet_worker(pool, cfg)}; the no-op worker runs the same pool and concurrency."
         ),
         baseline_name="bare Celery no-op",
         fleet_name=f"fleet ({pool})",
-        rows=rows,
-        reps=reps,
-        extra=extra,
     )
 
 
@@ -788,19 +647,12 @@ def memory(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         for close in closers:
             close()
         closers = []
-        if cfg.memory_baseline and pool == cfg.default_pool:
-            queue = noop_queue(False, env.settings).name
+        if cfg.memory_baseline:
+            queue = noop_queue(env.settings).name
             noop_handles, closers, _ = _fill(env, lambda: _noop_backlog_client(env), queue, backlog)
             base_samples, base_s = _drain(
                 env,
-                lambda: env.start_worker(
-                    app="bench.noop_app",
-                    pool=pool,
-                    concurrency=cfg.concurrency,
-                    queues=queue,
-                    env={"BENCH_NOOP_FLEET_CONFIG": "0"},
-                    wait=False,
-                ),
+                lambda: noop_worker(env, cfg, pool, wait=False),
                 queue,
                 backlog,
                 noop_handles[-2 * cfg.concurrency :],
@@ -871,8 +723,8 @@ def memory(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         key="4",
         title=f"4. Memory ({pool}, concurrency {cfg.concurrency})",
         setup=(
-            f"{backlog} jobs queued first ({publish_s:.1f} s), then one "
-            f"worker `--pool {pool} --concurrency {cfg.concurrency}` started on an instant "
+            f"{backlog} jobs queued first ({publish_s:.1f} s), then one worker "
+            f"{_fleet_worker(pool, cfg)} started on an instant "
             "simulator; psutil samples RSS, PSS and USS of the main process plus its pool "
             "children every 0.5 s until the queue is empty and the last jobs' results are in. "
             "Baseline: the bare Celery no-op worker, same pool and concurrency, draining as many "
@@ -892,6 +744,7 @@ def memory(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
             **{f"fleet_{k}": v for k, v in mine.items()},
             **{f"base_{k}": v for k, v in (base or {}).items()},
             "fleet_rate": backlog / fleet_s,
+            **({"base_rate": backlog / base_s} if base else {}),
         },
     )
 
@@ -941,9 +794,9 @@ def scale_out(env: BenchEnv, cfg: Config) -> Outcome:
             env.stop_worker(worker)
         for sim in sims:
             sim.stop()
-    base, mine = median(one), median(two)
-    ratio = mine / base
-    return Outcome(
+    return _throughput(
+        _Rates(one, two, ("one", "two"), target=1.8, labels=("one node", "two nodes")),
+        pool,
         key="5",
         title=f"5. Scale-out ({pool}, concurrency {cfg.concurrency} per node)",
         setup=(
@@ -954,19 +807,4 @@ def scale_out(env: BenchEnv, cfg: Config) -> Outcome:
         ),
         baseline_name="one node",
         fleet_name="two nodes",
-        rows=[
-            Row(
-                metric="throughput (jobs/s)",
-                baseline=f"{fmt(base)} ({_range(one)})",
-                fleet=f"{fmt(mine)} ({_range(two)})",
-                compared=f"x{fmt(ratio, 3)}",
-                target="ratio >= 1.8",
-                met=ratio >= 1.8,
-            )
-        ],
-        reps=[
-            {"rep": i + 1, "one node jobs/s": a, "two nodes jobs/s": b}
-            for i, (a, b) in enumerate(zip(one, two, strict=True))
-        ],
-        extra={"pool": pool, "one": base, "two": mine, "ratio": ratio},
     )

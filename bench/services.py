@@ -166,7 +166,7 @@ class BenchEnv:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def make_settings(self) -> Settings:
+    def make_settings(self, **overrides: Any) -> Settings:
         """Producer settings of this run; no ``.env`` is read, nothing of the user's."""
         return Settings(
             _env_file=None,
@@ -175,6 +175,7 @@ class BenchEnv:
             key_prefix=self.key_prefix,
             sqlite_path=str(self.tmp / "results.sqlite3"),
             default_model=MODEL,
+            **overrides,
         )
 
     @property
@@ -258,7 +259,11 @@ class BenchEnv:
         wait: bool = True,
         loglevel: str = "INFO",
     ) -> Worker:
-        """``celery -A APP worker`` with an explicit pool and concurrency; waits for a ping."""
+        """``celery -A APP worker`` with an explicit pool and concurrency; waits for a ping.
+
+        The pool goes into ``AVOCADO_WORKER_POOL`` as well as ``--pool``: the fleet's app sets
+        ``worker_pool`` from that setting, and Celery then ignores ``--pool prefork``.
+        """
         name = f"bench-{uuid.uuid4().hex[:6]}@localhost"
         log = self.tmp / f"{name.split('@')[0]}.log"
         args = [
@@ -281,7 +286,7 @@ class BenchEnv:
         with log.open("wb") as out:
             process = subprocess.Popen(
                 args,
-                env=self.worker_env(ollama_url, **(env or {})),
+                env=self.worker_env(ollama_url, **{"AVOCADO_WORKER_POOL": pool, **(env or {})}),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -391,7 +396,7 @@ class BenchEnv:
         self._sims.clear()
         self.refresh()
         with contextlib.suppress(Exception), self.producer.app.connection_for_write() as conn:
-            for queue in ("ml.generate", "bench.noop", "bench.noop.fleet-config"):
+            for queue in ("ml.generate", "bench.noop"):
                 with contextlib.suppress(Exception):
                     conn.default_channel.queue_purge(queue)
         with contextlib.suppress(Exception):
