@@ -65,9 +65,13 @@ def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
     )
 
 
-def _check_deadline() -> None:
+# A timeout cut to the deadline may fire a hair before it (clock granularity): still the limit.
+_TIMEOUT_SLACK_S = 0.05
+
+
+def _check_deadline(slack: float = 0.0) -> None:
     deadline = _DEADLINE.get()
-    if deadline is not None and time.monotonic() >= deadline:
+    if deadline is not None and time.monotonic() >= deadline - slack:
         raise DeadlinePassed("the time limit came while Ollama was still answering")
 
 
@@ -204,7 +208,7 @@ class OllamaClient:
             timeout = _bounded(self._http.timeout)
             response = self._http.request(method, path, json=body, timeout=timeout)
         except httpx.TransportError as error:
-            _check_deadline()
+            _check_deadline(_TIMEOUT_SLACK_S)
             raise OllamaUnavailable(f"ollama at {self.base_url}: {error!r}") from error
         model = body.get("model") if isinstance(body, dict) else None
         _raise_for_status(response, model)
@@ -229,7 +233,7 @@ class OllamaClient:
                         raise OllamaUnavailable(f"ollama failed mid-stream: {chunk['error']}")
                     yield chunk
         except httpx.TransportError as error:
-            _check_deadline()
+            _check_deadline(_TIMEOUT_SLACK_S)
             raise OllamaUnavailable(f"ollama at {self.base_url}: {error!r}") from error
 
     def version(self) -> str:
