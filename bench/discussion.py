@@ -78,6 +78,12 @@ def _which_meet(outcomes: Sequence[Outcome], pools: Sequence[str]) -> str:
     return f"Only {' and '.join(f'`{p}`' for p in meet)} meets"
 
 
+def _turnaround(saturation: Outcome | None, concurrency: int) -> float:
+    """Milliseconds a slot idles per job in scenario 2, beyond what direct calls take."""
+    fleet, direct = _x(saturation, "fleet"), _x(saturation, "direct")
+    return 1000.0 * concurrency * (1.0 / fleet - 1.0 / direct)
+
+
 def _pools(outcomes: Sequence[Outcome], cfg: Config) -> list[str]:
     pools = _ran(outcomes, cfg)
     if not pools:
@@ -144,10 +150,15 @@ def _pools(outcomes: Sequence[Outcome], cfg: Config) -> list[str]:
         f"children (PSS {fmt(_x(p['4'], 'fleet_end_pss'), 0)} MB: most of it pages the forked "
         f"children share){bare_memory}. {_which_meet(outcomes, ['threads', 'prefork'])} the "
         f"{_MEMORY_TARGET_MB:.0f} MB target.",
-        "2. Throughput. An LLM job waits on Ollama almost all its time, so the pool does not "
-        "limit throughput: with a 200 ms model (scenario 2) threads reach "
+        "2. Throughput. With a 200 ms model (scenario 2) threads reach "
         f"x{fmt(_x(t['2'], 'ratio'), 3)} of direct calls and prefork "
-        f"x{fmt(_x(p['2'], 'ratio'), 3)}. Per job (scenario 1) threads add {over(t['1'], 50)} "
+        f"x{fmt(_x(p['2'], 'ratio'), 3)}: between two generations a slot idles "
+        f"{fmt(_turnaround(t['2'], c), 1)} ms under threads and "
+        f"{fmt(_turnaround(p['2'], c), 1)} ms under prefork. An LLM job waits on Ollama "
+        "almost all its time: with a 2 s generation, a small model on a notebook GPU, the "
+        f"same turnaround gives x{fmt(2000 / (2000 + _turnaround(t['2'], c)), 3)} and "
+        f"x{fmt(2000 / (2000 + _turnaround(p['2'], c)), 3)}, so the pool hardly sets "
+        f"throughput. Per job (scenario 1) threads add {over(t['1'], 50)} "
         f"at p50 and {over(t['1'], 99)} at p99, prefork {over(p['1'], 50)} and "
         f"{over(p['1'], 99)}. With a model that answers at once (scenario 3) threads dispatch "
         f"{fmt(_x(t['3'], 'fleet'), 1)} jobs/s and prefork {fmt(_x(p['3'], 'fleet'), 1)} "
