@@ -184,7 +184,8 @@ class JobTask(SingletonJob):
             record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=data)
         except StoreUnavailable as error:
             self.retry_transient(TransientError(f"result not stored: {error}"))
-        self.release_lock(task_args=self.request.args, task_kwargs=self.request.kwargs)
+        released = self.release_lock(task_args=self.request.args, task_kwargs=self.request.kwargs)
+        self.request.lock_release_pending = not released
         return data
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
@@ -192,8 +193,11 @@ class JobTask(SingletonJob):
         record_quietly(self, task_id, JobStatus.STARTED, kwargs)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        """Nothing to release: ``finish`` did, before the result was published (one Redis
-        round trip fewer per keyed job than celery-singleton's second release)."""
+        """Release the lock again only if ``finish`` could not (Redis was down): the result
+        is stored by now, so Redis is back. Otherwise nothing to do, one Redis round trip
+        fewer per keyed job than celery-singleton's unconditional second release."""
+        if getattr(self.request, "lock_release_pending", False):
+            self.release_lock(task_args=args, task_kwargs=kwargs)
 
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo

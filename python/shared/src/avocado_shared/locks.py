@@ -72,23 +72,26 @@ class SingletonJob(Singleton):  # type: ignore[misc]
             return Task.apply_async(self, args, kwargs, task_id=task_id, **options)
         return super().apply_async(args, kwargs, task_id=task_id, **options)
 
-    def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> None:
-        """Release this job's lock, never another job's that took the same identity since."""
-        self._on_lock(_RELEASE, self.request.id, task_args, task_kwargs)
+    def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> bool:
+        """Release this job's lock, never another job's that took the same identity since;
+        False when Redis could not be reached (the lock then expires by itself)."""
+        return self._on_lock(_RELEASE, self.request.id, task_args, task_kwargs)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Push the lock's expiry back when the job starts, however long it waited queued."""
         self._on_lock(_REFRESH, task_id, args, kwargs, self.singleton_config.lock_expiry)
 
-    def _on_lock(self, script: str, task_id: str, args: Any, kwargs: Any, *extra: Any) -> None:
+    def _on_lock(self, script: str, task_id: str, args: Any, kwargs: Any, *extra: Any) -> bool:
         """Run a lock script; with Redis down the job goes on and the lock expires by itself."""
         if job_identity(self.name, kwargs) is None:
-            return
+            return True
         lock = self.generate_lock(self.name, args, kwargs)
         try:
             self.singleton_backend.redis.eval(script, 1, lock, task_id, *extra)
         except RedisError as error:
             logger.warning("lock %s of job %s left to expire: %s", lock, task_id, error)
+            return False
+        return True
 
 
 def register_job_tasks(app: Celery) -> None:
