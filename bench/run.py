@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             steps.append((f"1 overhead, {pool}", partial(scenarios.overhead, env, cfg, pool)))
         for pool in cfg.pools if "2" in chosen else ():
             steps.append((f"2 saturation, {pool}", partial(scenarios.saturation, env, cfg, pool)))
+            steps.append(
+                (
+                    f"2 saturation, jittered, {pool}",
+                    partial(scenarios.saturation, env, cfg, pool, scenarios.JITTER_MS),
+                )
+            )
         for pool in cfg.pools if "3" in chosen else ():
             steps.append((f"3 dispatch, {pool}", partial(scenarios.dispatch, env, cfg, pool)))
         for pool in cfg.pools if "4" in chosen else ():

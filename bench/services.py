@@ -190,7 +190,9 @@ class BenchEnv:
 
     # --- simulators ---
 
-    def start_sim(self, *, latency_ms: float = 0.0, parallel: int = 4) -> Sim:
+    def start_sim(
+        self, *, latency_ms: float = 0.0, parallel: int = 4, jitter_ms: float = 0.0
+    ) -> Sim:
         """Start a simulator on a free port and wait for its address."""
         args = [
             str(VENV_BIN / "avocado-ollama-sim"),
@@ -198,6 +200,8 @@ class BenchEnv:
             "0",
             "--latency-ms",
             str(latency_ms),
+            "--latency-jitter-ms",
+            str(jitter_ms),
             "--parallel",
             str(parallel),
             "--max-queue",

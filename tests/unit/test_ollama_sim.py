@@ -545,6 +545,20 @@ def test_latency_and_token_pacing(make_sim: SimFactory) -> None:
     assert whole.eval_count == 10
 
 
+def test_latency_jitter_varies_each_generation(make_sim: SimFactory) -> None:
+    sim = make_sim(latency_ms=40, latency_jitter_ms=30)
+    with ollama.Client(host=sim.url, timeout=10, verify=TLS) as client:
+        waits = [
+            (client.generate(model=MODEL, prompt="hi").prompt_eval_duration or 0) / 1e6
+            for _ in range(10)
+        ]
+
+    assert min(waits) >= 10
+    assert max(waits) - min(waits) > 10, f"every generation waited alike: {waits}"
+    with pytest.raises(ValueError, match="latency_jitter_ms"):
+        SimConfig(latency_ms=10, latency_jitter_ms=20)
+
+
 def test_stop_cuts_a_running_stream(make_sim: SimFactory) -> None:
     sim = make_sim(tokens_per_s=20)
     with ollama.Client(host=sim.url, timeout=10, verify=TLS) as client:

@@ -434,7 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt_tokens = min(prompt_tokens, num_ctx)
         stream = body.get("stream") is not False
         rate = config.tokens_per_s
-        self._pause(config.latency_ms / 1000.0)
+        self._pause(state.latency_s())
         evaluated = time.perf_counter_ns()
 
         if stream:

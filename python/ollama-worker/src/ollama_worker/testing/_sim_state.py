@@ -17,6 +17,7 @@ __all__ = ["RecordedRequest", "RequestLog", "SimConfig", "SimState", "SlotGate"]
 _LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "0.0.0.0"]  # noqa: S104 - a Host value
 # Ollama also accepts these suffixes on a loopback bind (allowedHost in server/routes.go).
 _LOCAL_SUFFIXES = [".localhost", ".local", ".internal"]
+_GOLDEN = (5**0.5 - 1) / 2  # consecutive multiples mod 1 spread evenly over [0, 1)
 
 
 @dataclass
@@ -29,6 +30,10 @@ class SimConfig:
     """Models /api/pull can fetch; None accepts any well-formed name."""
     latency_ms: float = 0.0
     """Delay before the first token (streaming) or the answer."""
+    latency_jitter_ms: float = 0.0
+    """Generations' delays spread evenly over latency_ms +/- this, as real answers vary; a
+    golden-ratio sequence, not random draws, so runs of the same length compare. 0: every
+    generation waits the same."""
     tokens_per_s: float | None = None
     """None sends all tokens at once; a rate paces them."""
     fail_first: int = 0
@@ -56,6 +61,8 @@ class SimConfig:
             raise ValueError("parallel must be at least 1")
         if self.max_queue < 0 or self.latency_ms < 0 or self.fail_first < 0:
             raise ValueError("max_queue, latency_ms and fail_first cannot be negative")
+        if not 0 <= self.latency_jitter_ms <= self.latency_ms:
+            raise ValueError("latency_jitter_ms must be between 0 and latency_ms")
         if self.tokens_per_s is not None and self.tokens_per_s <= 0:
             raise ValueError("tokens_per_s must be positive or None")
 
@@ -175,6 +182,7 @@ class SimState:
         self.stopping = threading.Event()
         self.requests = RequestLog(config.max_recorded)
         self.generation_calls = 0
+        self._latencies = 0  # generations so far, never reset: the jitter sequence goes on
         self.started_at = time.time()
         self.modified: dict[str, float] = {}
         self.loaded: dict[str, tuple[float, int]] = {}  # name -> (expires epoch, num_ctx)
@@ -182,6 +190,14 @@ class SimState:
     def count_generation(self) -> None:
         with self.lock:
             self.generation_calls += 1
+
+    def latency_s(self) -> float:
+        """The next generation's delay: latency_ms, moved by its place in the jitter sequence."""
+        with self.lock:
+            n = self._latencies
+            self._latencies += 1
+        spread = ((n * _GOLDEN) % 1.0) * 2.0 - 1.0
+        return (self.config.latency_ms + spread * self.config.latency_jitter_ms) / 1000.0
 
     def take_failure(self) -> int | None:
         """The status to fail this call with, consuming one of config.fail_first."""

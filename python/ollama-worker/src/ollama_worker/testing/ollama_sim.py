@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=11434, help="port; 0 picks a free one")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay before the answer")
+    p.add_argument(
+        "--latency-jitter-ms", type=float, default=0.0, help="vary each delay by +/- this"
+    )
     p.add_argument("--tokens-per-s", type=float, default=None, help="pace streamed tokens")
     p.add_argument("--models", type=_names, default=["llama3.2:1b"], help="pulled models, a,b")
     p.add_argument("--hub", type=_names, default=None, help="pullable models (default any)")
@@ -167,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             models=args.models,
             hub=args.hub,
             latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
             tokens_per_s=args.tokens_per_s,
             fail_first=args.fail_first,
             fail_status=args.fail_status,
