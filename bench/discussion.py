@@ -670,14 +670,14 @@ def _saturation(missed: list[Outcome], outcomes: Sequence[Outcome]) -> str:
             "backend, ack) shares one GIL under threads, where prefork's children run it on "
             "both cores."
         )
-        jittered = [o for o in outcomes if o.key == "2j"]
-        if jittered:
-            figures = ", ".join(f"{o.extra['pool']} x{fmt(_x(o, 'ratio'), 3)}" for o in jittered)
-            text += (
-                f" Measured beside it: with generation times spread over 100-300 ms (same "
-                f"mean, the same times for the direct baseline), so that jobs do not end "
-                f"together, as real answers of different lengths do not: {figures}."
-            )
+    jittered = [o for o in outcomes if o.key == "2j"]
+    if jittered:
+        figures = ", ".join(f"{o.extra['pool']} x{fmt(_x(o, 'ratio'), 3)}" for o in jittered)
+        text += (
+            " Measured beside it: with generation times spread over 100-300 ms (same "
+            "mean, the same times for the direct baseline), so that jobs do not end "
+            f"together, as real answers of different lengths do not: {figures}."
+        )
     return text
 
 
