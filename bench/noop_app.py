@@ -18,7 +18,7 @@ from kombu.entity import Exchange, Queue
 
 from avocado_shared.celery_config import celery_config
 from avocado_shared.settings import Settings
-from avocado_shared.topology import DEAD_LETTER_EXCHANGE
+from avocado_shared.topology import job_queue
 
 __all__ = ["NOOP_TASK", "make_app", "noop_queue"]
 
@@ -36,17 +36,7 @@ _BARE: dict[str, Any] = {
 
 def noop_queue(settings: Settings) -> Queue:
     """A quorum queue with the job queues' arguments."""
-    return Queue(
-        NOOP_TASK,
-        BENCH_EXCHANGE,
-        routing_key=NOOP_TASK,
-        durable=True,
-        queue_arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": settings.delivery_limit,
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
-        },
-    )
+    return job_queue(NOOP_TASK, BENCH_EXCHANGE, settings)
 
 
 def make_app(settings: Settings) -> Celery:

@@ -27,6 +27,7 @@ __all__ = [
     "QueueInfo",
     "declare_topology",
     "describe",
+    "job_queue",
     "job_queues",
     "task_routes",
 ]
@@ -55,7 +56,7 @@ _ROUTES = {
 }
 
 
-def _job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
+def job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
     """A quorum queue that dead-letters a message once it was delivered too often."""
     return Queue(
         name,
@@ -73,9 +74,9 @@ def _job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
 def job_queues(settings: Settings) -> tuple[Queue, ...]:
     """The queues workers consume, in the order Celery should list them."""
     return (
-        _job_queue(GENERATE_QUEUE, ML_EXCHANGE, settings),
-        _job_queue(SUMMARIZE_QUEUE, ML_EXCHANGE, settings),
-        _job_queue(ANNOUNCE_QUEUE, INFRA_EXCHANGE, settings),
+        job_queue(GENERATE_QUEUE, ML_EXCHANGE, settings),
+        job_queue(SUMMARIZE_QUEUE, ML_EXCHANGE, settings),
+        job_queue(ANNOUNCE_QUEUE, INFRA_EXCHANGE, settings),
     )
 
 
