@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 from kombu.connection import Connection
 from kombu.entity import Exchange
+from tests.services import VENV_BIN, rabbitmqctl
 
 from avocado_shared import GenerateRequest, GenerateResult, Producer, ResultStore
 from avocado_shared.contracts import validate_request
@@ -34,7 +35,7 @@ from avocado_shared.store import JobStatus
 from bench.fleet_app import CANDIDATES, CHANGES, UNDONE, environment
 from bench.noop_app import NOOP_TASK
 from bench.scenarios import Config, alternate, fleet_burst, warm_fleet
-from bench.services import REDIS_URL, VENV_BIN, BenchEnv, Worker, rabbitmqctl
+from bench.services import REDIS_URL, BenchEnv, Worker
 from bench.stats import median, percentile
 
 __all__ = ["fixes", "profile"]

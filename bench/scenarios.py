@@ -12,11 +12,12 @@ from typing import Any, get_args
 
 import psutil
 from celery import Celery
+from tests.services import wait_for
 
 from avocado_shared import Producer
 from bench.noop_app import NOOP_TASK, make_app, noop_queue
 from bench.outcome import Outcome, Row
-from bench.services import MODEL, BenchEnv, Worker, wait_for
+from bench.services import MODEL, BenchEnv, Worker
 from bench.stats import fmt, median, percentile, spread
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.settings import WorkerSettings

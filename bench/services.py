@@ -8,88 +8,35 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import redis
 from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
+from tests.services import VENV_BIN, free_port, rabbitmqctl, stop_group, wait_for
 
 from avocado_shared import Producer, Settings
 
 __all__ = [
     "REPO",
-    "VENV_BIN",
     "BenchEnv",
     "Sim",
     "Worker",
-    "rabbitmqctl",
     "terminate_as_interrupt",
-    "wait_for",
 ]
 
-_T = TypeVar("_T")
-
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 RABBIT_HOST = os.environ.get("BENCH_RABBIT_HOST", "127.0.0.1:5672")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "llama3.2:1b"
-
-
-def wait_for(condition: Callable[[], _T | None], timeout: float, what: str) -> _T:
-    """Poll ``condition`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
-
-
-def rabbitmqctl(*args: str) -> str:
-    exe = shutil.which("rabbitmqctl")
-    if exe is None:
-        raise RuntimeError("rabbitmqctl not found: the harness makes its own vhost with it")
-    done = subprocess.run(
-        [exe, "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
-    return done.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the process, wait, then SIGKILL whatever is left of its process group."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -101,7 +48,7 @@ class Sim:
     args: list[str]
 
     def stop(self) -> None:
-        _stop_group(self.process, timeout=10)
+        stop_group(self.process, timeout=10)
 
 
 @dataclass
@@ -130,7 +77,7 @@ class Worker:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        _stop_group(self.process, timeout=30)
+        stop_group(self.process, timeout=30)
 
 
 @dataclass
@@ -220,7 +167,7 @@ class BenchEnv:
         ready, _, _ = select.select([process.stdout], [], [], 30)
         line = process.stdout.readline().decode() if ready else ""
         if "listening on" not in line:
-            _stop_group(process, timeout=5)
+            stop_group(process, timeout=5)
             raise RuntimeError(f"simulator did not start: {line!r}")
         sim = Sim(process=process, url=line.rsplit(" ", 1)[-1].strip(), args=args)
         self._sims.append(sim)
@@ -241,7 +188,7 @@ class BenchEnv:
                 "XDG_DATA_HOME": str(self.tmp),
                 "TMPDIR": str(self.tmp),
                 # Each worker serves its Prometheus metrics, as deployed, on a port of its own.
-                "AVOCADO_METRICS_PORT": str(_free_port()),
+                "AVOCADO_METRICS_PORT": str(free_port()),
                 "PYTHONPATH": os.pathsep.join(
                     p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
                 ),

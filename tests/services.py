@@ -42,6 +42,34 @@ def wait_for(
         delay = min(delay * 1.5, 0.5)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_group(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0
+) -> int:
+    """Send ``sig`` and wait for the process to end; then no process of its group is left."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    kill_group(process)
+    return int(process.returncode)
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process's whole group (started with ``start_new_session``)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def rabbitmqctl(*args: str) -> str:
     """Run rabbitmqctl; tests need it to make and drop their own vhost."""
     exe = shutil.which("rabbitmqctl")
@@ -81,24 +109,12 @@ class WorkerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the worker to end; then no process of its group is left."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._kill_group()
-        return int(self.process.returncode)
+        return stop_group(self.process, sig, timeout)
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool at once, as when a notebook's machine vanishes."""
-        self._kill_group()
+        kill_group(self.process)
         self.process.wait(timeout=10)
-
-    def _kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def service_env(broker_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
@@ -203,9 +219,7 @@ class RedisServer:
     deployed Redis with persistence does."""
 
     def __init__(self, data_dir: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         self.data_dir = data_dir
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None

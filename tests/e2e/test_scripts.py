@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -17,17 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.services import run_cli, service_env
+from tests.services import free_port, run_cli, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "scripts/start-ml-services.sh"
 STOP = ROOT / "scripts/stop-ml-services.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _ours(run_dir: Path) -> list[str]:
@@ -80,8 +73,8 @@ def fleet_env(broker_url: str, key_prefix: str, tmp_path: Path) -> Iterator[dict
         key_prefix,
         AVOCADO_RUN_DIR=str(tmp_path / "run"),
         AVOCADO_VENV=str(Path(sys.executable).parent.parent),
-        AVOCADO_OLLAMA_URL=f"http://127.0.0.1:{_free_port()}",
-        AVOCADO_FLOWER_PORT=str(_free_port()),
+        AVOCADO_OLLAMA_URL=f"http://127.0.0.1:{free_port()}",
+        AVOCADO_FLOWER_PORT=str(free_port()),
         AVOCADO_METRICS_PORT="0",
         # The scripts read no .env of the developer's.
         AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),

@@ -4,7 +4,6 @@ time, token counts and rates, summed over the pool's processes by the main proce
 from __future__ import annotations
 
 import re
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,18 +18,12 @@ from ollama_worker.metrics import queue_wait, retry_reason
 from ollama_worker.ollama import OllamaUnavailable
 from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
-from tests.services import WorkerProcess, wait_for
+from tests.services import WorkerProcess, free_port, wait_for
 
 WAIT = 60
 MODEL = "llama3.2:1b"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _endpoint(worker: WorkerProcess) -> tuple[str, Path]:
@@ -66,7 +59,7 @@ def _pids(directory: Path) -> set[int]:
 def test_metrics_count_each_outcome_and_sum_over_the_pool(
     producer: Producer, fresh_sim: OllamaSimulator, worker_factory: WorkerFactory, pool: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     worker = worker_factory(
         fresh_sim.url, concurrency=2, AVOCADO_METRICS_PORT=str(port), AVOCADO_WORKER_POOL=pool
     )
@@ -144,7 +137,7 @@ def test_metrics_count_each_outcome_and_sum_over_the_pool(
 def test_a_second_worker_on_a_taken_port_serves_jobs_without_metrics(
     producer: Producer, fresh_sim: OllamaSimulator, worker_factory: WorkerFactory
 ) -> None:
-    port = _free_port()
+    port = free_port()
     first = worker_factory(fresh_sim.url, AVOCADO_METRICS_PORT=str(port))
     url, _ = _endpoint(first)
     second = worker_factory(fresh_sim.url, AVOCADO_METRICS_PORT=str(port))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,17 +25,10 @@ from avocado_shared.topology import (
 )
 from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
-from tests.services import run_cli, service_env, wait_for
+from tests.services import free_port, run_cli, service_env, wait_for
 
 WAIT = 60
 JOB_QUEUES = ("ml.generate", "ml.summarize", "infra.announce")
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -175,7 +167,7 @@ def test_status_says_which_part_is_down_and_shows_the_rest(
 ) -> None:
     worker = worker_factory(fresh_sim.url, AVOCADO_METRICS_PORT="0")
     no_redis = service_env(
-        broker_url, key_prefix, AVOCADO_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0"
+        broker_url, key_prefix, AVOCADO_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"
     )
 
     shown = run_cli(no_redis, "status")
@@ -190,7 +182,7 @@ def test_status_says_which_part_is_down_and_shows_the_rest(
     assert [w["name"] for w in data["workers"]["items"]] == [worker.name]
     assert all(data[part]["ok"] for part in ("queues", "workers", "dead_letters", "failures"))
 
-    no_broker = service_env(f"amqp://guest:guest@127.0.0.1:{_closed_port()}//", key_prefix)
+    no_broker = service_env(f"amqp://guest:guest@127.0.0.1:{free_port()}//", key_prefix)
     shown = run_cli(no_broker, "status", timeout=30)
 
     assert shown.returncode == 1

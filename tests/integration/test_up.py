@@ -5,7 +5,6 @@ serve`` really runs), the tunnel is the fake ngrok agent, the fleet is the real 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import threading
 import uuid
@@ -19,19 +18,13 @@ from nbclient import NotebookClient
 from avocado_shared import Producer
 from avocado_shared.discovery import Announcement, EndpointEvent, EndpointWatcher
 from ollama_worker.testing import fake_ngrok_path
-from tests.services import VENV_BIN, service_env, wait_for
+from tests.services import VENV_BIN, free_port, service_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 60
 MODEL = "qwen2.5:0.5b"  # not on the simulator at first: it must be pulled
 TOKEN = f"ngrok-token-{uuid.uuid4().hex}"
 PASSWORD = f"tunnel-pass-{uuid.uuid4().hex}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -44,7 +37,7 @@ def up_env(broker_url: str, key_prefix: str, tmp_path: Path) -> dict[str, str]:
         broker_url,
         key_prefix,
         PATH=f"{bin_dir}:{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
-        AVOCADO_OLLAMA_URL=f"http://127.0.0.1:{_free_port()}",
+        AVOCADO_OLLAMA_URL=f"http://127.0.0.1:{free_port()}",
         AVOCADO_SERVICE_ID=f"up-{uuid.uuid4().hex[:8]}",
         AVOCADO_DEFAULT_MODEL=MODEL,
         AVOCADO_NGROK_PATH=fake_ngrok_path(),

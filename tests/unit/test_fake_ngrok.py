@@ -27,6 +27,7 @@ from pyngrok.exception import PyngrokNgrokError, PyngrokNgrokHTTPError
 
 from ollama_worker.testing import fake_ngrok_path
 from ollama_worker.testing.fake_ngrok import VERSION
+from tests.services import free_port
 
 TOKEN = "test-token-5e1f0c"
 USER, PASSWORD = "avocado", "tunnel-pass-8d2b"
@@ -151,12 +152,6 @@ def make_config(tmp_path: Path, log_lines: list[str]) -> Iterator[ConfigFactory]
     yield factory
     for config in made:
         ngrok.kill(config)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _second_path(tmp_path: Path) -> str:
@@ -425,7 +420,7 @@ def test_authtoken_from_config_file_and_cli_commands(
 
 
 def test_web_addr_from_config_file(make_config: ConfigFactory, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     text = f'version: "3"\nagent:\n  web_addr: 127.0.0.1:{port}\n'
     first = make_config(text)
     second = make_config(text, ngrok_path=_second_path(tmp_path))

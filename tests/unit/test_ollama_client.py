@@ -17,6 +17,7 @@ from ollama_worker.ollama import (
     OllamaUnavailable,
 )
 from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.services import free_port
 
 
 @pytest.fixture
@@ -104,10 +105,8 @@ def test_bad_request_is_permanent(sim: OllamaSimulator, client: OllamaClient) ->
 
 
 def test_connection_refused_is_transient() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with OllamaClient(f"http://127.0.0.1:{port}") as client, pytest.raises(OllamaUnavailable):
+    url = f"http://127.0.0.1:{free_port()}"
+    with OllamaClient(url) as client, pytest.raises(OllamaUnavailable):
         client.generate("llama3.2:1b", "hi")
 
 
