@@ -27,7 +27,8 @@ from typing import Any
 import psutil
 from kombu.connection import Connection
 from kombu.entity import Exchange
-from tests.services import VENV_BIN, rabbitmqctl
+from tests.rabbit import machine_broker
+from tests.services import VENV_BIN
 
 from avocado_shared import GenerateRequest, GenerateResult, Producer, ResultStore
 from avocado_shared.contracts import validate_request
@@ -306,7 +307,7 @@ def _redis_monitor() -> Iterator[list[tuple[int, str, str]]]:
 
 def _rabbit_counts(vhost: str) -> dict[int, tuple[int, int]]:
     """Local port -> (socket reads, socket writes) at the broker, per connection of ``vhost``."""
-    out = rabbitmqctl("list_connections", "vhost", "peer_port", "recv_cnt", "send_cnt")
+    out = machine_broker().ctl("list_connections", "vhost", "peer_port", "recv_cnt", "send_cnt")
     counts: dict[int, tuple[int, int]] = {}
     for line in out.splitlines():
         fields = line.split("\t")

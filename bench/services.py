@@ -21,7 +21,8 @@ import psutil
 import redis
 from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
-from tests.services import VENV_BIN, free_port, rabbitmqctl, stop_group, wait_for
+from tests.rabbit import machine_broker
+from tests.services import VENV_BIN, free_port, stop_group, wait_for
 
 from avocado_shared import Producer, Settings
 
@@ -100,9 +101,9 @@ class BenchEnv:
         self.vhost = f"avocado-bench-{ident}"
         self.key_prefix = f"avocado-bench-{ident}:"
         try:
-            rabbitmqctl("add_vhost", self.vhost)
+            machine_broker().ctl("add_vhost", self.vhost)
             self._vhost_made = True
-            rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            machine_broker().ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
         except BaseException:
             self.close()
             raise
@@ -373,7 +374,7 @@ class BenchEnv:
             self.purge_results()
         if self._vhost_made:
             with contextlib.suppress(Exception):
-                rabbitmqctl("delete_vhost", self.vhost)
+                machine_broker().ctl("delete_vhost", self.vhost)
             self._vhost_made = False
         if getattr(self, "tmp", None) is not None and os.environ.get("BENCH_KEEP_TMP") != "1":
             shutil.rmtree(self.tmp, ignore_errors=True)

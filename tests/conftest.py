@@ -22,10 +22,10 @@ from psycopg import sql
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
 from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.rabbit import Broker, isolated_vhost, machine_broker, rabbitmq4
 from tests.services import (
     REDIS_URL,
     WorkerProcess,
-    isolated_vhost,
     service_env,
     start_beat,
     start_worker,
@@ -38,6 +38,7 @@ PG_ADMIN_URL = os.environ.get(
 PG_FAKE_PASSWORD = "not-shown-3f9a1c"
 
 _DATA_HOME = "AVOCADO_TEST_DATA_HOME"
+BROKERS = ("rabbitmq3", "rabbitmq4")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,10 +51,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop(_DATA_HOME, ""), ignore_errors=True)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_brokers`` run on RabbitMQ 3.x and 4.x, the others on the machine's."""
+    if "rabbit" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker("both_brokers") is not None
+        labels = BROKERS if marked else BROKERS[:1]
+        metafunc.parametrize("rabbit", labels, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def broker_url() -> Iterator[str]:
+def rabbit(request: pytest.FixtureRequest) -> Broker:
+    """The RabbitMQ of this test: the machine's 3.x, or the suite's 4.x node."""
+    return rabbitmq4() if request.param == "rabbitmq4" else machine_broker()
+
+
+@pytest.fixture(scope="session")
+def broker_url(rabbit: Broker) -> Iterator[str]:
     """A RabbitMQ vhost of this test session only."""
-    with isolated_vhost() as url:
+    with isolated_vhost(rabbit) as url:
         yield url
 
 

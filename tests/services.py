@@ -1,4 +1,4 @@
-"""Real services for the tests: an isolated RabbitMQ vhost, a Redis key prefix, worker processes."""
+"""Real services for the tests: a Redis key prefix, worker processes, a private Redis."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +20,6 @@ import redis
 
 _T = TypeVar("_T")
 
-RABBIT_HOST = os.environ.get("AVOCADO_TEST_RABBIT_HOST", "127.0.0.1:5672")
 REDIS_URL = os.environ.get("AVOCADO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 VENV_BIN = Path(sys.executable).parent
 
@@ -68,31 +66,6 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL the process's whole group (started with ``start_new_session``)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-
-
-def rabbitmqctl(*args: str) -> str:
-    """Run rabbitmqctl; tests need it to make and drop their own vhost."""
-    exe = shutil.which("rabbitmqctl")
-    if exe is None:
-        raise RuntimeError("rabbitmqctl not found: run scripts/test.sh, which installs RabbitMQ")
-    done = subprocess.run(
-        [exe, "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
-    return done.stdout
-
-
-@contextmanager
-def isolated_vhost() -> Iterator[str]:
-    """A fresh vhost for one test session, removed afterwards; yields its broker URL."""
-    vhost = f"avocado-test-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{RABBIT_HOST}/{vhost}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
 
 
 @dataclass

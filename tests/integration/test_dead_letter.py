@@ -39,7 +39,7 @@ from avocado_shared.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, GEN
 from ollama_worker.deadletter import dead_letter_message, dead_letter_task
 from tests.services import REDIS_URL, WorkerProcess, run_cli, service_env, wait_for
 
-pytestmark = pytest.mark.usefixtures("worker")
+pytestmark = [pytest.mark.usefixtures("worker"), pytest.mark.both_brokers]
 
 WAIT = 60
 JSON = "application/json"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from avocado_shared import JobStatus, Producer
 from ollama_worker.testing import OllamaSimulator
 from tests.services import WorkerProcess, service_env
@@ -21,6 +23,7 @@ def _readme_example() -> str:
     return found.group(1)
 
 
+@pytest.mark.both_brokers
 def test_job_from_a_plain_amqp_client_runs_and_is_stored(
     broker_url: str,
     key_prefix: str,

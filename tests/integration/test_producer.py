@@ -17,7 +17,8 @@ from avocado_shared.topology import (
     declare_topology,
 )
 from ollama_worker.testing import OllamaSimulator
-from tests.services import REDIS_URL, WorkerProcess, rabbitmqctl, run_cli, service_env
+from tests.rabbit import Broker
+from tests.services import REDIS_URL, WorkerProcess, run_cli, service_env
 
 
 def _depth(producer: Producer, queue: str) -> int:
@@ -59,14 +60,15 @@ def test_invalid_requests_are_refused_before_publishing(
     assert (_depth(producer, GENERATE_QUEUE), _depth(producer, SUMMARIZE_QUEUE)) == before
 
 
+@pytest.mark.both_brokers
 def test_queues_are_quorum_with_delivery_limit_and_dead_lettering(
-    producer: Producer, broker_url: str
+    producer: Producer, broker_url: str, rabbit: Broker
 ) -> None:
     with producer.app.connection_for_write() as connection:
         declare_topology(connection, producer.settings)
     vhost = broker_url.rsplit("/", 1)[1]
 
-    listing = rabbitmqctl(
+    listing = rabbit.ctl(
         "list_queues", "-p", vhost, "name", "type", "arguments", "--formatter", "json"
     )
 
@@ -77,6 +79,9 @@ def test_queues_are_quorum_with_delivery_limit_and_dead_lettering(
         assert args["x-delivery-limit"] == producer.settings.delivery_limit
         assert args["x-dead-letter-exchange"] == "ml.dlx"
     assert queues[DEAD_LETTER_QUEUE]["type"] == "quorum"
+    # No delivery limit on the dead letters: RabbitMQ 4's -1, RabbitMQ 3's none (its -1 drops).
+    dead = {key: value for key, _type, value in queues[DEAD_LETTER_QUEUE]["arguments"]}
+    assert dead.get("x-delivery-limit") == (-1 if rabbit.major >= 4 else None)
 
 
 def test_cli_generate_and_summarize_wait_for_results(

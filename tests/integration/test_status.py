@@ -21,7 +21,7 @@ from avocado_shared.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     GENERATE_TASK,
-    dead_letter_queue,
+    declare_dead_letter_queue,
 )
 from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
@@ -68,11 +68,11 @@ def _put_dead_letter(connection: Connection, reason: str) -> str:
         routing_key="ml.generate",
         by="test-status",
     )
+    declare_dead_letter_queue(connection)
     connection.Producer().publish(
         json.dumps([[], {"request": {"prompt": "poison"}}, {}]),
         exchange=DEAD_LETTER_EXCHANGE,
         routing_key="ml.generate",
-        declare=[dead_letter_queue()],
         headers=headers,
         content_type="application/json",
         content_encoding="utf-8",

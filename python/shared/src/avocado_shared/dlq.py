@@ -21,7 +21,8 @@ from celery.utils.saferepr import saferepr
 from kombu.connection import Connection
 
 from avocado_shared.producer import SENT_AT_HEADER
-from avocado_shared.topology import DEAD_LETTER_QUEUE, dead_letter_queue
+from avocado_shared.redeclare import raw_body
+from avocado_shared.topology import DEAD_LETTER_QUEUE, declare_dead_letter_queue
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -146,23 +147,13 @@ def copy_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**{k: v for k, v in kept.items() if v is not None}, "delivery_mode": _PERSISTENT}
 
 
-def raw_body(message: Any) -> bytes:
-    """A received message's body as the bytes that were published.
-
-    py-amqp hands over a body as ``str`` when its ``content_encoding`` decodes it.
-    """
-    body = message.body
-    if isinstance(body, str):
-        return body.encode(message.content_encoding or "utf-8")
-    return bytes(body)
-
-
 def list_dead_letters(connection: Connection, limit: int = 100) -> list[DeadLetter]:
     """The oldest ``limit`` dead letters, left in the queue.
 
     Each is fetched unacknowledged and put back in order, so a listing removes nothing;
-    two listings at once each miss what the other holds. Every listing counts as a delivery
-    of each message it read (``x-delivery-count``).
+    two listings at once each miss what the other holds. A listing counts as a delivery of
+    each letter (``x-delivery-count``), but ``ml.dead-letter`` has no delivery limit on any
+    RabbitMQ version, so no letter is ever dropped for having been read.
     """
     letters: list[DeadLetter] = []
     with _Scan(connection) as scan:
@@ -224,22 +215,26 @@ def replay(
 class _Scan:
     """Reads ``ml.dead-letter`` on a channel of its own, holding what it read unacked.
 
-    On exit whatever was not acked goes back one by one in the order it was read: a quorum
-    queue redelivers returns first, in the order they came back, so the queue keeps its
-    order (a channel close would return them in no particular order).
+    On exit it takes the rest of the queue too, then puts back whatever was not acked one by
+    one in the order it was read: a quorum queue without a delivery limit returns a message
+    to its back, so only a queue put back whole keeps its order (a channel close would
+    return them in no particular order).
     """
 
     def __init__(self, connection: Connection) -> None:
+        self._connection = connection
         self.channel = connection.channel()
-        self._queue = dead_letter_queue()(self.channel)
         self._held: list[Any] = []
 
     def __enter__(self) -> _Scan:
-        self._queue.declare()
+        self._queue = declare_dead_letter_queue(self._connection)(self.channel)
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
+            if self.channel.is_open:
+                while self.next() is not None:
+                    pass
             for message in self._held:
                 if not self.channel.is_open:
                     break

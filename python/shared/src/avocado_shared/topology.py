@@ -8,6 +8,7 @@ from typing import Any
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
+from avocado_shared.redeclare import broker_major, redeclare
 from avocado_shared.settings import Settings
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "URL_CHANGED",
     "URL_REMOVED",
     "QueueInfo",
+    "dead_letter_queue",
+    "declare_dead_letter_queue",
     "declare_topology",
     "describe",
     "job_queue",
@@ -80,15 +83,32 @@ def job_queues(settings: Settings) -> tuple[Queue, ...]:
     )
 
 
-def dead_letter_queue() -> Queue:
-    """Keeps every dead-lettered job, whatever its routing key, for inspection and replay."""
+def dead_letter_queue(broker_major: int) -> Queue:
+    """Keeps every dead-lettered job, whatever its routing key, for inspection and replay.
+
+    With no delivery limit: reading a letter hands it back, which counts as a delivery, and
+    a letter must never be dropped for having been read. RabbitMQ 4 gives quorum queues a
+    limit of 20 unless told -1; RabbitMQ 3 has none by default, and drops every message at
+    once when told -1.
+    """
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if broker_major >= 4:
+        arguments["x-delivery-limit"] = -1
     return Queue(
         DEAD_LETTER_QUEUE,
         DEAD_LETTER_EXCHANGE,
         routing_key="#",
         durable=True,
-        queue_arguments={"x-queue-type": "quorum"},
+        queue_arguments=arguments,
     )
+
+
+def declare_dead_letter_queue(connection: Connection) -> Queue:
+    """Declare ``ml.dead-letter`` for this broker's version, migrating one declared otherwise
+    (by an older release, or before the broker was upgraded) with every letter it holds."""
+    queue = dead_letter_queue(broker_major(connection))
+    redeclare(connection, queue)
+    return queue
 
 
 def task_routes() -> dict[str, dict[str, str]]:
@@ -100,10 +120,10 @@ def declare_topology(connection: Connection, settings: Settings) -> list[Queue]:
     """Declare exchanges, queues and bindings; idempotent, safe on every start."""
     channel = connection.default_channel
     DISCOVERY_EXCHANGE(channel).declare()
-    queues = [*job_queues(settings), dead_letter_queue()]
+    queues = list(job_queues(settings))
     for queue in queues:
         queue(channel).declare()
-    return queues
+    return [*queues, declare_dead_letter_queue(connection)]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,157 @@
+"""Reading dead letters never loses one, on RabbitMQ 3.x and 4.x, and an ``ml.dead-letter``
+declared with other arguments is migrated with every letter it holds.
+
+Each test has a vhost of its own: the migration deletes and redeclares the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu import Connection, Exchange, Queue
+from kombu import Producer as KombuProducer
+
+from avocado_shared import Settings
+from avocado_shared.dlq import REASON_HEADER, list_dead_letters, replay
+from avocado_shared.redeclare import HOLDING_SUFFIX
+from avocado_shared.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    declare_dead_letter_queue,
+    declare_topology,
+)
+from tests.rabbit import Broker, isolated_vhost
+
+pytestmark = pytest.mark.both_brokers
+
+LETTERS = 5
+
+
+@pytest.fixture
+def vhost_url(rabbit: Broker) -> Iterator[str]:
+    with isolated_vhost(rabbit) as url:
+        yield url
+
+
+@pytest.fixture
+def connection(vhost_url: str) -> Iterator[Connection]:
+    with Connection(vhost_url) as made:
+        made.ensure_connection(max_retries=3)
+        yield made
+
+
+def _letters(connection: Connection, count: int = LETTERS) -> list[str]:
+    """Publish ``count`` dead letters to ``ml.dlx`` as a worker does; their ids in order."""
+    idents = [f"kept-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    producer = KombuProducer(connection.default_channel)
+    for ident in idents:
+        producer.publish(
+            json.dumps({"job": ident}),
+            exchange=DEAD_LETTER_EXCHANGE.name,
+            routing_key="ml.generate",
+            headers={REASON_HEADER: "test: kept", "id": ident, "task": "avocado.generate"},
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            mandatory=True,
+        )
+    return idents
+
+
+def _ids(connection: Connection, limit: int = 10_000) -> list[str]:
+    return [letter.id for letter in list_dead_letters(connection, limit=limit)]
+
+
+def _arguments(rabbit: Broker, vhost_url: str, queue: str) -> dict[str, Any] | None:
+    vhost = vhost_url.rsplit("/", 1)[1]
+    listing = rabbit.ctl("list_queues", "-p", vhost, "name", "arguments", "--formatter", "json")
+    found = {q["name"]: q for q in json.loads(listing)}
+    if queue not in found:
+        return None
+    return {key: value for key, _type, value in found[queue]["arguments"]}
+
+
+def test_a_hundred_listings_keep_every_letter_in_order_then_replay_removes_one(
+    connection: Connection, vhost_url: str
+) -> None:
+    declare_topology(connection, Settings(broker_url=vhost_url))
+    idents = _letters(connection)
+
+    # Whole listings and partial ones (`avocado status` reads the head only), 100 in all.
+    seen = [_ids(connection, limit=LETTERS if i % 2 else 2) for i in range(100)]
+
+    assert seen[-1] == idents
+    assert all(listing == idents[: len(listing)] for listing in seen)
+    letters = list_dead_letters(connection)
+    assert all(letter.headers["x-delivery-count"] >= 100 for letter in letters)
+
+    replay(connection, idents[2])
+
+    assert _ids(connection) == idents[:2] + idents[3:]
+
+
+@pytest.mark.parametrize(
+    "old_arguments",
+    [
+        {"x-queue-type": "quorum"},  # what earlier releases declared
+        {"x-queue-type": "quorum", "x-delivery-limit": 20},  # RabbitMQ 4's default, made explicit
+    ],
+    ids=["earlier-release", "limit-20"],
+)
+def test_a_dead_letter_queue_declared_otherwise_is_migrated_with_every_letter(
+    connection: Connection, vhost_url: str, rabbit: Broker, old_arguments: dict[str, Any]
+) -> None:
+    old = Queue(
+        DEAD_LETTER_QUEUE,
+        Exchange(DEAD_LETTER_EXCHANGE.name, type="topic", durable=True),
+        routing_key="#",
+        durable=True,
+        queue_arguments=old_arguments,
+    )
+    old(connection.default_channel).declare()
+    idents = _letters(connection)
+    before = {letter.id: letter for letter in list_dead_letters(connection)}
+
+    declare_topology(connection, Settings(broker_url=vhost_url))
+
+    after = list_dead_letters(connection)
+    assert [letter.id for letter in after] == idents
+    for letter in after:
+        assert letter.body_preview == before[letter.id].body_preview
+        assert letter.reason == before[letter.id].reason
+        assert letter.content_type == "application/json"
+    expected = {"x-queue-type": "quorum", **({"x-delivery-limit": -1} if rabbit.major >= 4 else {})}
+    assert _arguments(rabbit, vhost_url, DEAD_LETTER_QUEUE) == expected
+    assert _arguments(rabbit, vhost_url, DEAD_LETTER_QUEUE + HOLDING_SUFFIX) is None
+    # Letters dead-lettered from now on still reach the queue.
+    assert _ids(connection) == idents
+    late = _letters(connection, 1)
+    assert _ids(connection) == idents + late
+
+
+def test_a_migration_cut_short_is_finished_by_the_next_declare(
+    connection: Connection, vhost_url: str, rabbit: Broker
+) -> None:
+    """The old queue is gone and its letters wait in the holding queue, as when the process
+    that migrated died before moving them back."""
+    queue = declare_dead_letter_queue(connection)
+    channel = connection.default_channel
+    channel.queue_delete(queue.name)
+    holding = Queue(
+        queue.name + HOLDING_SUFFIX,
+        queue.exchange,
+        routing_key=queue.routing_key,
+        durable=True,
+        queue_arguments=dict(queue.queue_arguments),
+    )
+    holding(channel).declare()
+    idents = _letters(connection)
+
+    declare_dead_letter_queue(connection)
+
+    assert _ids(connection) == idents
+    assert _arguments(rabbit, vhost_url, holding.name) is None

@@ -1,0 +1,153 @@
+"""RabbitMQ brokers of the tests: the machine's 3.x, the suite's 4.x node, and private nodes that
+a test may restart, kill, give TLS listeners or cluster (scripts/rabbitmq-node.sh runs them)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["NODE_SCRIPT", "Broker", "RabbitNode", "isolated_vhost", "machine_broker", "rabbitmq4"]
+
+NODE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-node.sh"
+_CTL_TIMEOUT = 120
+
+
+def _run(args: list[str], what: str) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=_CTL_TIMEOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A RabbitMQ the tests connect to: where it listens and how to administer it."""
+
+    label: str  # "rabbitmq3" or "rabbitmq4": the test id
+    host: str  # host:port of its AMQP listener
+    node: RabbitNode | None = None  # None: the machine's own broker, run by its service
+
+    @property
+    def major(self) -> int:
+        return 4 if self.label == "rabbitmq4" else 3
+
+    def ctl(self, *args: str) -> str:
+        """``rabbitmqctl ARGS`` against this broker."""
+        if self.node is not None:
+            return self.node.ctl(*args)
+        exe = shutil.which("rabbitmqctl")
+        if exe is None:
+            raise RuntimeError(
+                "rabbitmqctl not found: run scripts/test.sh, which installs RabbitMQ"
+            )
+        return _run([exe, "-q", *args], f"rabbitmqctl {' '.join(args)}")
+
+    def url(self, vhost: str, user: str = "guest", password: str = "guest") -> str:
+        return f"amqp://{user}:{password}@{self.host}/{vhost}"
+
+
+@dataclass(frozen=True)
+class RabbitNode:
+    """One node run by scripts/rabbitmq-node.sh: RabbitMQ ``version`` 3 (the machine's
+    rabbitmq-server) or 4 (the Debian 13 root), with its own name, ports and data."""
+
+    version: int
+    name: str
+    port: int
+    mgmt_port: int | None = None
+
+    @classmethod
+    def private(cls, version: int, port: int, mgmt_port: int | None = None) -> RabbitNode:
+        """A node no other test uses, to stop, kill or reconfigure at will."""
+        return cls(version, f"avocado-test-{uuid.uuid4().hex[:6]}", port, mgmt_port)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def node_name(self) -> str:
+        return f"{self.name}@localhost"
+
+    def broker(self) -> Broker:
+        return Broker(f"rabbitmq{self.version}", self.host, self)
+
+    def _script(self, action: str, *args: str) -> str:
+        command = [str(NODE_SCRIPT), action, "--name", self.name, "--port", str(self.port)]
+        if self.version == 3:
+            command.append("--v3")
+        if self.mgmt_port is not None:
+            command += ["--mgmt-port", str(self.mgmt_port)]
+        return _run([*command, *args], f"rabbitmq-node.sh {action} {self.name}")
+
+    def start(self, conf: str | None = None) -> RabbitNode:
+        """Start it (``conf``: lines added to its rabbitmq.conf) and wait until it serves AMQP."""
+        if conf is None:
+            self._script("start")
+            return self
+        config = self.data_dir().parent / f"{self.name}.extra.conf"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(conf)
+        try:
+            self._script("start", "--conf", str(config))
+        finally:
+            config.unlink(missing_ok=True)
+        return self
+
+    def stop(self) -> None:
+        self._script("stop")
+
+    def kill(self) -> None:
+        """SIGKILL the node's VM, as when its machine vanishes."""
+        self._script("kill")
+
+    def wipe(self) -> None:
+        """Stop it and delete its data."""
+        self._script("wipe")
+
+    def data_dir(self) -> Path:
+        """Its data directory on this machine; files its config names go here."""
+        return Path(self._script("dir").strip())
+
+    def path_in_node(self, path: Path) -> str:
+        """How the node itself names ``path``, a file inside ``data_dir()``."""
+        if self.version == 3:
+            return str(path)
+        root = Path(os.environ.get("AVOCADO_RABBITMQ4_ROOT", "/var/cache/spicy-avocado/rabbitmq4"))
+        return "/" + str(path.relative_to(root))
+
+    def ctl(self, *args: str) -> str:
+        return self._script("ctl", "--", *args)
+
+    def queues(self, *args: str) -> str:
+        """``rabbitmq-queues ARGS`` against this node."""
+        return self._script("queues", "--", *args)
+
+
+def machine_broker() -> Broker:
+    """The machine's own RabbitMQ (3.x here), which tests never restart."""
+    return Broker("rabbitmq3", os.environ.get("AVOCADO_TEST_RABBIT_HOST", "127.0.0.1:5672"))
+
+
+def rabbitmq4() -> Broker:
+    """The suite's RabbitMQ 4 node (scripts/test.sh starts it; started here when it is not)."""
+    port = int(os.environ.get("AVOCADO_TEST_RABBIT4_PORT", "5673"))
+    return RabbitNode(4, "avocado4", port).start().broker()
+
+
+@contextmanager
+def isolated_vhost(broker: Broker) -> Iterator[str]:
+    """A fresh vhost for one test session, removed afterwards; yields its broker URL."""
+    vhost = f"avocado-test-{uuid.uuid4().hex[:8]}"
+    broker.ctl("add_vhost", vhost)
+    try:
+        broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield broker.url(vhost)
+    finally:
+        broker.ctl("delete_vhost", vhost)
