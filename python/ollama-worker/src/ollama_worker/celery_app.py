@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.exceptions import WorkerShutdown
 from celery.signals import worker_init
+from kombu.exceptions import OperationalError
 
 from avocado_shared.celery_config import make_celery
+from avocado_shared.tls import CertificateError, refuse_untrusted
 from avocado_shared.topology import ANNOUNCE_TASK, declare_topology
 from ollama_worker.settings import WorkerSettings
 
@@ -38,8 +41,15 @@ app.conf.worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"
 
 @worker_init.connect
 def _declare_topology(**_: Any) -> None:
-    """Declare the dead-letter queue and exchanges too, which the worker does not consume."""
+    """Declare the dead-letter queue and exchanges too, which the worker does not consume;
+    exit at once when the broker's certificate does not verify, rather than retry forever."""
     with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=10)
+        try:
+            connection.ensure_connection(max_retries=10, errback=refuse_untrusted)
+        except OperationalError as error:
+            if isinstance(error.__cause__, CertificateError):
+                logger.critical("worker not started: %s", error.__cause__)
+                raise WorkerShutdown(1) from error
+            raise
         declare_topology(connection, settings)
     logger.info("topology declared on %s", connection.as_uri())

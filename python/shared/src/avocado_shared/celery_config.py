@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 
 from avocado_shared.settings import Settings
+from avocado_shared.tls import broker_ssl, redis_ssl, warn_if_plaintext
 from avocado_shared.topology import (
     GENERATE_TASK,
     ML_EXCHANGE,
@@ -19,10 +20,17 @@ __all__ = ["celery_config", "make_celery"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Late acks, prefetch 1, confirms, JSON only, time limits under the consumer timeout."""
+    """Late acks, prefetch 1, confirms, JSON only, time limits under the consumer timeout,
+    TLS verified wherever a URL asks for it."""
+    for url in settings.broker_urls:
+        warn_if_plaintext(url, "broker")
+    warn_if_plaintext(settings.result_backend, "result backend")
+    warn_if_plaintext(settings.redis_url.get_secret_value(), "Redis")
     return {
         "broker_url": settings.broker_url.get_secret_value(),
+        "broker_use_ssl": broker_ssl(settings),
         "result_backend": settings.result_backend,
+        "redis_backend_use_ssl": redis_ssl(settings, settings.result_backend),
         "result_backend_transport_options": {
             "global_keyprefix": settings.key_prefix,
             # A producer learns in seconds that Redis is down (PublishError), not in 20.
@@ -87,6 +95,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         # celery-singleton: job locks in Redis, under our prefix, always with an expiry.
         "singleton_backend_url": settings.redis_url.get_secret_value(),
+        "singleton_backend_kwargs": redis_ssl(settings, settings.redis_url.get_secret_value()),
         "singleton_key_prefix": f"{settings.key_prefix}lock:",
         "singleton_lock_expiry": settings.lock_expiry_s,
     }

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from avocado_shared.contracts import (
@@ -264,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (
         JobFailed,
+        OperationalError,  # the broker refused or could not be reached
         PublishError,
         RedisError,
         StoreError,

@@ -26,6 +26,7 @@ from avocado_shared.contracts import (
 from avocado_shared.locks import register_job_tasks
 from avocado_shared.settings import Settings
 from avocado_shared.store import ResultStore
+from avocado_shared.tls import refuse_untrusted
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK, declare_topology
 
 __all__ = [
@@ -197,7 +198,9 @@ class Producer:
         with self._lock:
             if not self._declared:
                 with self.app.connection_for_write() as connection:
-                    connection.ensure_connection(max_retries=2, interval_start=0.2)
+                    connection.ensure_connection(
+                        max_retries=2, interval_start=0.2, errback=refuse_untrusted
+                    )
                     declare_topology(connection, self.settings)
                 self._declared = True
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from avocado_shared.discovery import Endpoint
 from avocado_shared.settings import Settings
+from avocado_shared.tls import redis_ssl, warn_if_plaintext
 
 __all__ = ["NodeRegistry"]
 
@@ -37,8 +38,10 @@ class NodeRegistry:
     @classmethod
     def from_settings(cls, settings: Settings) -> NodeRegistry:
         """The registry on the fleet's Redis, under its key prefix."""
+        url = settings.redis_url.get_secret_value()
+        warn_if_plaintext(url, "Redis")
         client = redis.Redis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
+            url, socket_timeout=10, socket_connect_timeout=5, **redis_ssl(settings, url)
         )
         return cls(client, settings.key_prefix)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -29,6 +29,19 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     result_backend_url: SecretStr | None = Field(
         default=None, description="Celery result backend; the Redis URL when unset."
+    )
+    tls_ca_file: FilePath | None = Field(
+        default=None,
+        description="CA certificates (PEM) that the broker's and Redis's certificates must "
+        "chain to over amqps:// and rediss://; the system's CAs when unset.",
+    )
+    tls_cert_file: FilePath | None = Field(
+        default=None,
+        description="Client certificate (PEM) shown to the broker and Redis over TLS, for "
+        "servers that require one; may hold its key too.",
+    )
+    tls_key_file: FilePath | None = Field(
+        default=None, description="The client certificate's private key (PEM), if apart."
     )
     key_prefix: str = Field(
         default="avocado:", description="Prefix of every Redis key we write, for isolation."
@@ -83,6 +96,22 @@ class Settings(BaseSettings):
                     f"{self.consumer_timeout_s}s, or the broker closes the channel mid-job"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _tls_settings(self) -> Settings:
+        """Refuse at start a key without its certificate, and broker URLs that mix TLS and
+        plaintext (one set of TLS options serves every URL of the list)."""
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("AVOCADO_TLS_KEY_FILE needs AVOCADO_TLS_CERT_FILE, its certificate")
+        schemes = {url.partition("://")[0] for url in self.broker_urls}
+        if len(schemes) > 1:
+            raise ValueError(f"the broker URLs mix schemes {sorted(schemes)}: use amqps:// for all")
+        return self
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The ``;``-separated broker URLs, each on its own (producers fail over through them)."""
+        return [url for url in self.broker_url.get_secret_value().split(";") if url]
 
     @property
     def result_backend(self) -> str:
