@@ -22,7 +22,8 @@ usage: scripts/rabbitmq-node.sh build
 
   --v3               a node of this machine's rabbitmq-server instead of RabbitMQ 4
   --name NAME        node name without @localhost (default avocado4, or avocado3 with --v3)
-  --port PORT        AMQP port on 127.0.0.1 (default 5673); the dist port is PORT+20000
+  --port PORT        AMQP port on 127.0.0.1 (default 5673)
+  --dist-port PORT   Erlang distribution port (default PORT+20000)
   --mgmt-port PORT   also serve the management HTTP API on 127.0.0.1:PORT
   --conf FILE        lines appended to the node's rabbitmq.conf (TLS listeners, cluster settings)
 
@@ -63,6 +64,7 @@ mount_root() {
 VERSION=4
 NAME=
 PORT=5673
+DIST_PORT=
 MGMT_PORT=
 CONF=
 ACTION="${1:-}"
@@ -73,6 +75,7 @@ while [ $# -gt 0 ]; do
     --v3) VERSION=3 ;;
     --name) NAME="${2:?--name needs a name}"; shift ;;
     --port) PORT="${2:?--port needs a port}"; shift ;;
+    --dist-port) DIST_PORT="${2:?--dist-port needs a port}"; shift ;;
     --mgmt-port) MGMT_PORT="${2:?--mgmt-port needs a port}"; shift ;;
     --conf) CONF="${2:?--conf needs a file}"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -82,6 +85,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$NAME" ] || NAME="avocado$VERSION"
+[ -n "$DIST_PORT" ] || DIST_PORT=$((PORT + 20000))
 NODE="$NAME@localhost"
 
 if [ "$VERSION" = 4 ]; then
@@ -131,10 +135,11 @@ start_node() {
   port_open 127.0.0.1 "$PORT" && die "port $PORT is taken by something other than node $NODE"
   write_conf
   # setsid: the node outlives this script and a test's process group.
-  in_node RABBITMQ_NODENAME="$NODE" RABBITMQ_DIST_PORT=$((PORT + 20000)) \
+  in_node RABBITMQ_NODENAME="$NODE" RABBITMQ_DIST_PORT="$DIST_PORT" \
     RABBITMQ_BASE="$DATA" RABBITMQ_MNESIA_BASE="$DATA/mnesia" RABBITMQ_LOG_BASE="$DATA/log" \
     RABBITMQ_CONFIG_FILE="$DATA/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$DATA/enabled_plugins" \
     RABBITMQ_PID_FILE="$DATA/pid" RABBITMQ_ADVANCED_CONFIG_FILE="$DATA/advanced.config" \
+    ERL_CRASH_DUMP="$DATA/log/erl_crash.dump" \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
     setsid /usr/lib/rabbitmq/bin/rabbitmq-server >>"$HOST_DATA/log/console.log" 2>&1 </dev/null &
   local i

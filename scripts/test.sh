@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything the tests need, from a fresh clone: virtualenv, local services, lint, types, tests.
+# Everything the tests need, from a fresh clone: virtualenv, local services (RabbitMQ 3 and 4),
+# lint, types, tests.
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -k summary
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -8,6 +9,10 @@ cd "$ROOT"
 
 ensure_venv
 ensure_services
+# RabbitMQ 4 beside the machine's broker: the broker tests run on both (the first run on a
+# machine builds its Debian 13 root, about a minute; later runs reuse it).
+export AVOCADO_TEST_RABBIT4_PORT="${AVOCADO_TEST_RABBIT4_PORT:-5673}"
+"$ROOT/scripts/rabbitmq-node.sh" start --port "$AVOCADO_TEST_RABBIT4_PORT"
 ensure_docker_compose_v1
 command -v rabbitmqctl >/dev/null || [ -x /usr/sbin/rabbitmqctl ] || die "rabbitmqctl missing"
 export PATH="$VENV/bin:$PATH:/usr/sbin"

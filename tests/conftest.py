@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -22,10 +23,11 @@ from psycopg import sql
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
 from ollama_worker.testing import OllamaSimulator, SimConfig
-from tests.rabbit import Broker, isolated_vhost, machine_broker, rabbitmq4
+from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
 from tests.services import (
     REDIS_URL,
     WorkerProcess,
+    free_port,
     service_env,
     start_beat,
     start_worker,
@@ -59,10 +61,38 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("rabbit", labels, indirect=True, scope="session")
 
 
+_BROKER_VERSIONS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def rabbit(request: pytest.FixtureRequest) -> Broker:
     """The RabbitMQ of this test: the machine's 3.x, or the suite's 4.x node."""
-    return rabbitmq4() if request.param == "rabbitmq4" else machine_broker()
+    broker = rabbitmq4() if request.param == "rabbitmq4" else machine_broker()
+    _BROKER_VERSIONS[broker.label] = broker.ctl("version").strip()
+    return broker
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how the tests of each RabbitMQ version ended, so CI shows both were run."""
+    for label, version in sorted(_BROKER_VERSIONS.items()):
+        counts = {
+            outcome: sum(f"[{label}" in r.nodeid or f"-{label}" in r.nodeid for r in reports)
+            for outcome in ("passed", "failed", "error")
+            if (reports := terminalreporter.stats.get(outcome, []))
+        }
+        text = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n) or "no test"
+        terminalreporter.write_line(f"RabbitMQ {version} ({label}): {text}")
+
+
+@pytest.fixture
+def private_node(rabbit: Broker) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test only, of the same version as ``rabbit``, to stop or kill;
+    its data is deleted afterwards."""
+    node = RabbitNode.private(rabbit.major, free_port())
+    try:
+        yield node.start()
+    finally:
+        node.wipe()
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +213,7 @@ class WorkerFactory:
 
 
 @contextmanager
-def _workers(
+def worker_processes(
     broker_url: str, key_prefix: str, producer: Producer, log_dir: Path
 ) -> Iterator[WorkerFactory]:
     """A factory whose every process still running is stopped on exit."""
@@ -199,7 +229,7 @@ def worker_factory(
     broker_url: str, key_prefix: str, producer: Producer, tmp_path: Path
 ) -> Iterator[WorkerFactory]:
     """Workers of one test, stopped when it ends so they never take another test's jobs."""
-    with _workers(broker_url, key_prefix, producer, tmp_path) as make:
+    with worker_processes(broker_url, key_prefix, producer, tmp_path) as make:
         yield make
 
 
@@ -213,7 +243,7 @@ def worker(
 ) -> Iterator[WorkerProcess]:
     """One worker of this module, on the module's simulator, 2048-token summary context."""
     log_dir = tmp_path_factory.mktemp("workers")
-    with _workers(broker_url, key_prefix, producer, log_dir) as make:
+    with worker_processes(broker_url, key_prefix, producer, log_dir) as make:
         yield make(sim.url, AVOCADO_SUMMARY_NUM_CTX="2048")
 
 

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.services import free_port
+
 __all__ = ["NODE_SCRIPT", "Broker", "RabbitNode", "isolated_vhost", "machine_broker", "rabbitmq4"]
 
 NODE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-node.sh"
@@ -60,12 +62,16 @@ class RabbitNode:
     version: int
     name: str
     port: int
+    dist_port: int | None = None  # None: port + 20000
     mgmt_port: int | None = None
 
     @classmethod
-    def private(cls, version: int, port: int, mgmt_port: int | None = None) -> RabbitNode:
+    def private(
+        cls, version: int, port: int, dist_port: int | None = None, mgmt_port: int | None = None
+    ) -> RabbitNode:
         """A node no other test uses, to stop, kill or reconfigure at will."""
-        return cls(version, f"avocado-test-{uuid.uuid4().hex[:6]}", port, mgmt_port)
+        name = f"avocado-test-{uuid.uuid4().hex[:6]}"
+        return cls(version, name, port, dist_port or free_port(), mgmt_port)
 
     @property
     def host(self) -> str:
@@ -82,6 +88,8 @@ class RabbitNode:
         command = [str(NODE_SCRIPT), action, "--name", self.name, "--port", str(self.port)]
         if self.version == 3:
             command.append("--v3")
+        if self.dist_port is not None:
+            command += ["--dist-port", str(self.dist_port)]
         if self.mgmt_port is not None:
             command += ["--mgmt-port", str(self.mgmt_port)]
         return _run([*command, *args], f"rabbitmq-node.sh {action} {self.name}")

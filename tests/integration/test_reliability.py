@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ import redis
 
 from avocado_shared import JobFailed, JobHandle, JobStatus, Producer, ResultStore, Settings
 from ollama_worker.testing import OllamaSimulator, SimConfig
-from tests.conftest import WorkerFactory
-from tests.services import REDIS_URL, RedisServer, WorkerProcess, rabbitmqctl, wait_for
+from tests.conftest import WorkerFactory, worker_processes
+from tests.rabbit import RabbitNode
+from tests.services import REDIS_URL, RedisServer, WorkerProcess, wait_for
 
 WAIT = 90
 
@@ -167,6 +167,7 @@ def _submit_mix(producer: Producer, count: int, tag: str) -> list[JobHandle[obje
     return handles
 
 
+@pytest.mark.both_brokers
 def test_sigkilled_worker_loses_no_job(
     producer: Producer,
     slow_sim: OllamaSimulator,
@@ -215,44 +216,41 @@ def test_sigterm_finishes_the_running_job_and_leaves_the_rest_queued(
     assert all(h.get(timeout=WAIT).text for h in handles)
 
 
-@contextmanager
-def _broker_stopped() -> Iterator[None]:
-    """RabbitMQ's application stopped (the node stays up), started again whatever happens."""
-    rabbitmqctl("stop_app")
-    try:
-        yield
-    finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-
-
+@pytest.mark.both_brokers
 def test_rabbitmq_restart_loses_no_job_and_workers_resume(
-    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, tmp_path: Path
+    private_node: RabbitNode, key_prefix: str, slow_sim: OllamaSimulator, tmp_path: Path
 ) -> None:
     slow_sim.config.latency_ms = 200
     database = tmp_path / "results.sqlite3"
-    worker = worker_factory(slow_sim.url, concurrency=2, AVOCADO_SQLITE_PATH=str(database))
-    tag = _uid("restart")
-    handles = _submit_mix(producer, 20, tag)
-    wait_for(lambda: sum(h.ready() for h in handles) >= 4, timeout=WAIT, what="some jobs done")
+    url = private_node.broker().url("")
+    settings = Settings(broker_url=url, redis_url=REDIS_URL, key_prefix=key_prefix)
+    with (
+        Producer(settings) as producer,
+        worker_processes(url, key_prefix, producer, tmp_path) as worker_factory,
+    ):
+        worker = worker_factory(slow_sim.url, concurrency=2, AVOCADO_SQLITE_PATH=str(database))
+        tag = _uid("restart")
+        handles = _submit_mix(producer, 20, tag)
+        wait_for(lambda: sum(h.ready() for h in handles) >= 4, timeout=WAIT, what="some jobs done")
 
-    with _broker_stopped():
+        private_node.stop()
         wait_for(
             lambda: "Connection to broker lost" in worker.log_text(),
             timeout=WAIT,
             what="the worker to notice the broker went away",
         )
-    handles += _submit_mix(producer, 6, f"{tag}-after")
+        private_node.start()
+        handles += _submit_mix(producer, 6, f"{tag}-after")
 
-    results = [h.get(timeout=WAIT) for h in handles]
+        results = [h.get(timeout=WAIT) for h in handles]
 
-    assert {r.job_id for r in results} == {h.id for h in handles}
-    with ResultStore.open(f"sqlite:///{database}") as store:
-        rows = store.recent(limit=100)
-    assert sorted(r.job_id for r in rows) == sorted(h.id for h in handles)
-    assert {r.status for r in rows} == {JobStatus.SUCCESS}
-    assert worker.process.poll() is None  # the same process, reconnected on its own
-    assert "Connected to amqp://" in worker.log_text().split("Connection to broker lost")[-1]
+        assert {r.job_id for r in results} == {h.id for h in handles}
+        with ResultStore.open(f"sqlite:///{database}") as store:
+            rows = store.recent(limit=100)
+        assert sorted(r.job_id for r in rows) == sorted(h.id for h in handles)
+        assert {r.status for r in rows} == {JobStatus.SUCCESS}
+        assert worker.process.poll() is None  # the same process, reconnected on its own
+        assert "Connected to amqp://" in worker.log_text().split("Connection to broker lost")[-1]
 
 
 def test_redis_restart_loses_no_job_and_runs_none_twice(
