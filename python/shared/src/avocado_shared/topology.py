@@ -83,8 +83,9 @@ def job_queues(settings: Settings) -> tuple[Queue, ...]:
     )
 
 
-def dead_letter_queue(broker_major: int) -> Queue:
-    """Keeps every dead-lettered job, whatever its routing key, for inspection and replay.
+def dead_letter_queue(major: int) -> Queue:
+    """Keeps every dead-lettered job, whatever its routing key, for inspection and replay, on
+    a RabbitMQ of version ``major``.
 
     With no delivery limit: reading a letter hands it back, which counts as a delivery, and
     a letter must never be dropped for having been read. RabbitMQ 4 gives quorum queues a
@@ -92,7 +93,7 @@ def dead_letter_queue(broker_major: int) -> Queue:
     once when told -1.
     """
     arguments: dict[str, Any] = {"x-queue-type": "quorum"}
-    if broker_major >= 4:
+    if major >= 4:
         arguments["x-delivery-limit"] = -1
     return Queue(
         DEAD_LETTER_QUEUE,
