@@ -159,7 +159,10 @@ def test_the_colab_notebook_runs_top_to_bottom(
         if cell.cell_type == "code"
         for out in cell.outputs
     )
-    assert "secrets found: AVOCADO_BROKER_URL, AVOCADO_REDIS_URL, NGROK_AUTHTOKEN" in text
+    assert (
+        "secrets found: AVOCADO_BROKER_URL, AVOCADO_REDIS_URL, AVOCADO_KEY_PREFIX, NGROK_AUTHTOKEN"
+        in text
+    )
     assert "public URL: http://" in text
     assert f"tokens on ollama@{sid}" in text
     assert "left the fleet" in text

@@ -37,9 +37,10 @@ app.conf.beat_schedule = {
 app.conf.worker_pool = settings.worker_pool
 # Poison messages go to ml.dlx with their reason instead of being dropped or crashing the worker.
 app.conf.worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"
+if not settings.declare_topology:
+    app.conf.worker_consumer = "ollama_worker.deadletter:UndeclaringConsumer"
 
 
-@worker_init.connect
 def _declare_topology(**_: Any) -> None:
     """Declare the dead-letter queue and exchanges too, which the worker does not consume;
     exit at once when the broker's certificate does not verify, rather than retry forever."""
@@ -53,3 +54,8 @@ def _declare_topology(**_: Any) -> None:
             raise
         declare_topology(connection, settings)
     logger.info("topology declared on %s", connection.as_uri())
+
+
+# A least-privilege worker finds it declared by ``avocado admin create-worker``.
+if settings.declare_topology:
+    worker_init.connect(_declare_topology)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery, Task, signals
 from celery.exceptions import InvalidTaskError, NotRegistered, Reject
@@ -289,6 +289,18 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             self.event_dispatcher.send(
                 "task-failed", uuid=task_id, exception=f"NotRegistered({name!r})"
             )
+
+
+class UndeclaringConsumer(DeadLetteringConsumer):
+    """For a broker user that may not declare: without Celery's delayed-delivery step, which
+    declares 28 exchanges and queues at every start (the admin declared them)."""
+
+    class Blueprint(DeadLetteringConsumer.Blueprint):  # type: ignore[misc,name-defined]
+        default_steps: ClassVar[list[str]] = [
+            step
+            for step in DeadLetteringConsumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
 
 
 def _decode_reason(message: Any, exc: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu.entity import Queue
 
 from avocado_shared.settings import Settings
 from avocado_shared.tls import broker_ssl, redis_ssl, warn_if_plaintext
@@ -17,6 +18,14 @@ from avocado_shared.topology import (
 )
 
 __all__ = ["celery_config", "make_celery"]
+
+
+def _task_queues(settings: Settings) -> tuple[Queue, ...]:
+    """The job queues, used without being declared when the user may not declare them."""
+    queues = job_queues(settings)
+    for queue in queues:
+        queue.no_declare = not settings.declare_topology  # type: ignore[attr-defined]
+    return queues
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -52,7 +61,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_max": 2.0,
         },
         # Topology: topic exchanges (native delayed delivery needs them) and quorum queues.
-        "task_queues": job_queues(settings),
+        "task_queues": _task_queues(settings),
         "task_routes": task_routes(),
         "task_default_exchange": ML_EXCHANGE.name,
         "task_default_exchange_type": "topic",

@@ -13,6 +13,7 @@ from typing import Any
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from avocado_shared.admin import AdminError, create_worker, delete_worker
 from avocado_shared.contracts import (
     GenerateResult,
     InvalidRequest,
@@ -25,6 +26,7 @@ from avocado_shared.discovery import Announcement, Endpoint, EndpointWatcher
 from avocado_shared.dlq import add_dlq_parser, run_dlq
 from avocado_shared.producer import JobFailed, JobHandle, Producer, PublishError
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.settings import Settings
 from avocado_shared.status import collect, render
 from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import describe
@@ -102,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--dead-letters", type=int, default=5, help="newest dead letters to show")
     stat.add_argument("--failures", type=int, default=5, help="recent failed jobs to show")
     stat.add_argument("--timeout", type=float, default=1.0, help="seconds workers get to answer")
+
+    admin = sub.add_parser(
+        "admin", help="least-privilege worker users (run with the admin's .env)"
+    ).add_subparsers(dest="admin_command", required=True)
+    create = admin.add_parser(
+        "create-worker",
+        help="create (or give a new password to) a worker's RabbitMQ and Redis users and "
+        "print its secrets",
+    )
+    create.add_argument("name", help="user name in RabbitMQ and Redis")
+    create.add_argument("--broker-host", help="HOST[:PORT] the worker reaches RabbitMQ on")
+    create.add_argument("--redis-host", help="HOST[:PORT] the worker reaches Redis on")
+    delete = admin.add_parser("delete-worker", help="remove a worker's users; it is cut off")
+    delete.add_argument("name")
     return parser
 
 
@@ -167,7 +183,29 @@ def _topology(producer: Producer) -> None:
         )
 
 
+def _admin(args: argparse.Namespace) -> int:
+    """Secrets go to stdout only, for the notebook's secret store; never to a log."""
+    settings = Settings()
+    if args.admin_command == "delete-worker":
+        if not delete_worker(settings, args.name):
+            print(f"avocado: no worker user {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"worker users {args.name!r} deleted; their connections are closed", file=sys.stderr)
+        return 0
+    made = create_worker(settings, args.name, args.broker_host, args.redis_host)
+    print(
+        f"worker users {made.name!r} ready. Put these in the notebook's secrets (they hold "
+        "the password, shown only now):",
+        file=sys.stderr,
+    )
+    for key, value in made.env().items():
+        print(f"{key}={value}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "admin":
+        return _admin(args)
     with Producer() as producer:
         if args.command == "topology":
             _topology(producer)
@@ -264,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (
+        AdminError,
         JobFailed,
         OperationalError,  # the broker refused or could not be reached
         PublishError,

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any, Literal
 
 from kombu.connection import Connection
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 from kombu.message import Message
 from kombu.messaging import Consumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Checked, not declared, by publishers: the worker or the admin declared it, and a
+# least-privilege worker may not (declaring takes the permission that deletes).
+_DISCOVERY_EXISTS = Exchange(DISCOVERY_EXCHANGE.name, "topic", durable=True, passive=True)
 
 
 def _now() -> datetime:
@@ -104,7 +108,7 @@ def publish_announcement(
         announcement.model_dump_json(),
         exchange=DISCOVERY_EXCHANGE,
         routing_key=event.routing_key,
-        declare=[DISCOVERY_EXCHANGE],
+        declare=[_DISCOVERY_EXISTS],
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=2,

@@ -193,7 +193,7 @@ class Producer:
 
     def _ensure_topology(self) -> None:
         """Declare queues before the first publish, so no job goes to an unbound exchange."""
-        if self._declared:
+        if self._declared or not self.settings.declare_topology:
             return
         with self._lock:
             if not self._declared:

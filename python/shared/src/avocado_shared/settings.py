@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         default="avocado:", description="Prefix of every Redis key we write, for isolation."
     )
+    declare_topology: bool = Field(
+        default=True,
+        description="Declare the exchanges and queues before use; off for a least-privilege "
+        "user (avocado admin create-worker), which may not: declaring a queue takes the "
+        "permission that deletes it.",
+    )
+    rabbitmq_management_url: SecretStr | None = Field(
+        default=None,
+        description="RabbitMQ's management API for avocado admin, http://user:password@host:15672;"
+        " unset: the broker's host on port 15672 with the broker URL's user.",
+    )
     default_model: str = "llama3.2:1b"
     database_url: SecretStr | None = Field(
         default=None,
