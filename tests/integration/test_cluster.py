@@ -78,7 +78,7 @@ def test_a_node_killed_while_jobs_run_loses_none_and_rejoins(
         published.set()
 
     with (
-        OllamaSimulator(SimConfig(latency_ms=1000)) as sim,
+        OllamaSimulator(SimConfig(latency_ms=400)) as sim,
         Producer(settings) as producer,
         worker_processes(url, key_prefix, producer, tmp_path) as workers,
     ):

@@ -1,7 +1,8 @@
 """Reading dead letters never loses one, on RabbitMQ 3.x and 4.x, and an ``ml.dead-letter``
 declared with other arguments is migrated with every letter it holds.
 
-Each test has a vhost of its own: the migration deletes and redeclares the queue.
+The tests share a vhost of their own, and each starts without ``ml.dead-letter``: the
+migration deletes and redeclares it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.both_brokers
 LETTERS = 5
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def vhost_url(rabbit: Broker) -> Iterator[str]:
     with isolated_vhost(rabbit) as url:
         yield url
@@ -39,8 +40,11 @@ def vhost_url(rabbit: Broker) -> Iterator[str]:
 
 @pytest.fixture
 def connection(vhost_url: str) -> Iterator[Connection]:
+    """A connection to the module's vhost, which holds no dead-letter queue yet."""
     with Connection(vhost_url) as made:
         made.ensure_connection(max_retries=3)
+        for name in (DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE + HOLDING_SUFFIX):
+            made.default_channel.queue_delete(name)
         yield made
 
 

@@ -233,13 +233,13 @@ def test_rabbitmq_restart_loses_no_job_and_workers_resume(
         handles = _submit_mix(producer, 20, tag)
         wait_for(lambda: sum(h.ready() for h in handles) >= 4, timeout=WAIT, what="some jobs done")
 
-        private_node.stop()
+        private_node.ctl("stop_app")  # every connection closed, the node's VM stays up
         wait_for(
             lambda: "Connection to broker lost" in worker.log_text(),
             timeout=WAIT,
             what="the worker to notice the broker went away",
         )
-        private_node.start()
+        private_node.ctl("start_app")
         handles += _submit_mix(producer, 6, f"{tag}-after")
 
         results = [h.get(timeout=WAIT) for h in handles]
