@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -286,3 +287,20 @@ def _flower_lists(port: int, worker: str, flower: subprocess.Popen[bytes]) -> bo
     except httpx.TransportError:
         return False
     return response.status_code == 200 and worker in response.json()
+
+
+def test_failover_checks_each_brokers_own_host_name(fleet: Fleet) -> None:
+    """kombu writes the host of its first attempt into the TLS options every connection
+    shares; the node it fails over to must still be checked against its own name."""
+    parts = urlsplit(fleet.broker_url)
+    down = f"{UNNAMED_HOST}:{free_port()}"  # nothing listens there: the first attempt fails
+    first = urlunsplit(
+        parts._replace(netloc=parts.netloc.replace(parts.netloc.split("@")[1], down))
+    )
+    settings = fleet.settings(broker_url=f"{first};{fleet.broker_url}")
+
+    with Producer(settings) as producer, producer.app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=3, interval_start=0, interval_step=0.1)
+        assert connection.connection.server_properties["version"]
+        assert f"127.0.0.1:{fleet.rabbit.tls_port}" in connection.as_uri()
+        assert producer.app.conf.broker_use_ssl["server_hostname"] is None

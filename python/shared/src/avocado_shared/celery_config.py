@@ -8,7 +8,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from avocado_shared.settings import Settings
-from avocado_shared.tls import broker_ssl, redis_ssl, warn_if_plaintext
+from avocado_shared.tls import FailoverAMQP, broker_ssl, redis_ssl, warn_if_plaintext
 from avocado_shared.topology import (
     GENERATE_TASK,
     ML_EXCHANGE,
@@ -112,6 +112,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def make_celery(main: str, settings: Settings) -> Celery:
     """A Celery app configured for the fleet; producers and workers both start from this."""
-    app = Celery(main, set_as_current=False)
+    app = Celery(main, set_as_current=False, amqp=FailoverAMQP)
     app.config_from_object(celery_config(settings))
     return app

@@ -12,10 +12,15 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery.app.amqp import AMQP
+from kombu.connection import Connection
+
 from avocado_shared.settings import Settings
 
 __all__ = [
     "CertificateError",
+    "FailoverAMQP",
+    "FailoverConnection",
     "broker_ssl",
     "redis_ssl",
     "refuse_untrusted",
@@ -31,6 +36,28 @@ _warned_lock = threading.Lock()
 
 class CertificateError(ConnectionError):
     """A server's TLS certificate did not verify; a retry would meet the same certificate."""
+
+
+class FailoverConnection(Connection):
+    """kombu's connection, checking each node it fails over to against that node's host name.
+
+    kombu fills ``server_hostname: None`` with the host it connects to by writing into the
+    TLS options, which every connection of an app shares: after a failover, the next node
+    would be checked against the first node's name. Each connection, at each switch of
+    node, gets its own copy to write into.
+    """
+
+    def _init_params(self, **params: Any) -> None:  # type: ignore[override]  # kombu passes keywords
+        options = params.get("ssl")
+        if isinstance(options, dict) and "server_hostname" in options:
+            params["ssl"] = {**options, "server_hostname": None}
+        super()._init_params(**params)
+
+
+class FailoverAMQP(AMQP):  # type: ignore[misc]
+    """Celery's AMQP part, making its connections ``FailoverConnection``s."""
+
+    Connection = FailoverConnection
 
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | bool:
