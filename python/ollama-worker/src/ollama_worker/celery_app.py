@@ -41,9 +41,11 @@ if not settings.declare_topology:
     app.conf.worker_consumer = "ollama_worker.deadletter:UndeclaringConsumer"
 
 
-def _declare_topology(**_: Any) -> None:
-    """Declare the dead-letter queue and exchanges too, which the worker does not consume;
-    exit at once when the broker's certificate does not verify, rather than retry forever."""
+@worker_init.connect
+def _connect(**_: Any) -> None:
+    """Exit at once when the broker's certificate does not verify, rather than retry forever;
+    then declare the dead-letter queue and exchanges too, which the worker does not consume
+    (a least-privilege worker finds them declared by ``avocado admin create-worker``)."""
     with app.connection_for_write() as connection:
         try:
             connection.ensure_connection(max_retries=10, errback=refuse_untrusted)
@@ -52,10 +54,6 @@ def _declare_topology(**_: Any) -> None:
                 logger.critical("worker not started: %s", error.__cause__)
                 raise WorkerShutdown(1) from error
             raise
-        declare_topology(connection, settings)
-    logger.info("topology declared on %s", connection.as_uri())
-
-
-# A least-privilege worker finds it declared by ``avocado admin create-worker``.
-if settings.declare_topology:
-    worker_init.connect(_declare_topology)
+        if settings.declare_topology:
+            declare_topology(connection, settings)
+            logger.info("topology declared on %s", connection.as_uri())
