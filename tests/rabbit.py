@@ -108,9 +108,6 @@ class RabbitNode:
             config.unlink(missing_ok=True)
         return self
 
-    def stop(self) -> None:
-        self._script("stop")
-
     def kill(self) -> None:
         """SIGKILL the node's VM, as when its machine vanishes."""
         self._script("kill")
@@ -132,10 +129,6 @@ class RabbitNode:
 
     def ctl(self, *args: str) -> str:
         return self._script("ctl", "--", *args)
-
-    def queues(self, *args: str) -> str:
-        """``rabbitmq-queues ARGS`` against this node."""
-        return self._script("queues", "--", *args)
 
 
 def machine_broker() -> Broker:

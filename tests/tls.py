@@ -97,25 +97,6 @@ def _client_context(certs: Certificates) -> ssl.SSLContext:
     return context
 
 
-def _node_port() -> int:
-    """A free AMQP port whose node's distribution port (port + 20000) is free and valid too."""
-
-    def pick() -> int | None:
-        port = free_port()
-        return port if port + 20000 < 65536 and _port_free(port + 20000) else None
-
-    return wait_for(pick, timeout=10, what="a free port for a RabbitMQ node")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @dataclass(frozen=True)
 class TlsRabbit:
     """A private RabbitMQ 4 node: plain AMQP on ``node.port`` (for rabbitmqctl's set-up only)
@@ -132,7 +113,7 @@ class TlsRabbit:
 def tls_rabbit(certs: Certificates) -> Iterator[TlsRabbit]:
     """Start the node with TLS listeners that require a client certificate of ``certs``'s CA;
     wiped at the end."""
-    node = RabbitNode.private(4, port=_node_port())
+    node = RabbitNode.private(4, port=free_port())
     tls_port = free_port()
     data = node.data_dir()
     data.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from avocado_shared.topology import DEAD_LETTER_QUEUE, GENERATE_QUEUE, ML_EXCHAN
 from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.rabbit import RabbitNode
-from tests.services import RedisServer, free_port, run_cli, service_env, wait_for
+from tests.services import RedisServer, free_port, run_cli, service_env
 
 WAIT = 60
 VHOST = "fleet"
@@ -63,14 +63,9 @@ class Fleet:
         )
 
 
-def _amqp_port() -> int:
-    """A free port whose node's distribution port (this + 20000) is a valid port too."""
-    return wait_for(lambda: port if (port := free_port()) + 20000 < 65536 else None)
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    node = RabbitNode.private(4, port=_amqp_port(), mgmt_port=free_port())
+    node = RabbitNode.private(4, port=free_port(), mgmt_port=free_port())
     try:
         node.start()
         for vhost in (VHOST, OTHER_VHOST):
