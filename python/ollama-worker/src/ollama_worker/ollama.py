@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
-from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
+from ollama_worker.inference import (
+    TRANSIENT_STATUS,
+    BackendRejected,
+    BackendUnavailable,
+    Completion,
+    DeadlinePassed,
+    HTTPBackend,
+    ModelNotFound,
+    retry_after,
+)
 
 __all__ = [
     "Completion",
@@ -23,102 +28,28 @@ __all__ = [
     "OllamaUnavailable",
 ]
 
-_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
-# When the running job must be done (time.monotonic()), per thread: a pool thread runs one job.
-_DEADLINE: ContextVar[float | None] = ContextVar("ollama_deadline", default=None)
-
-
-class OllamaUnavailable(TransientError):
+class OllamaUnavailable(BackendUnavailable):
     """Ollama could not answer now: refused, reset, timed out, busy or behind a failing tunnel."""
 
 
-class OllamaRejected(PermanentError):
+class OllamaRejected(BackendRejected):
     """Ollama refused the request itself (a 4xx other than a missing model)."""
 
 
-class ModelNotFound(PermanentError):
-    """The model is not on this host and may not, or could not, be pulled."""
-
-
-class DeadlinePassed(JobTimedOut):
-    """The job's time limit came while it waited on Ollama (see ``OllamaClient.deadline``)."""
-
-
-def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
-    """``timeout`` cut down to what is left of this thread's deadline, if it has one."""
-    deadline = _DEADLINE.get()
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlinePassed("the time limit came before the call to Ollama")
-
-    def cut(value: float | None) -> float:
-        return left if value is None else min(value, left)
-
-    return httpx.Timeout(
-        connect=cut(timeout.connect),
-        read=cut(timeout.read),
-        write=cut(timeout.write),
-        pool=cut(timeout.pool),
+def _completion(text: str, final: Mapping[str, Any]) -> Completion:
+    """Build from the accumulated text and the last (``done``) chunk of a stream."""
+    return Completion(
+        text=text,
+        model=str(final.get("model", "")),
+        done_reason=final.get("done_reason"),
+        prompt_tokens=int(final.get("prompt_eval_count") or 0),
+        completion_tokens=int(final.get("eval_count") or 0),
+        total_duration_ns=int(final.get("total_duration") or 0),
+        load_duration_ns=int(final.get("load_duration") or 0),
+        prompt_eval_duration_ns=int(final.get("prompt_eval_duration") or 0),
+        eval_duration_ns=int(final.get("eval_duration") or 0),
     )
-
-
-# A timeout cut to the deadline may fire a hair before it (clock granularity): still the limit.
-_TIMEOUT_SLACK_S = 0.05
-
-
-def _check_deadline(slack: float = 0.0) -> None:
-    deadline = _DEADLINE.get()
-    if deadline is not None and time.monotonic() >= deadline - slack:
-        raise DeadlinePassed("the time limit came while Ollama was still answering")
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One finished generation: the text and what Ollama measured (durations in ns)."""
-
-    text: str
-    model: str
-    done_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_duration_ns: int = 0
-    load_duration_ns: int = 0
-    prompt_eval_duration_ns: int = 0
-    eval_duration_ns: int = 0
-
-    @classmethod
-    def combine(cls, text: str, parts: Sequence[Completion]) -> Completion:
-        """One completion standing for several calls (a chunked summary): costs add up."""
-        last = parts[-1]
-        return cls(
-            text=text,
-            model=last.model,
-            done_reason=last.done_reason,
-            prompt_tokens=sum(p.prompt_tokens for p in parts),
-            completion_tokens=sum(p.completion_tokens for p in parts),
-            total_duration_ns=sum(p.total_duration_ns for p in parts),
-            load_duration_ns=sum(p.load_duration_ns for p in parts),
-            prompt_eval_duration_ns=sum(p.prompt_eval_duration_ns for p in parts),
-            eval_duration_ns=sum(p.eval_duration_ns for p in parts),
-        )
-
-    @classmethod
-    def from_final(cls, text: str, final: Mapping[str, Any]) -> Completion:
-        """Build from the accumulated text and the last (``done``) chunk of a stream."""
-        return cls(
-            text=text,
-            model=str(final.get("model", "")),
-            done_reason=final.get("done_reason"),
-            prompt_tokens=int(final.get("prompt_eval_count") or 0),
-            completion_tokens=int(final.get("eval_count") or 0),
-            total_duration_ns=int(final.get("total_duration") or 0),
-            load_duration_ns=int(final.get("load_duration") or 0),
-            prompt_eval_duration_ns=int(final.get("prompt_eval_duration") or 0),
-            eval_duration_ns=int(final.get("eval_duration") or 0),
-        )
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -140,29 +71,25 @@ def _error_text(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _raise_for_status(response: httpx.Response, model: str | None) -> None:
     """Map an error answer to ``OllamaUnavailable``, ``ModelNotFound`` or ``OllamaRejected``."""
     if response.status_code < 400:
         return
     text = _error_text(response)
     status = response.status_code
-    if status in _TRANSIENT_STATUS:
-        raise OllamaUnavailable(f"ollama answered {status}: {text}", _retry_after(response))
+    if status in TRANSIENT_STATUS:
+        raise OllamaUnavailable(f"ollama answered {status}: {text}", retry_after(response))
     if status == 404 and model is not None:
         raise ModelNotFound(f"model {model!r} not found: {text}")
     raise OllamaRejected(f"ollama answered {status}: {text}")
 
 
-class OllamaClient:
+class OllamaClient(HTTPBackend):
     """A client for one Ollama server, made once per worker process and closed on shutdown."""
+
+    label: ClassVar[str] = "ollama"
+    unavailable: ClassVar[type[BackendUnavailable]] = OllamaUnavailable
+    can_pull = True
 
     def __init__(
         self,
@@ -173,68 +100,29 @@ class OllamaClient:
         pull_timeout: float = 1800.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._pull_timeout = httpx.Timeout(pull_timeout, connect=connect_timeout)
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers={"User-Agent": "avocado-ollama-worker"},
+        super().__init__(
+            base_url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             transport=transport,
         )
-
-    def close(self) -> None:
-        """Close the pooled connections."""
-        self._http.close()
-
-    @contextmanager
-    def deadline(self, seconds: float | None) -> Iterator[None]:
-        """Make every call in this block, in this thread, end within ``seconds`` or raise
-        ``DeadlinePassed``: a job's time limit that holds in any pool, including the threads
-        pool, where Celery enforces none, and a stalled stream cannot hold its slot."""
-        token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
-        try:
-            yield
-        finally:
-            _DEADLINE.reset(token)
+        self._pull_timeout = httpx.Timeout(pull_timeout, connect=connect_timeout)
 
     def __enter__(self) -> OllamaClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
-        try:
-            timeout = _bounded(self._http.timeout)
-            response = self._http.request(method, path, json=body, timeout=timeout)
-        except httpx.TransportError as error:
-            _check_deadline(_TIMEOUT_SLACK_S)
-            raise OllamaUnavailable(f"ollama at {self.base_url}: {error!r}") from error
-        model = body.get("model") if isinstance(body, dict) else None
+    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
         _raise_for_status(response, model)
-        return response.json()
 
     def _stream(
         self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
     ) -> Iterator[dict[str, Any]]:
         """POST and yield each NDJSON chunk; an ``error`` chunk mid-stream is raised."""
-        try:
-            bounded = _bounded(timeout or self._http.timeout)
-            with self._http.stream("POST", path, json=body, timeout=bounded) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for_status(response, body.get("model"))
-                for line in response.iter_lines():
-                    _check_deadline()
-                    if not line.strip():
-                        continue
-                    chunk = json.loads(line)
-                    if "error" in chunk:
-                        raise OllamaUnavailable(f"ollama failed mid-stream: {chunk['error']}")
-                    yield chunk
-        except httpx.TransportError as error:
-            _check_deadline(_TIMEOUT_SLACK_S)
-            raise OllamaUnavailable(f"ollama at {self.base_url}: {error!r}") from error
+        for line in self._lines(path, body, timeout):
+            chunk = json.loads(line)
+            if "error" in chunk:
+                raise OllamaUnavailable(f"ollama failed mid-stream: {chunk['error']}")
+            yield chunk
 
     def version(self) -> str:
         """The server's version; also a cheap health check."""
@@ -247,6 +135,10 @@ class OllamaClient:
     def has_model(self, model: str) -> bool:
         """True when ``model`` is already pulled."""
         return any(_same_model(model, name) for name in self.models())
+
+    def summary_context(self, model: str, configured: int) -> int:
+        """Ollama sizes the context per request (``num_ctx``), so the configured one holds."""
+        return configured
 
     def context_length(self, model: str) -> int | None:
         """The model's trained context length, from ``/api/show``, when it reports one."""
@@ -306,7 +198,7 @@ class OllamaClient:
         for chunk in self._stream(path, body):
             parts.append(text_of(chunk))
             final = chunk
-        return Completion.from_final("".join(parts), final)
+        return _completion("".join(parts), final)
 
 
 def _body(

@@ -15,10 +15,27 @@ __all__ = ["WorkerSettings"]
 class WorkerSettings(Settings):
     """Everything an Ollama worker reads from ``AVOCADO_*`` variables or ``.env``."""
 
+    backend: Literal["ollama", "openai"] = Field(
+        default="ollama",
+        description="The inference server's API: Ollama's native one, or OpenAI-compatible "
+        "(vLLM, llama.cpp's server, LM Studio, SGLang, TGI, Ollama's /v1).",
+    )
+    backend_url: str | None = Field(
+        default=None,
+        description="Base URL of the OpenAI-compatible server, ending in /v1; "
+        "Ollama's address stays AVOCADO_OLLAMA_URL.",
+    )
+    backend_api_key: SecretStr | None = Field(
+        default=None, description="Sent to the OpenAI-compatible server as a Bearer token."
+    )
     ollama_url: str = "http://127.0.0.1:11434"
-    ollama_connect_timeout_s: float = Field(default=5.0, gt=0)
+    ollama_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Connect timeout to the inference server, either API."
+    )
     ollama_read_timeout_s: float = Field(
-        default=300.0, gt=0, description="Longest silence between two streamed chunks."
+        default=300.0,
+        gt=0,
+        description="Longest silence between two streamed chunks, either API.",
     )
     ollama_pull_timeout_s: float = Field(default=1800.0, gt=0)
     allow_pull: bool = Field(default=True, description="Pull a missing model on demand.")
@@ -72,6 +89,18 @@ class WorkerSettings(Settings):
         description="Address /metrics listens on: loopback unless a scraper needs it, since "
         "it tells anyone who asks which models run here and how busy they are.",
     )
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> WorkerSettings:
+        """An OpenAI-compatible backend has no default address; a URL for none is a typo."""
+        if self.backend == "openai" and not self.backend_url:
+            raise ValueError("AVOCADO_BACKEND=openai needs AVOCADO_BACKEND_URL (.../v1)")
+        if self.backend == "ollama" and self.backend_url:
+            raise ValueError(
+                "AVOCADO_BACKEND_URL is for AVOCADO_BACKEND=openai; "
+                "Ollama's address is AVOCADO_OLLAMA_URL"
+            )
+        return self
 
     @model_validator(mode="after")
     def _endpoint_settings(self) -> WorkerSettings:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from avocado_shared.contracts import SummarizeOptions
 from ollama_worker.errors import PermanentError
-from ollama_worker.ollama import Completion, OllamaClient
+from ollama_worker.inference import Completion
 
 __all__ = ["CHARS_PER_TOKEN", "content_budget", "split_text", "summarize_text"]
 
@@ -18,6 +18,14 @@ CHARS_PER_TOKEN = 4
 _INSTRUCTION_TOKENS = 256
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+class _Generator(Protocol):
+    """Any backend's client: a summary needs nothing but prompt generation."""
+
+    def generate(
+        self, model: str, prompt: str, *, options: Mapping[str, Any] | None = None
+    ) -> Completion: ...
 
 
 def estimate_tokens(text: str) -> int:
@@ -114,7 +122,7 @@ def combine_prompt(partials: list[str], options: SummarizeOptions, title: str | 
 
 
 def summarize_text(
-    client: OllamaClient,
+    client: _Generator,
     model: str,
     text: str,
     options: SummarizeOptions,

@@ -1,4 +1,4 @@
-"""The jobs: generate and summarize, each validated, run on Ollama and returned as a result."""
+"""The jobs: generate and summarize, each validated, run on the inference server, returned."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.celery_app import app, settings
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
-from ollama_worker.ollama import Completion, DeadlinePassed, ModelNotFound, OllamaClient
+from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
+from ollama_worker.ollama import OllamaClient
+from ollama_worker.openai_api import OpenAIClient
 from ollama_worker.results import record, record_quietly
 from ollama_worker.summary import summarize_text
 
@@ -38,22 +40,38 @@ logger = logging.getLogger(__name__)
 _Request = TypeVar("_Request", bound=BaseModel)
 _T = TypeVar("_T")
 
-_client: OllamaClient | None = None
+Backend = OllamaClient | OpenAIClient
+"""The inference clients the settings choose between."""
+
+_client: Backend | None = None
 _client_lock = threading.Lock()
 _present_models: set[str] = set()
 
 
-def ollama() -> OllamaClient:
-    """This process's Ollama client, made on first use (after the pool forked)."""
+def _make_backend() -> Backend:
+    """The one place the settings pick the backend."""
+    if settings.backend == "openai":
+        assert settings.backend_url is not None  # WorkerSettings refuses openai without one
+        return OpenAIClient(
+            settings.backend_url,
+            api_key=settings.backend_api_key,
+            connect_timeout=settings.ollama_connect_timeout_s,
+            read_timeout=settings.ollama_read_timeout_s,
+        )
+    return OllamaClient(
+        settings.ollama_url,
+        connect_timeout=settings.ollama_connect_timeout_s,
+        read_timeout=settings.ollama_read_timeout_s,
+        pull_timeout=settings.ollama_pull_timeout_s,
+    )
+
+
+def backend() -> Backend:
+    """This process's inference client, made on first use (after the pool forked)."""
     global _client
     with _client_lock:
         if _client is None:
-            _client = OllamaClient(
-                settings.ollama_url,
-                connect_timeout=settings.ollama_connect_timeout_s,
-                read_timeout=settings.ollama_read_timeout_s,
-                pull_timeout=settings.ollama_pull_timeout_s,
-            )
+            _client = _make_backend()
         return _client
 
 
@@ -78,16 +96,19 @@ def _log_pull(model: str) -> Callable[[dict[str, Any]], None]:
     return progress
 
 
-def ensure_model(client: OllamaClient, model: str) -> None:
-    """Make sure ``model`` is on this host, pulling it when allowed."""
+def ensure_model(client: Backend, model: str) -> None:
+    """Make sure ``model`` is on this host, pulling it when allowed (a backend that cannot
+    pull raises ``ModelNotFound`` from ``pull`` at once)."""
     if model in _present_models:
         return
     if not client.has_model(model):
-        if not settings.allow_pull:
-            raise ModelNotFound(
-                f"model {model!r} is not on this host and pulling is disabled (AVOCADO_ALLOW_PULL)"
-            )
-        logger.info("model %s is missing: pulling it", model)
+        if client.can_pull:
+            if not settings.allow_pull:
+                raise ModelNotFound(
+                    f"model {model!r} is not on this host and pulling is disabled "
+                    "(AVOCADO_ALLOW_PULL)"
+                )
+            logger.info("model %s is missing: pulling it", model)
         client.pull(model, progress=_log_pull(model))
     _present_models.add(model)
 
@@ -139,10 +160,10 @@ class JobTask(SingletonJob):
         """Run one attempt: a transient failure schedules a retry, an overrun fails for good.
 
         The soft time limit is enforced twice: by Celery in the prefork pool, and in every
-        pool by the Ollama client's deadline, the only place a job waits for long.
+        pool by the inference client's deadline, the only place a job waits for long.
         """
         try:
-            with ollama().deadline(self.soft_time_limit):
+            with backend().deadline(self.soft_time_limit):
                 return call()
         except TransientError as error:
             self.retry_transient(error)
@@ -217,7 +238,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _generate(job: GenerateRequest, model: str) -> Completion:
-    client = ollama()
+    client = backend()
     ensure_model(client, model)
     if job.messages is None:
         assert job.prompt is not None
@@ -238,21 +259,21 @@ def _generate(job: GenerateRequest, model: str) -> Completion:
 
 
 def _summarize(job: SummarizeRequest, model: str) -> tuple[Completion, int]:
-    client = ollama()
+    client = backend()
     ensure_model(client, model)
     return summarize_text(
         client,
         model,
         job.content.text,
         job.options,
-        num_ctx=settings.summary_num_ctx,
+        num_ctx=client.summary_context(model, settings.summary_num_ctx),
         title=job.content.title,
     )
 
 
 @app.task(name=GENERATE_TASK, base=JobTask, bind=True)
 def generate(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
-    """Run a prompt or chat generation on the local Ollama."""
+    """Run a prompt or chat generation on the local inference server."""
     job = _parse(self, GenerateRequest, request)
     model = job.model or settings.default_model
     done = self.attempt(lambda: _generate(job, model))

@@ -1,0 +1,206 @@
+"""What every inference backend shares: its error kinds, the job deadline and the HTTP plumbing.
+
+Ollama's native API (``ollama.py``) and the OpenAI-compatible one (``openai_api.py``) differ
+in paths and bodies only; both fail the same two ways and both must end within the job's time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
+
+__all__ = [
+    "BackendRejected",
+    "BackendUnavailable",
+    "Completion",
+    "DeadlinePassed",
+    "HTTPBackend",
+    "ModelNotFound",
+    "retry_after",
+]
+
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+
+# When the running job must be done (time.monotonic()), per thread: a pool thread runs one job.
+_DEADLINE: ContextVar[float | None] = ContextVar("inference_deadline", default=None)
+
+# A timeout cut to the deadline may fire a hair before it (clock granularity): still the limit.
+_TIMEOUT_SLACK_S = 0.05
+
+
+class BackendUnavailable(TransientError):
+    """The server could not answer now: refused, reset, timed out, busy or behind a failing
+    tunnel."""
+
+
+class BackendRejected(PermanentError):
+    """The server refused the request itself (a 4xx other than a missing model)."""
+
+
+class ModelNotFound(PermanentError):
+    """The model is not on this host and may not, or could not, be pulled."""
+
+
+class DeadlinePassed(JobTimedOut):
+    """The job's time limit came while it waited on its server (see ``HTTPBackend.deadline``)."""
+
+
+def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
+    """``timeout`` cut down to what is left of this thread's deadline, if it has one."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlinePassed("the time limit came before the call to the inference server")
+
+    def cut(value: float | None) -> float:
+        return left if value is None else min(value, left)
+
+    return httpx.Timeout(
+        connect=cut(timeout.connect),
+        read=cut(timeout.read),
+        write=cut(timeout.write),
+        pool=cut(timeout.pool),
+    )
+
+
+def _check_deadline(slack: float = 0.0) -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() >= deadline - slack:
+        raise DeadlinePassed("the time limit came while the inference server was still answering")
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The server's ``Retry-After`` in seconds (``retry-after-ms`` too, as OpenAI sends)."""
+    for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = response.headers.get(header)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) / scale)
+        except ValueError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished generation: the text and what the server measured (durations in ns)."""
+
+    text: str
+    model: str
+    done_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_duration_ns: int = 0
+    load_duration_ns: int = 0
+    prompt_eval_duration_ns: int = 0
+    eval_duration_ns: int = 0
+
+    @classmethod
+    def combine(cls, text: str, parts: Sequence[Completion]) -> Completion:
+        """One completion standing for several calls (a chunked summary): costs add up."""
+        last = parts[-1]
+        return cls(
+            text=text,
+            model=last.model,
+            done_reason=last.done_reason,
+            prompt_tokens=sum(p.prompt_tokens for p in parts),
+            completion_tokens=sum(p.completion_tokens for p in parts),
+            total_duration_ns=sum(p.total_duration_ns for p in parts),
+            load_duration_ns=sum(p.load_duration_ns for p in parts),
+            prompt_eval_duration_ns=sum(p.prompt_eval_duration_ns for p in parts),
+            eval_duration_ns=sum(p.eval_duration_ns for p in parts),
+        )
+
+
+class HTTPBackend:
+    """One long-lived httpx client to one server, its failures mapped to our error kinds.
+
+    Subclasses name the server (``label``), their ``BackendUnavailable`` subclass and how an
+    error answer reads (``_raise_for_status``).
+    """
+
+    label: ClassVar[str] = "inference server"
+    unavailable: ClassVar[type[BackendUnavailable]] = BackendUnavailable
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            headers={"User-Agent": "avocado-ollama-worker", **(headers or {})},
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._http.close()
+
+    @contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """Make every call in this block, in this thread, end within ``seconds`` or raise
+        ``DeadlinePassed``: a job's time limit that holds in any pool, including the threads
+        pool, where Celery enforces none, and a stalled stream cannot hold its slot."""
+        token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+        try:
+            yield
+        finally:
+            _DEADLINE.reset(token)
+
+    def __enter__(self) -> HTTPBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
+        raise NotImplementedError
+
+    def _transport_failed(self, error: httpx.TransportError) -> BackendUnavailable:
+        _check_deadline(_TIMEOUT_SLACK_S)
+        return self.unavailable(f"{self.label} at {self.base_url}: {error!r}")
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            timeout = _bounded(self._http.timeout)
+            response = self._http.request(method, path, json=body, timeout=timeout)
+        except httpx.TransportError as error:
+            raise self._transport_failed(error) from error
+        model = body.get("model") if isinstance(body, dict) else None
+        self._raise_for_status(response, model)
+        return response.json()
+
+    def _lines(
+        self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
+    ) -> Iterator[str]:
+        """POST and yield each non-blank line of the streamed answer, within the deadline."""
+        try:
+            bounded = _bounded(timeout or self._http.timeout)
+            with self._http.stream("POST", path, json=body, timeout=bounded) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for_status(response, body.get("model"))
+                for line in response.iter_lines():
+                    _check_deadline()
+                    if line.strip():
+                        yield line
+        except httpx.TransportError as error:
+            raise self._transport_failed(error) from error

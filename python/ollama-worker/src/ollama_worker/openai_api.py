@@ -1,0 +1,259 @@
+"""The OpenAI-compatible HTTP API (vLLM, llama.cpp's server, LM Studio, SGLang, TGI, Ollama's
+``/v1``), shaped like ``OllamaClient`` where the jobs need it, failures mapped the same way.
+
+Prompts go to ``/v1/chat/completions`` as one user message, not to the legacy
+``/v1/completions``: that is what Ollama's ``/api/generate`` does (it applies the model's
+chat template), instruction-tuned models answer raw text prompts badly, and some servers serve
+chat only or support ``response_format`` on chat only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import httpx
+from pydantic import SecretStr
+
+from ollama_worker.inference import (
+    TRANSIENT_STATUS,
+    BackendRejected,
+    BackendUnavailable,
+    Completion,
+    HTTPBackend,
+    ModelNotFound,
+    retry_after,
+)
+
+__all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable"]
+
+# Ollama option -> OpenAI parameter; other Ollama options (num_ctx, num_gpu...) size the
+# server itself, which an OpenAI-compatible server fixes at its start: they are left out.
+_RENAMED = {"num_predict": "max_tokens"}
+_PASSED = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        # Not OpenAI's, but vLLM, llama.cpp's server and LM Studio take them.
+        "top_k",
+        "min_p",
+        "repeat_penalty",
+    }
+)
+
+
+class OpenAIUnavailable(BackendUnavailable):
+    """The server could not answer now: refused, reset, timed out, rate-limited or busy."""
+
+
+class OpenAIRejected(BackendRejected):
+    """The server refused the request itself (400, 422, or a 4xx other than a missing model)."""
+
+
+def _message(body: Any) -> str:
+    """The text of OpenAI's ``{"error": {"message"}}``, vLLM's older ``{"message"}``, or
+    whatever else came."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        if error is not None:
+            return str(error)
+        if "message" in body:
+            return str(body["message"])
+    return str(body)[:500]
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return _message(response.json())
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+
+
+def _not_served(model: str, url: str, detail: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"model {model!r} is not served by the OpenAI-compatible server at {url} ({detail}) "
+        "and cannot be pulled through that API: load it on the server or ask for one it serves"
+    )
+
+
+def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, value in (options or {}).items():
+        if name in _RENAMED:
+            if not (isinstance(value, int) and value < 0):  # Ollama's -1: no limit
+                params[_RENAMED[name]] = value
+        elif name in _PASSED:
+            params[name] = value
+    return params
+
+
+def _response_format(format: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Our contract's ``format``: ``"json"`` is JSON mode, a mapping is a JSON schema."""
+    if isinstance(format, str):
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": dict(format)}}
+
+
+def _completion(
+    text: str, model: str, reason: str | None, usage: Mapping[str, Any], timings: Mapping[str, Any]
+) -> Completion:
+    """Counts from ``usage``, else llama.cpp's ``timings``, which alone carry durations."""
+    prompt_ns = int(float(timings.get("prompt_ms") or 0) * 1e6)
+    eval_ns = int(float(timings.get("predicted_ms") or 0) * 1e6)
+    return Completion(
+        text=text,
+        model=model,
+        done_reason=reason,
+        prompt_tokens=int(usage.get("prompt_tokens") or timings.get("prompt_n") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or timings.get("predicted_n") or 0),
+        total_duration_ns=prompt_ns + eval_ns,
+        prompt_eval_duration_ns=prompt_ns,
+        eval_duration_ns=eval_ns,
+    )
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class OpenAIClient(HTTPBackend):
+    """A client for one OpenAI-compatible server at ``base_url`` (ending in ``/v1``), made
+    once per worker process; the API key goes out as a Bearer token and nowhere else."""
+
+    can_pull = False
+    label: ClassVar[str] = "openai-compatible server"
+    unavailable: ClassVar[type[BackendUnavailable]] = OpenAIUnavailable
+
+    def __init__(self, base_url: str, *, api_key: SecretStr | None = None, **http: Any) -> None:
+        """``http``: ``HTTPBackend``'s timeouts and transport."""
+        headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+        super().__init__(base_url, headers=headers, **http)
+        self._contexts: dict[str, int] = {}
+        self._contexts_lock = threading.Lock()
+
+    def __enter__(self) -> OpenAIClient:
+        return self
+
+    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
+        """Map an error answer to ``OpenAIUnavailable``, ``ModelNotFound`` or
+        ``OpenAIRejected``."""
+        status = response.status_code
+        if status < 400:
+            return
+        text = _error_text(response)
+        if status in TRANSIENT_STATUS:
+            message = f"{self.label} answered {status}: {text}"
+            raise OpenAIUnavailable(message, retry_after(response))
+        if status == 404 and model is not None:
+            raise _not_served(model, self.base_url, f"{status}: {text}")
+        raise OpenAIRejected(f"{self.label} answered {status}: {text}")
+
+    def _model_entries(self) -> list[dict[str, Any]]:
+        data = self._request("GET", "/models").get("data") or []
+        return [entry for entry in data if isinstance(entry, dict) and "id" in entry]
+
+    def models(self) -> list[str]:
+        """Ids of the models the server serves (``GET /v1/models``)."""
+        return [str(entry["id"]) for entry in self._model_entries()]
+
+    def has_model(self, model: str) -> bool:
+        """True when the server lists ``model``."""
+        return model in self.models()
+
+    def pull(self, model: str, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """This API has no pull: a model the server does not serve fails the job at once."""
+        served = ", ".join(self.models()) or "none"
+        raise _not_served(model, self.base_url, f"it serves: {served}")
+
+    def context_length(self, model: str) -> int | None:
+        """The context the server runs ``model`` with: vLLM's ``max_model_len`` in
+        ``/v1/models``, else llama.cpp's ``n_ctx`` from ``GET /props``; None if it says none."""
+        for entry in self._model_entries():
+            if entry["id"] == model:
+                meta = entry.get("meta")
+                found = _int(entry.get("max_model_len")) or (
+                    _int(meta.get("n_ctx")) if isinstance(meta, dict) else None
+                )
+                if found:
+                    return found
+        root = self.base_url.removesuffix("/v1")
+        try:
+            props = self._request("GET", f"{root}/props")
+        except BackendRejected:  # not llama.cpp's server
+            return None
+        settings = props.get("default_generation_settings") or {}
+        return _int(settings.get("n_ctx")) or _int(props.get("n_ctx"))
+
+    def summary_context(self, model: str, configured: int) -> int:
+        """The server's real context, asked once per model; the configured one if it won't say."""
+        with self._contexts_lock:
+            known = self._contexts.get(model)
+        if known is None:
+            known = self.context_length(model) or configured
+            with self._contexts_lock:
+                self._contexts[model] = known
+        return known
+
+    def generate(
+        self, model: str, prompt: str, *, system: str | None = None, **params: Any
+    ) -> Completion:
+        """A prompt as one user message (after ``system``), then as ``chat``."""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return self.chat(model, messages, **params)
+
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        format: str | Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        **ollama_only: Any,
+    ) -> Completion:
+        """Run ``/v1/chat/completions`` streamed and return the assistant's whole answer;
+        Ollama-only arguments (``keep_alive``) have no meaning here."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [dict(m) for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **_options(options),
+        }
+        if format is not None:
+            body["response_format"] = _response_format(format)
+        parts: list[str] = []
+        served, reason = model, None
+        usage: dict[str, Any] = {}
+        timings: dict[str, Any] = {}
+        for event in self._events("/chat/completions", body):
+            served = str(event.get("model") or served)
+            for choice in event.get("choices") or []:
+                parts.append((choice.get("delta") or {}).get("content") or "")
+                reason = choice.get("finish_reason") or reason
+            usage = event.get("usage") or usage
+            timings = event.get("timings") or timings
+        return _completion("".join(parts), served, reason, usage, timings)
+
+    def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was
+        cut, so the answer is incomplete: transient, like a reset connection."""
+        for line in self._lines(path, body):
+            if not line.startswith("data:"):
+                continue  # SSE comments and event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise OpenAIUnavailable(f"{self.label} failed mid-stream: {_message(event)}")
+            yield event
+        raise OpenAIUnavailable(f"{self.label} at {self.base_url} ended the stream before [DONE]")
