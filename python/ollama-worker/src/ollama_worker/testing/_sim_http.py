@@ -1,7 +1,8 @@
 """The simulator's HTTP side: a keep-alive, chunked-streaming stdlib server.
 
 Handlers answer with the bodies, status codes and error texts of Ollama's
-server/routes.go, so client code meets the same shapes it will meet in prod.
+server/routes.go, so client code meets the same shapes it will meet in prod;
+``_sim_openai`` adds the OpenAI-compatible routes on the same server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ollama_worker.testing import _sim_catalog as catalog
+from ollama_worker.testing import _sim_openai
 from ollama_worker.testing._sim_state import RecordedRequest, SimState
 from ollama_worker.testing._sim_text import Reply, count_words, plan_reply, reply_key
 
@@ -197,8 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
             lines += "Connection: close\r\n"
         return (lines + extra + "\r\n").encode("latin-1")
 
-    def _send(self, status: int, body: bytes, ctype: str | None = _JSON) -> None:
-        head = self._head(status, ctype, f"Content-Length: {len(body)}\r\n")
+    def _send(self, status: int, body: bytes, ctype: str | None = _JSON, extra: str = "") -> None:
+        head = self._head(status, ctype, f"{extra}Content-Length: {len(body)}\r\n")
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _json(self, status: int, obj: Any) -> None:
@@ -209,18 +211,45 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, lines: list[Any], *, first: bool) -> None:
         """Write NDJSON lines as one HTTP chunk each, sending the head with the first."""
+        self._chunks([_encode(obj).encode() + b"\n" for obj in lines], first=first, ctype=_NDJSON)
+
+    def _chunks(self, pieces: list[bytes], *, first: bool, ctype: str) -> None:
+        """Write each piece as one HTTP chunk (raw on HTTP/1.0), the head with the first."""
         chunked = self.request_version == "HTTP/1.1"
         out: list[bytes] = []
         if first:
             if not chunked:
                 self.close_connection = True
             te = "Transfer-Encoding: chunked\r\n" if chunked else ""
-            out.append(self._head(200, _NDJSON, te))
-        for obj in lines:
-            data = _encode(obj).encode() + b"\n"
+            out.append(self._head(200, ctype, te))
+        for data in pieces:
             out.append(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
         if out:
             self.wfile.write(b"".join(out))
+
+    def _drop(self) -> None:
+        """Cut the connection mid-answer, as a crashed server or a dead tunnel does."""
+        raise _Abort
+
+    def _retry_after(self, status: int) -> str:
+        """The ``Retry-After`` header of an injected 429 or 503, when one is configured."""
+        wait = self.server.state.config.retry_after_s
+        return f"Retry-After: {wait:g}\r\n" if wait is not None and status in (429, 503) else ""
+
+    def _in_slot(self, run: Callable[[], None], fail: Callable[[int], None]) -> None:
+        """An injected failure, else a generation slot (503 when the queue is full), then run."""
+        state = self.server.state
+        status = state.take_failure()
+        if status is not None:
+            return fail(status)
+        if not state.gate.enter(state.config, state.stopping):
+            if state.stopping.is_set():
+                raise _Abort
+            return fail(503)
+        try:
+            run()
+        finally:
+            state.gate.leave()
 
     def _end_stream(self) -> None:
         if self.request_version == "HTTP/1.1":
@@ -372,7 +401,6 @@ class _Handler(BaseHTTPRequestHandler):
         if err is not None:
             return self._error(400, err)
         model = body.get("model") or ""
-        config = state.config
         if not model.strip():
             # ChatHandler says "model is required"; GenerateHandler's name check
             # falls back to a 404 that names the empty model.
@@ -399,18 +427,11 @@ class _Handler(BaseHTTPRequestHandler):
         if chat and (err := _messages_error(body.get("messages") or [])) is not None:
             return self._error(400, err)
 
-        status = state.take_failure()
-        if status is not None:
+        def fail(status: int) -> None:
             payload, ctype = _failure(status, model, "chat" if chat else "generate")
-            return self._send(status, payload, ctype)
-        if not state.gate.enter(config, state.stopping):
-            if state.stopping.is_set():
-                raise _Abort
-            return self._error(503, ERR_MAX_QUEUE)
-        try:
-            self._run(body, started, chat=chat)
-        finally:
-            state.gate.leave()
+            self._send(status, payload, ctype, self._retry_after(status))
+
+        self._in_slot(lambda: self._run(body, started, chat=chat), fail)
 
     def _run(self, body: dict[str, Any], started: int, *, chat: bool) -> None:
         state, config = self.server.state, self.server.state.config
@@ -441,6 +462,9 @@ class _Handler(BaseHTTPRequestHandler):
             chunks = [self._chunk(model, tok, chat) for tok in reply.tokens]
             if reply.tool_calls:
                 chunks.append(self._chunk(model, "", chat, reply.tool_calls))
+            if state.take_drop():
+                self._stream(chunks[:1], first=True)
+                self._drop()
             if rate is None or not chunks:
                 self._stream(chunks, first=True)
             else:
@@ -541,6 +565,7 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/api/delete": {"DELETE": _Handler._delete},
     "/api/generate": {"POST": _Handler._generate},
     "/api/chat": {"POST": _Handler._chat},
+    **_sim_openai.ROUTES,
 }
 
 

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 from ollama_worker.testing._sim_catalog import normalize
 
@@ -39,12 +39,21 @@ class SimConfig:
     fail_first: int = 0
     """Fail this many of the next generate/chat calls; counts down as they fail."""
     fail_status: int = 503
+    retry_after_s: float | None = None
+    """Sent as ``Retry-After`` with injected 429 and 503 failures; None sends none."""
+    drop_first: int = 0
+    """Cut the connection after the first token of this many of the next streamed
+    generations (either API), as a crashed server does; counts down as they drop."""
     parallel: int = 4
     """Generation slots, like OLLAMA_NUM_PARALLEL."""
     max_queue: int = 512
     """Requests that may wait for a slot, like OLLAMA_MAX_QUEUE; beyond it: 503."""
     context_length: int = 4096
-    """The model's context window, reported by /api/show and /api/ps."""
+    """The model's context window, reported by /api/show and /api/ps, and on the OpenAI side
+    (which refuses longer requests with a 400, as vLLM does) where openai_context_in says."""
+    openai_context_in: Literal["models", "props"] | None = "models"
+    """Where the OpenAI side reports the context: vLLM's ``max_model_len`` in /v1/models,
+    llama.cpp's ``n_ctx`` in GET /props, or None: nowhere, as some servers do."""
     pull_chunks: int = 5
     """Progress lines per layer in a streamed /api/pull."""
     allowed_hosts: list[str] = field(default_factory=lambda: [*_LOOPBACK_NAMES, *_LOCAL_SUFFIXES])
@@ -59,8 +68,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.parallel < 1:
             raise ValueError("parallel must be at least 1")
-        if self.max_queue < 0 or self.latency_ms < 0 or self.fail_first < 0:
-            raise ValueError("max_queue, latency_ms and fail_first cannot be negative")
+        if min(self.max_queue, self.latency_ms, self.fail_first, self.drop_first) < 0:
+            raise ValueError("max_queue, latency_ms, fail_first and drop_first cannot be negative")
         if not 0 <= self.latency_jitter_ms <= self.latency_ms:
             raise ValueError("latency_jitter_ms must be between 0 and latency_ms")
         if self.tokens_per_s is not None and self.tokens_per_s <= 0:
@@ -206,6 +215,14 @@ class SimState:
                 return None
             self.config.fail_first -= 1
             return self.config.fail_status
+
+    def take_drop(self) -> bool:
+        """True when this streamed generation must be cut, consuming one of drop_first."""
+        with self.lock:
+            if self.config.drop_first <= 0:
+                return False
+            self.config.drop_first -= 1
+            return True
 
     def has_model(self, name: str) -> bool:
         return normalize(name) in _normalized(tuple(self.config.models))

@@ -1,6 +1,7 @@
 """A fake Ollama HTTP server for tests and benchmarks: no GPU, no internet.
 
-Speaks the real /api wire format (NDJSON streaming, error bodies, status codes)
+Speaks the real /api wire format (NDJSON streaming, error bodies, status codes),
+and the OpenAI-compatible /v1 one (SSE, usage, response_format, OpenAI error objects),
 with deterministic text, so producers can be tested like with
 celery.contrib.testing. Run it alone with ``avocado-ollama-sim --port 0``.
 """
@@ -49,7 +50,8 @@ class OllamaSimulator:
 
     @property
     def generation_calls(self) -> int:
-        """POSTs to /api/generate and /api/chat received, failed ones included."""
+        """POSTs to /api/generate, /api/chat and the /v1 completions received, failed ones
+        included."""
         with self._state.lock:
             return self._state.generation_calls
 

@@ -1,0 +1,289 @@
+"""The simulator's OpenAI-compatible side: ``/v1/models``, ``/v1/chat/completions``,
+``/v1/completions`` (SSE or whole), and llama.cpp's ``/props``.
+
+Bodies follow OpenAI's API as vLLM and llama.cpp's server serve it (vLLM's ``max_model_len``,
+llama.cpp's ``timings``, OpenAI's error object), with the same text, pacing and injected
+faults as the Ollama side, so a client of either API meets the same simulated model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from itertools import count
+from typing import TYPE_CHECKING, Any
+
+from ollama_worker.testing._sim_text import Reply, count_words, plan_reply, reply_key
+
+if TYPE_CHECKING:
+    from ollama_worker.testing._sim_http import _Handler
+
+__all__ = ["ROUTES"]
+
+_JSON = "application/json"
+_SSE = "text/event-stream"
+_DONE = b"data: [DONE]\n\n"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ids = count(1)
+_INJECTED = {
+    429: ("Rate limit reached for requests, please retry later", "rate_limit_exceeded"),
+    500: ("The server had an error while processing your request", None),
+    502: ("Bad gateway", None),
+    503: ("The server is overloaded or not ready yet", None),
+    504: ("Gateway timeout", None),
+    400: ("The request was invalid", None),
+}
+
+
+def _error(h: _Handler, status: int, message: str, code: str | None = None) -> None:
+    """OpenAI's error object; a 429 or 503 carries the configured ``Retry-After``."""
+    kind = (
+        "rate_limit_error"
+        if status == 429
+        else "server_error"
+        if status >= 500
+        else "invalid_request_error"
+    )
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    h._send(status, _encode(body).encode(), _JSON, h._retry_after(status))
+
+
+def _context(h: _Handler) -> int:
+    return h.server.state.config.context_length
+
+
+def models(h: _Handler, raw: bytes, started: int) -> None:
+    """The served models; vLLM's ``max_model_len`` when the context is reported here."""
+    state = h.server.state
+    extra = {"max_model_len": _context(h)} if state.config.openai_context_in == "models" else {}
+    data = [
+        {"id": name, "object": "model", "created": int(modified), "owned_by": "library", **extra}
+        for name, modified in state.pulled()
+    ]
+    h._send(200, _encode({"object": "list", "data": data}).encode(), _JSON)
+
+
+def props(h: _Handler, raw: bytes, started: int) -> None:
+    """llama.cpp's server properties, or the 404 of a server that has none (vLLM)."""
+    config = h.server.state.config
+    if config.openai_context_in != "props":
+        h._send(404, b'{"detail":"Not Found"}', _JSON)
+        return
+    body = {"default_generation_settings": {"n_ctx": config.context_length}}
+    h._send(200, _encode({**body, "total_slots": config.parallel}).encode(), _JSON)
+
+
+def _response_format(value: Any) -> tuple[Any, str | None]:
+    """``response_format`` as the Ollama side's ``format``, or what is wrong with it."""
+    if value is None or (isinstance(value, dict) and value.get("type") == "text"):
+        return None, None
+    if isinstance(value, dict) and value.get("type") == "json_object":
+        return "json", None
+    if isinstance(value, dict) and value.get("type") == "json_schema":
+        schema = (value.get("json_schema") or {}).get("schema")
+        if isinstance(schema, dict):
+            return schema, None
+        return None, "response_format.json_schema.schema must be an object"
+    return None, "response_format.type must be one of 'text', 'json_object', 'json_schema'"
+
+
+def _texts(body: dict[str, Any], chat: bool) -> tuple[list[Any], str | None]:
+    """The texts that make the prompt, or what is wrong with them."""
+    if not chat:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return [], "prompt must be a non-empty string"
+        return [prompt], None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return [], "messages must be a non-empty list"
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
+            return [], "each message must be an object whose content is a string"
+    return messages, None
+
+
+def chat_completions(h: _Handler, raw: bytes, started: int) -> None:
+    _generation(h, raw, started, chat=True)
+
+
+def completions(h: _Handler, raw: bytes, started: int) -> None:
+    _generation(h, raw, started, chat=False)
+
+
+def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
+    """Validate like a real server, then answer within a slot of the shared scheduler."""
+    state = h.server.state
+    state.count_generation()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _error(h, 400, "We could not parse the JSON body of your request.")
+    if not isinstance(body, dict):
+        return _error(h, 400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        return _error(h, 400, "you must provide a model parameter")
+    texts, err = _texts(body, chat)
+    fmt, format_err = _response_format(body.get("response_format"))
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None and not (isinstance(limit, int) and limit > 0):
+        err = err or "max_tokens must be a positive integer"
+    if err or format_err:
+        return _error(h, 400, str(err or format_err))
+    if not state.has_model(model):
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return _error(h, 404, message, "model_not_found")
+    contents = [m.get("content") for m in texts] if chat else texts
+    prompt_tokens = max(count_words(*contents), 1)
+    wanted = prompt_tokens + (limit or 0)
+    if wanted > _context(h):
+        message = (
+            f"This model's maximum context length is {_context(h)} tokens. However, you "
+            f"requested {wanted} tokens ({prompt_tokens} in the messages, {limit or 0} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+        return _error(h, 400, message, "context_length_exceeded")
+    parts = [(m.get("role"), m.get("content")) for m in texts] if chat else [None, texts[0]]
+    key = reply_key(model, parts) if chat else reply_key(model, *parts)
+    if body.get("seed") is not None:
+        key += str(body["seed"]).encode()
+    stop = body.get("stop")
+    reply = plan_reply(
+        key,
+        fmt=fmt,
+        num_predict=limit,
+        default_tokens=state.config.default_tokens,
+        stop=[stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None,
+    )
+
+    def fail(status: int) -> None:
+        message, code = _INJECTED.get(status, (f"injected failure {status}", None))
+        _error(h, status, message, code)
+
+    h._in_slot(lambda: _Answer(h, body, chat, reply, prompt_tokens, started).send(), fail)
+
+
+class _Answer:
+    """One generation's reply: whole, or as SSE events ending in ``data: [DONE]``."""
+
+    def __init__(
+        self,
+        h: _Handler,
+        body: dict[str, Any],
+        chat: bool,
+        reply: Reply,
+        prompt_tokens: int,
+        started: int,
+    ) -> None:
+        self.h, self.chat, self.reply, self.started = h, chat, reply, started
+        self.model: str = body["model"]
+        self.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        self.include_usage = (
+            self.stream and isinstance(options, dict) and bool(options.get("include_usage"))
+        )
+        prefix = "chatcmpl" if chat else "cmpl"
+        self.id = f"{prefix}-sim{next(_ids):08d}"
+        self.created = int(time.time())
+        self.usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": reply.eval_count,
+            "total_tokens": prompt_tokens + reply.eval_count,
+        }
+
+    def _timings(self, evaluated: int) -> dict[str, Any]:
+        """llama.cpp's ``timings``: prompt and generation times as the server measured them."""
+        finished = time.perf_counter_ns()
+        return {
+            "prompt_n": self.usage["prompt_tokens"],
+            "prompt_ms": (evaluated - self.started) / 1e6,
+            "predicted_n": self.usage["completion_tokens"],
+            "predicted_ms": (finished - evaluated) / 1e6,
+        }
+
+    def _choice(self, text: str, reason: str | None, *, delta: bool, first: bool) -> Any:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if not self.chat:
+            choice["text"] = text
+        elif not delta:
+            choice["message"] = {"role": "assistant", "content": text}
+        elif first:
+            choice["delta"] = {"role": "assistant", "content": text}
+        else:
+            choice["delta"] = {"content": text} if text else {}
+        return choice
+
+    def _object(self, chunk: bool) -> str:
+        if not self.chat:
+            return "text_completion"
+        return "chat.completion.chunk" if chunk else "chat.completion"
+
+    def _event(self, choices: list[Any], **extra: Any) -> bytes:
+        payload = {
+            "id": self.id,
+            "object": self._object(True),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            payload["usage"] = None
+        payload.update(extra)
+        return b"data: " + _encode(payload).encode() + b"\n\n"
+
+    def send(self) -> None:
+        h, state = self.h, self.h.server.state
+        rate = state.config.tokens_per_s
+        h._pause(state.latency_s())
+        evaluated = time.perf_counter_ns()
+        tokens, reason = self.reply.tokens, self.reply.done_reason
+        if not self.stream:
+            if rate is not None:
+                h._pause(len(tokens) / rate)
+            whole = {
+                "id": self.id,
+                "object": self._object(False),
+                "created": self.created,
+                "model": self.model,
+                "choices": [self._choice("".join(tokens), reason, delta=False, first=True)],
+                "usage": self.usage,
+                "timings": self._timings(evaluated),
+            }
+            h._send(200, _encode(whole).encode(), _JSON)
+            return
+        events = [
+            self._event([self._choice(tok, None, delta=True, first=i == 0)])
+            for i, tok in enumerate(tokens)
+        ]
+
+        def write(pieces: list[bytes], first: bool) -> None:
+            h._chunks(pieces, first=first, ctype=_SSE)
+
+        if state.take_drop():
+            write(events[:1], True)
+            h._drop()
+        if rate is None:
+            write(events, True)
+        else:
+            write([], True)
+            for i, event in enumerate(events):
+                h._pause(evaluated / 1e9 + (i + 1) / rate - time.perf_counter_ns() / 1e9)
+                write([event], False)
+        last = self._choice("", reason, delta=True, first=False)
+        timings = self._timings(evaluated)
+        if self.include_usage:
+            tail = [self._event([last]), self._event([], usage=self.usage, timings=timings)]
+        else:
+            tail = [self._event([last], timings=timings)]
+        write([*tail, _DONE], False)
+        h._end_stream()
+
+
+ROUTES: dict[str, dict[str, Callable[[_Handler, bytes, int], None]]] = {
+    "/v1/models": {"GET": models},
+    "/v1/chat/completions": {"POST": chat_completions},
+    "/v1/completions": {"POST": completions},
+    "/props": {"GET": props},
+}
