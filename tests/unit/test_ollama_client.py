@@ -173,3 +173,25 @@ def test_deadlines_belong_to_their_thread(sim: OllamaSimulator) -> None:
         thread.start()
         thread.join()
     assert len(str(outcome["text"]).split()) == 25
+
+
+def test_a_429_with_retry_after_is_transient_and_carries_the_delay(
+    sim: OllamaSimulator, client: OllamaClient
+) -> None:
+    sim.config.fail_status = 429
+    sim.config.fail_first = 1
+    sim.config.retry_after_s = 3
+
+    with pytest.raises(OllamaUnavailable, match="429") as caught:
+        client.generate("llama3.2:1b", "hi")
+
+    assert caught.value.retry_after == 3
+
+
+def test_a_stream_cut_midway_is_transient(sim: OllamaSimulator, client: OllamaClient) -> None:
+    sim.config.drop_first = 1
+
+    with pytest.raises(OllamaUnavailable):
+        client.chat("llama3.2:1b", [{"role": "user", "content": "hi"}])
+
+    assert client.chat("llama3.2:1b", [{"role": "user", "content": "hi"}]).text
