@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -175,23 +176,19 @@ def test_deadlines_belong_to_their_thread(sim: OllamaSimulator) -> None:
     assert len(str(outcome["text"]).split()) == 25
 
 
-def test_a_429_with_retry_after_is_transient_and_carries_the_delay(
-    sim: OllamaSimulator, client: OllamaClient
+@pytest.mark.parametrize(
+    ("fault", "retry_after"),
+    [({"fail_first": 1, "fail_status": 429, "retry_after_s": 3}, 3.0), ({"drop_first": 1}, None)],
+)
+def test_a_429_and_a_stream_cut_midway_are_transient(
+    sim: OllamaSimulator, client: OllamaClient, fault: dict[str, Any], retry_after: float | None
 ) -> None:
-    sim.config.fail_status = 429
-    sim.config.fail_first = 1
-    sim.config.retry_after_s = 3
+    for name, value in fault.items():
+        setattr(sim.config, name, value)
+    messages = [{"role": "user", "content": "hi"}]
 
-    with pytest.raises(OllamaUnavailable, match="429") as caught:
-        client.generate("llama3.2:1b", "hi")
+    with pytest.raises(OllamaUnavailable) as caught:
+        client.chat("llama3.2:1b", messages)
 
-    assert caught.value.retry_after == 3
-
-
-def test_a_stream_cut_midway_is_transient(sim: OllamaSimulator, client: OllamaClient) -> None:
-    sim.config.drop_first = 1
-
-    with pytest.raises(OllamaUnavailable):
-        client.chat("llama3.2:1b", [{"role": "user", "content": "hi"}])
-
-    assert client.chat("llama3.2:1b", [{"role": "user", "content": "hi"}]).text
+    assert caught.value.retry_after == retry_after
+    assert client.chat("llama3.2:1b", messages).text, "only one call failed"
