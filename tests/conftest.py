@@ -61,27 +61,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("rabbit", labels, indirect=True, scope="session")
 
 
-_BROKER_VERSIONS: dict[str, str] = {}
-
-
 @pytest.fixture(scope="session")
 def rabbit(request: pytest.FixtureRequest) -> Broker:
     """The RabbitMQ of this test: the machine's 3.x, or the suite's 4.x node."""
-    broker = rabbitmq4() if request.param == "rabbitmq4" else machine_broker()
-    _BROKER_VERSIONS[broker.label] = broker.ctl("version").strip()
-    return broker
+    return _broker(request.param)
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def _broker(label: str) -> Broker:
+    return rabbitmq4() if label == "rabbitmq4" else machine_broker()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """Say how the tests of each RabbitMQ version ended, so CI shows both were run."""
-    for label, version in sorted(_BROKER_VERSIONS.items()):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller says it
+        return
+    for label in BROKERS:
         counts = {
             outcome: sum(f"[{label}" in r.nodeid or f"-{label}" in r.nodeid for r in reports)
             for outcome in ("passed", "failed", "error")
             if (reports := terminalreporter.stats.get(outcome, []))
         }
-        text = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n) or "no test"
-        terminalreporter.write_line(f"RabbitMQ {version} ({label}): {text}")
+        if any(counts.values()):
+            version = _broker(label).ctl("version").strip()
+            text = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n)
+            terminalreporter.write_line(f"RabbitMQ {version} ({label}): {text}")
 
 
 @pytest.fixture
