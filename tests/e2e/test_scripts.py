@@ -191,15 +191,40 @@ def test_only_flower_with_a_given_password(fleet_env: dict[str, str]) -> None:
     assert _ours(run_dir) == []
 
 
-def test_start_without_ollama_says_what_to_do(fleet_env: dict[str, str]) -> None:
-    env = {**fleet_env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}
+def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str]) -> None:
+    """No Ollama answers and none is installed: the fleet runs on SmolLM2-135M (llama.cpp),
+    and the README's first jobs print a real model's answers."""
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"
+    env = {**fleet_env, "PATH": path, "AVOCADO_EMBEDDED_PORT": str(free_port())}
+    run_dir = Path(env["AVOCADO_RUN_DIR"])
 
-    done = _run(START, env, "--native")
+    up = _run(START, env, "--native", "--only", "ollama,worker")
 
-    assert done.returncode == 1
-    assert "no Ollama answers at" in done.stderr
-    assert "--simulate" in done.stderr
-    assert not list(Path(fleet_env["AVOCADO_RUN_DIR"]).glob("*.pid"))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "smollm2-135m-instruct" in up.stdout
+    assert "(embedded, llama.cpp on the CPU)" in up.stdout
+    generated = run_cli(
+        fleet_env, "generate", "Why is the sky blue?", "-o", "num_predict=48", "--wait", "--json"
+    )
+    assert generated.returncode == 0, generated.stderr
+    answer = json.loads(generated.stdout)
+    assert answer["model"] == "smollm2-135m-instruct"
+    assert 0 < answer["completion_tokens"] <= 48
+    assert re.search(r"\b(the|is|of|and|light)\b", answer["text"].lower()), answer["text"]
+    text = " ".join(
+        ["The sky looks blue because air scatters the short blue waves of sunlight"] * 6
+    )
+    summary = run_cli(
+        fleet_env, "summarize", "--share-id", f"sky-{free_port()}", "--text", text, "--wait"
+    )
+    assert summary.returncode == 0, summary.stderr
+    assert summary.stdout.strip()
+    assert "smollm2-135m-instruct" in summary.stderr
+
+    down = _run(STOP, env, "--native")
+
+    assert down.returncode == 0, down.stderr
+    assert _ours(run_dir) == []
 
 
 # --------------------------------------------------------------------------- Docker path

@@ -241,6 +241,10 @@ class OpenAIClient(HTTPBackend):
                 reason = choice.get("finish_reason") or reason
             usage = event.get("usage") or usage
             timings = event.get("timings") or timings
+        if not usage and not timings:
+            # llama-cpp-python's server reports no usage in a stream; it streams a token a
+            # chunk, so the chunks that carried text are the completion's tokens.
+            usage = {"completion_tokens": sum(1 for part in parts if part)}
         return _completion("".join(parts), served, reason, usage, timings)
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -129,7 +129,7 @@ class Producer:
         fields: dict[str, Any] = {
             "prompt": prompt,
             "messages": messages,
-            "model": model or self.settings.default_model,
+            "model": model,  # unset: the worker's AVOCADO_DEFAULT_MODEL, what its server serves
             "system": system,
             "options": dict(options or {}),
             "format": format,
@@ -148,8 +148,7 @@ class Producer:
     ) -> JobHandle[SummarizeResult]:
         """Enqueue a summary; ``content`` is the text or a mapping with ``text``."""
         body = {"text": content} if isinstance(content, str) else dict(content)
-        opts = {"model": self.settings.default_model, **(options or {})}
-        fields = {"share_id": share_id, "content": body, "options": opts}
+        fields = {"share_id": share_id, "content": body, "options": dict(options or {})}
         request = validate_request(SummarizeRequest, fields)
         return cast(JobHandle[SummarizeResult], self.submit(request))
 

