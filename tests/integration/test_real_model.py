@@ -1,0 +1,143 @@
+"""Jobs on a real model through RabbitMQ: SmolLM2-135M-Instruct (the embedded default) on
+llama-cpp-python's OpenAI-compatible server, the way start-ml-services.sh runs it without
+Ollama. Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from avocado_shared import JobStatus, Producer
+from ollama_worker.embedded import MODEL
+from tests.conftest import WorkerFactory
+from tests.services import VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
+
+WAIT = 180
+CONTEXT = 1024
+GREEDY = {"temperature": 0, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def model_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded model's server of this module; its /v1 URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("embedded") / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(VENV_BIN / "avocado-embedded-llm"), "--port", str(port), "--n-ctx", str(CONTEXT)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def serves() -> bool:
+        assert server.poll() is None, log.read_text(errors="replace")
+        try:
+            return httpx.get(f"{url}/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(serves, timeout=120, what="the embedded model's server")
+        yield url
+    finally:
+        stop_group(server)
+
+
+def _worker(factory: WorkerFactory, url: str, **env: str) -> WorkerProcess:
+    return factory(
+        f"http://127.0.0.1:{free_port()}",  # no Ollama: the worker must not need one
+        concurrency=1,
+        AVOCADO_BACKEND="openai",
+        AVOCADO_BACKEND_URL=url,
+        AVOCADO_DEFAULT_MODEL=MODEL,
+        AVOCADO_SUMMARY_NUM_CTX=str(CONTEXT),
+        **env,
+    )
+
+
+def _direct(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, object]:
+    """The same request straight to the server, not streamed: what it reports."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, **GREEDY}
+    answer: dict[str, object] = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()
+    return answer
+
+
+def test_prompt_chat_and_json_jobs_on_the_real_model(
+    producer: Producer, worker_factory: WorkerFactory, model_url: str
+) -> None:
+    _worker(worker_factory, model_url)
+    options = {"num_predict": 32, **GREEDY}
+
+    prompt = producer.generate("Why is the sky blue?", options=options).get(timeout=WAIT)
+    messages = [
+        {"role": "system", "content": "You are a helpful gardener."},
+        {"role": "user", "content": "Name one vegetable that grows in spring."},
+    ]
+    chat = producer.generate(messages=messages, options=options).get(timeout=WAIT)
+    data = producer.generate(
+        "Give a JSON object with the keys name and color for a ripe tomato.",
+        format="json",
+        options={"num_predict": 48, **GREEDY},
+    ).get(timeout=WAIT)
+
+    assert prompt.model == chat.model == MODEL
+    direct = _direct(model_url, [{"role": "user", "content": "Why is the sky blue?"}], 32)
+    assert prompt.text == direct["choices"][0]["message"]["content"]  # type: ignore[index]
+    assert prompt.completion_tokens == direct["usage"]["completion_tokens"]  # type: ignore[index]
+    said = _direct(model_url, messages, 32)
+    assert chat.text == said["choices"][0]["message"]["content"]  # type: ignore[index]
+    assert chat.completion_tokens == said["usage"]["completion_tokens"]  # type: ignore[index]
+    assert isinstance(json.loads(data.text), dict)
+
+
+def test_a_summary_longer_than_the_context_is_chunked(
+    producer: Producer, worker_factory: WorkerFactory, model_url: str
+) -> None:
+    _worker(worker_factory, model_url)
+    paragraph = (
+        "Tomatoes need six hours of sun, deep watering twice a week and a stake to climb. "
+        "Pinch the side shoots so the plant puts its strength into the fruit. "
+    )
+    text = "\n\n".join(paragraph * 6 for _ in range(7))  # about 1.5 times the context
+
+    summary = producer.summarize(
+        f"garden-{uuid.uuid4().hex[:6]}", text, options={"max_words": 30}
+    ).get(timeout=WAIT)
+
+    assert summary.chunks > 1
+    assert summary.summary.strip()
+    assert summary.model == MODEL
+
+
+def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
+    producer: Producer, worker_factory: WorkerFactory, model_url: str
+) -> None:
+    doomed = _worker(worker_factory, model_url)
+    handle = producer.generate(
+        "Write a long story about a garden.", options={"num_predict": 400, **GREEDY}
+    )
+
+    def generating() -> bool:
+        row = producer.results.get(handle.id)
+        return row is not None and row.status is JobStatus.STARTED
+
+    wait_for(generating, timeout=WAIT, what="the generation to start")
+    doomed.kill()
+    assert not handle.ready()
+    _worker(worker_factory, model_url)
+
+    result = handle.get(timeout=WAIT)
+
+    assert result.text.strip()
+    assert 0 < result.completion_tokens <= 400
+    row = producer.results.get(handle.id)
+    assert row is not None
+    assert row.status is JobStatus.SUCCESS
+    assert row.attempts == 2
