@@ -88,6 +88,7 @@ def test_prompt_chat_and_json_jobs_on_the_real_model(
     ).get(timeout=WAIT)
 
     assert prompt.model == chat.model == MODEL
+    assert prompt.total_duration_ms > 0  # the worker's own clock: this server reports none
     direct = _direct(model_url, [{"role": "user", "content": "Why is the sky blue?"}], 32)
     assert prompt.text == direct["choices"][0]["message"]["content"]  # type: ignore[index]
     assert prompt.completion_tokens == direct["usage"]["completion_tokens"]  # type: ignore[index]

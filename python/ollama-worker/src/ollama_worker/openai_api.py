@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -103,9 +104,15 @@ def _response_format(format: str | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _completion(
-    text: str, model: str, reason: str | None, usage: Mapping[str, Any], timings: Mapping[str, Any]
+    text: str,
+    model: str,
+    reason: str | None,
+    usage: Mapping[str, Any],
+    timings: Mapping[str, Any],
+    elapsed_ns: int,
 ) -> Completion:
-    """Counts from ``usage``, else llama.cpp's ``timings``, which alone carry durations."""
+    """Counts from ``usage``, else llama.cpp's ``timings``, which alone carry durations; a
+    server that measures nothing gets the wall-clock time the worker waited as its total."""
     prompt_ns = int(float(timings.get("prompt_ms") or 0) * 1e6)
     eval_ns = int(float(timings.get("predicted_ms") or 0) * 1e6)
     return Completion(
@@ -114,7 +121,7 @@ def _completion(
         done_reason=reason,
         prompt_tokens=int(usage.get("prompt_tokens") or timings.get("prompt_n") or 0),
         completion_tokens=int(usage.get("completion_tokens") or timings.get("predicted_n") or 0),
-        total_duration_ns=prompt_ns + eval_ns,
+        total_duration_ns=(prompt_ns + eval_ns) or elapsed_ns,
         prompt_eval_duration_ns=prompt_ns,
         eval_duration_ns=eval_ns,
     )
@@ -234,6 +241,7 @@ class OpenAIClient(HTTPBackend):
         served, reason = model, None
         usage: dict[str, Any] = {}
         timings: dict[str, Any] = {}
+        started = time.monotonic_ns()
         for event in self._events("/chat/completions", body):
             served = str(event.get("model") or served)
             for choice in event.get("choices") or []:
@@ -245,7 +253,8 @@ class OpenAIClient(HTTPBackend):
             # llama-cpp-python's server reports no usage in a stream; it streams a token a
             # chunk, so the chunks that carried text are the completion's tokens.
             usage = {"completion_tokens": sum(1 for part in parts if part)}
-        return _completion("".join(parts), served, reason, usage, timings)
+        elapsed = time.monotonic_ns() - started
+        return _completion("".join(parts), served, reason, usage, timings, elapsed)
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was
