@@ -133,3 +133,28 @@ def test_two_nodes_listed_and_a_late_consumer_learns_both_within_one_interval(
             # The nodes announced before this watcher existed; the next beat tells it.
             assert late.wait_until(lambda live: set(ids) <= set(live), timeout=INTERVAL_S + 3)
             assert late.live()[ids[1]].url == other.url
+
+
+def test_node_on_an_openai_compatible_server_announces_that_backend_and_its_models(
+    events: tuple[EndpointWatcher, list[Announcement]],
+    worker_factory: WorkerFactory,
+    fresh_sim: OllamaSimulator,
+) -> None:
+    watcher, _ = events
+    sid = _sid()
+    worker_factory(
+        fresh_sim.url,
+        AVOCADO_BACKEND="openai",
+        AVOCADO_BACKEND_URL=f"{fresh_sim.url}/v1",
+        AVOCADO_PUBLIC_URL=fresh_sim.url,
+        AVOCADO_SERVICE_ID=sid,
+        **NODE,
+    )
+
+    assert watcher.wait_until(lambda live: sid in live, timeout=WAIT)
+    endpoint = watcher.live()[sid]
+    assert endpoint.backend == "openai"
+    assert endpoint.models == ["llama3.2:1b"]
+    assert endpoint.version is None
+    assert fresh_sim.requests.to("/v1/models"), "checked and listed through /v1"
+    assert not [r for r in fresh_sim.requests if r.path.startswith("/api/")], "no Ollama API"

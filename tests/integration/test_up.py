@@ -9,6 +9,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -17,7 +18,7 @@ from nbclient import NotebookClient
 
 from avocado_shared import Producer
 from avocado_shared.discovery import Announcement, EndpointEvent, EndpointWatcher
-from ollama_worker.testing import fake_ngrok_path
+from ollama_worker.testing import OllamaSimulator, SimConfig, fake_ngrok_path
 from tests.services import VENV_BIN, free_port, service_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,12 +64,12 @@ def _events(seen: list[Announcement], sid: str) -> list[EndpointEvent]:
     return [a.event for a in seen if a.service_id == sid]
 
 
-@pytest.fixture
-def up_process(up_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """``avocado-worker up`` as a user starts it, its output collected line by line."""
+@contextmanager
+def _up(env: dict[str, str], *args: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``avocado-worker up ARGS`` as a user starts it, its output collected line by line."""
     process = subprocess.Popen(
-        [str(VENV_BIN / "avocado-worker"), "up", "--model", MODEL, "--tunnel", "--beat"],
-        env=up_env,
+        [str(VENV_BIN / "avocado-worker"), "up", *args],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -88,6 +89,23 @@ def up_process(up_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=30)
+
+
+def _refused(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``avocado-worker up ARGS`` run to its end, for a start it must refuse."""
+    return subprocess.run(
+        [str(VENV_BIN / "avocado-worker"), "up", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+
+
+@pytest.fixture
+def up_process(up_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    with _up(up_env, "--model", MODEL, "--tunnel", "--beat") as started:
+        yield started
 
 
 def test_up_joins_the_fleet_and_an_interrupt_leaves_it_with_nothing_behind(
@@ -123,13 +141,7 @@ def test_up_joins_the_fleet_and_an_interrupt_leaves_it_with_nothing_behind(
 def test_up_without_ollama_offline_says_what_to_do(up_env: dict[str, str]) -> None:
     up_env["PATH"] = f"{VENV_BIN}:/usr/bin:/bin"  # no ollama binary
 
-    done = subprocess.run(
-        [str(VENV_BIN / "avocado-worker"), "up"],
-        env=up_env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
+    done = _refused(up_env)
 
     assert done.returncode == 2
     assert "Ollama is not installed" in done.stderr
@@ -172,3 +184,39 @@ def test_the_colab_notebook_runs_top_to_bottom(
     assert TOKEN not in text
     assert PASSWORD not in text
     assert _ours(up_env) == []
+
+
+def test_up_on_an_openai_compatible_server_starts_no_ollama_and_serves_through_v1(
+    up_env: dict[str, str],
+    producer: Producer,
+    events: tuple[EndpointWatcher, list[Announcement]],
+) -> None:
+    watcher, seen = events
+    sid = up_env["AVOCADO_SERVICE_ID"]
+    with OllamaSimulator(SimConfig(models=[MODEL])) as server:
+        args = ["--backend", "openai", "--backend-url", f"{server.url}/v1", "--tunnel"]
+        missing = _refused(up_env, *args, "--model", "not-served:1b")
+        assert missing.returncode == 2
+        assert "does not serve not-served:1b (it serves: qwen2.5:0.5b)" in missing.stderr
+        assert "Traceback" not in missing.stderr
+
+        with _up(up_env, *args) as (process, lines):
+            wait_for(lambda: any("joined the fleet" in x for x in lines), WAIT, "the node to join")
+            assert watcher.wait_until(lambda live: sid in live, timeout=WAIT)
+            assert watcher.live()[sid].backend == "openai"
+            assert watcher.live()[sid].models == [MODEL]
+            result = producer.generate("Hello from the test.", model=MODEL).get(timeout=WAIT)
+            assert result.worker == f"ollama@{sid}"
+
+            process.send_signal(signal.SIGINT)
+
+            assert process.wait(timeout=WAIT) == 0
+        output = "".join(lines)
+        assert "starting ollama serve" not in output
+        assert "OpenAI-compatible server is public at http://" in output
+        assert server.requests.to("/v1/chat/completions")
+        assert not server.requests.to("/api/pull")
+        assert not [r for r in server.requests if r.path.startswith("/api/")], "no Ollama API"
+    assert watcher.wait_until(lambda _: EndpointEvent.REMOVED in _events(seen, sid), WAIT)
+    assert _ours(up_env) == []
+    assert PASSWORD not in output

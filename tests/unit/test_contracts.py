@@ -17,6 +17,7 @@ from avocado_shared import (
 )
 from avocado_shared.celery_config import celery_config
 from avocado_shared.contracts import validate_request
+from avocado_shared.discovery import Announcement, EndpointEvent
 
 
 def test_generate_request_takes_a_prompt_or_messages() -> None:
@@ -95,3 +96,14 @@ def test_celery_config_is_safe_for_long_llm_jobs() -> None:
     queues = {q.name: q.queue_arguments for q in config["task_queues"]}
     assert queues["ml.generate"]["x-queue-type"] == "quorum"
     assert config["task_default_exchange_type"] == "topic"
+
+
+def test_an_announcement_from_before_backends_is_ollama_and_a_new_one_round_trips() -> None:
+    old = '{"service_id": "n1", "url": "https://n1.example", "event": "changed"}'
+
+    assert Announcement.model_validate_json(old).backend == "ollama"
+    new = Announcement(service_id="n2", url="https://n2.example", backend="openai", event="changed")
+    back = Announcement.model_validate_json(new.model_dump_json())
+    assert (back.backend, back.event) == ("openai", EndpointEvent.CHANGED)
+    with pytest.raises(ValidationError, match="backend"):
+        Announcement.model_validate_json(old.replace("}", ', "backend": "tgi"}'))

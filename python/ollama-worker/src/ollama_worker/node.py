@@ -1,9 +1,10 @@
 """This host's public endpoint: opened, checked for real, kept in the registry, announced.
 
 A thread of the worker's main process. It opens the endpoint (an ngrok tunnel or a fixed
-public URL), checks ``/api/version`` through it with the credentials before announcing, and
-then every ``node_refresh_s`` checks it again and refreshes the registry record. When the
-endpoint stops answering it is reopened and the new URL announced, the old one removed.
+public URL), checks it with the credentials before announcing (Ollama's ``/api/version``, or
+an OpenAI-compatible server's ``/v1/models``), and then every ``node_refresh_s`` checks it
+again and refreshes the registry record. When the endpoint stops answering it is reopened
+and the new URL announced, the old one removed.
 Jobs never wait on any of this: a node that cannot expose itself still serves the queues.
 """
 
@@ -13,6 +14,7 @@ import logging
 import threading
 from datetime import datetime, timezone
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from celery import Celery
@@ -20,8 +22,10 @@ from celery.signals import worker_ready, worker_shutdown
 
 from avocado_shared.discovery import Endpoint, EndpointEvent, publish_announcement
 from avocado_shared.registry import NodeRegistry
+from ollama_worker.backends import make_backend
 from ollama_worker.celery_app import app
 from ollama_worker.celery_app import settings as app_settings
+from ollama_worker.errors import JobError
 from ollama_worker.settings import WorkerSettings
 
 __all__ = ["Exposure", "FixedURL", "Node", "NodeError"]
@@ -38,7 +42,7 @@ class NodeError(RuntimeError):
 
 
 class Exposure(Protocol):
-    """A way to make the local Ollama reachable from outside."""
+    """A way to make the local inference server reachable from outside."""
 
     def open(self) -> str:
         """Open (or reopen) and return the public URL."""
@@ -88,6 +92,12 @@ class Node:
             if password is not None
             else None
         )
+        # The exposed URL forwards to the server's port, so the path is the server's own.
+        self._check_path = (
+            "/api/version"
+            if settings.backend == "ollama"
+            else f"{urlsplit(settings.server_url).path.rstrip('/')}/models"
+        )
         self._http = httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0), headers=CALLER_HEADERS)
 
     def start(self) -> Node:
@@ -128,7 +138,7 @@ class Node:
 
     def tick(self) -> None:
         """One round: reopen when the endpoint does not answer, then refresh the record."""
-        if self.endpoint is None or not self._answers(self.endpoint.url):
+        if self.endpoint is None or self._answers(self.endpoint.url) is None:
             self._reopen()
             return
         self.endpoint = self.endpoint.model_copy(update={"updated_at": _utc_now()})
@@ -137,16 +147,21 @@ class Node:
     def _reopen(self) -> None:
         old = self.endpoint
         url = self.exposure.open()
-        version = self._answers(url)
-        if not version:
-            raise NodeError(f"{url} does not answer /api/version: not announced")
+        answer = self._answers(url)
+        if answer is None:
+            raise NodeError(f"{url} does not answer {self._check_path}: not announced")
         self.endpoint = Endpoint(
             service_id=self.settings.service_id,
             url=url,
             auth="basic" if self._auth is not None else "none",
             headers=CALLER_HEADERS,
+            backend=self.settings.backend,
             models=self._models(),
-            version=version,
+            version=(
+                str(answer.get("version") or "unknown")
+                if self.settings.backend == "ollama"
+                else None
+            ),
             worker=self.settings.worker_id,
             started_at=self._started_at,
             updated_at=_utc_now(),
@@ -158,26 +173,27 @@ class Node:
         self._announce(self.endpoint, EndpointEvent.CHANGED)
         logger.info("%s announced at %s", self.settings.service_id, url)
 
-    def _answers(self, url: str) -> str:
-        """The Ollama version behind ``url``, asked with the caller's credentials; "" if none."""
+    def _answers(self, url: str) -> dict[str, Any] | None:
+        """The server's JSON answer to the check path through ``url``, asked with the
+        caller's credentials, as a caller would; None if it does not answer."""
         try:
             response = self._http.get(
-                f"{url}/api/version", auth=self._auth or httpx.USE_CLIENT_DEFAULT
+                f"{url}{self._check_path}", auth=self._auth or httpx.USE_CLIENT_DEFAULT
             )
             response.raise_for_status()
-            return str(response.json().get("version") or "unknown")
+            body = response.json()
         except (httpx.HTTPError, ValueError) as error:
             logger.info("%s does not answer: %s", url, error)
-            return ""
+            return None
+        return body if isinstance(body, dict) else None
 
     def _models(self) -> list[str]:
-        """The models this host's Ollama has, asked locally."""
+        """The models this host's server has, asked locally with the jobs' own client."""
         try:
-            response = self._http.get(f"{self.settings.ollama_url.rstrip('/')}/api/tags")
-            response.raise_for_status()
-            return sorted(str(m["name"]) for m in response.json().get("models", []))
-        except (httpx.HTTPError, ValueError, KeyError) as error:
-            logger.warning("models of %s unknown: %s", self.settings.ollama_url, error)
+            with make_backend(self.settings) as client:
+                return sorted(client.models())
+        except (JobError, ValueError, KeyError) as error:
+            logger.warning("models of %s unknown: %s", self.settings.server_url, error)
             return []
 
     def _announce(self, endpoint: Endpoint, event: EndpointEvent) -> None:

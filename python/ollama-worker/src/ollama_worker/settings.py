@@ -90,6 +90,13 @@ class WorkerSettings(Settings):
         "it tells anyone who asks which models run here and how busy they are.",
     )
 
+    @property
+    def server_url(self) -> str:
+        """The inference server's address, whichever API it speaks."""
+        if self.backend == "openai" and self.backend_url:
+            return self.backend_url
+        return self.ollama_url
+
     @model_validator(mode="after")
     def _backend_settings(self) -> WorkerSettings:
         """An OpenAI-compatible backend has no default address; a URL for none is a typo."""

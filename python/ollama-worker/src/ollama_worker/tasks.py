@@ -25,12 +25,11 @@ from avocado_shared.contracts import (
 from avocado_shared.locks import SingletonJob
 from avocado_shared.store import JobStatus, StoreUnavailable
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+from ollama_worker.backends import Backend, make_backend
 from ollama_worker.celery_app import app, settings
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
-from ollama_worker.ollama import OllamaClient
-from ollama_worker.openai_api import OpenAIClient
 from ollama_worker.results import record, record_quietly
 from ollama_worker.summary import summarize_text
 
@@ -40,30 +39,9 @@ logger = logging.getLogger(__name__)
 _Request = TypeVar("_Request", bound=BaseModel)
 _T = TypeVar("_T")
 
-Backend = OllamaClient | OpenAIClient
-"""The inference clients the settings choose between."""
-
 _client: Backend | None = None
 _client_lock = threading.Lock()
 _present_models: set[str] = set()
-
-
-def _make_backend() -> Backend:
-    """The one place the settings pick the backend."""
-    if settings.backend == "openai":
-        assert settings.backend_url is not None  # WorkerSettings refuses openai without one
-        return OpenAIClient(
-            settings.backend_url,
-            api_key=settings.backend_api_key,
-            connect_timeout=settings.ollama_connect_timeout_s,
-            read_timeout=settings.ollama_read_timeout_s,
-        )
-    return OllamaClient(
-        settings.ollama_url,
-        connect_timeout=settings.ollama_connect_timeout_s,
-        read_timeout=settings.ollama_read_timeout_s,
-        pull_timeout=settings.ollama_pull_timeout_s,
-    )
 
 
 def backend() -> Backend:
@@ -71,7 +49,7 @@ def backend() -> Backend:
     global _client
     with _client_lock:
         if _client is None:
-            _client = _make_backend()
+            _client = make_backend(settings)
         return _client
 
 

@@ -32,7 +32,8 @@ class Tunnel:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.port = urlsplit(settings.ollama_url).port or 11434
+        server = urlsplit(settings.server_url)  # Ollama, or the OpenAI-compatible server
+        self.port = server.port or (11434 if settings.backend == "ollama" else 80)
         self._config = conf.PyngrokConfig(
             ngrok_path=settings.ngrok_path or conf.DEFAULT_NGROK_PATH,
             config_path=str(self._private_config()),

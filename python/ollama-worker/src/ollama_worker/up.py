@@ -4,7 +4,9 @@
 did by hand: make sure Ollama runs (install it when missing and online, start ``ollama
 serve``), pull the model with a progress bar, start a worker (which opens the tunnel and
 announces it when asked), and on interrupt stop everything it started, so the
-announcement is withdrawn at once instead of expiring.
+announcement is withdrawn at once instead of expiring. With ``--backend openai
+--backend-url URL`` (a notebook that runs vLLM) the server is the user's: nothing is
+installed, started or pulled, and the model must be one it serves.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import ValidationError
 
 from avocado_shared.celery_config import make_celery
 from avocado_shared.registry import NodeRegistry
+from ollama_worker.backends import make_backend
 from ollama_worker.errors import JobError
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.settings import WorkerSettings
@@ -89,7 +93,8 @@ def progress_bar(out: IO[str]) -> Callable[[dict[str, Any]], None]:
 
 
 class NotebookWorker:
-    """Ollama, the model, a worker (and beat), started in order and stopped in reverse."""
+    """Ollama and the model (or a running OpenAI-compatible server), a worker (and beat),
+    started in order and stopped in reverse."""
 
     def __init__(
         self,
@@ -98,10 +103,14 @@ class NotebookWorker:
         tunnel: bool = False,
         beat: bool = False,
         concurrency: int = 1,
+        backend: Literal["ollama", "openai"] | None = None,
+        backend_url: str | None = None,
         run_dir: Path | None = None,
         out: IO[str] = sys.stdout,
     ) -> None:
-        self.settings = WorkerSettings()
+        """``backend`` and ``backend_url`` override AVOCADO_BACKEND(_URL) when given."""
+        given: dict[str, Any] = {"backend": backend, "backend_url": backend_url}
+        self.settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
         self.model = model or self.settings.default_model
         self.tunnel = tunnel
         self.beat = beat
@@ -123,11 +132,15 @@ class NotebookWorker:
         self.stop()
 
     def start(self) -> NotebookWorker:
-        """Ollama up, model pulled, worker ready (and the tunnel announced); or stop all."""
+        """Ollama up and model pulled (or the server serving it), worker ready (and the
+        tunnel announced); or stop all."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._ensure_ollama()
-            self._pull()
+            if self.settings.backend == "openai":
+                self._check_server()
+            else:
+                self._ensure_ollama()
+                self._pull()
             self._start_worker()
             if self.tunnel:
                 self._await_announcement()
@@ -165,6 +178,23 @@ class NotebookWorker:
         if not _wait(lambda: _answers(url), 60, self.ollama):
             raise UpError(f"ollama serve did not answer at {url}; see {self.run_dir}/ollama.log")
 
+    def _check_server(self) -> None:
+        """An OpenAI-compatible server cannot pull: it must answer and serve the model now."""
+        url = self.settings.server_url
+        client = make_backend(self.settings)
+        try:
+            served = client.models()
+        except JobError as error:
+            raise UpError(f"no OpenAI-compatible server answers at {url}/models: {error}") from None
+        finally:
+            client.close()
+        if self.model not in served:
+            raise UpError(
+                f"the server at {url} does not serve {self.model} (it serves: "
+                f"{', '.join(served) or 'none'}): start it with that model or pass --model"
+            )
+        self.say(f"the OpenAI-compatible server at {url} serves {self.model}")
+
     def _pull(self) -> None:
         client = OllamaClient(
             self.settings.ollama_url, pull_timeout=self.settings.ollama_pull_timeout_s
@@ -182,7 +212,13 @@ class NotebookWorker:
             client.close()
 
     def _start_worker(self) -> None:
-        env = {**os.environ, "AVOCADO_DEFAULT_MODEL": self.model}
+        env = {
+            **os.environ,
+            "AVOCADO_DEFAULT_MODEL": self.model,
+            "AVOCADO_BACKEND": self.settings.backend,
+        }
+        if self.settings.backend_url:
+            env["AVOCADO_BACKEND_URL"] = self.settings.backend_url
         if self.tunnel:
             env["AVOCADO_TUNNEL"] = "true"
         args = [sys.executable, "-m", "celery", "-A", "ollama_worker", "worker"]
@@ -220,8 +256,9 @@ class NotebookWorker:
             self.say("no tunnel yet (see the worker log); jobs are served all the same")
             return
         self.public_url = endpoint.url
+        server = "Ollama" if endpoint.backend == "ollama" else "the OpenAI-compatible server"
         self.say(
-            f"Ollama is public at {endpoint.url} (basic auth, user {self.settings.tunnel_user})"
+            f"{server} is public at {endpoint.url} (basic auth, user {self.settings.tunnel_user})"
         )
 
     def wait(self) -> int:
@@ -260,7 +297,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="join this machine to the fleet until interrupted")
     up.add_argument("--model", help="the model to pull and serve (default AVOCADO_DEFAULT_MODEL)")
-    up.add_argument("--tunnel", action="store_true", help="expose Ollama through ngrok")
+    up.add_argument(
+        "--backend",
+        choices=["ollama", "openai"],
+        help="the inference server's API (default AVOCADO_BACKEND, else ollama)",
+    )
+    up.add_argument(
+        "--backend-url", help="a running OpenAI-compatible server, ending in /v1 (vLLM...)"
+    )
+    up.add_argument("--tunnel", action="store_true", help="expose the server through ngrok")
     up.add_argument("--beat", action="store_true", help="also run the re-announce schedule")
     up.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1)")
     return parser
@@ -268,11 +313,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``avocado-worker``: SIGTERM is treated as Ctrl-C, so both leave the fleet cleanly."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    node = NotebookWorker(
-        args.model, tunnel=args.tunnel, beat=args.beat, concurrency=args.concurrency
-    )
+    try:
+        node = NotebookWorker(
+            args.model,
+            tunnel=args.tunnel,
+            beat=args.beat,
+            concurrency=args.concurrency,
+            backend=args.backend,
+            backend_url=args.backend_url,
+        )
+    except ValidationError as error:  # --backend openai without a URL, or a URL for none
+        parser.error("; ".join(str(e["msg"]) for e in error.errors()))
     try:
         node.start()
     except UpError as error:

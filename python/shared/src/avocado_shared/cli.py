@@ -234,7 +234,7 @@ def _show_endpoint(endpoint: Endpoint, as_json: bool) -> None:
         return
     print(
         f"{event:<8} {endpoint.service_id}  {endpoint.url}  auth={endpoint.auth}  "
-        f"ollama={endpoint.version}  models={','.join(endpoint.models) or '-'}  "
+        f"{endpoint.backend}={endpoint.version or '-'}  models={','.join(endpoint.models) or '-'}  "
         f"until={endpoint.expires_at:%H:%M:%S}",
         flush=True,
     )

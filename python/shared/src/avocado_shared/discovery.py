@@ -58,7 +58,7 @@ class EndpointEvent(str, Enum):
 
 
 class Endpoint(BaseModel):
-    """One node's public Ollama endpoint, as the registry holds it and announcements carry it."""
+    """One node's public inference endpoint, as the registry holds it and announcements carry it."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -68,8 +68,15 @@ class Endpoint(BaseModel):
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers a caller must send, never credentials."
     )
+    backend: Literal["ollama", "openai"] = Field(
+        default="ollama",
+        description="The API behind the URL: Ollama's, or OpenAI-compatible under /v1; "
+        "announcements from before this field are Ollama's.",
+    )
     models: list[str] = Field(default_factory=list)
-    version: str | None = Field(default=None, description="The Ollama version behind the URL.")
+    version: str | None = Field(
+        default=None, description="The Ollama version behind the URL; None for openai."
+    )
     worker: str | None = None
     started_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
