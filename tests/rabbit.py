@@ -3,6 +3,7 @@ a test may restart, kill, give TLS listeners or cluster (scripts/rabbitmq-node.s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.services import free_port
 
@@ -49,6 +51,19 @@ class Broker:
                 "rabbitmqctl not found: run scripts/test.sh, which installs RabbitMQ"
             )
         return _run([exe, "-q", *args], f"rabbitmqctl {' '.join(args)}")
+
+    def queues(self, vhost: str) -> dict[str, dict[str, Any]]:
+        """Each queue of ``vhost``: its ``type`` and its ``arguments`` as a dict."""
+        listing = self.ctl(
+            "list_queues", "-p", vhost, "name", "type", "arguments", "--formatter", "json"
+        )
+        return {
+            q["name"]: {
+                "type": q["type"],
+                "arguments": {key: value for key, _type, value in q["arguments"]},
+            }
+            for q in json.loads(listing)
+        }
 
     def url(self, vhost: str, user: str = "guest", password: str = "guest") -> str:
         return f"amqp://{user}:{password}@{self.host}/{vhost}"

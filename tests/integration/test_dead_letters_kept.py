@@ -71,12 +71,8 @@ def _ids(connection: Connection, limit: int = 10_000) -> list[str]:
 
 
 def _arguments(rabbit: Broker, vhost_url: str, queue: str) -> dict[str, Any] | None:
-    vhost = vhost_url.rsplit("/", 1)[1]
-    listing = rabbit.ctl("list_queues", "-p", vhost, "name", "arguments", "--formatter", "json")
-    found = {q["name"]: q for q in json.loads(listing)}
-    if queue not in found:
-        return None
-    return {key: value for key, _type, value in found[queue]["arguments"]}
+    found = rabbit.queues(vhost_url.rsplit("/", 1)[1]).get(queue)
+    return None if found is None else dict(found["arguments"])
 
 
 def test_a_hundred_listings_keep_every_letter_in_order_then_replay_removes_one(

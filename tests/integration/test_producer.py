@@ -68,19 +68,16 @@ def test_queues_are_quorum_with_delivery_limit_and_dead_lettering(
         declare_topology(connection, producer.settings)
     vhost = broker_url.rsplit("/", 1)[1]
 
-    listing = rabbit.ctl(
-        "list_queues", "-p", vhost, "name", "type", "arguments", "--formatter", "json"
-    )
+    queues = rabbit.queues(vhost)
 
-    queues = {q["name"]: q for q in json.loads(listing)}
     for name in (GENERATE_QUEUE, SUMMARIZE_QUEUE, "infra.announce"):
-        args = {key: value for key, _type, value in queues[name]["arguments"]}
+        args = queues[name]["arguments"]
         assert queues[name]["type"] == "quorum"
         assert args["x-delivery-limit"] == producer.settings.delivery_limit
         assert args["x-dead-letter-exchange"] == "ml.dlx"
     assert queues[DEAD_LETTER_QUEUE]["type"] == "quorum"
     # No delivery limit on the dead letters: RabbitMQ 4's -1, RabbitMQ 3's none (its -1 drops).
-    dead = {key: value for key, _type, value in queues[DEAD_LETTER_QUEUE]["arguments"]}
+    dead = queues[DEAD_LETTER_QUEUE]["arguments"]
     assert dead.get("x-delivery-limit") == (-1 if rabbit.major >= 4 else None)
 
 

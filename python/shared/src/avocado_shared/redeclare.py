@@ -79,12 +79,8 @@ def _migrate(connection: Connection, queue: Queue, holding: Queue) -> None:
     channel = connection.channel()
     try:
         holding(channel).declare()  # bound: new messages land here from now on
-        old = Queue(queue.name, queue.exchange, routing_key=queue.routing_key, no_declare=True)
-        old(channel).unbind_from(queue.exchange, routing_key=queue.routing_key)
-        moved = _move(channel, queue.name, holding.name)
-        # Quorum queues refuse if_empty deletes (and close the connection): check, then delete.
-        while _depth(channel, queue.name):  # a message came in during the move: move it too
-            moved += _move(channel, queue.name, holding.name)
+        channel.queue_unbind(queue.name, queue.exchange.name, queue.routing_key)
+        moved = _empty_into(channel, queue.name, holding.name)
         channel.queue_delete(queue.name)
         queue(channel).declare()
     finally:
@@ -97,14 +93,21 @@ def _drain_into(connection: Connection, holding: Queue, queue: Queue) -> None:
     """Move everything from ``holding`` back into ``queue`` (already declared), then drop it."""
     channel = connection.channel()
     try:
-        holding(channel).unbind_from(holding.exchange, routing_key=holding.routing_key)
-        moved = _move(channel, holding.name, queue.name)
-        while _depth(channel, holding.name):
-            moved += _move(channel, holding.name, queue.name)
+        channel.queue_unbind(holding.name, holding.exchange.name, holding.routing_key)
+        moved = _empty_into(channel, holding.name, queue.name)
         channel.queue_delete(holding.name)
     finally:
         _close(channel)
     logger.warning("%s redeclared with its new arguments, %d message(s) kept", queue.name, moved)
+
+
+def _empty_into(channel: Any, source: str, target: str) -> int:
+    """Move ``source``'s messages to ``target`` until ``source`` is empty, so that deleting
+    it drops nothing: quorum queues refuse ``if_empty`` deletes (and close the connection)."""
+    moved = _move(channel, source, target)
+    while _depth(channel, source):  # a message came in during the move: move it too
+        moved += _move(channel, source, target)
+    return moved
 
 
 def _move(channel: Any, source: str, target: str) -> int:
