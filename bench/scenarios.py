@@ -104,19 +104,21 @@ def noop_burst(app: Celery, jobs: int, confirm_timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def direct_burst(clients: Sequence[OllamaClient], jobs: int) -> float:
-    """``jobs`` streamed generations over ``len(clients)`` concurrent clients."""
+def parallel(calls: Sequence[Callable[[int], Any]], jobs: int) -> tuple[float, list[Any]]:
+    """``jobs`` calls shared by one thread per entry of ``calls``: the seconds from the first
+    to the last, and what each returned."""
     counter = itertools.count()
+    returned: list[Any] = []
     errors: list[BaseException] = []
 
-    def run(client: OllamaClient) -> None:
+    def run(call: Callable[[int], Any]) -> None:
         try:
-            while next(counter) < jobs:
-                client.generate(MODEL, "bench direct")
+            while (index := next(counter)) < jobs:
+                returned.append(call(index))
         except BaseException as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -125,7 +127,13 @@ def direct_burst(clients: Sequence[OllamaClient], jobs: int) -> float:
     elapsed = time.perf_counter() - start
     if errors:
         raise errors[0]
-    return elapsed
+    return elapsed, returned
+
+
+def direct_burst(clients: Sequence[OllamaClient], jobs: int) -> float:
+    """``jobs`` streamed generations over ``len(clients)`` concurrent clients."""
+    calls = [lambda _, c=client: c.generate(MODEL, "bench direct") for client in clients]
+    return parallel(calls, jobs)[0]
 
 
 def warm_fleet(producer: Producer, concurrency: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import redis
 from kombu import pools as kombu_pools
@@ -173,6 +174,30 @@ class BenchEnv:
         sim = Sim(process=process, url=line.rsplit(" ", 1)[-1].strip(), args=args)
         self._sims.append(sim)
         return sim
+
+    def start_embedded(self, n_ctx: int) -> Sim:
+        """The embedded real model's server (``avocado-embedded-llm``) on a free port, as
+        start-ml-services.sh runs it without Ollama; its ``/v1`` URL once it lists models."""
+        port = free_port()
+        args = [str(VENV_BIN / "avocado-embedded-llm"), "--port", str(port), "--n-ctx", str(n_ctx)]
+        log = self.tmp / "embedded-llm.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.tmp
+            )
+        server = Sim(process=process, url=f"http://127.0.0.1:{port}/v1", args=args)
+        self._sims.append(server)
+
+        def serves() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"embedded model exited: {log.read_text(errors='replace')}")
+            try:
+                return httpx.get(f"{server.url}/models", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(serves, 180, "the embedded model's server")
+        return server
 
     # --- workers ---
 
