@@ -50,10 +50,10 @@ def model_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_group(server)
 
 
-def _worker(factory: WorkerFactory, url: str, **env: str) -> WorkerProcess:
+def _worker(factory: WorkerFactory, url: str, concurrency: int = 1, **env: str) -> WorkerProcess:
     return factory(
         f"http://127.0.0.1:{free_port()}",  # no Ollama: the worker must not need one
-        concurrency=1,
+        concurrency=concurrency,
         AVOCADO_BACKEND="openai",
         AVOCADO_BACKEND_URL=url,
         AVOCADO_DEFAULT_MODEL=MODEL,
@@ -96,6 +96,27 @@ def test_prompt_chat_and_json_jobs_on_the_real_model(
     assert chat.text == said["choices"][0]["message"]["content"]  # type: ignore[index]
     assert chat.completion_tokens == said["usage"]["completion_tokens"]  # type: ignore[index]
     assert isinstance(json.loads(data.text), dict)
+
+
+def test_jobs_sent_to_the_server_at_once_each_get_their_whole_answer_first_time(
+    producer: Producer, worker_factory: WorkerFactory, model_url: str
+) -> None:
+    # llama-cpp-python's server cuts the stream it is generating when another request
+    # arrives, unless told not to; a worker of concurrency 2 sends two at once.
+    _worker(worker_factory, model_url, concurrency=2)
+    prompts = ["Why is the sky blue?", "Name one vegetable that grows in spring."]
+
+    handles = [producer.generate(p, options={"num_predict": 32, **GREEDY}) for p in prompts]
+    results = [h.get(timeout=WAIT) for h in handles]
+
+    for prompt, result in zip(prompts, results, strict=True):
+        direct = _direct(model_url, [{"role": "user", "content": prompt}], 32)
+        choice = direct["choices"][0]  # type: ignore[index]
+        assert result.text == choice["message"]["content"]
+        assert result.done_reason == choice["finish_reason"]
+        row = producer.results.get(result.job_id)
+        assert row is not None
+        assert row.attempts == 1, "no answer was cut short and tried again"
 
 
 def test_a_summary_longer_than_the_context_is_chunked(

@@ -237,6 +237,18 @@ def test_a_stream_dropped_midway_is_transient(sim: OllamaSimulator, client: Open
     assert client.generate(MODEL, "hi").text, "only one stream was cut"
 
 
+def test_a_stream_ended_without_a_finish_reason_is_cut_short_and_transient(
+    sim: OllamaSimulator, client: OpenAIClient
+) -> None:
+    sim.config.interrupt_first = 1
+
+    with pytest.raises(OpenAIUnavailable, match="without a finish_reason") as caught:
+        client.generate(MODEL, "hi")
+
+    assert isinstance(caught.value, TransientError)
+    assert client.generate(MODEL, "hi").done_reason, "the next answer ends with its reason"
+
+
 def test_connection_refused_is_transient() -> None:
     with (
         OpenAIClient(f"http://127.0.0.1:{free_port()}/v1") as client,

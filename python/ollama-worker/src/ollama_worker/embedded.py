@@ -58,6 +58,10 @@ def server_command(port: int, n_ctx: int, host: str = "127.0.0.1") -> list[str]:
         str(port),
         "--n_ctx",
         str(n_ctx),
+        # By default a new request cuts the stream being generated short, and a worker sends
+        # several at once: each waits its turn instead.
+        "--interrupt_requests",
+        "False",
     ]
 
 

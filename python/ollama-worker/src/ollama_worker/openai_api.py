@@ -249,6 +249,13 @@ class OpenAIClient(HTTPBackend):
                 reason = choice.get("finish_reason") or reason
             usage = event.get("usage") or usage
             timings = event.get("timings") or timings
+        if reason is None:
+            # llama-cpp-python's server ends a stream this way when another request arrives
+            # (unless started with --interrupt_requests False): the answer is cut short.
+            raise OpenAIUnavailable(
+                f"{self.label} at {self.base_url} ended the answer without a finish_reason: "
+                "it was cut short"
+            )
         if not usage and not timings:
             # llama-cpp-python's server reports no usage in a stream; it streams a token a
             # chunk, so the chunks that carried text are the completion's tokens.

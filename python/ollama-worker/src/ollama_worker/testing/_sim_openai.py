@@ -264,6 +264,10 @@ class _Answer:
         if state.take_drop():
             write(events[:1], True)
             h._drop()
+        if state.take_interrupt():
+            write([*events[:1], _DONE], True)
+            h._end_stream()
+            return
         if rate is None:
             write(events, True)
         else:

@@ -44,6 +44,10 @@ class SimConfig:
     drop_first: int = 0
     """Cut the connection after the first token of this many of the next streamed
     generations (either API), as a crashed server does; counts down as they drop."""
+    interrupt_first: int = 0
+    """End this many of the next streamed OpenAI-compatible generations after their first
+    token with a bare ``[DONE]`` and no ``finish_reason``, as llama-cpp-python's server does
+    to a stream when another request comes in (its ``interrupt_requests``)."""
     parallel: int = 4
     """Generation slots, like OLLAMA_NUM_PARALLEL."""
     max_queue: int = 512
@@ -68,8 +72,12 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.parallel < 1:
             raise ValueError("parallel must be at least 1")
-        if min(self.max_queue, self.latency_ms, self.fail_first, self.drop_first) < 0:
-            raise ValueError("max_queue, latency_ms, fail_first and drop_first cannot be negative")
+        counts = (self.max_queue, self.latency_ms, self.fail_first, self.drop_first)
+        if min(*counts, self.interrupt_first) < 0:
+            raise ValueError(
+                "max_queue, latency_ms, fail_first, drop_first and interrupt_first cannot be "
+                "negative"
+            )
         if not 0 <= self.latency_jitter_ms <= self.latency_ms:
             raise ValueError("latency_jitter_ms must be between 0 and latency_ms")
         if self.tokens_per_s is not None and self.tokens_per_s <= 0:
@@ -218,10 +226,18 @@ class SimState:
 
     def take_drop(self) -> bool:
         """True when this streamed generation must be cut, consuming one of drop_first."""
+        return self._count_down("drop_first")
+
+    def take_interrupt(self) -> bool:
+        """True when this stream must end early, consuming one of interrupt_first."""
+        return self._count_down("interrupt_first")
+
+    def _count_down(self, name: str) -> bool:
         with self.lock:
-            if self.config.drop_first <= 0:
+            left = int(getattr(self.config, name))
+            if left <= 0:
                 return False
-            self.config.drop_first -= 1
+            setattr(self.config, name, left - 1)
             return True
 
     def has_model(self, name: str) -> bool:
