@@ -145,6 +145,10 @@ class RabbitNode:
     def ctl(self, *args: str) -> str:
         return self._script("ctl", "--", *args)
 
+    def diagnostics(self, *args: str) -> str:
+        """``rabbitmq-diagnostics ARGS`` against it (``alarms``, ``status``...)."""
+        return self._script("diagnostics", "--", *args)
+
 
 def machine_broker() -> Broker:
     """The machine's own RabbitMQ (3.x here), which tests never restart."""

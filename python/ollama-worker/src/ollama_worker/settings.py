@@ -43,6 +43,12 @@ class WorkerSettings(Settings):
         default=4096, ge=512, description="Context window used for summaries, in tokens."
     )
     retry_max: int = Field(default=5, ge=0, description="Retries of a transient failure.")
+    job_lease_s: int = Field(
+        default=10,
+        ge=3,
+        description="A running job's lease on its id, refreshed every third of it: a copy of "
+        "the job waits, and a dead worker's job is redelivered at most this much later.",
+    )
     retry_backoff_max_s: int = Field(default=60, ge=1)
     worker_id: str = Field(default_factory=socket.gethostname)
     worker_pool: Literal["prefork", "threads"] = Field(

@@ -30,6 +30,7 @@ from ollama_worker.celery_app import app, settings
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
+from ollama_worker.once import AlreadyRunning, lease, stored_success
 from ollama_worker.results import record, record_quietly
 from ollama_worker.summary import summarize_text
 
@@ -187,9 +188,24 @@ class JobTask(SingletonJob):
         self.request.lock_release_pending = not released
         return data
 
-    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        super().before_start(task_id, args, kwargs)
-        record_quietly(self, task_id, JobStatus.STARTED, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the job once per job id (``once``): a copy of a job that succeeded returns its
+        stored result, a copy of one that is running comes back later."""
+        job_id = str(self.request.id)
+        try:
+            with lease(self.singleton_backend.redis, job_id):
+                # Under the lease: a copy that finished just before cannot be missed.
+                stored = stored_success(job_id)
+                if stored is not None:
+                    logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)
+                    return stored
+                record_quietly(self, job_id, JobStatus.STARTED, kwargs)
+                # Not Task.__call__: it would push a request without the job's id on top of
+                # the one Celery's tracer pushed.
+                return self.run(*args, **kwargs)
+        except AlreadyRunning as running:
+            logger.info("%s[%s]: %s", self.name, job_id, running)
+            raise self.retry(exc=running, countdown=running.retry_in, max_retries=None) from None
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Release the lock again only if ``finish`` could not (Redis was down): the result
@@ -201,7 +217,8 @@ class JobTask(SingletonJob):
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
     ) -> None:
-        record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
+        if not isinstance(exc, AlreadyRunning):  # the running copy's row says what it does
+            record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo

@@ -22,6 +22,7 @@ from avocado_shared.producer import (
     JobHandle,
     Producer,
     PublishError,
+    PublishOutcomeUnknown,
     generate,
     summarize,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "JobStatus",
     "Producer",
     "PublishError",
+    "PublishOutcomeUnknown",
     "ResultRow",
     "ResultStore",
     "Settings",

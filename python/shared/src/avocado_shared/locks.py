@@ -7,25 +7,41 @@ holds, and every lock expires (``lock_expiry_s``) so a dead worker cannot hold o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.utils import uuid
 from celery_singleton import Singleton
 from redis.exceptions import RedisError
 
+from avocado_shared.flow import SentUnconfirmed, maybe_sent
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 
-__all__ = ["SingletonJob", "job_identity", "register_job_tasks"]
+__all__ = [
+    "REFRESH_SCRIPT",
+    "RELEASE_SCRIPT",
+    "SingletonJob",
+    "job_identity",
+    "register_job_tasks",
+]
 
 logger = logging.getLogger(__name__)
 
 # Delete or refresh a lock only while it still names this job.
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
-_REFRESH = (
+RELEASE_SCRIPT = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+)
+REFRESH_SCRIPT = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('expire', KEYS[1], ARGV[2]) end"
 )
+
+
+def _unsure(lock: str) -> str:
+    """Where a lock's job id is kept while its publish has an unknown outcome."""
+    return f"{lock}:unsure"
 
 
 def job_identity(task_name: str, kwargs: Any) -> str | None:
@@ -66,20 +82,56 @@ class SingletonJob(Singleton):  # type: ignore[misc]
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> Any:
-        """Lock and publish; without an identity, or for a retry, publish as a plain task."""
+        """Lock and publish; without an identity, or for a retry, publish as a plain task.
+
+        A job whose lock is held is not published again, except when its own publish ended
+        with an unknown outcome (``flow.maybe_sent``): then it is published once more under
+        the same job id, which workers run once however many copies arrive.
+        """
         if options.get("retries") or job_identity(self.name, kwargs) is None:
             # A retry keeps the lock its first run took; re-locking would find it held.
             return Task.apply_async(self, args, kwargs, task_id=task_id, **options)
-        return super().apply_async(args, kwargs, task_id=task_id, **options)
+        lock = self.generate_lock(self.name, args, kwargs)
+        mine = task_id or uuid()
+        while True:
+            if self.aquire_lock(lock, mine):
+                return self._publish(lock, args, kwargs, mine, first=True, **options)
+            existing = self.get_existing_task_id(lock)
+            if existing is None:
+                continue  # released since: try to take it
+            if self.singleton_backend.redis.get(_unsure(lock)) == existing:
+                return self._publish(lock, args, kwargs, existing, first=False, **options)
+            return self.AsyncResult(existing)
+
+    def _publish(
+        self, lock: str, args: Any, kwargs: Any, task_id: str, *, first: bool, **options: Any
+    ) -> Any:
+        """Publish under a held lock; on failure keep what a later submission must know."""
+        redis = self.singleton_backend.redis
+        try:
+            result = Task.apply_async(self, args, kwargs, task_id=task_id, **options)
+        except Exception as error:
+            sent = maybe_sent(error)
+            with contextlib.suppress(RedisError):  # then the lock expires by itself
+                if sent:
+                    redis.set(_unsure(lock), task_id, ex=self.singleton_config.lock_expiry)
+                elif first:  # nothing of this job is queued: the next submission starts afresh
+                    redis.eval(RELEASE_SCRIPT, 1, lock, task_id)
+            if sent:
+                raise SentUnconfirmed(task_id) from error
+            raise
+        if not first:
+            redis.delete(_unsure(lock))
+        return result
 
     def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> bool:
         """Release this job's lock, never another job's that took the same identity since;
         False when Redis could not be reached (the lock then expires by itself)."""
-        return self._on_lock(_RELEASE, self.request.id, task_args, task_kwargs)
+        return self._on_lock(RELEASE_SCRIPT, self.request.id, task_args, task_kwargs)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Push the lock's expiry back when the job starts, however long it waited queued."""
-        self._on_lock(_REFRESH, task_id, args, kwargs, self.singleton_config.lock_expiry)
+        self._on_lock(REFRESH_SCRIPT, task_id, args, kwargs, self.singleton_config.lock_expiry)
 
     def _on_lock(self, script: str, task_id: str, args: Any, kwargs: Any, *extra: Any) -> bool:
         """Run a lock script; with Redis down the job goes on and the lock expires by itself."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
 
+from amqp.exceptions import AMQPError, MessageNacked
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
+from celery.utils import uuid
+from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from avocado_shared.celery_config import make_celery
@@ -17,11 +20,21 @@ from avocado_shared.contracts import (
     ChatMessage,
     GenerateRequest,
     GenerateResult,
+    InvalidRequest,
     JobResult,
     SummarizeRequest,
     SummarizeResult,
     parse_result,
     validate_request,
+)
+from avocado_shared.flow import (
+    BrokerBlocked,
+    FlowGate,
+    SentUnconfirmed,
+    causes,
+    flow_transport_path,
+    maybe_sent,
+    take_in,
 )
 from avocado_shared.locks import register_job_tasks
 from avocado_shared.settings import Settings
@@ -35,6 +48,7 @@ __all__ = [
     "JobHandle",
     "Producer",
     "PublishError",
+    "PublishOutcomeUnknown",
     "generate",
     "summarize",
 ]
@@ -43,6 +57,18 @@ __all__ = [
 SENT_AT_HEADER = "x-avocado-sent-at"
 
 _R = TypeVar("_R", bound=JobResult)
+# What a submission can meet on its way out; Celery's result consumer raises RuntimeError
+# when it gave up reconnecting to the result backend.
+_PUBLISH_ERRORS = (
+    KombuError,
+    AMQPError,
+    MessageNacked,
+    RedisError,
+    OSError,
+    RuntimeError,
+    BrokerBlocked,
+    SentUnconfirmed,
+)
 
 
 class JobFailed(RuntimeError):
@@ -55,7 +81,19 @@ class JobFailed(RuntimeError):
 
 
 class PublishError(ConnectionError):
-    """The job was not published: the broker, or Redis that holds the job locks, is unreachable."""
+    """The job was not published: the broker refused it or blocks publishing, or it or Redis,
+    which holds the job locks, is unreachable. Nothing was queued."""
+
+
+class PublishOutcomeUnknown(PublishError):
+    """The job was sent but not confirmed: the broker blocked publishing, the confirm did not
+    come within ``publish_timeout_s``, or the connection dropped. It may be queued once, and
+    was not sent again. Submit it again with the same ``share_id`` or ``idempotency_key``:
+    that publishes it under the same ``job_id``, which workers run once."""
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class JobHandle(Generic[_R]):
@@ -98,10 +136,17 @@ class Producer:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.app = make_celery("avocado-producer", self.settings)
+        # Its publishes learn when the broker blocks them (``flow``); workers wait it out.
+        transport = flow_transport_path(self.settings.broker_urls[0])
+        if transport is not None:
+            self.app.conf.broker_transport = transport
         register_job_tasks(self.app)
         self._declared = False
         self._lock = threading.Lock()
         self._results: ResultStore | None = None
+        self._flow = FlowGate(
+            lambda: self.app.connection_for_write(transport_options={"confirm_publish": False})
+        )
 
     @property
     def results(self) -> ResultStore:
@@ -159,20 +204,99 @@ class Producer:
         ``idempotency_key``, that is still queued or running is not published again.
         """
         task = GENERATE_TASK if isinstance(request, GenerateRequest) else SUMMARIZE_TASK
+        body = request.model_dump(mode="json", exclude_none=True)
+        self._check_size(task, body)
+        reason = self._flow.blocked()
+        if reason is not None:
+            raise PublishError(f"{task} not published: the broker blocks publishing ({reason})")
+        task_id = uuid()
         try:
             self._ensure_topology()
-            result = self.app.tasks[task].apply_async(
-                kwargs={"request": request.model_dump(mode="json", exclude_none=True)},
-                confirm_timeout=self.settings.publish_timeout_s,
-                headers={SENT_AT_HEADER: time.time()},
-                # The worker's limits apply: they are set for its hardware and consumer timeout.
-                time_limit=None,
-                soft_time_limit=None,
-            )
-        # RuntimeError: Celery's result consumer gave up reconnecting to the result backend.
-        except (OperationalError, RedisError, OSError, RuntimeError) as error:
-            raise PublishError(f"{task} not published: {error}") from error
+            with self.app.producer_or_acquire() as publisher:
+                connection = self._ready(publisher)
+                try:
+                    result = self.app.tasks[task].apply_async(
+                        kwargs={"request": body},
+                        task_id=task_id,
+                        producer=publisher,
+                        retry=False,  # sent once: a retry could queue a second copy
+                        confirm_timeout=self.settings.publish_timeout_s,
+                        headers={SENT_AT_HEADER: time.time()},
+                        # The worker's limits apply: they are set for its hardware and
+                        # consumer timeout.
+                        time_limit=None,
+                        soft_time_limit=None,
+                    )
+                except _PUBLISH_ERRORS as error:
+                    # Not for reuse: a confirm may still arrive on it, or the broker closed
+                    # the channel (a refused message); the next publish reconnects.
+                    connection.collect()
+                    raise self._publish_error(task, task_id, error) from error
+        except PublishError:
+            raise
+        except BrokerBlocked as blocked:  # known before anything was sent
+            self._flow.watch(blocked.reason)
+            raise PublishError(
+                f"{task} not published: the broker blocks publishing ({blocked.reason})"
+            ) from None
+        except _PUBLISH_ERRORS as error:  # before sending: connecting, locking, declaring
+            raise PublishError(f"{task} not published: {_describe(error)}") from error
         return JobHandle(result)
+
+    def _ready(self, publisher: Any) -> Any:
+        """The publisher's connection, fit to publish on and nothing sent yet: connecting
+        again is safe here, publishing again would not be. A pooled connection the broker
+        closed since (a restart) is replaced; one it blocks raises ``BrokerBlocked``."""
+        connection = publisher.connection
+        for attempt in (1, 2):
+            connection.ensure_connection(
+                max_retries=2, interval_start=0.2, errback=refuse_untrusted
+            )
+            try:
+                reason = take_in(connection)
+            except connection.connection_errors:
+                if attempt == 2:
+                    raise
+                connection.collect()
+                publisher.revive(connection)
+                continue
+            if reason is not None:
+                raise BrokerBlocked(reason)
+            break
+        connection.connection.abort_on_blocked = True
+        return connection
+
+    def _check_size(self, task: str, body: Mapping[str, Any]) -> None:
+        """Refuse a job over ``max_request_bytes`` before anything is locked or sent."""
+        size = len(json.dumps(body, separators=(",", ":")).encode())
+        limit = self.settings.max_request_bytes
+        if size > limit:
+            raise InvalidRequest(
+                f"{task} request of {size} bytes is over the limit of {limit} bytes "
+                "(AVOCADO_MAX_REQUEST_BYTES, kept below RabbitMQ's max_message_size)"
+            )
+
+    def _publish_error(self, task: str, task_id: str, error: Exception) -> PublishError:
+        """What a failed submission tells its caller: not published, or an unknown outcome."""
+        chain = causes(error)
+        sent = next((e for e in chain if isinstance(e, SentUnconfirmed)), None)
+        task_id = sent.job_id if sent is not None else task_id  # a republish keeps its id
+        blocked = next((e for e in chain if isinstance(e, BrokerBlocked)), None)
+        if blocked is not None:
+            self._flow.watch(blocked.reason)
+            return PublishOutcomeUnknown(
+                f"{task} {task_id} sent, then the broker blocked publishing "
+                f"({blocked.reason}): it is queued once when the broker takes it, not sent "
+                "again",
+                task_id,
+            )
+        if sent is not None or maybe_sent(error):
+            return PublishOutcomeUnknown(
+                f"{task} {task_id} sent but not confirmed: {_describe(error)}; it may be "
+                "queued once and was not sent again",
+                task_id,
+            )
+        return PublishError(f"{task} not published: {_describe(error)}")
 
     def handle(self, job_id: str) -> JobHandle[JobResult]:
         """A handle for a job submitted earlier, by its id."""
@@ -180,6 +304,7 @@ class Producer:
 
     def close(self) -> None:
         """Release broker, backend and database connections."""
+        self._flow.close()
         self.app.close()
         if self._results is not None:
             self._results.close()
@@ -206,6 +331,13 @@ class Producer:
 
 _default: Producer | None = None
 _default_lock = threading.Lock()
+
+
+def _describe(error: BaseException) -> str:
+    """Why a publish failed, in the words of whoever raised it (the broker's for a refusal)."""
+    if any(isinstance(e, TimeoutError) for e in causes(error)):
+        return f"no confirm within the publish timeout ({error})"
+    return str(error) or type(error).__name__
 
 
 def _producer() -> Producer:

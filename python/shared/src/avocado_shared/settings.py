@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(
         default=10.0, gt=0, description="How long a publish may wait for the broker's confirm."
     )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64 * 1024,
+        le=15 * 1024 * 1024,
+        description="Largest job a producer publishes, as JSON: RabbitMQ refuses messages over "
+        "its max_message_size (16 MiB by default on 4.x), headers included.",
+    )
 
     @model_validator(mode="after")
     def _limits_below_consumer_timeout(self) -> Settings:

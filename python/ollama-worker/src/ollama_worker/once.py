@@ -1,0 +1,121 @@
+"""One execution per job id, whatever reaches the queue.
+
+A job id can arrive more than once: a producer in another language may publish a job again
+after a timed-out confirm, and RabbitMQ redelivers a job whose ack was lost with its
+connection (the threads pool acks on the connection that may just have dropped). Two guards:
+
+- a job whose row in ``ml_results`` already says SUCCESS is acknowledged with that stored
+  result, without calling the model;
+- a job runs only under a lease on its id in Redis, refreshed while it runs, so two copies
+  never run at once. A copy that finds the lease taken comes back after it would expire; a
+  worker that died holding one delays its job's redelivery by at most ``job_lease_s``.
+
+Celery's ``worker_deduplicate_successful_tasks`` does neither: it looks only at redelivered
+messages, not at copies, and in the result backend, which expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from avocado_shared.locks import REFRESH_SCRIPT, RELEASE_SCRIPT
+from avocado_shared.store import JobStatus, StoreError
+from ollama_worker.celery_app import settings
+from ollama_worker.results import store
+
+__all__ = ["AlreadyRunning", "lease", "stored_success"]
+
+logger = logging.getLogger(__name__)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another copy of this job id holds its lease; this copy waits its turn."""
+
+    def __init__(self, job_id: str, retry_in: int) -> None:
+        super().__init__(f"job {job_id} is running elsewhere; this copy is back in {retry_in}s")
+        self.retry_in = retry_in
+
+
+def stored_success(job_id: str) -> dict[str, Any] | None:
+    """The stored result of ``job_id`` if it already succeeded; None otherwise, or when the
+    database cannot say (the job then runs: at least once beats never)."""
+    try:
+        row = store.get(job_id)
+    except StoreError as error:
+        logger.warning(
+            "job %s: ml_results not readable, not checked for a result: %s", job_id, error
+        )
+        return None
+    if row is None or row.status is not JobStatus.SUCCESS or row.result is None:
+        return None
+    return row.result
+
+
+class _Refresher:
+    """One thread per process pushing back the expiry of the leases its jobs hold."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Redis, str]] = {}  # key -> (client, token)
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._wake = threading.Event()
+
+    def add(self, client: Redis, key: str, token: str) -> None:
+        with self._lock:
+            self._held[key] = (client, token)
+            if self._pid != os.getpid():  # first lease here, or the pool forked since
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="job-leases", daemon=True).start()
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def _run(self) -> None:
+        interval = settings.job_lease_s / 3
+        while not self._wake.wait(interval):
+            with self._lock:
+                held = list(self._held.items())
+            for key, (client, token) in held:
+                try:
+                    client.eval(REFRESH_SCRIPT, 1, key, token, settings.job_lease_s)
+                except RedisError as error:
+                    logger.warning("lease %s not refreshed: %s", key, error)
+
+
+_refresher = _Refresher()
+
+
+@contextmanager
+def lease(client: Redis, job_id: str) -> Iterator[None]:
+    """Hold the lease on ``job_id`` while the block runs; ``AlreadyRunning`` when another
+    copy holds it. With Redis down the job runs unguarded rather than not at all."""
+    key = f"{settings.key_prefix}run:{job_id}"
+    token = uuid.uuid4().hex
+    try:
+        taken = bool(client.set(key, token, nx=True, ex=settings.job_lease_s))
+        left = None if taken else int(client.ttl(key))
+    except RedisError as error:
+        logger.warning("job %s runs without its lease: %s", job_id, error)
+        yield
+        return
+    if left is not None:
+        raise AlreadyRunning(job_id, max(1, left + 1))
+    _refresher.add(client, key, token)
+    try:
+        yield
+    finally:
+        _refresher.remove(key)
+        try:
+            client.eval(RELEASE_SCRIPT, 1, key, token)
+        except RedisError as error:
+            logger.warning("lease %s left to expire: %s", key, error)
