@@ -14,6 +14,7 @@ import pytest
 
 from avocado_shared import JobStatus, Producer
 from ollama_worker.embedded import MODEL
+from ollama_worker.openai_api import OpenAIClient
 from tests.conftest import WorkerFactory
 from tests.services import VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
 
@@ -136,6 +137,12 @@ def test_a_summary_longer_than_the_context_is_chunked(
     assert summary.chunks > 1
     assert summary.summary.strip()
     assert summary.model == MODEL
+    # The parts were sized by the model's own tokenizer, the one the server counts with.
+    with OpenAIClient(model_url) as client:
+        counted = client.count_tokens(MODEL, text)
+    root = model_url.removesuffix("/v1")
+    tokens = httpx.post(f"{root}/extras/tokenize", json={"input": text}, timeout=60).json()
+    assert counted == len(tokens["tokens"])
 
 
 def test_a_worker_killed_mid_generation_leaves_the_job_to_another(

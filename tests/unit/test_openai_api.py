@@ -177,6 +177,34 @@ def test_a_summary_is_chunked_by_the_servers_context(
     assert done.text.strip()
 
 
+def test_a_summary_is_chunked_by_the_servers_own_token_counts(
+    sim: OllamaSimulator, client: OpenAIClient
+) -> None:
+    # Two characters a token (the simulator counts words), denser than the 4 estimated.
+    text = "\n\n".join(" ".join(["a"] * 60) + "." for _ in range(40))
+    options = SummarizeOptions(max_words=40)
+
+    done, chunks = summarize_text(client, MODEL, text, options, num_ctx=1024)
+
+    assert sim.requests.to("/tokenize"), "the server's tokenizer was asked"
+    assert chunks > 1
+    assert done.text.strip(), "no part was refused as longer than the context"
+    guessing = OpenAIClient(f"{sim.url}/v1")
+    guessing.count_tokens = lambda model, text: None  # type: ignore[method-assign]
+    with pytest.raises(OpenAIRejected, match="maximum context length is 1024"):
+        summarize_text(guessing, MODEL, text, options, num_ctx=1024)  # the estimate alone
+
+
+def test_token_counts_come_from_whichever_tokenizer_endpoint_the_server_has(
+    sim: OllamaSimulator, client: OpenAIClient
+) -> None:
+    assert client.count_tokens(MODEL, "one two three") == 3  # llama.cpp's /tokenize
+    sim.config.openai_context_in = "models"
+    assert client.count_tokens(MODEL, "one two three four") == 4  # vLLM's
+    with OllamaClient(sim.url) as ollama:
+        assert ollama.count_tokens(MODEL, "one two") is None  # Ollama's API has none
+
+
 def test_429_is_transient_and_its_retry_after_sets_the_retry_delay(
     sim: OllamaSimulator, client: OpenAIClient
 ) -> None:

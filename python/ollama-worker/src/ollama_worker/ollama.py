@@ -140,6 +140,10 @@ class OllamaClient(HTTPBackend):
         """Ollama sizes the context per request (``num_ctx``), so the configured one holds."""
         return configured
 
+    def count_tokens(self, model: str, text: str) -> int | None:
+        """Ollama's API has no tokenizer endpoint: summaries estimate (``summary``)."""
+        return None
+
     def context_length(self, model: str) -> int | None:
         """The model's trained context length, from ``/api/show``, when it reports one."""
         info = self._request("POST", "/api/show", {"model": model}).get("model_info") or {}

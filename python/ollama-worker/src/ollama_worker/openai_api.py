@@ -127,6 +127,20 @@ def _completion(
     )
 
 
+# Tokenizer endpoints, tried in turn: llama-cpp-python's ({"input"} -> {"count"}), then
+# vLLM's and llama.cpp's server's ({"prompt"} -> {"count"}, {"content"} -> {"tokens"}).
+_TOKENIZE = ("/extras/tokenize/count", "/tokenize")
+
+
+def _token_count(answer: Any) -> int | None:
+    if not isinstance(answer, dict):
+        return None
+    if isinstance(answer.get("count"), int):
+        return int(answer["count"])
+    tokens = answer.get("tokens")
+    return len(tokens) if isinstance(tokens, list) else None
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
@@ -145,6 +159,7 @@ class OpenAIClient(HTTPBackend):
         super().__init__(base_url, headers=headers, **http)
         self._contexts: dict[str, int] = {}
         self._contexts_lock = threading.Lock()
+        self._tokenize: list[str] = list(_TOKENIZE)  # narrowed to the one that answers
 
     def __enter__(self) -> OpenAIClient:
         return self
@@ -208,6 +223,22 @@ class OpenAIClient(HTTPBackend):
             with self._contexts_lock:
                 self._contexts[model] = known
         return known
+
+    def count_tokens(self, model: str, text: str) -> int | None:
+        """Tokens of ``text`` in ``model``'s own tokenizer, where the server has an endpoint
+        for it (llama-cpp-python, llama.cpp's server, vLLM); None where it has none."""
+        root = self.base_url.removesuffix("/v1")
+        body = {"model": model, "input": text, "prompt": text, "content": text}
+        for path in tuple(self._tokenize):
+            try:
+                count = _token_count(self._request("POST", f"{root}{path}", body))
+            except (BackendRejected, ModelNotFound):  # not this server's endpoint
+                count = None
+            if count is not None:
+                self._tokenize = [path]
+                return count
+        self._tokenize = []  # it has none: not asked again
+        return None
 
     def generate(
         self, model: str, prompt: str, *, system: str | None = None, **params: Any

@@ -10,7 +10,13 @@ from avocado_shared.contracts import SummarizeOptions
 from ollama_worker.errors import PermanentError
 from ollama_worker.inference import Completion
 
-__all__ = ["CHARS_PER_TOKEN", "content_budget", "split_text", "summarize_text"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "chars_per_token",
+    "content_budget",
+    "split_text",
+    "summarize_text",
+]
 
 CHARS_PER_TOKEN = 4
 """A cautious estimate for English text; real tokenizers average a little more per token."""
@@ -20,17 +26,34 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
+_SAMPLE_CHARS = 64 * 1024
+_MARGIN = 0.9  # a measured average: parts of the text run denser than the whole
+
+
 class _Generator(Protocol):
-    """Any backend's client: a summary needs nothing but prompt generation."""
+    """Any backend's client: a summary needs prompt generation and, where the server has a
+    tokenizer endpoint, token counts."""
 
     def generate(
         self, model: str, prompt: str, *, options: Mapping[str, Any] | None = None
     ) -> Completion: ...
 
+    def count_tokens(self, model: str, text: str) -> int | None: ...
 
-def estimate_tokens(text: str) -> int:
-    """Tokens ``text`` is likely to take, without a tokenizer."""
-    return len(text) // CHARS_PER_TOKEN + 1
+
+def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    """Tokens ``text`` is likely to take at ``chars_per_token``."""
+    return int(len(text) / chars_per_token) + 1
+
+
+def chars_per_token(client: _Generator, model: str, text: str) -> float:
+    """Characters per token of this text in the model's own tokenizer, measured on a sample
+    where the server can count, with a margin; the cautious estimate otherwise."""
+    sample = text[:_SAMPLE_CHARS]
+    counted = client.count_tokens(model, sample) if sample else None
+    if not counted:
+        return CHARS_PER_TOKEN
+    return max(1.0, len(sample) / counted * _MARGIN)
 
 
 def output_tokens(options: SummarizeOptions) -> int:
@@ -76,9 +99,10 @@ def _units(text: str, max_chars: int) -> Iterator[str]:
                 yield run
 
 
-def split_text(text: str, max_tokens: int) -> list[str]:
-    """Split ``text`` into pieces of at most ``max_tokens`` (estimated) at natural boundaries."""
-    max_chars = max_tokens * CHARS_PER_TOKEN
+def split_text(text: str, max_tokens: int, chars_per_token: float = CHARS_PER_TOKEN) -> list[str]:
+    """Split ``text`` into pieces of at most ``max_tokens`` (at ``chars_per_token``) at
+    natural boundaries."""
+    max_chars = int(max_tokens * chars_per_token)
     pieces: list[str] = []
     current = ""
     for unit in _units(text, max_chars):
@@ -135,7 +159,8 @@ def summarize_text(
     if options.temperature is not None:
         ollama_options["temperature"] = options.temperature
     budget = content_budget(num_ctx, options)
-    pieces = split_text(text, budget)
+    density = chars_per_token(client, model, text)
+    pieces = split_text(text, budget, density)
     if len(pieces) == 1:
         prompt = summary_prompt(pieces[0], options, title)
         return client.generate(model, prompt, options=ollama_options), 1
@@ -147,7 +172,7 @@ def summarize_text(
         calls.append(client.generate(model, prompt, options=ollama_options))
         partials.append(calls[-1].text.strip())
     joined = "\n\n".join(partials)
-    if estimate_tokens(joined) > budget:
+    if estimate_tokens(joined, density) > budget:
         # Too many parts to combine in one call: summarize the partial summaries in turn.
         final, _ = summarize_text(client, model, joined, options, num_ctx=num_ctx, title=title)
     else:

@@ -286,8 +286,8 @@ class Producer:
             self._flow.watch(blocked.reason)
             return PublishOutcomeUnknown(
                 f"{task} {task_id} sent, then the broker blocked publishing "
-                f"({blocked.reason}): it is queued once when the broker takes it, not sent "
-                "again",
+                f"({blocked.reason}): the broker holds it, and it was not sent again; "
+                "submit it again with the same share_id or idempotency_key to be sure",
                 task_id,
             )
         if sent is not None or maybe_sent(error):

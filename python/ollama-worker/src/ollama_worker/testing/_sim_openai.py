@@ -74,6 +74,23 @@ def props(h: _Handler, raw: bytes, started: int) -> None:
     h._send(200, _encode({**body, "total_slots": config.parallel}).encode(), _JSON)
 
 
+def tokenize(h: _Handler, raw: bytes, started: int) -> None:
+    """``POST /tokenize``: llama.cpp's server (``content`` -> ``tokens``) or vLLM's
+    (``prompt`` -> ``count``), by ``openai_context_in``; a word is a token here."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _error(h, 400, "We could not parse the JSON body of your request.")
+    llama_cpp = h.server.state.config.openai_context_in == "props"
+    text = body.get("content" if llama_cpp else "prompt") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        return _error(h, 400, "content must be a string" if llama_cpp else "prompt is required")
+    tokens = list(range(count_words(text)))
+    answer = {"tokens": tokens} if llama_cpp else {"count": len(tokens), "tokens": tokens}
+    h._send(200, _encode(answer).encode(), _JSON)
+    return None
+
+
 def _response_format(value: Any) -> tuple[Any, str | None]:
     """``response_format`` as the Ollama side's ``format``, or what is wrong with it."""
     if value is None or (isinstance(value, dict) and value.get("type") == "text"):
@@ -290,4 +307,5 @@ ROUTES: dict[str, dict[str, Callable[[_Handler, bytes, int], None]]] = {
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
     "/props": {"GET": props},
+    "/tokenize": {"POST": tokenize},
 }
