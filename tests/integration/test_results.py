@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import sql
 
 from avocado_shared import JobFailed, JobStatus, Producer, ResultRow, ResultStore
 from avocado_shared.store import SCHEMA_VERSION
 from avocado_shared.topology import GENERATE_TASK
-from ollama_worker.testing import OllamaSimulator
-from tests.conftest import PG_FAKE_PASSWORD, WorkerFactory
+from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.conftest import PG_ADMIN_URL, PG_FAKE_PASSWORD, WorkerFactory
 from tests.services import run_cli, service_env, wait_for
 
 WAIT = 60
@@ -108,3 +112,44 @@ def test_results_are_stored_and_read_back(
     assert refused.returncode == 1
     assert f"job {rejected.id} failed: OllamaRejected: ollama answered 400" in refused.stderr
     assert PG_FAKE_PASSWORD not in worker.log_text() + refused.stderr + shown.stderr
+
+
+def test_a_failed_result_write_is_retried_without_running_the_model_again(
+    producer: Producer, worker_factory: WorkerFactory, pg_database: str
+) -> None:
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema")
+    database = urlsplit(pg_database).path.lstrip("/")
+    name = sql.Identifier(database)
+    with OllamaSimulator(SimConfig(latency_ms=1500)) as sim:
+        worker = worker_factory(sim.url, concurrency=1, AVOCADO_DATABASE_URL=pg_database)
+        handle = producer.generate("Store me, eventually.")
+        assert sim.wait_in_flight(1, timeout=WAIT)
+        # While the model answers, the database stops taking connections and drops the
+        # worker's: its result cannot be written.
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+            try:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (database,),
+                )
+                wait_for(
+                    lambda: "result not stored" in worker.log_text(),
+                    timeout=WAIT,
+                    what="the result write to fail",
+                )
+            finally:
+                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
+
+        result = handle.get(timeout=WAIT)
+
+        assert result.text
+        assert sim.generation_calls == 1
+        with ResultStore.open(pg_database) as store:
+            row = store.get(handle.id)
+        assert row is not None
+        assert row.status is JobStatus.SUCCESS
+        assert row.result is not None
+        assert row.result["text"] == result.text

@@ -151,8 +151,11 @@ class JobTask(SingletonJob):
                 f"{self.name} ran past its soft time limit of {self.soft_time_limit}s"
             ) from None
 
-    def retry_transient(self, error: TransientError) -> NoReturn:
-        """Schedule another try, or give up once the retry budget is spent."""
+    def retry_transient(
+        self, error: TransientError, kwargs: dict[str, Any] | None = None
+    ) -> NoReturn:
+        """Schedule another try (with ``kwargs`` instead of the job's own), or give up once
+        the retry budget is spent."""
         retries = int(self.request.retries)
         if retries >= settings.retry_max:
             logger.warning("%s[%s] gave up after %d retries", self.name, self.request.id, retries)
@@ -167,23 +170,28 @@ class JobTask(SingletonJob):
             countdown,
             error,
         )
-        raise self.retry(exc=error, countdown=countdown, max_retries=settings.retry_max)
+        raise self.retry(
+            kwargs=kwargs, exc=error, countdown=countdown, max_retries=settings.retry_max
+        )
 
     def worker_name(self) -> str:
         """The Celery node that ran the job, for the result."""
         return str(self.request.hostname or settings.worker_id)
 
-    def finish(self, result: BaseModel) -> dict[str, Any]:
+    def finish(self, result: BaseModel | dict[str, Any]) -> dict[str, Any]:
         """Store the result durably, release the job's lock, then return the result.
 
+        When the database cannot take the row, the job is retried with its result in the
+        message (``finished``): the retry writes it, it does not run the model again.
         The lock goes before Celery publishes the result (it releases in ``on_success``,
         after), so a producer that resubmits the moment it sees the result runs it again.
         """
-        data = result.model_dump(mode="json")
+        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
         try:
             record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=data)
         except StoreUnavailable as error:
-            self.retry_transient(TransientError(f"result not stored: {error}"))
+            kwargs = {**(self.request.kwargs or {}), "finished": data}
+            self.retry_transient(TransientError(f"result not stored: {error}"), kwargs)
         released = self.release_lock(task_args=self.request.args, task_kwargs=self.request.kwargs)
         self.request.lock_release_pending = not released
         return data
@@ -267,8 +275,13 @@ def _summarize(job: SummarizeRequest, model: str) -> tuple[Completion, int]:
 
 
 @app.task(name=GENERATE_TASK, base=JobTask, bind=True)
-def generate(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
-    """Run a prompt or chat generation on the local inference server."""
+def generate(
+    self: JobTask, request: dict[str, Any], finished: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run a prompt or chat generation on the local inference server; ``finished``: its
+    result, when only storing it is left to do."""
+    if finished is not None:
+        return self.finish(finished)
     job = _parse(self, GenerateRequest, request)
     model = job.model or settings.default_model
     done = self.attempt(lambda: _generate(job, model))
@@ -280,8 +293,13 @@ def generate(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name=SUMMARIZE_TASK, base=JobTask, bind=True)
-def summarize(self: JobTask, request: dict[str, Any]) -> dict[str, Any]:
-    """Summarize one shared item, in parts when it is longer than the context."""
+def summarize(
+    self: JobTask, request: dict[str, Any], finished: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Summarize one shared item, in parts when it is longer than the context; ``finished``:
+    its result, when only storing it is left to do."""
+    if finished is not None:
+        return self.finish(finished)
     job = _parse(self, SummarizeRequest, request)
     model = job.options.model or settings.default_model
     done, chunks = self.attempt(lambda: _summarize(job, model))
