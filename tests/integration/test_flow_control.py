@@ -23,6 +23,7 @@ from avocado_shared import (
 from avocado_shared.topology import declare_topology
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
+from tests.proxy import OneWayProxy
 from tests.rabbit import RabbitNode, isolated_vhost
 from tests.services import REDIS_URL, RedisServer, free_port, run_cli, service_env, wait_for
 
@@ -141,6 +142,32 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
             shares, 1
         )
         assert sim.generation_calls == len(shares) + 1  # and the CLI's
+
+
+def test_a_confirm_that_never_comes_is_an_unknown_outcome_and_no_second_copy(
+    node: RabbitNode, url: str, key_prefix: str
+) -> None:
+    with OneWayProxy(("127.0.0.1", node.port)) as proxy:
+        proxied = url.replace(f"127.0.0.1:{node.port}", f"127.0.0.1:{proxy.port}")
+        with (
+            Producer(_settings(proxied, key_prefix, publish_timeout_s=2)) as producer,
+            Producer(_settings(url, key_prefix)) as observer,
+        ):
+            producer.generate("connected, topology declared")
+            share = _uid("lost-confirm")
+            proxy.hold()  # the job reaches RabbitMQ; its confirm does not come back
+            started = time.monotonic()
+            with pytest.raises(PublishOutcomeUnknown) as caught:
+                producer.summarize(share, "Confirm me.")
+            print(f"lost confirm: {time.monotonic() - started:.2f}s until {caught.value}")
+            proxy.release()
+
+            assert "not confirmed: no confirm within the publish timeout" in str(caught.value)
+            assert "not sent again" in str(caught.value)
+            wait_for(lambda: _depth(observer, "ml.summarize") == 1, timeout=WAIT, what="a copy")
+            again = producer.summarize(share, "Confirm me.")  # as the README says to
+            assert again.id == caught.value.job_id
+            assert _depth(observer, "ml.summarize") == 2  # one job id; a worker runs it once
 
 
 def test_a_job_whose_ack_is_lost_with_its_connection_runs_once(

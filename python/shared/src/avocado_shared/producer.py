@@ -220,6 +220,9 @@ class Producer:
                         task_id=task_id,
                         producer=publisher,
                         retry=False,  # sent once: a retry could queue a second copy
+                        # Declared once by _ensure_topology; kombu would declare again on
+                        # each new connection and wait for the answer without a timeout.
+                        declare=[],
                         confirm_timeout=self.settings.publish_timeout_s,
                         headers={SENT_AT_HEADER: time.time()},
                         # The worker's limits apply: they are set for its hardware and
@@ -335,9 +338,10 @@ _default_lock = threading.Lock()
 
 def _describe(error: BaseException) -> str:
     """Why a publish failed, in the words of whoever raised it (the broker's for a refusal)."""
-    if any(isinstance(e, TimeoutError) for e in causes(error)):
-        return f"no confirm within the publish timeout ({error})"
-    return str(error) or type(error).__name__
+    chain = [e for e in causes(error) if not isinstance(e, SentUnconfirmed)] or [error]
+    if any(isinstance(e, TimeoutError) for e in chain):
+        return "no confirm within the publish timeout (AVOCADO_PUBLISH_TIMEOUT_S)"
+    return str(chain[0]) or type(chain[0]).__name__
 
 
 def _producer() -> Producer:
