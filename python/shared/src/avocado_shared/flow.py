@@ -118,15 +118,17 @@ class FlowConnection(pyamqp.Connection):
         logger.info("RabbitMQ unblocked publishing on this connection")
 
 
-def take_in(connection: Connection) -> str | None:
-    """Read what the broker sent on an idle connection since its last use, sending nothing:
-    a close (the broker restarted: raises the connection error), a block or an unblock.
-    Returns the reason when the broker blocks publishing on it."""
+def take_in(connection: Connection, wait: float = 0.0) -> str | None:
+    """Read what the broker sent on a connection since its last use, sending nothing: a close
+    (the broker restarted: raises the connection error), a block or an unblock; ``wait``:
+    how long to wait for the first of it. Returns the reason when the broker blocks
+    publishing on it."""
     amqp_connection = connection.connection
     if not isinstance(amqp_connection, FlowConnection):
         return None
     sock = amqp_connection.sock
-    while sock is not None and select.select([sock], [], [], 0)[0]:
+    while sock is not None and select.select([sock], [], [], wait)[0]:
+        wait = 0.0
         with contextlib.suppress(TimeoutError):
             amqp_connection.drain_events(timeout=0.01)
     return amqp_connection.blocked_reason
@@ -179,7 +181,7 @@ class FlowGate:
             if watcher is None:
                 return None
             try:
-                reason = self._read(watcher, 0.001)
+                reason = take_in(watcher)
             except (OSError, amqp.exceptions.AMQPError) as error:
                 logger.warning("flow control watcher lost: %s", error)
                 reason = None
@@ -200,7 +202,7 @@ class FlowGate:
                 )
                 self._watcher = watcher
                 deadline = time.monotonic() + _PROBE_WAIT_S
-                while self._read(watcher, 0.05) is None and time.monotonic() < deadline:
+                while take_in(watcher, 0.05) is None and time.monotonic() < deadline:
                     pass
                 if watcher.connection.blocked_reason is None:  # the alarm cleared already
                     self._close()
@@ -211,14 +213,6 @@ class FlowGate:
     def close(self) -> None:
         with self._lock:
             self._close()
-
-    def _read(self, watcher: Connection, timeout: float) -> str | None:
-        """Take in what the broker sent (blocked, unblocked, the probe's frames), then say
-        whether it blocks the watcher."""
-        connection: FlowConnection = watcher.connection
-        with contextlib.suppress(TimeoutError):
-            connection.drain_events(timeout=timeout)
-        return connection.blocked_reason
 
     def _close(self) -> None:
         if self._watcher is not None:

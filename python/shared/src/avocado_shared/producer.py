@@ -206,9 +206,6 @@ class Producer:
         task = GENERATE_TASK if isinstance(request, GenerateRequest) else SUMMARIZE_TASK
         body = request.model_dump(mode="json", exclude_none=True)
         self._check_size(task, body)
-        reason = self._flow.blocked()
-        if reason is not None:
-            raise PublishError(f"{task} not published: the broker blocks publishing ({reason})")
         task_id = uuid()
         try:
             self._ensure_topology()
@@ -249,23 +246,24 @@ class Producer:
     def _ready(self, publisher: Any) -> Any:
         """The publisher's connection, fit to publish on and nothing sent yet: connecting
         again is safe here, publishing again would not be. A pooled connection the broker
-        closed since (a restart) is replaced; one it blocks raises ``BrokerBlocked``."""
+        closed since (a restart) is replaced; ``BrokerBlocked`` when the broker blocks
+        publishing, as this producer's gate or the connection itself knows."""
+        reason = self._flow.blocked()
+        if reason is not None:
+            raise BrokerBlocked(reason)
         connection = publisher.connection
-        for attempt in (1, 2):
+        connection.ensure_connection(max_retries=2, interval_start=0.2, errback=refuse_untrusted)
+        try:
+            reason = take_in(connection)
+        except connection.connection_errors:  # the broker closed it since its last use
+            connection.collect()
+            publisher.revive(connection)
             connection.ensure_connection(
                 max_retries=2, interval_start=0.2, errback=refuse_untrusted
             )
-            try:
-                reason = take_in(connection)
-            except connection.connection_errors:
-                if attempt == 2:
-                    raise
-                connection.collect()
-                publisher.revive(connection)
-                continue
-            if reason is not None:
-                raise BrokerBlocked(reason)
-            break
+            reason = take_in(connection)
+        if reason is not None:
+            raise BrokerBlocked(reason)
         connection.connection.abort_on_blocked = True
         return connection
 
@@ -293,7 +291,7 @@ class Producer:
                 "submit it again with the same share_id or idempotency_key to be sure",
                 task_id,
             )
-        if sent is not None or maybe_sent(error):
+        if maybe_sent(error):  # SentUnconfirmed is raised from such an error too
             return PublishOutcomeUnknown(
                 f"{task} {task_id} sent but not confirmed: {_describe(error)}; it may be "
                 "queued once and was not sent again",
