@@ -1,22 +1,17 @@
-"""The fleet's own worker app with one applied fix undone, or one candidate change made.
-
-``celery -A bench.fleet_app worker`` with ``BENCH_VARIANT=events,sqlite,...`` runs the real
-``ollama_worker`` app and tasks, changed only as listed, so that the harness can measure, in
-one run, what each fix already in the package saves and what each candidate would. Some
-changes are settings read when the app is imported: ``environment`` gives the variables the
-worker must start with, and the harness's producer for that variant follows them too. The
-harness imports this module for those names; the worker app is made only when Celery asks for
-``app``, with the changes of ``BENCH_VARIANT`` made first.
-"""
+"""The fleet's own worker app with one applied fix undone, or one candidate change made:
+``celery -A bench.fleet_app worker`` with ``BENCH_VARIANT=events,sqlite,...`` (and the
+variables ``environment`` gives) runs the real ``ollama_worker`` app changed only as listed."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CANDIDATES", "CHANGES", "UNDONE", "apply", "environment"]
+__all__ = ["CANDIDATES", "CHANGES", "UNDONE", "apply", "environment", "sqlite_full"]
 
 # The fixes applied in the package, each undone here; "the fleet before the fixes" is all four.
 UNDONE = {
@@ -32,65 +27,58 @@ CANDIDATES = {
     "httpxlog": "httpx's per-request INFO log line off",
 }
 CHANGES = {**UNDONE, **CANDIDATES}
-
-# Changes made through the worker's settings, read when ``ollama_worker`` is imported.
-_ENVIRONMENT = {
-    "events": {"AVOCADO_TASK_EVENTS": "true"},
-    "metrics": {"AVOCADO_METRICS_PORT": "0"},
-}
+_ENV = {"events": [("AVOCADO_TASK_EVENTS", "true")], "metrics": [("AVOCADO_METRICS_PORT", "0")]}
 
 
 def environment(names: list[str]) -> dict[str, str]:
     """What a worker running the variant ``names`` needs in its environment."""
-    found = {"BENCH_VARIANT": ",".join(names)}
-    for name in names:
-        found.update(_ENVIRONMENT.get(name, {}))
-    return found
+    return {"BENCH_VARIANT": ",".join(names)} | {k: v for n in names for k, v in _ENV.get(n, [])}
 
 
 def _started_row_on_retry_only() -> None:
-    from avocado_shared.locks import SingletonJob
     from avocado_shared.store import JobStatus
-    from ollama_worker import tasks
-    from ollama_worker.results import record_quietly
+    from ollama_worker import results, tasks
 
-    def before_start(self: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        SingletonJob.before_start(self, task_id, args, kwargs)
-        redelivered = (self.request.delivery_info or {}).get("redelivered")
-        if redelivered or self.request.retries:
-            record_quietly(self, task_id, JobStatus.STARTED, kwargs)
+    record = results.record_quietly
 
-    tasks.JobTask.before_start = before_start  # type: ignore[method-assign]
+    def record_quietly(task: Any, job_id: str, status: JobStatus, *args: Any, **kw: Any) -> None:
+        again = (task.request.delivery_info or {}).get("redelivered") or task.request.retries
+        if status is not JobStatus.STARTED or again:
+            record(task, job_id, status, *args, **kw)
 
-
-def _sqlite_full() -> None:
-    from avocado_shared.store import ResultStore
-
-    connect = ResultStore._connect_sqlite
-
-    def connect_full(self: ResultStore, path: str) -> sqlite3.Connection:
-        conn = connect(self, path)
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
-
-    ResultStore._connect_sqlite = connect_full  # type: ignore[method-assign]
+    tasks.record_quietly = record_quietly  # type: ignore[attr-defined]
 
 
-def apply(names: list[str]) -> None:
+def sqlite_full() -> Callable[[], None]:
+    """From now on every SQLite connection commits with ``synchronous=FULL`` (an fsync at each
+    commit), whatever the result store asks for; returns the undo."""
+
+    class Full(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            return super().execute(
+                "PRAGMA synchronous=FULL" if "synchronous" in sql else sql, *args
+            )
+
+    connect = sqlite3.dbapi2.connect
+    full = functools.partial(connect, factory=Full)
+    sqlite3.connect = sqlite3.dbapi2.connect = full  # type: ignore[assignment]
+
+    def undo() -> None:
+        sqlite3.connect = sqlite3.dbapi2.connect = connect
+
+    return undo
+
+
+def apply(app: Any, names: list[str]) -> None:
     """Make the named changes to the worker app (before the worker starts)."""
-    from ollama_worker.celery_app import app, settings
-
-    unknown = set(names) - set(CHANGES)
-    if unknown:
+    if unknown := set(names) - set(CHANGES):
         raise ValueError(f"unknown changes {sorted(unknown)}; known: {sorted(CHANGES)}")
-    if "events" in names and not settings.task_events:
-        raise RuntimeError("the events variant needs AVOCADO_TASK_EVENTS=true (environment())")
     if "tracking" in names:
         app.conf.task_track_started = True
     if "extended" in names:
         app.conf.result_extended = True
     if "sqlite" in names:
-        _sqlite_full()
+        sqlite_full()
     if "startrow" in names:
         _started_row_on_retry_only()
     if "httpxlog" in names:
@@ -100,9 +88,9 @@ def apply(names: list[str]) -> None:
 def __getattr__(name: str) -> Any:
     """``celery -A bench.fleet_app`` asks for ``app``: the fleet's, changed as the variant says."""
     if name in ("app", "celery"):
-        from ollama_worker.celery_app import app
+        import ollama_worker
 
-        apply([n for n in os.environ.get("BENCH_VARIANT", "").split(",") if n])
-        globals()["app"] = globals()["celery"] = app
-        return app
+        apply(ollama_worker.app, [n for n in os.environ.get("BENCH_VARIANT", "").split(",") if n])
+        globals()["app"] = globals()["celery"] = ollama_worker.app
+        return ollama_worker.app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

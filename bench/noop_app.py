@@ -1,11 +1,9 @@
 """Bare Celery, the dispatch baseline: a no-op task on the fleet's broker, queue type and backend.
 
-It keeps what every job queue on this stack pays for: RabbitMQ publisher confirms, persistent
-delivery to a quorum queue, late acks and prefetch 1, JSON, the Redis result backend under a
-key prefix. It drops what the fleet adds on top: locks, ``ml_results`` and the Ollama call.
-Task events, the STARTED state and extended results are off here by name (``_BARE``), so the
-baseline stays what it is whatever the fleet's configuration turns on.
-
+It keeps what every job queue on this stack pays for (publisher confirms, persistent delivery to
+a quorum queue, late acks and prefetch 1, JSON, the Redis result backend under a key prefix) and
+drops what the fleet adds: locks, leases, ``ml_results``, the model call. Task events, the
+STARTED state and extended results are off here whatever the fleet's configuration turns on.
 ``celery -A bench.noop_app worker`` reads the ``AVOCADO_*`` variables, like the fleet's worker.
 """
 
@@ -25,14 +23,6 @@ __all__ = ["NOOP_TASK", "make_app", "noop_queue"]
 NOOP_TASK = "bench.noop"
 BENCH_EXCHANGE = Exchange("bench", type="topic", durable=True)
 
-# Off in bare Celery, whatever the fleet's configuration says.
-_BARE: dict[str, Any] = {
-    "task_track_started": False,
-    "worker_send_task_events": False,
-    "task_send_sent_event": False,
-    "result_extended": False,
-}
-
 
 def noop_queue(settings: Settings) -> Queue:
     """A quorum queue with the job queues' arguments."""
@@ -41,17 +31,17 @@ def noop_queue(settings: Settings) -> Queue:
 
 def make_app(settings: Settings) -> Celery:
     """The no-op app: the fleet's broker and backend settings with its own queue and task."""
-    config = celery_config(settings)
-    queue = noop_queue(settings)
+    config, queue = celery_config(settings), noop_queue(settings)
     config.update(
-        {
-            "task_queues": (queue,),
-            "task_routes": {NOOP_TASK: {"queue": queue.name}},
-            "task_default_exchange": BENCH_EXCHANGE.name,
-            "task_default_queue": queue.name,
-            "task_annotations": {},
-            **_BARE,
-        }
+        task_queues=(queue,),
+        task_routes={NOOP_TASK: {"queue": queue.name}},
+        task_default_exchange=BENCH_EXCHANGE.name,
+        task_default_queue=queue.name,
+        task_annotations={},
+        task_track_started=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        result_extended=False,
     )
     app = Celery("bench-noop", set_as_current=False)
     app.config_from_object(config)
@@ -66,7 +56,6 @@ def make_app(settings: Settings) -> Celery:
 def __getattr__(name: str) -> Any:
     """``celery -A bench.noop_app`` asks for ``app``: made from the environment on demand."""
     if name in ("app", "celery"):
-        made = make_app(Settings())
-        globals()["app"] = globals()["celery"] = made
+        made = globals()["app"] = globals()["celery"] = make_app(Settings())
         return made
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,165 +1,235 @@
-"""BENCHMARKS.md: machine, command, one table per scenario, pool choice, profiles, fixes."""
+"""What a scenario reports (rows of baseline against fleet, each with its target), and
+BENCHMARKS.md: the hand-written template ``bench/BENCHMARKS.md.in`` with its ``{{name}}``
+placeholders filled, the tables generated from the run's figures.
+
+A generated table stands between ``<!-- bench:name -->`` markers, so that ``--render`` can
+fill an edited template with the tables of the last run without running anything again.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
 import math
+import re
+import statistics
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from bench.outcome import Outcome
-from bench.stats import fmt
+__all__ = ["TEMPLATE", "Outcome", "Row", "blocks", "fill", "fmt", "median", "outcome", "percentile"]
+__all__ += ["read_blocks", "span", "table"]
 
-if TYPE_CHECKING:
-    from bench.scenarios import Config
+TEMPLATE = Path(__file__).with_name("BENCHMARKS.md.in")
+_NOT_RUN = "_Not measured in this run._"
 
-__all__ = ["render", "summary_lines", "table"]
+
+@dataclass
+class Row:
+    """One compared figure: medians over repetitions unless ``metric`` says otherwise."""
+
+    metric: str
+    baseline: str
+    fleet: str
+    compared: str = ""
+    target: str = "(information)"
+    met: bool | None = None
+
+
+@dataclass
+class Outcome:
+    """One scenario (or one pool's run of it): the table, the repetitions, the figures."""
+
+    key: str
+    title: str
+    baseline_name: str
+    fleet_name: str
+    rows: list[Row] = field(default_factory=list)
+    reps: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), linear between the closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def span(values: Sequence[float], digits: int = 2) -> str:
+    """A median with the lowest and highest repetition: ``19.39 (19.10-19.52)``."""
+    if not values:
+        return "n/a"
+    return f"{fmt(median(values), digits)} ({fmt(min(values), digits)}-{fmt(max(values), digits)})"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; floats get two decimals."""
 
     def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return fmt(value, 2) if not math.isnan(value) else "n/a"
-        return str(value).replace("|", "\\|")
+        return fmt(value) if isinstance(value, float) else str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
 
 
 def _met(value: bool | None) -> str:
     return "" if value is None else ("**yes**" if value else "**no**")
 
 
-def summary_lines(outcomes: Sequence[Outcome]) -> list[str]:
-    """One line per compared figure, for the console."""
-    lines = []
-    for outcome in outcomes:
-        for row in outcome.rows:
-            met = "" if row.met is None else ("MET" if row.met else "MISSED")
-            lines.append(
-                f"{outcome.title}: {row.metric}: {outcome.baseline_name} {row.baseline}, "
-                f"{outcome.fleet_name} {row.fleet} ({row.compared}) target {row.target} {met}"
-            )
-    return lines
-
-
-def _scenario(outcome: Outcome) -> str:
-    parts = [f"### {outcome.title}", "", outcome.setup, ""]
-    parts.append(
-        table(
-            [
-                "metric",
-                outcome.baseline_name,
-                outcome.fleet_name,
-                "difference / ratio",
-                "target",
-                "met?",
-            ],
-            [
-                [r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)]
-                for r in outcome.rows
-            ],
-        )
-    )
-    parts += ["", *outcome.notes] if outcome.notes else []
-    if outcome.reps:
-        header = list(outcome.reps[0])
-        label = "Samples" if outcome.key == "4" else "Repetitions"
-        parts += [
-            "",
-            f"<details><summary>{label}</summary>",
-            "",
-            table(header, [[rep[h] for h in header] for rep in outcome.reps]),
-            "",
-            "</details>",
-        ]
+def outcome(o: Outcome) -> str:
+    """A scenario's heading, table, notes and repetitions."""
+    header = ["metric", o.baseline_name, o.fleet_name, "difference / ratio", "target", "met?"]
+    rows = [[r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)] for r in o.rows]
+    parts = [f"#### {o.title}", "", table(header, rows), *(["", *o.notes] if o.notes else [])]
+    if o.reps:
+        label = "Samples" if o.key == "4" else "Repetitions"
+        reps = table(list(o.reps[0]), [list(rep.values()) for rep in o.reps])
+        parts += ["", f"<details><summary>{label}</summary>", "", reps, "", "</details>"]
     return "\n".join(parts)
 
 
-def _summary(outcomes: Sequence[Outcome]) -> str:
+def _pools(outcomes: Sequence[Outcome], pools: Sequence[str], default: str) -> str:
     rows = []
-    for outcome in outcomes:
-        for row in outcome.rows:
-            if row.met is None:
-                continue
-            rows.append(
-                [
-                    outcome.title,
-                    row.metric,
-                    row.baseline,
-                    row.fleet,
-                    row.compared,
-                    row.target,
-                    _met(row.met),
-                ]
-            )
-    return table(
-        ["scenario", "metric", "baseline", "fleet", "difference / ratio", "target", "met?"], rows
+    for pool in pools:
+        got = {o.key: o.extra for o in outcomes if o.extra.get("pool") == pool}
+
+        def x(key: str, name: str, got: dict[str, Any] = got) -> float:
+            return float(got.get(key, {}).get(name, math.nan))
+
+        p50, p99 = x("1", "fleet p50"), x("1", "fleet p99")
+        added = f"+{fmt(p50 - x('1', 'direct p50'))} / +{fmt(p99 - x('1', 'direct p99'))}"
+        rows.append(
+            [
+                f"{pool} (default)" if pool == default else pool,
+                f"{fmt(p50)} / {fmt(p99)} ({added})",
+                f"{fmt(x('2', 'fleet'))} (x{fmt(x('2', 'ratio'), 3)})",
+                f"{fmt(x('3', 'fleet'), 1)} (x{fmt(x('3', 'ratio'), 3)})",
+                f"{fmt(x('4', 'fleet_end_rss'), 0)} / {fmt(x('4', 'fleet_end_pss'), 0)}",
+                *(fmt(x("4", k), d) for k, d in (("base_end_rss", 0), ("fleet_growth_pct", 1))),
+                fmt(x("4", "fleet_rate"), 0),
+            ]
+        )
+    header = ["pool", "1: p50 / p99 ms (over direct)", "2: jobs/s (ratio to direct)"]
+    header += ["3: jobs/s (ratio to bare Celery)", "4: RSS / PSS MB at the end"]
+    return table([*header, "4: bare Celery RSS MB", "4: growth %", "4: drain jobs/s"], rows)
+
+
+def _cpu(columns: dict[str, dict[str, float]]) -> str:
+    names = list(dict.fromkeys(n for column in columns.values() for n in column))
+    rows: list[list[Any]] = [
+        [n, *(fmt(c.get(n, math.nan)) for c in columns.values())] for n in names
+    ]
+    rows.append(["**all of these**", *(f"**{fmt(sum(c.values()))}**" for c in columns.values())])
+    return table(["process", *columns], rows)
+
+
+def _spy(spy: dict[str, Any], worker_cpu: float) -> str:
+    if "error" in spy:
+        return f"py-spy: {spy['error']}"
+    where = ", ".join(f"{k} {pct:.0f}%" for k, pct in spy["processes"].items())
+    idle = f"; {spy['idle']} more of threads-pool threads waiting for their next job, left out"
+    rows = [[n, f"{pct:.1f}%", fmt(pct / 100.0 * worker_cpu)] for n, pct in spy["shares"]]
+    return "\n".join(
+        [
+            f"{spy['jobs']} jobs, {spy['samples']} samples ({where}){idle if spy['idle'] else ''}.",
+            "",
+            table(["activity", "share of samples", "~CPU ms per job"], rows),
+        ]
     )
 
 
-def render(
+def _wire(wire: dict[str, Any], locks: dict[str, float]) -> str:
+    rows: list[list[str]] = []
+    if wire["strace"]:
+        detail = ", ".join(f"{k} {fmt(v)}" for k, v in wire["connects"].items())
+        opened = fmt(sum(wire["connects"].values())) + (f" ({detail})" if detail else "")
+        rows.append(["TCP connections the worker opened", opened])
+    rows.append(["new AMQP connections in the vhost (producer or worker)", fmt(wire["new_amqp"])])
+    rows += [[f"worker {k}", fmt(v)] for k, v in wire["syscalls"].items()]
+    rows += [[f"Redis, {k}", fmt(v)] for k, v in wire["redis"].items()]
+    rows += [[f"Redis, keyed job, {k}", fmt(v)] for k, v in locks.items()]
+    what = "AMQP socket reads / writes counted by the broker"
+    rows += [[f"{what}, {side}", f"{fmt(r)} / {fmt(s)}"] for side, (r, s) in wire["amqp"].items()]
+    return table(["what", "per job"], rows)
+
+
+def blocks(
     outcomes: Sequence[Outcome],
     profile: dict[str, Any],
-    *,
+    pools: Sequence[str],
     machine: Sequence[tuple[str, str]],
-    command: str,
-    load: str,
-    foreign: float,
-    elapsed: float,
-    cfg: Config,
-    failures: Sequence[str] = (),
-) -> str:
-    """The whole report."""
-    from bench.discussion import discussion
-
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    noisy = foreign >= 0.1
-    parts = [
-        "# Benchmarks",
-        "",
-        "How much the fleet costs on top of calling Ollama directly (issue 6). Every figure "
-        "below was measured in one run of the harness in `bench/`, each scenario against its "
-        "baseline in the same run, alternating between the two, medians over the repetitions "
-        "(ranges in brackets). Nothing here is a test: the unit and integration tests assert "
-        "no timing.",
-        "",
-        "Reproduce (from the repository root, with RabbitMQ, Redis and `rabbitmqctl` on this "
-        "machine; the harness makes its own vhost, Redis key prefix and temporary SQLite file, "
-        "starts simulators and workers, and removes all of it afterwards):",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        "`--quick` runs a smoke version in under a minute, `--scenario N` (1-5, `real`, "
-        "`profile`, `fixes`) runs one part; both print the report instead of writing this "
-        "file unless `--output` says where.",
-        "",
-        "## Machine",
-        "",
-        table(["", ""], [*machine, ("run", f"{when}, {elapsed / 60:.1f} min"), ("load", load)]),
-        "",
+    notices: Sequence[str],
+) -> dict[str, str]:
+    """Every generated table of the report, by placeholder name."""
+    found = dict.fromkeys(("producer", "wire", "lock", "micro", "fixes"), _NOT_RUN)
+    found["machine"] = "\n\n".join([table(["", ""], machine), *notices])
+    rows = [
+        [o.title, r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)]
+        for o in outcomes
+        for r in o.rows
+        if r.met is not None
     ]
-    if noisy:
-        parts += [
-            f"> Other processes used {foreign:.2f} cores on average during this run (other "
-            "engineers' test suites on the same 2-core machine): absolute figures are noisy, "
-            "ratios less so because fleet and baseline alternate. Re-run on a quiet machine "
-            "before quoting the absolute numbers.",
-            "",
-        ]
-    if failures:
-        parts += [
-            f"> Failed twice, not reported: {', '.join(failures)} (see the harness's log).",
-            "",
-        ]
-    if outcomes:
-        parts += ["## Summary", "", _summary(outcomes), "", "## Scenarios", ""]
-    for outcome in outcomes:
-        parts += [_scenario(outcome), ""]
-    parts += discussion(outcomes, profile, cfg)
-    return "\n".join(parts).rstrip() + "\n"
+    header = ["scenario", "metric", "baseline", "fleet", "difference / ratio", "target", "met?"]
+    found["summary"] = table(header, rows) if rows else _NOT_RUN
+    for key in ("1", "2", "2j", "3", "4", "5", "1r", "2r"):
+        found[key] = "\n\n".join(outcome(o) for o in outcomes if o.key == key) or _NOT_RUN
+    ran = [
+        p
+        for p in pools
+        if any(o.extra.get("pool") == p for o in outcomes if o.key in ("1", "2", "3", "4"))
+    ]
+    found["pools"] = _pools(outcomes, ran, pools[0]) if ran else _NOT_RUN
+    cpu = profile.get("cpu", {})
+    found["cpu"] = _cpu(cpu) if cpu else _NOT_RUN
+    for key, column in (("spy_sequential", "fleet, sequential"), ("spy_burst", "fleet, bursts")):
+        worker = cpu.get(column, {}).get("worker (main + pool)", math.nan)
+        found[key] = _spy(profile[key], worker) if key in profile else _NOT_RUN
+    if producer := profile.get("producer"):
+        parts = table(["part", "ms per job"], [[n, fmt(ms)] for n, ms in producer["parts"]])
+        each = f"{producer['jobs']} calls, {fmt(producer['wall_ms_per_job'])} ms each"
+        found["producer"] = f"{each} under the profiler. Wall time per job:\n\n{parts}"
+    if wire := profile.get("wire"):
+        found["wire"] = f"{wire['jobs']} jobs.\n\n" + _wire(wire, profile.get("lock_commands", {}))
+    if lock := profile.get("lock_latency"):
+        keyed = ["with an idempotency key (a singleton lock)", fmt(lock["keyed"])]
+        found["lock"] = table(
+            ["sequential jobs", "p50 ms"], [keyed, ["without", fmt(lock["plain"])]]
+        )
+    if micro := profile.get("micro"):
+        micro_rows = [[n, fmt(ms, 3), how] for n, ms, how in micro]
+        found["micro"] = table(["operation", "median ms", "how often per job"], micro_rows)
+    if fixes := profile.get("fixes"):
+        fixes[0][3] = fixes[0][5] = "-"  # the current fleet itself
+        header = ["variant", "what changed", "p50 ms", "p50 vs current (ms, + slower)", "jobs/s"]
+        found["fixes"] = table([*header, "jobs/s vs current"], fixes)
+    return found
+
+
+def fill(template: str, tables: dict[str, str], values: dict[str, str]) -> str:
+    """The template with each ``{{name}}`` replaced: a table between markers, or a value."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)  # a KeyError names a placeholder with neither table nor value
+        if name in tables:
+            return f"<!-- bench:{name} -->\n{tables[name]}\n<!-- /bench:{name} -->"
+        return values[name]
+
+    return re.sub(r"\{\{(\w+)\}\}", replace, template).rstrip() + "\n"
+
+
+def read_blocks(text: str) -> dict[str, str]:
+    """The tables of a report ``fill`` wrote, by name."""
+    return dict(re.findall(r"<!-- bench:(\w+) -->\n(.*?)\n<!-- /bench:\1 -->", text, re.S))

@@ -1,180 +1,142 @@
-"""One command for every benchmark: ``python -m bench`` or ``python bench/run.py``.
-
-It makes its own vhost, Redis key prefix and temporary directory, starts simulators and
-workers, runs each scenario against its baseline, alternating, and writes BENCHMARKS.md.
-"""
+"""``python -m bench``: every scenario against its baseline, alternating, in services made for
+the run (``BenchEnv``); the tables of what it measured fill ``bench/BENCHMARKS.md.in``."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import shlex
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
-if __package__ in (None, ""):  # run as a file: python bench/run.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import scenarios
+from bench import fixes, profile, real_model, report, scenarios
 from bench.machine import LoadMonitor, describe_machine
-from bench.outcome import Outcome
-from bench.report import render, summary_lines
-from bench.services import REDIS_URL, REPO, BenchEnv, terminate_as_interrupt
+from bench.services import REDIS_URL, REPO, BenchEnv
 
 __all__ = ["SCENARIOS", "main"]
 
 SCENARIOS = ("1", "2", "3", "4", "5", "real", "profile", "fixes")
-_T = TypeVar("_T")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Benchmark the fleet against direct Ollama calls and bare Celery.",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a short smoke run of scenarios 1-5 (under a minute); with --scenario profile "
-        "or fixes, a short run of those",
-    )
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the fleet.")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument(
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="run only this one (repeatable): 1-5, real (1 and 2 on the embedded real model), "
-        "profile (py-spy, pyinstrument, wire counts) or fixes (each applied fix measured "
-        "undone, and candidates not applied)",
+        help="run only this part (repeatable): 1-5, real (1 and 2 on the embedded real model), "
+        "profile (where the time goes), fixes (each applied fix undone); --quick: 1-5",
     )
-    p.add_argument(
-        "--pools",
-        default=None,
-        help="worker pools compared in scenarios 1-4, comma-separated (default "
-        f"{','.join(scenarios.POOLS)}; --quick: {scenarios.DEFAULT_POOL}); scenario 5, "
-        "real, profile and fixes run the worker's default pool",
-    )
-    p.add_argument(
-        "--output",
-        default=None,
-        help="where to write the report; default BENCHMARKS.md for a full run, none ('-') "
-        "for --quick or --scenario",
-    )
+    default = ",".join(scenarios.POOLS)
+    p.add_argument("--pools", help=f"pools of scenarios 1-4, comma-separated (default {default})")
+    p.add_argument("--output", help="the report's file (default BENCHMARKS.md; a part: '-')")
+    p.add_argument("--render", action="store_true", help="fill the template with --output's tables")
     return p
 
 
-def _attempt(
-    name: str, step: Callable[[], _T], env: BenchEnv, log: Callable[[str], None]
-) -> _T | None:
+def _values(cfg: scenarios.Config) -> dict[str, str]:
+    """The template's ``{{name}}`` values: the run's sizes."""
+    sizes = {k: v for k, v in asdict(cfg).items() if type(v) in (int, float)}
+    sizes |= {"n_ctx": real_model.N_CTX, "tokens": real_model.TOKENS}
+    return {k: f"{v:g}" for k, v in sizes.items()}
+
+
+def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tuple[str, Any]]:
+    """(name, what runs it) of every part chosen, in order."""
+    one = (scenarios.DEFAULT_POOL,)
+    jittered = partial(scenarios.saturation, jitter_ms=scenarios.JITTER_MS)
+    parts: list[tuple[str, str, Callable[..., Any], Sequence[str]]] = [
+        ("1", "1 overhead", scenarios.overhead, cfg.pools),
+        ("2", "2 saturation", scenarios.saturation, cfg.pools),
+        ("2", "2 saturation, jittered", jittered, cfg.pools),
+        ("3", "3 dispatch", scenarios.dispatch, cfg.pools),
+        ("4", "4 memory", scenarios.memory, cfg.pools),
+        ("5", "5 scale-out", scenarios.scale_out, one),
+        ("real", "1r real overhead", real_model.real_overhead, one),
+        ("real", "2r real saturation", real_model.real_saturation, one),
+        ("profile", "profile", profile.profile, one),
+        ("fixes", "fixes", fixes.fixes, one),
+    ]
+    return [
+        (f"{name}, {pool}", partial(run, env, cfg, pool))
+        for key, name, run, pools in parts
+        if key in chosen
+        for pool in pools
+    ]
+
+
+def _attempt(step: Callable[[], Any], env: BenchEnv, log: Callable[[str], None]) -> Any:
     """Run a step; when it fails (another suite restarted RabbitMQ, say), clean up and try
     once more; ``None`` when the second try fails too."""
     for attempt in (1, 2):
-        env.refresh()
         try:
             return step()
         except Exception as error:
-            log(f"  {name} failed: {type(error).__name__}: {error}")
+            log(f"  failed: {type(error).__name__}: {error}" + ("; trying again" * (attempt == 1)))
             env.reset()
-            if attempt == 1:
-                log(f"  {name}: trying again")
+        finally:
+            env.tidy()
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    default = [s for s in SCENARIOS if s.isdigit()] if args.quick else SCENARIOS
-    chosen = list(dict.fromkeys(args.scenario or default))
     pools = [p.strip() for p in args.pools.split(",")] if args.pools else None
     if pools and set(pools) - set(scenarios.POOLS):
         _parser().error(f"--pools: choose from {', '.join(scenarios.POOLS)}")
     cfg = scenarios.Config.make(args.quick, pools)
     subset = args.quick or args.scenario is not None
     output = args.output or ("-" if subset else str(REPO / "BENCHMARKS.md"))
-    command = " ".join(
-        [".venv/bin/python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
-    )
+    if args.render:
+        tables = report.read_blocks(Path(output).read_text())
+        Path(output).write_text(report.fill(report.TEMPLATE.read_text(), tables, _values(cfg)))
+        return 0
+    chosen = args.scenario or (["1", "2", "3", "4", "5"] if args.quick else list(SCENARIOS))
+    command = shlex.join([".venv/bin/python", "-m", "bench", *(argv or sys.argv[1:])])
     started = time.monotonic()
 
     def log(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     cfg.log = log
-    outcomes: list[Outcome] = []
-    profile: dict[str, object] = {}
+    outcomes: list[report.Outcome] = []
+    profiled: dict[str, Any] = {}
     failures: list[str] = []
-    with terminate_as_interrupt(), LoadMonitor() as load, BenchEnv() as env:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleans up as Ctrl-C does
+    with LoadMonitor() as load, BenchEnv() as env:
         log(f"vhost {env.vhost}, key prefix {env.key_prefix}, files in {env.tmp}")
-        steps: list[tuple[str, Callable[[], Outcome]]] = []
-        for pool in cfg.pools if "1" in chosen else ():
-            steps.append((f"1 overhead, {pool}", partial(scenarios.overhead, env, cfg, pool)))
-        for pool in cfg.pools if "2" in chosen else ():
-            steps.append((f"2 saturation, {pool}", partial(scenarios.saturation, env, cfg, pool)))
-            steps.append(
-                (
-                    f"2 saturation, jittered, {pool}",
-                    partial(scenarios.saturation, env, cfg, pool, scenarios.JITTER_MS),
-                )
-            )
-        for pool in cfg.pools if "3" in chosen else ():
-            steps.append((f"3 dispatch, {pool}", partial(scenarios.dispatch, env, cfg, pool)))
-        for pool in cfg.pools if "4" in chosen else ():
-            steps.append((f"4 memory, {pool}", partial(scenarios.memory, env, cfg, pool)))
-        if "5" in chosen:
-            steps.append(("5 scale-out", partial(scenarios.scale_out, env, cfg)))
-        if "real" in chosen:
-            from bench import real_model
-
-            pool = cfg.default_pool
-            steps.append(
-                (f"1r real overhead, {pool}", partial(real_model.real_overhead, env, cfg, pool))
-            )
-            steps.append(
-                (f"2r real saturation, {pool}", partial(real_model.real_saturation, env, cfg, pool))
-            )
-        for name, step in steps:
+        for name, step in _steps(env, cfg, chosen):
             log(f"scenario {name}")
-            outcome = _attempt(name, step, env, log)
-            if outcome is None:
+            found = _attempt(step, env, log)
+            if found is None:
                 failures.append(name)
-                continue
-            outcomes.append(outcome)
-            for line in summary_lines([outcome]):
-                log(f"  {line}")
-        if "profile" in chosen or "fixes" in chosen:
-            from bench import profile as profiling
-
-            if "profile" in chosen:
-                log("profile")
-                found = _attempt("profile", lambda: profiling.profile(env, cfg), env, log)
-                profile.update(found or {})
-                failures += [] if found else ["profile"]
-            if "fixes" in chosen:
-                log("fixes")
-                found = _attempt("fixes", lambda: profiling.fixes(env, cfg), env, log)
-                profile.update(found or {})
-                failures += [] if found else ["fixes"]
+            elif isinstance(found, report.Outcome):
+                outcomes.append(found)
+                log("\n" + report.outcome(found))
+            else:
+                profiled.update(found)
     elapsed = time.monotonic() - started
     log(f"done in {elapsed:.0f}s; {load.summary()}")
-    text = render(
-        outcomes,
-        profile,
-        machine=describe_machine(REDIS_URL),
-        command=command,
-        load=load.summary(),
-        foreign=load.foreign_mean(),
-        elapsed=elapsed,
-        cfg=cfg,
-        failures=failures,
-    )
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = describe_machine(REDIS_URL)
+    machine += [("command", f"`{command}`"), ("run", f"{when}, {elapsed / 60:.1f} min")]
+    notices = [f"> Failed twice, not reported: {', '.join(failures)}."] if failures else []
+    if load.foreign_mean() >= 0.1:
+        notices.append(f"> Other processes used {load.foreign_mean():.2f} cores: figures noisy.")
+    ordered = list(dict.fromkeys((scenarios.DEFAULT_POOL, *cfg.pools)))  # the default first
+    machine.append(("load", load.summary()))
+    tables = report.blocks(outcomes, profiled, ordered, machine, notices)
+    text = report.fill(report.TEMPLATE.read_text(), tables, _values(cfg))
     if output == "-":
         print(text)
     else:
         Path(output).write_text(text)
         log(f"wrote {output}")
     return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
