@@ -156,7 +156,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'results.sqlite3'}"
     url: str = request.getfixturevalue("pg_database")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema")
+        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema, alembic_version")
     return url
 
 

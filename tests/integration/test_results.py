@@ -118,7 +118,7 @@ def test_a_failed_result_write_is_retried_without_running_the_model_again(
     producer: Producer, worker_factory: WorkerFactory, pg_database: str
 ) -> None:
     with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema")
+        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema, alembic_version")
     database = urlsplit(pg_database).path.lstrip("/")
     name = sql.Identifier(database)
     with OllamaSimulator(SimConfig(latency_ms=1500)) as sim:

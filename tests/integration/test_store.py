@@ -254,8 +254,21 @@ def test_concurrent_writers_make_exactly_one_row_per_key(make_store: StoreFactor
     assert sum(attempts.values()) == writers * writes
 
 
-def test_forked_processes_get_their_own_connection(store: ResultStore) -> None:
+def _sessions(database_url: str) -> set[int]:
+    """The server pids of the store's PostgreSQL sessions on the database; none on SQLite."""
+    if database_url.startswith("sqlite"):
+        return set()
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'avocado-results'"
+        ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def test_forked_processes_get_their_own_connection(store: ResultStore, database_url: str) -> None:
     _success(store, "parent")  # the parent's connection is open when the children fork
+    parent_sessions = _sessions(database_url)
     fork = multiprocessing.get_context("fork")
 
     def child(n: int) -> None:
@@ -272,7 +285,9 @@ def test_forked_processes_get_their_own_connection(store: ResultStore) -> None:
             process.join()
     assert [p.exitcode for p in children] == [0] * len(children)
 
-    # The parent's session survived the children's exit and still writes.
+    # The parent's session survived the children's exit (none closed it: a dropped one would
+    # be replaced unseen, by the pool's pre-ping) and still writes.
+    assert parent_sessions <= _sessions(database_url)
     _started(store, "parent")
     assert store.count() == 6
     assert sorted(r.attempts for r in store.recent(limit=10)) == [2] + [20] * 5
@@ -385,7 +400,7 @@ def test_unreachable_sqlite_file_is_reported(tmp_path: Path) -> None:
 
 def test_postgres_connection_dropped_by_the_server_is_remade(pg_database: str) -> None:
     with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema")
+        conn.execute("DROP TABLE IF EXISTS ml_results, ml_results_schema, alembic_version")
     with ResultStore.open(pg_database) as store:
         store.migrate()
         _success(store, "before")

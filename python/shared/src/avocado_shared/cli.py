@@ -28,7 +28,7 @@ from avocado_shared.producer import JobFailed, JobHandle, Producer, PublishError
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.settings import Settings
 from avocado_shared.status import collect, render
-from avocado_shared.store import JobStatus, StoreError, job_key
+from avocado_shared.store import JobStatus, ResultStore, StoreError, job_key
 from avocado_shared.topology import describe
 
 __all__ = ["main"]
@@ -118,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--redis-host", help="HOST[:PORT] the worker reaches Redis on")
     delete = admin.add_parser("delete-worker", help="remove a worker's users; it is cut off")
     delete.add_argument("name")
+
+    db = sub.add_parser("db", help="the results database").add_subparsers(
+        dest="db_command", required=True
+    )
+    upgrade = db.add_parser(
+        "upgrade", help="create ml_results or upgrade it to this version (workers do on start)"
+    )
+    upgrade.add_argument(
+        "--url",
+        help="database URL (default: AVOCADO_DATABASE_URL, else the SQLite file); a password "
+        "is safer in AVOCADO_DATABASE_URL than on a command line",
+    )
     return parser
 
 
@@ -203,9 +215,20 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace) -> int:
+    """By hand what a worker does on start, with rights to create tables that readers lack."""
+    store = ResultStore.open(args.url) if args.url else ResultStore.from_settings(Settings())
+    with store:
+        store.migrate()
+        print(f"{store!r}: ml_results at schema version {store.schema_version()}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "admin":
         return _admin(args)
+    if args.command == "db":
+        return _db(args)
     with Producer() as producer:
         if args.command == "topology":
             _topology(producer)

@@ -153,9 +153,7 @@ class Producer:
         """``ml_results``, where workers store every job's outcome for good (Redis expires)."""
         with self._lock:
             if self._results is None:
-                store = ResultStore.from_settings(self.settings)
-                store.migrate()
-                self._results = store
+                self._results = ResultStore.from_settings(self.settings)
             return self._results
 
     def generate(
