@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from psycopg import sql
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
 from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.inprocess import InProcessWorker, given_settings
 from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
 from tests.services import (
     REDIS_URL,
@@ -176,14 +176,15 @@ def fresh_sim(sim: OllamaSimulator) -> OllamaSimulator:
 
 
 class WorkerFactory:
-    """Starts real worker (and beat) subprocesses; ``stop_all`` ends every one still running."""
+    """Starts real workers, in this process or as subprocesses, and beat subprocesses;
+    ``stop_all`` ends every one still running."""
 
     def __init__(self, broker_url: str, key_prefix: str, producer: Producer, log_dir: Path):
         self.broker_url = broker_url
         self.key_prefix = key_prefix
         self.producer = producer
         self.log_dir = log_dir
-        self.started: list[WorkerProcess] = []
+        self.started: list[WorkerProcess | InProcessWorker] = []
 
     def _ping(self, name: str) -> bool:
         """On a connection of its own: pooled ones may be stale after RabbitMQ restarted."""
@@ -196,13 +197,25 @@ class WorkerFactory:
         except (OSError, OperationalError):
             return False
 
-    def __call__(self, ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:
-        """A worker on ``ollama_url``, answering pings; ``env`` adds AVOCADO_* settings."""
-        extra = {"AVOCADO_OLLAMA_URL": ollama_url, "AVOCADO_RETRY_BACKOFF_MAX_S": "1", **env}
-        environment = service_env(self.broker_url, self.key_prefix, **extra)
+    def __call__(self, ollama_url: str, concurrency: int = 2, **env: str) -> InProcessWorker:
+        """A worker on ``ollama_url`` in this process, consuming; ``env`` adds AVOCADO_*
+        settings (metrics off unless asked for)."""
+        environment = self._environment(ollama_url, {"AVOCADO_METRICS_PORT": "0", **env})
+        worker = InProcessWorker(given_settings(environment), concurrency)
+        self.started.append(worker)
+        return worker.start()
+
+    def process(self, ollama_url: str, concurrency: int = 2, **env: str) -> WorkerProcess:
+        """A worker subprocess, answering pings: for a test that kills it, signals it or
+        reads what its own process does."""
+        environment = self._environment(ollama_url, env)
         worker = start_worker(environment, self.log_dir, self._ping, concurrency=concurrency)
         self.started.append(worker)
         return worker
+
+    def _environment(self, ollama_url: str, env: dict[str, str]) -> dict[str, str]:
+        extra = {"AVOCADO_OLLAMA_URL": ollama_url, "AVOCADO_RETRY_BACKOFF_MAX_S": "1", **env}
+        return service_env(self.broker_url, self.key_prefix, **extra)
 
     def beat(self, **env: str) -> WorkerProcess:
         """``celery beat`` of the worker app, started."""
@@ -211,8 +224,8 @@ class WorkerFactory:
         return beat
 
     def stop_all(self) -> None:
-        for process in self.started:
-            process.stop(signal.SIGTERM)
+        for started in self.started:
+            started.stop()
 
 
 @contextmanager
@@ -243,7 +256,7 @@ def worker(
     producer: Producer,
     sim: OllamaSimulator,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[WorkerProcess]:
+) -> Iterator[InProcessWorker]:
     """One worker of this module, on the module's simulator, 2048-token summary context."""
     log_dir = tmp_path_factory.mktemp("workers")
     with worker_processes(broker_url, key_prefix, producer, log_dir) as make:

@@ -80,6 +80,9 @@ class WorkerProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the worker to end; then no process of its group is left."""
         return stop_group(self.process, sig, timeout)

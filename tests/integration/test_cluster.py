@@ -83,7 +83,7 @@ def test_a_node_killed_while_jobs_run_loses_none_and_rejoins(
         worker_processes(url, key_prefix, producer, tmp_path) as workers,
     ):
         for _ in range(2):
-            workers(sim.url, concurrency=2, AVOCADO_SQLITE_PATH=str(database))
+            workers.process(sim.url, concurrency=2, AVOCADO_SQLITE_PATH=str(database))
         for queue in (GENERATE_QUEUE, SUMMARIZE_QUEUE):
             assert _online_members(survivor, queue) == names
         publisher = threading.Thread(target=publish, args=(producer,), daemon=True)

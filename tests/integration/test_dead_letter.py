@@ -33,8 +33,8 @@ from avocado_shared.dlq import (
     list_dead_letters,
     raw_body,
     replay,
-    run_dlq,
 )
+from avocado_shared.dlq_command import run_dlq
 from avocado_shared.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, GENERATE_TASK
 from ollama_worker.deadletter import dead_letter_message, dead_letter_task
 from tests.services import REDIS_URL, WorkerProcess, run_cli, service_env, wait_for
@@ -139,7 +139,7 @@ def test_poison_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving(
     assert (letter.content_type, letter.size) == (poison.content_type, len(poison.body))
     assert letter.headers["x-test-kind"] == kind
     assert isinstance(producer.generate("hi").get(timeout=WAIT), GenerateResult)
-    assert worker.process.poll() is None, worker.log_text()
+    assert worker.alive(), worker.log_text()
 
 
 def test_dead_letter_keeps_body_bytes_content_type_and_is_persistent(
@@ -333,8 +333,9 @@ def test_run_dlq_lists_and_replays_from_a_body_file(
     assert run_dlq(_args("replay", id=ident, body=body), connection, app=producer.app) == 0
     assert capsys.readouterr().out.strip() == f"replayed {ident} to ml/ml.generate"
     assert producer.handle(ident).get(timeout=WAIT).job_id == ident
-    assert run_dlq(_args("replay", id=ident, body=None), connection) == 1
-    assert "no dead letter" in capsys.readouterr().err
+    with pytest.raises(DeadLetterNotFound, match="no dead letter") as missing:
+        run_dlq(_args("replay", id=ident, body=None), connection)
+    assert missing.value.exit_code == 4
 
 
 def test_avocado_dlq_list_json(broker_url: str, key_prefix: str, connection: Connection) -> None:

@@ -40,8 +40,12 @@ def vhost_url(rabbit: Broker) -> Iterator[str]:
 
 @pytest.fixture
 def connection(vhost_url: str) -> Iterator[Connection]:
-    """A connection to the module's vhost, which holds no dead-letter queue yet."""
-    with Connection(vhost_url) as made:
+    """A connection to the module's vhost, which holds no dead-letter queue yet.
+
+    Publishes wait for the broker's confirm: a quorum queue may answer a read before an
+    unconfirmed publish is committed, and a listing would then miss the last letter.
+    """
+    with Connection(vhost_url, transport_options={"confirm_publish": True}) as made:
         made.ensure_connection(max_retries=3)
         for name in (DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE + HOLDING_SUFFIX):
             made.default_channel.queue_delete(name)

@@ -43,7 +43,9 @@ def _sid() -> str:
 
 def _node(worker_factory: WorkerFactory, sim: OllamaSimulator, sid: str) -> WorkerProcess:
     """A worker whose host announces ``sim`` as its public endpoint."""
-    return worker_factory(sim.url, AVOCADO_PUBLIC_URL=sim.url, AVOCADO_SERVICE_ID=sid, **NODE)
+    return worker_factory.process(
+        sim.url, AVOCADO_PUBLIC_URL=sim.url, AVOCADO_SERVICE_ID=sid, **NODE
+    )
 
 
 def _removed(seen: list[Announcement], sid: str) -> bool:

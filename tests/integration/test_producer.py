@@ -147,7 +147,7 @@ def test_unreachable_broker_is_a_clear_error_not_a_silent_drop(
     done = run_cli(
         service_env(broker_url, key_prefix, AVOCADO_BROKER_URL=dead), "generate", "Anyone?"
     )
-    assert done.returncode == 1
+    assert done.returncode == PublishError.exit_code == 69
     assert "avocado: avocado.generate not published" in done.stderr
     assert "Traceback" not in done.stderr
     assert "s3cret-broker" not in done.stderr

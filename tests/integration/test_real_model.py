@@ -16,6 +16,7 @@ from avocado_shared import JobStatus, Producer
 from ollama_worker.embedded import MODEL
 from ollama_worker.openai_api import OpenAIClient
 from tests.conftest import WorkerFactory
+from tests.inprocess import InProcessWorker
 from tests.services import VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
 
 WAIT = 180
@@ -51,8 +52,12 @@ def model_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_group(server)
 
 
-def _worker(factory: WorkerFactory, url: str, concurrency: int = 1, **env: str) -> WorkerProcess:
-    return factory(
+def _worker(
+    factory: WorkerFactory, url: str, concurrency: int = 1, *, process: bool = False, **env: str
+) -> WorkerProcess | InProcessWorker:
+    """A worker on the real model; ``process``: a subprocess, for a test that kills it."""
+    start = factory.process if process else factory
+    return start(
         f"http://127.0.0.1:{free_port()}",  # no Ollama: the worker must not need one
         concurrency=concurrency,
         AVOCADO_BACKEND="openai",
@@ -148,7 +153,8 @@ def test_a_summary_longer_than_the_context_is_chunked(
 def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
     producer: Producer, worker_factory: WorkerFactory, model_url: str
 ) -> None:
-    doomed = _worker(worker_factory, model_url)
+    doomed = _worker(worker_factory, model_url, process=True)
+    assert isinstance(doomed, WorkerProcess)
     handle = producer.generate(
         "Write a long story about a garden.", options={"num_predict": 400, **GREEDY}
     )

@@ -175,7 +175,7 @@ def test_sigkilled_worker_loses_no_job(
     key_prefix: str,
     database_url: str,
 ) -> None:
-    doomed = worker_factory(slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url)
+    doomed = worker_factory.process(slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url)
     tag = _uid("crash")
     handles = _submit_mix(producer, 50, tag)
 
@@ -203,7 +203,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_the_rest_queued(
     producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
 ) -> None:
     slow_sim.config.latency_ms = 1000
-    first: WorkerProcess = worker_factory(slow_sim.url, concurrency=1)
+    first: WorkerProcess = worker_factory.process(slow_sim.url, concurrency=1)
     handles = [producer.generate(f"Graceful {i}") for i in range(4)]
     assert slow_sim.wait_in_flight(1, timeout=30)
 
@@ -249,7 +249,7 @@ def test_rabbitmq_restart_loses_no_job_and_workers_resume(
             rows = store.recent(limit=100)
         assert sorted(r.job_id for r in rows) == sorted(h.id for h in handles)
         assert {r.status for r in rows} == {JobStatus.SUCCESS}
-        assert worker.process.poll() is None  # the same process, reconnected on its own
+        assert worker.alive()  # the same process, reconnected on its own
         assert "Connected to amqp://" in worker.log_text().split("Connection to broker lost")[-1]
 
 
@@ -286,7 +286,7 @@ def test_redis_restart_loses_no_job_and_runs_none_twice(
 
             assert {r.share_id for r in results} == {f"{tag}-{i}" for i in range(10)}
             assert slow_sim.generation_calls == 10  # none ran twice
-            assert worker.process.poll() is None
+            assert worker.alive()
             client = redis.Redis.from_url(private_redis.url, decode_responses=True)
             assert not list(client.scan_iter(f"{key_prefix}lock:*"))
     with ResultStore.open(f"sqlite:///{database}") as store:

@@ -109,7 +109,7 @@ def test_results_are_stored_and_read_back(
     assert by_share.returncode == 0, by_share.stderr
     assert json.loads(by_share.stdout)["summary"] == second.summary
     refused = run_cli(cli, "result", rejected.id)
-    assert refused.returncode == 1
+    assert refused.returncode == JobFailed.exit_code == 3
     assert f"job {rejected.id} failed: OllamaRejected: ollama answered 400" in refused.stderr
     assert PG_FAKE_PASSWORD not in worker.log_text() + refused.stderr + shown.stderr
 

@@ -209,7 +209,7 @@ def test_a_wrong_ca_fails_fast_with_a_clear_message(fleet: Fleet, tmp_path: Path
     env = fleet.env(AVOCADO_TLS_CA_FILE=str(fleet.certs.other_ca))
     began = time.monotonic()
     cli = run_cli(env, "generate", "never published", timeout=FAST * 2)
-    assert cli.returncode == 1
+    assert cli.returncode == PublishError.exit_code
     assert time.monotonic() - began < FAST
     assert cli.stderr.startswith("avocado: avocado.generate not published: ")
     assert "certificate did not verify" in cli.stderr

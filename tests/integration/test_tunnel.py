@@ -40,7 +40,7 @@ def _tunnel_node(
         **NODE,
         **env,
     }
-    return worker_factory(sim.url, **settings)
+    return worker_factory.process(sim.url, **settings)
 
 
 def _agent_pids(sid: str) -> list[int]:

@@ -16,9 +16,9 @@ from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import DeadlinePassed, ModelNotFound
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.openai_api import OpenAIClient, OpenAIRejected, OpenAIUnavailable
+from ollama_worker.retry import RetryPolicy
 from ollama_worker.settings import WorkerSettings
 from ollama_worker.summary import summarize_text
-from ollama_worker.tasks import backoff
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.services import free_port
 
@@ -217,7 +217,8 @@ def test_429_is_transient_and_its_retry_after_sets_the_retry_delay(
 
     assert isinstance(caught.value, TransientError)
     assert caught.value.retry_after == 7
-    assert all(backoff(0, caught.value.retry_after) >= 7 for _ in range(20))
+    policy = RetryPolicy(max_retries=5, backoff_max_s=60)
+    assert all(policy.countdown(0, caught.value.retry_after) >= 7 for _ in range(20))
     assert client.generate(MODEL, "hi").text, "the next call goes through"
 
 

@@ -1,7 +1,8 @@
 """Spicy Avocado's Ollama worker: ``celery -A ollama_worker worker`` runs it.
 
-The Celery app is loaded on first access, so ``ollama_worker.testing`` and the simulator
-start without Celery or the worker's settings.
+``ollama_worker.app`` is made on first access from the environment's settings
+(``celery_app.create_app``); importing the package makes nothing, so the simulator and
+``ollama_worker.testing`` start without Celery or the worker's settings.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ollama_worker.celery_app import app, settings
+    from ollama_worker.celery_app import WorkerApp
 
-__all__ = ["app", "settings"]
+    app: WorkerApp
+
+__all__ = ["app"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from ollama_worker import celery_app
+    if name == "app":
+        from ollama_worker.celery_app import create_app
 
-        return getattr(celery_app, name)
+        made = globals()["app"] = create_app()
+        return made
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,6 @@ from kombu.serialization import dumps
 
 from avocado_shared.dlq import copy_properties, dead_letter_headers, raw_body
 from avocado_shared.topology import DEAD_LETTER_EXCHANGE
-from ollama_worker.celery_app import settings
 
 __all__ = [
     "DeadLetteringConsumer",
@@ -51,7 +50,7 @@ def publish_dead_letter(
     timeout: float | None = None,
 ) -> None:
     """Publish to ``ml.dlx``: persistent, mandatory and confirmed, or raise."""
-    timeout = settings.publish_timeout_s if timeout is None else timeout
+    timeout = float(app.conf.avocado_publish_timeout_s) if timeout is None else timeout
     priority = (properties or {}).get("priority")
     failure: Exception | None = None
     for _ in range(_ATTEMPTS):

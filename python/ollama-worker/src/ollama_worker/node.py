@@ -13,55 +13,26 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
 
 from avocado_shared.discovery import Endpoint, EndpointEvent, publish_announcement
 from avocado_shared.registry import NodeRegistry
 from ollama_worker.backends import make_backend
-from ollama_worker.celery_app import app
-from ollama_worker.celery_app import settings as app_settings
-from ollama_worker.errors import JobError
+from ollama_worker.errors import AvocadoError
+from ollama_worker.exposure import Exposure, NodeError
 from ollama_worker.settings import WorkerSettings
 
-__all__ = ["Exposure", "FixedURL", "Node", "NodeError"]
+__all__ = ["Node"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 300.0
 # ngrok shows free-plan visitors an HTML warning page unless this header is sent.
 CALLER_HEADERS = {"ngrok-skip-browser-warning": "true"}
-
-
-class NodeError(RuntimeError):
-    """The endpoint cannot be opened or does not answer; the node tries again later."""
-
-
-class Exposure(Protocol):
-    """A way to make the local inference server reachable from outside."""
-
-    def open(self) -> str:
-        """Open (or reopen) and return the public URL."""
-
-    def close(self) -> None:
-        """Stop exposing; idempotent."""
-
-
-class FixedURL:
-    """A host that is reachable already (a VM with a public address, a reverse proxy)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    def open(self) -> str:
-        return self.url
-
-    def close(self) -> None:
-        return None
 
 
 def _utc_now() -> datetime:
@@ -192,7 +163,7 @@ class Node:
         try:
             with make_backend(self.settings) as client:
                 return sorted(client.models())
-        except (JobError, ValueError, KeyError) as error:
+        except (AvocadoError, ValueError, KeyError) as error:
             logger.warning("models of %s unknown: %s", self.settings.server_url, error)
             return []
 
@@ -201,32 +172,3 @@ class Node:
             publish_announcement(
                 connection, endpoint, event, timeout=self.settings.publish_timeout_s
             )
-
-
-_node: Node | None = None
-
-
-def _exposure(settings: WorkerSettings) -> Exposure:
-    if settings.public_url:
-        return FixedURL(settings.public_url)
-    from ollama_worker.tunnel import Tunnel
-
-    return Tunnel(settings)
-
-
-@worker_ready.connect
-def _start_node(sender: Any = None, **_: Any) -> None:
-    """With a tunnel or a public URL configured, this worker's host joins the registry."""
-    global _node
-    if not (app_settings.tunnel or app_settings.public_url):
-        return
-    registry = NodeRegistry.from_settings(app_settings)
-    _node = Node(app, app_settings, _exposure(app_settings), registry).start()
-
-
-@worker_shutdown.connect
-def _stop_node(**_: Any) -> None:
-    global _node
-    if _node is not None:
-        _node.stop()
-        _node = None

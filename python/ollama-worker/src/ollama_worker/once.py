@@ -27,25 +27,26 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from avocado_shared.errors import TransientError
 from avocado_shared.locks import REFRESH_SCRIPT, RELEASE_SCRIPT
-from avocado_shared.store import JobStatus, StoreError
-from ollama_worker.celery_app import settings
-from ollama_worker.results import store
+from avocado_shared.store import JobStatus, ResultStore, StoreError
 
-__all__ = ["AlreadyRunning", "lease", "stored_success"]
+__all__ = ["AlreadyRunning", "Leases", "stored_success"]
 
 logger = logging.getLogger(__name__)
 
 
-class AlreadyRunning(RuntimeError):
+class AlreadyRunning(TransientError):
     """Another copy of this job id holds its lease; this copy waits its turn."""
 
     def __init__(self, job_id: str, retry_in: int) -> None:
-        super().__init__(f"job {job_id} is running elsewhere; this copy is back in {retry_in}s")
+        super().__init__(
+            f"job {job_id} is running elsewhere; this copy is back in {retry_in}s", retry_in
+        )
         self.retry_in = retry_in
 
 
-def stored_success(job_id: str) -> dict[str, Any] | None:
+def stored_success(store: ResultStore, job_id: str) -> dict[str, Any] | None:
     """The stored result of ``job_id`` if it already succeeded; None otherwise, or when the
     database cannot say (the job then runs: at least once beats never)."""
     try:
@@ -60,62 +61,62 @@ def stored_success(job_id: str) -> dict[str, Any] | None:
     return row.result
 
 
-class _Refresher:
-    """One thread per process pushing back the expiry of the leases its jobs hold."""
+class Leases:
+    """The leases of one worker's jobs, and one thread per process pushing back their
+    expiry while the jobs run."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_prefix: str, lease_s: int) -> None:
+        self.key_prefix = key_prefix
+        self.lease_s = lease_s
         self._held: dict[str, tuple[Redis, str]] = {}  # key -> (client, token)
         self._lock = threading.Lock()
         self._pid = 0
-        self._wake = threading.Event()
+        self._stop = threading.Event()
 
-    def add(self, client: Redis, key: str, token: str) -> None:
+    @contextmanager
+    def hold(self, client: Redis, job_id: str) -> Iterator[None]:
+        """Hold the lease on ``job_id`` while the block runs; ``AlreadyRunning`` when
+        another copy holds it. With Redis down the job runs unguarded rather than not at
+        all."""
+        key = f"{self.key_prefix}run:{job_id}"
+        token = uuid.uuid4().hex
+        try:
+            taken = bool(client.set(key, token, nx=True, ex=self.lease_s))
+            left = None if taken else int(client.ttl(key))
+        except RedisError as error:
+            logger.warning("job %s runs without its lease: %s", job_id, error)
+            yield
+            return
+        if left is not None:
+            raise AlreadyRunning(job_id, max(1, left + 1))
+        self._add(client, key, token)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(key, None)
+            try:
+                client.eval(RELEASE_SCRIPT, 1, key, token)
+            except RedisError as error:
+                logger.warning("lease %s left to expire: %s", key, error)
+
+    def close(self) -> None:
+        """Stop refreshing (the worker is shutting down; held leases expire)."""
+        self._stop.set()
+
+    def _add(self, client: Redis, key: str, token: str) -> None:
         with self._lock:
             self._held[key] = (client, token)
             if self._pid != os.getpid():  # first lease here, or the pool forked since
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, name="job-leases", daemon=True).start()
+                threading.Thread(target=self._refresh, name="job-leases", daemon=True).start()
 
-    def remove(self, key: str) -> None:
-        with self._lock:
-            self._held.pop(key, None)
-
-    def _run(self) -> None:
-        interval = settings.job_lease_s / 3
-        while not self._wake.wait(interval):
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
             with self._lock:
                 held = list(self._held.items())
             for key, (client, token) in held:
                 try:
-                    client.eval(REFRESH_SCRIPT, 1, key, token, settings.job_lease_s)
+                    client.eval(REFRESH_SCRIPT, 1, key, token, self.lease_s)
                 except RedisError as error:
                     logger.warning("lease %s not refreshed: %s", key, error)
-
-
-_refresher = _Refresher()
-
-
-@contextmanager
-def lease(client: Redis, job_id: str) -> Iterator[None]:
-    """Hold the lease on ``job_id`` while the block runs; ``AlreadyRunning`` when another
-    copy holds it. With Redis down the job runs unguarded rather than not at all."""
-    key = f"{settings.key_prefix}run:{job_id}"
-    token = uuid.uuid4().hex
-    try:
-        taken = bool(client.set(key, token, nx=True, ex=settings.job_lease_s))
-        left = None if taken else int(client.ttl(key))
-    except RedisError as error:
-        logger.warning("job %s runs without its lease: %s", job_id, error)
-        yield
-        return
-    if left is not None:
-        raise AlreadyRunning(job_id, max(1, left + 1))
-    _refresher.add(client, key, token)
-    try:
-        yield
-    finally:
-        _refresher.remove(key)
-        try:
-            client.eval(RELEASE_SCRIPT, 1, key, token)
-        except RedisError as error:
-            logger.warning("lease %s left to expire: %s", key, error)

@@ -11,42 +11,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_init
 
 from avocado_shared.contracts import JobKind
-from avocado_shared.store import JobStatus, ResultStore, StoreError, job_key
+from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import SUMMARIZE_TASK
-from ollama_worker.celery_app import settings
+from ollama_worker.resources import resources_of
 
-__all__ = ["record", "record_quietly", "store"]
+__all__ = ["record", "record_quietly"]
 
 logger = logging.getLogger(__name__)
 
-# One per process; it connects lazily and again after the pool forks.
-store = ResultStore.from_settings(settings)
-
 _USAGE = ("model", "prompt_tokens", "completion_tokens", "total_duration_ms", "eval_duration_ms")
-
-
-_schema_ready = False
-
-
-def _ensure_schema() -> None:
-    """Create or upgrade the schema once per process (forked children inherit the flag)."""
-    global _schema_ready
-    if not _schema_ready:
-        store.migrate()
-        _schema_ready = True
-
-
-@worker_init.connect
-def _migrate(**_: Any) -> None:
-    """Migrate at start; when the database is down, the first job to store a row does it."""
-    try:
-        _ensure_schema()
-        logger.info("results in %r", store)
-    except StoreError as error:
-        logger.error("results database not ready, will retry on the first job: %s", error)
 
 
 def _share_id(kwargs: Mapping[str, Any] | None) -> str | None:
@@ -72,8 +47,9 @@ def record(
     kind = JobKind.SUMMARIZE if task.name == SUMMARIZE_TASK else JobKind.GENERATE
     share_id = _share_id(kwargs) if kind is JobKind.SUMMARIZE else None
     usage = {name: (result or {}).get(name) for name in _USAGE}
-    _ensure_schema()
-    store.record(
+    resources = resources_of(task.app)
+    resources.ensure_schema()
+    resources.store.record(
         job_key=job_key(kind, job_id, share_id),
         job_id=job_id,
         task_type=kind,
@@ -81,7 +57,7 @@ def record(
         status=status,
         result=result,
         error=error,
-        worker=str(task.request.hostname or settings.worker_id),
+        worker=str(task.request.hostname or resources.settings.worker_id),
         **usage,
     )
 

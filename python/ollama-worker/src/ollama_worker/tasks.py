@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
-import threading
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from billiard.einfo import ExceptionInfo
+from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_shutdown
 from pydantic import BaseModel
 
 from avocado_shared.contracts import (
@@ -25,42 +22,20 @@ from avocado_shared.contracts import (
 from avocado_shared.locks import SingletonJob
 from avocado_shared.store import JobStatus, StoreUnavailable
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
-from ollama_worker.backends import Backend, make_backend
-from ollama_worker.celery_app import app, settings
+from ollama_worker.backends import Backend
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
-from ollama_worker.once import AlreadyRunning, lease, stored_success
+from ollama_worker.once import AlreadyRunning, stored_success
+from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import record, record_quietly
 from ollama_worker.summary import summarize_text
 
-__all__ = ["generate", "summarize"]
+__all__ = ["JobTask", "register"]
 
 logger = logging.getLogger(__name__)
 _Request = TypeVar("_Request", bound=BaseModel)
 _T = TypeVar("_T")
-
-_client: Backend | None = None
-_client_lock = threading.Lock()
-_present_models: set[str] = set()
-
-
-def backend() -> Backend:
-    """This process's inference client, made on first use (after the pool forked)."""
-    global _client
-    with _client_lock:
-        if _client is None:
-            _client = make_backend(settings)
-        return _client
-
-
-@worker_process_shutdown.connect
-def _close_client(**_: Any) -> None:
-    global _client
-    with _client_lock:
-        if _client is not None:
-            _client.close()
-            _client = None
 
 
 def _log_pull(model: str) -> Callable[[dict[str, Any]], None]:
@@ -75,21 +50,23 @@ def _log_pull(model: str) -> Callable[[dict[str, Any]], None]:
     return progress
 
 
-def ensure_model(client: Backend, model: str) -> None:
-    """Make sure ``model`` is on this host, pulling it when allowed (a backend that cannot
-    pull raises ``ModelNotFound`` from ``pull`` at once)."""
-    if model in _present_models:
-        return
+def ensure_model(resources: Resources, model: str) -> Backend:
+    """This process's client, with ``model`` on this host: pulled when allowed (a backend
+    that cannot pull raises ``ModelNotFound`` from ``pull`` at once)."""
+    client = resources.backend()
+    if model in resources.present_models:
+        return client
     if not client.has_model(model):
         if client.can_pull:
-            if not settings.allow_pull:
+            if not resources.settings.allow_pull:
                 raise ModelNotFound(
                     f"model {model!r} is not on this host and pulling is disabled "
                     "(AVOCADO_ALLOW_PULL)"
                 )
             logger.info("model %s is missing: pulling it", model)
         client.pull(model, progress=_log_pull(model))
-    _present_models.add(model)
+    resources.present_models.add(model)
+    return client
 
 
 def _parse(task: JobTask, model: type[_Request], payload: Any) -> _Request:
@@ -114,17 +91,6 @@ def _usage(done: Completion) -> dict[str, Any]:
     }
 
 
-def backoff(retries: int, retry_after: float | None = None) -> int:
-    """Exponential backoff with jitter, never sooner than the server's Retry-After.
-
-    Whole seconds, at least one: native delayed delivery on quorum queues rejects a
-    countdown that truncates to zero.
-    """
-    ceiling = min(settings.retry_backoff_max_s, 2.0 ** (retries + 1))
-    delay = random.uniform(ceiling / 2, ceiling)
-    return max(1, math.ceil(max(delay, retry_after or 0.0)))
-
-
 class JobTask(SingletonJob):
     """Retries transient failures with backoff; permanent ones fail at once.
 
@@ -135,6 +101,11 @@ class JobTask(SingletonJob):
     acks_late = True
     reject_on_worker_lost = True
 
+    @property
+    def resources(self) -> Resources:
+        """What the worker running this job holds."""
+        return resources_of(self.app)
+
     def attempt(self, call: Callable[[], _T]) -> _T:
         """Run one attempt: a transient failure schedules a retry, an overrun fails for good.
 
@@ -142,7 +113,7 @@ class JobTask(SingletonJob):
         pool by the inference client's deadline, the only place a job waits for long.
         """
         try:
-            with backend().deadline(self.soft_time_limit):
+            with self.resources.backend().deadline(self.soft_time_limit):
                 return call()
         except TransientError as error:
             self.retry_transient(error)
@@ -156,27 +127,27 @@ class JobTask(SingletonJob):
     ) -> NoReturn:
         """Schedule another try (with ``kwargs`` instead of the job's own), or give up once
         the retry budget is spent."""
-        retries = int(self.request.retries)
-        if retries >= settings.retry_max:
+        policy, retries = self.resources.retry, int(self.request.retries)
+        if policy.exhausted(retries):
             logger.warning("%s[%s] gave up after %d retries", self.name, self.request.id, retries)
             raise error
-        countdown = backoff(retries, error.retry_after)
+        countdown = policy.countdown(retries, error.retry_after)
         logger.warning(
             "%s[%s] retry %d/%d in %ds: %s",
             self.name,
             self.request.id,
             retries + 1,
-            settings.retry_max,
+            policy.max_retries,
             countdown,
             error,
         )
         raise self.retry(
-            kwargs=kwargs, exc=error, countdown=countdown, max_retries=settings.retry_max
+            kwargs=kwargs, exc=error, countdown=countdown, max_retries=policy.max_retries
         )
 
     def worker_name(self) -> str:
         """The Celery node that ran the job, for the result."""
-        return str(self.request.hostname or settings.worker_id)
+        return str(self.request.hostname or self.resources.settings.worker_id)
 
     def finish(self, result: BaseModel | dict[str, Any]) -> dict[str, Any]:
         """Store the result durably, release the job's lock, then return the result.
@@ -201,9 +172,10 @@ class JobTask(SingletonJob):
         stored result, a copy of one that is running comes back later."""
         job_id = str(self.request.id)
         try:
-            with lease(self.singleton_backend.redis, job_id):
+            resources = self.resources
+            with resources.leases.hold(self.singleton_backend.redis, job_id):
                 # Under the lease: a copy that finished just before cannot be missed.
-                stored = stored_success(job_id)
+                stored = stored_success(resources.store, job_id)
                 if stored is not None:
                     logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)
                     return stored
@@ -240,9 +212,8 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _generate(job: GenerateRequest, model: str) -> Completion:
-    client = backend()
-    ensure_model(client, model)
+def _generate(resources: Resources, job: GenerateRequest, model: str) -> Completion:
+    client = ensure_model(resources, model)
     if job.messages is None:
         assert job.prompt is not None
         return client.generate(
@@ -261,20 +232,18 @@ def _generate(job: GenerateRequest, model: str) -> Completion:
     )
 
 
-def _summarize(job: SummarizeRequest, model: str) -> tuple[Completion, int]:
-    client = backend()
-    ensure_model(client, model)
+def _summarize(resources: Resources, job: SummarizeRequest, model: str) -> tuple[Completion, int]:
+    client = ensure_model(resources, model)
     return summarize_text(
         client,
         model,
         job.content.text,
         job.options,
-        num_ctx=client.summary_context(model, settings.summary_num_ctx),
+        num_ctx=client.summary_context(model, resources.settings.summary_num_ctx),
         title=job.content.title,
     )
 
 
-@app.task(name=GENERATE_TASK, base=JobTask, bind=True)
 def generate(
     self: JobTask, request: dict[str, Any], finished: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -283,8 +252,8 @@ def generate(
     if finished is not None:
         return self.finish(finished)
     job = _parse(self, GenerateRequest, request)
-    model = job.model or settings.default_model
-    done = self.attempt(lambda: _generate(job, model))
+    model = job.model or self.resources.settings.default_model
+    done = self.attempt(lambda: _generate(self.resources, job, model))
     return self.finish(
         GenerateResult(
             job_id=str(self.request.id), text=done.text, worker=self.worker_name(), **_usage(done)
@@ -292,7 +261,6 @@ def generate(
     )
 
 
-@app.task(name=SUMMARIZE_TASK, base=JobTask, bind=True)
 def summarize(
     self: JobTask, request: dict[str, Any], finished: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -301,8 +269,8 @@ def summarize(
     if finished is not None:
         return self.finish(finished)
     job = _parse(self, SummarizeRequest, request)
-    model = job.options.model or settings.default_model
-    done, chunks = self.attempt(lambda: _summarize(job, model))
+    model = job.options.model or self.resources.settings.default_model
+    done, chunks = self.attempt(lambda: _summarize(self.resources, job, model))
     return self.finish(
         SummarizeResult(
             job_id=str(self.request.id),
@@ -313,3 +281,10 @@ def summarize(
             **_usage(done),
         )
     )
+
+
+def register(app: Celery) -> None:
+    """Add the fleet's jobs to ``app``; not shared, so a producer's app in the same
+    process keeps its own stubs of these names."""
+    for run, name in ((generate, GENERATE_TASK), (summarize, SUMMARIZE_TASK)):
+        app.task(name=name, base=JobTask, bind=True, shared=False)(run)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pyngrok import conf, ngrok
 from pyngrok.exception import PyngrokError
 
-from ollama_worker.node import NodeError
+from ollama_worker.exposure import NodeError
 from ollama_worker.settings import WorkerSettings
 
 __all__ = ["Tunnel"]

@@ -28,9 +28,10 @@ import httpx
 from pydantic import ValidationError
 
 from avocado_shared.celery_config import make_celery
+from avocado_shared.errors import PermanentError
 from avocado_shared.registry import NodeRegistry
 from ollama_worker.backends import make_backend
-from ollama_worker.errors import JobError
+from ollama_worker.errors import AvocadoError
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.settings import WorkerSettings
 
@@ -40,7 +41,7 @@ INSTALL_SCRIPT = "https://ollama.com/install.sh"
 _BAR = 30
 
 
-class UpError(RuntimeError):
+class UpError(PermanentError):
     """Something the user must fix; the message says what."""
 
 
@@ -184,7 +185,7 @@ class NotebookWorker:
         client = make_backend(self.settings)
         try:
             served = client.models()
-        except JobError as error:
+        except AvocadoError as error:
             raise UpError(f"no OpenAI-compatible server answers at {url}/models: {error}") from None
         finally:
             client.close()
@@ -206,7 +207,7 @@ class NotebookWorker:
             self.say(f"pulling {self.model}")
             client.pull(self.model, progress=progress_bar(self.out))
             self.out.write("\n")
-        except JobError as error:
+        except AvocadoError as error:
             raise UpError(f"cannot pull {self.model}: {error}") from None
         finally:
             client.close()

@@ -27,6 +27,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 from pydantic import SecretStr
 
+from avocado_shared.errors import PermanentError
 from avocado_shared.settings import Settings
 from avocado_shared.topology import declare_topology, job_queues
 
@@ -97,7 +98,7 @@ _REDIS_COMMANDS = (
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
-class AdminError(Exception):
+class AdminError(PermanentError):
     """The broker or Redis refused an administrative step, or a name is not allowed."""
 
 

@@ -107,11 +107,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "singleton_backend_kwargs": redis_ssl(settings, settings.redis_url.get_secret_value()),
         "singleton_key_prefix": f"{settings.key_prefix}lock:",
         "singleton_lock_expiry": settings.lock_expiry_s,
+        # Ours: how long a confirmed publish of the fleet's own code (dead letters) may take.
+        "avocado_publish_timeout_s": settings.publish_timeout_s,
     }
 
 
-def make_celery(main: str, settings: Settings) -> Celery:
-    """A Celery app configured for the fleet; producers and workers both start from this."""
-    app = Celery(main, set_as_current=False, amqp=FailoverAMQP)
+def make_celery(main: str, settings: Settings, app_class: type[Celery] = Celery) -> Celery:
+    """A Celery app configured for the fleet; producers and workers both start from this
+    (a worker with an ``app_class`` of its own)."""
+    app = app_class(main, set_as_current=False, amqp=FailoverAMQP)
     app.config_from_object(celery_config(settings))
     return app

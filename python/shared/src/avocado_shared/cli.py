@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from avocado_shared.contracts import (
     parse_result,
 )
 from avocado_shared.discovery import Announcement, Endpoint, EndpointWatcher
-from avocado_shared.dlq import add_dlq_parser, run_dlq
-from avocado_shared.producer import JobFailed, JobHandle, Producer, PublishError
+from avocado_shared.dlq_command import add_dlq_parser, run_dlq
+from avocado_shared.errors import AvocadoError, NotFound, Unavailable
+from avocado_shared.jobs import JobFailed
+from avocado_shared.producer import JobHandle, Producer
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.settings import Settings
 from avocado_shared.status import collect, render
-from avocado_shared.store import JobStatus, ResultStore, StoreError, job_key
+from avocado_shared.store import JobStatus, ResultStore, job_key
 from avocado_shared.topology import describe
 
 __all__ = ["main"]
@@ -200,8 +203,7 @@ def _admin(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.admin_command == "delete-worker":
         if not delete_worker(settings, args.name):
-            print(f"avocado: no worker user {args.name!r}", file=sys.stderr)
-            return 1
+            raise AdminError(f"no worker user {args.name!r}")
         print(f"worker users {args.name!r} deleted; their connections are closed", file=sys.stderr)
         return 0
     made = create_worker(settings, args.name, args.broker_host, args.redis_host)
@@ -296,16 +298,14 @@ def _result(producer: Producer, args: argparse.Namespace) -> int:
     if args.share_id is not None:
         row = results.get_by_key(job_key(JobKind.SUMMARIZE, "", args.share_id))
         if row is None:
-            print(f"avocado: no summary of share id {args.share_id!r} stored", file=sys.stderr)
-            return 1
+            raise NotFound(f"no summary of share id {args.share_id!r} stored")
     else:
         row = results.get(args.job_id)
     if row is not None and row.status is JobStatus.SUCCESS and row.result is not None:
         _show(parse_result(row.result), args.json)
         return 0
     if row is not None and row.status is JobStatus.FAILURE:
-        print(f"avocado: job {row.job_id} failed: {row.error}", file=sys.stderr)
-        return 1
+        raise JobFailed(row.job_id, str(row.error))
     handle = producer.handle(row.job_id if row is not None else args.job_id)
     if not args.wait:
         print(f"{handle.id} {row.status.value if row is not None else handle.state}")
@@ -315,28 +315,31 @@ def _result(producer: Producer, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``avocado`` command."""
+    """Entry point of the ``avocado`` command: one line on stderr and the error class's own
+    exit code (``avocado_shared.errors``) when a command fails."""
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
-    except InvalidRequest as error:
-        print(f"avocado: {error}", file=sys.stderr)
-        return 2
+        with _services_reached():
+            return _run(args)
     except KeyboardInterrupt:
         return 130
-    except (
-        AdminError,
-        JobFailed,
-        OperationalError,  # the broker refused or could not be reached
-        PublishError,
-        RedisError,
-        StoreError,
-        TimeoutError,
-        OSError,
-        json.JSONDecodeError,
-    ) as error:
+    except AvocadoError as error:
         print(f"avocado: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
+
+
+@contextmanager
+def _services_reached() -> Iterator[None]:
+    """What the client libraries raise when the broker, Redis or a file cannot be reached
+    (their own classes) is ``Unavailable``; a file that is not JSON is a bad request."""
+    try:
+        yield
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"not JSON: {error}") from error
+    except (OperationalError, RedisError, OSError) as error:
+        if isinstance(error, AvocadoError):
+            raise
+        raise Unavailable(str(error) or type(error).__name__) from error
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -15,6 +15,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from avocado_shared.errors import PermanentError
 
 __all__ = [
     "ChatMessage",
@@ -49,8 +51,10 @@ class JobKind(str, Enum):
     SUMMARIZE = "summarize"
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(PermanentError, ValueError):
     """A request that breaks its contract; refused before anything is published."""
+
+    exit_code: ClassVar[int] = 2
 
     @classmethod
     def from_validation(cls, what: str, error: ValidationError) -> InvalidRequest:

@@ -7,19 +7,18 @@ RabbitMQ dead-letters on its own (a rejected message, the delivery limit) with i
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.saferepr import saferepr
 from kombu.connection import Connection
 
+from avocado_shared.contracts import InvalidRequest
+from avocado_shared.errors import NotFound, TransientError
 from avocado_shared.producer import SENT_AT_HEADER
 from avocado_shared.redeclare import raw_body
 from avocado_shared.topology import DEAD_LETTER_QUEUE, declare_dead_letter_queue
@@ -37,13 +36,11 @@ __all__ = [
     "DeadLetter",
     "DeadLetterNotFound",
     "ReplayFailed",
-    "add_dlq_parser",
     "copy_properties",
     "dead_letter_headers",
     "list_dead_letters",
     "raw_body",
     "replay",
-    "run_dlq",
 ]
 
 REASON_HEADER = "x-avocado-reason"
@@ -79,11 +76,11 @@ _BROKER_REASONS = {
 }
 
 
-class ReplayFailed(RuntimeError):
+class ReplayFailed(TransientError):
     """The broker did not take the replayed message; the dead letter stays where it was."""
 
 
-class DeadLetterNotFound(LookupError):
+class DeadLetterNotFound(NotFound, LookupError):
     """No message with that id is in ``ml.dead-letter``."""
 
     def __init__(self, dead_letter_id: str) -> None:
@@ -312,7 +309,7 @@ def _check_json(body: bytes) -> None:
     try:
         json.loads(body)
     except ValueError as error:
-        raise ValueError(f"the replacement body is not JSON: {error}") from None
+        raise InvalidRequest(f"the replacement body is not JSON: {error}") from None
 
 
 def _with_reprs(headers: dict[str, Any], body: bytes) -> dict[str, Any]:
@@ -339,46 +336,3 @@ def _int(value: Any, default: int = 0) -> int:
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``avocado dlq list`` and ``avocado dlq replay`` to the ``avocado`` command."""
-    dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered jobs (ml.dead-letter)")
-    actions = dlq.add_subparsers(dest="dlq_command", required=True)
-    listing = actions.add_parser("list", help="show dead letters without removing them")
-    listing.add_argument("--limit", type=int, default=100, help="show at most this many")
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    again = actions.add_parser("replay", help="re-publish one where it was going")
-    again.add_argument("id", help="the task id (or message id) that `dlq list` shows")
-    again.add_argument("--body", type=Path, help="a file with a corrected JSON body ('-': stdin)")
-
-
-def run_dlq(args: argparse.Namespace, connection: Connection, *, app: Celery | None = None) -> int:
-    """Run ``avocado dlq ...``; ``app`` lets a replay forget the job's failed result."""
-    if args.dlq_command == "list":
-        letters = list_dead_letters(connection, limit=args.limit)
-        if args.json:
-            print(json.dumps([letter.to_json() for letter in letters], indent=2))
-            return 0
-        for letter in letters:
-            print(
-                f"{letter.id}  {letter.task or '-'}  deaths={letter.deaths}  "
-                f"{letter.dead_lettered_at or '-'}  "
-                f"{letter.original_exchange or '(default)'}/{letter.original_routing_key}  "
-                f"{letter.reason}"
-            )
-        return 0
-    try:
-        body = None
-        if args.body is not None:
-            body = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
-        letter = replay(connection, args.id, body=body, app=app)
-    except (DeadLetterNotFound, ReplayFailed) as error:
-        print(f"avocado: {error}", file=sys.stderr)
-        return 1
-    except ValueError as error:
-        print(f"avocado: {error}", file=sys.stderr)
-        return 2
-    where = f"{letter.original_exchange or '(default)'}/{letter.original_routing_key}"
-    print(f"replayed {letter.id} to {where}")
-    return 0

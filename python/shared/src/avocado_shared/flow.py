@@ -28,6 +28,8 @@ from kombu.connection import Connection
 from kombu.transport import pyamqp
 from redis.exceptions import RedisError
 
+from avocado_shared.errors import AvocadoError, TransientError
+
 __all__ = [
     "BrokerBlocked",
     "FlowConnection",
@@ -47,7 +49,7 @@ _PROBE_QUEUE = "avocado.flow-probe"  # bound to nothing: the probe is dropped on
 _PROBE_WAIT_S = 1.0
 
 
-class BrokerBlocked(Exception):  # not an OSError: kombu would rewrap it, reason lost
+class BrokerBlocked(TransientError):  # not an OSError: kombu would rewrap it, reason lost
     """RabbitMQ blocked this connection's publishing; ``reason`` is the broker's words."""
 
     def __init__(self, reason: str) -> None:
@@ -55,7 +57,7 @@ class BrokerBlocked(Exception):  # not an OSError: kombu would rewrap it, reason
         self.reason = reason
 
 
-class SentUnconfirmed(Exception):
+class SentUnconfirmed(AvocadoError):
     """A job's publish failed after sending it (``maybe_sent``); ``job_id`` is the id it was
     sent under, the one to publish it again with."""
 

@@ -6,10 +6,9 @@ import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, cast
 
 from amqp.exceptions import AMQPError, MessageNacked
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from celery.utils import uuid
 from kombu.exceptions import KombuError
@@ -24,7 +23,6 @@ from avocado_shared.contracts import (
     JobResult,
     SummarizeRequest,
     SummarizeResult,
-    parse_result,
     validate_request,
 )
 from avocado_shared.flow import (
@@ -36,6 +34,13 @@ from avocado_shared.flow import (
     maybe_sent,
     take_in,
 )
+from avocado_shared.jobs import (
+    JobFailed,
+    JobHandle,
+    NotFinished,
+    PublishError,
+    PublishOutcomeUnknown,
+)
 from avocado_shared.locks import register_job_tasks
 from avocado_shared.settings import Settings
 from avocado_shared.store import ResultStore
@@ -46,6 +51,7 @@ __all__ = [
     "SENT_AT_HEADER",
     "JobFailed",
     "JobHandle",
+    "NotFinished",
     "Producer",
     "PublishError",
     "PublishOutcomeUnknown",
@@ -56,7 +62,6 @@ __all__ = [
 # When the job was published (epoch seconds); workers measure its queue wait from it.
 SENT_AT_HEADER = "x-avocado-sent-at"
 
-_R = TypeVar("_R", bound=JobResult)
 # What a submission can meet on its way out; Celery's result consumer raises RuntimeError
 # when it gave up reconnecting to the result backend.
 _PUBLISH_ERRORS = (
@@ -69,65 +74,6 @@ _PUBLISH_ERRORS = (
     BrokerBlocked,
     SentUnconfirmed,
 )
-
-
-class JobFailed(RuntimeError):
-    """The job ended in failure; ``reason`` is what the worker stored."""
-
-    def __init__(self, job_id: str, reason: str) -> None:
-        super().__init__(f"job {job_id} failed: {reason}")
-        self.job_id = job_id
-        self.reason = reason
-
-
-class PublishError(ConnectionError):
-    """The job was not published: the broker refused it or blocks publishing, or it or Redis,
-    which holds the job locks, is unreachable. Nothing was queued."""
-
-
-class PublishOutcomeUnknown(PublishError):
-    """The job was sent but not confirmed: the broker blocked publishing, the confirm did not
-    come within ``publish_timeout_s``, or the connection dropped. It may be queued once, and
-    was not sent again. Submit it again with the same ``share_id`` or ``idempotency_key``:
-    that publishes it under the same ``job_id``, which workers run once."""
-
-    def __init__(self, message: str, job_id: str) -> None:
-        super().__init__(message)
-        self.job_id = job_id
-
-
-class JobHandle(Generic[_R]):
-    """A submitted job: its id, its state, and its result once there is one."""
-
-    def __init__(self, result: AsyncResult) -> None:
-        self._result = result
-
-    @property
-    def id(self) -> str:
-        """The Celery task id, which ``avocado result`` takes."""
-        return str(self._result.id)
-
-    @property
-    def state(self) -> str:
-        """PENDING (queued or running), RETRY, SUCCESS or FAILURE; ``ml_results`` has STARTED."""
-        return str(self._result.state)
-
-    def ready(self) -> bool:
-        """True once the job succeeded or failed for good."""
-        return bool(self._result.ready())
-
-    def get(self, timeout: float | None = None) -> _R:
-        """Wait for the result; raises ``JobFailed`` or ``TimeoutError``."""
-        try:
-            data = self._result.get(timeout=timeout, propagate=True)
-        except CeleryTimeoutError:
-            raise TimeoutError(f"job {self.id} not finished after {timeout}s") from None
-        except Exception as error:
-            raise JobFailed(self.id, f"{type(error).__name__}: {error}") from error
-        return cast(_R, parse_result(data))
-
-    def __repr__(self) -> str:
-        return f"<JobHandle {self.id} {self.state}>"
 
 
 class Producer:

@@ -22,7 +22,7 @@ from avocado_shared import _schema
 from avocado_shared._database import WRITES, dump_json, make_engine
 from avocado_shared._schema import SCHEMA_VERSION, ml_results
 from avocado_shared.contracts import JobKind
-from avocado_shared.errors import AvocadoError, TransientError
+from avocado_shared.errors import AvocadoError, PermanentError, Unavailable
 
 if TYPE_CHECKING:
     from avocado_shared.settings import Settings
@@ -33,6 +33,7 @@ __all__ = [
     "ResultRow",
     "ResultStore",
     "StoreError",
+    "StoreRejected",
     "StoreUnavailable",
     "job_key",
 ]
@@ -43,11 +44,16 @@ _NO_SCHEMA = "ml_results has no schema yet: run `avocado db upgrade` (workers do
 
 
 class StoreError(AvocadoError):
-    """Anything the result store refuses or cannot do."""
+    """Anything the result store refuses or cannot do: one of the two below."""
 
 
-class StoreUnavailable(StoreError, TransientError):
+class StoreUnavailable(StoreError, Unavailable):
     """The database cannot be reached or opened; a retry later may succeed."""
+
+
+class StoreRejected(StoreError, PermanentError):
+    """The store refuses for good: a bad URL, no schema yet, a newer schema, a result that
+    is not JSON."""
 
 
 class JobStatus(str, Enum):
@@ -99,7 +105,7 @@ def _database_url(url: str) -> sa.URL:
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
-        raise StoreError("unparsable database URL: use postgresql:// or sqlite:///") from None
+        raise StoreRejected("unparsable database URL: use postgresql:// or sqlite:///") from None
     backend = parsed.get_backend_name()
     if backend in ("postgresql", "postgres"):
         password = parsed.query.get("password")
@@ -108,10 +114,10 @@ def _database_url(url: str) -> sa.URL:
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
-            raise StoreError(f"SQLite URL needs a file: sqlite:///path, got {url!r}")
+            raise StoreRejected(f"SQLite URL needs a file: sqlite:///path, got {url!r}")
         return parsed.set(drivername="sqlite")
     shown = parsed.render_as_string(hide_password=True)
-    raise StoreError(f"unsupported database URL {shown!r}: use postgresql:// or sqlite:///")
+    raise StoreRejected(f"unsupported database URL {shown!r}: use postgresql:// or sqlite:///")
 
 
 class ResultStore:
@@ -172,7 +178,7 @@ class ResultStore:
             try:
                 _schema.upgrade(conn)
             except CommandError as error:  # e.g. a revision newer than this code knows
-                raise StoreError(f"{self!r}: cannot upgrade the schema: {error}") from None
+                raise StoreRejected(f"{self!r}: cannot upgrade the schema: {error}") from None
 
     def schema_version(self) -> int:
         """The schema version the database is at; 0 before the first ``migrate``."""
@@ -268,7 +274,7 @@ class ResultStore:
         """The one place the driver's errors become the store's, the password scrubbed: an
         unreachable database or a lost connection is ``StoreUnavailable``."""
         if self._closed:
-            raise StoreError(f"{self!r} is closed")
+            raise StoreRejected(f"{self!r} is closed")
         try:
             yield
         except sa.exc.DBAPIError as error:
@@ -276,10 +282,10 @@ class ResultStore:
             if self._url.password:
                 detail = detail.replace(str(self._url.password), "***")
             if _is_missing_table(error):
-                raise StoreError(f"{self!r}: {_NO_SCHEMA}") from None
+                raise StoreRejected(f"{self!r}: {_NO_SCHEMA}") from None
             if isinstance(error, sa.exc.OperationalError) or error.connection_invalidated:
                 raise StoreUnavailable(f"{self!r}: {detail}") from None
-            raise StoreError(f"{self!r}: {detail}") from None
+            raise StoreRejected(f"{self!r}: {detail}") from None
 
 
 def _check_json(value: Mapping[str, Any]) -> None:
@@ -287,7 +293,7 @@ def _check_json(value: Mapping[str, Any]) -> None:
         dump_json(dict(value))
     except (TypeError, ValueError) as error:
         message = f"result is not plain JSON (use model_dump(mode='json')): {error}"
-        raise StoreError(message) from None
+        raise StoreRejected(message) from None
 
 
 def _update(new: sa.ColumnCollection[str, Any]) -> dict[str, Any]:
@@ -313,5 +319,5 @@ def _is_missing_table(error: sa.exc.DBAPIError) -> bool:
 def _row(r: sa.RowMapping) -> ResultRow:
     result = r["result"]
     if result is not None and not isinstance(result, dict):
-        raise StoreError(f"stored result is not a JSON object: {type(result).__name__}")
+        raise StoreRejected(f"stored result is not a JSON object: {type(result).__name__}")
     return ResultRow(**{**r, "status": JobStatus(r["status"]), "result": result})

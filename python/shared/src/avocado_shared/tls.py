@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from celery.app.amqp import AMQP
 from kombu.connection import Connection
 
+from avocado_shared.errors import PermanentError
 from avocado_shared.settings import Settings
 
 __all__ = [
@@ -34,7 +35,7 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-class CertificateError(ConnectionError):
+class CertificateError(PermanentError, ConnectionError):
     """A server's TLS certificate did not verify; a retry would meet the same certificate."""
 
 

@@ -1,0 +1,88 @@
+"""The worker's life in one place: a bootstep that opens, starts and stops its resources,
+and the few signals that reach what a bootstep cannot (pool children, job outcomes).
+
+Every receiver acts only for a worker app that holds ``Resources``, so a producer's app,
+or a second worker in the same process (the tests), is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import bootsteps, current_app
+from celery.signals import (
+    task_failure,
+    task_prerun,
+    task_retry,
+    task_success,
+    worker_process_init,
+    worker_process_shutdown,
+)
+
+from ollama_worker.metrics import MetricsExporter, job_kind, retry_reason
+from ollama_worker.resources import Resources, held_by
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Resources opened when the worker is made (before the pool forks), started after the
+    pool (so no child inherits the metrics socket), stopped at shutdown."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def create(self, parent: Any) -> Resources:
+        resources = Resources(parent.app, parent.app.settings)
+        resources.open()
+        parent.app.resources = resources
+        return resources
+
+
+def _metrics(task: Any) -> tuple[MetricsExporter, str] | None:
+    """The metrics of the worker running ``task`` and its label, for a fleet job."""
+    resources = held_by(getattr(task, "app", None))
+    kind = job_kind(task)
+    if resources is None or resources.metrics is None or kind is None:
+        return None
+    return resources.metrics, kind
+
+
+@worker_process_init.connect
+def _child_started(**_: Any) -> None:
+    resources = held_by(current_app)
+    if resources is not None and resources.metrics is not None:
+        resources.metrics.child_started()
+
+
+@worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    resources = held_by(current_app)
+    if resources is not None:
+        resources.close_clients()
+        if resources.metrics is not None:
+            resources.metrics.child_exited(pid or os.getpid())
+
+
+@task_prerun.connect
+def _job_started(task: Any = None, **_: Any) -> None:
+    if (found := _metrics(task)) is not None:
+        found[0].jobs.started(found[1], task.request)
+
+
+@task_success.connect
+def _job_succeeded(sender: Any = None, result: Any = None, **_: Any) -> None:
+    if (found := _metrics(sender)) is not None:
+        found[0].jobs.succeeded(found[1], result)
+
+
+@task_failure.connect
+def _job_failed(sender: Any = None, **_: Any) -> None:
+    if (found := _metrics(sender)) is not None:
+        found[0].jobs.failed(found[1])
+
+
+@task_retry.connect
+def _job_retried(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    if (found := _metrics(sender)) is not None:
+        found[0].jobs.retried(found[1], retry_reason(reason))

@@ -1,0 +1,164 @@
+"""What a running worker holds, made when it starts and closed when it stops.
+
+One object per worker, kept on its app (``resources_of(app)``): the settings, the result
+store, the job leases, the metrics, the node that announces this host and, per process,
+the inference and registry clients (made on first use in each process, so a prefork child
+never shares its parent's sockets). Nothing here is made on import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from celery.exceptions import WorkerShutdown
+from kombu.exceptions import OperationalError
+
+from avocado_shared.registry import NodeRegistry
+from avocado_shared.store import ResultStore, StoreError
+from avocado_shared.tls import CertificateError, refuse_untrusted
+from avocado_shared.topology import declare_topology
+from ollama_worker.backends import Backend, make_backend
+from ollama_worker.metrics import MetricsExporter, MetricsUnavailable
+from ollama_worker.once import Leases
+from ollama_worker.retry import RetryPolicy
+from ollama_worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from ollama_worker.node import Node
+
+__all__ = ["Resources", "held_by", "resources_of"]
+
+logger = logging.getLogger(__name__)
+
+
+class Resources:
+    """A worker's long-lived parts: ``open`` before the pool forks, ``start`` once it runs,
+    ``stop`` at shutdown (Celery's worker bootstep ``lifecycle.Lifecycle`` calls them)."""
+
+    def __init__(self, app: Celery, settings: WorkerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = ResultStore.from_settings(settings)
+        self.leases = Leases(settings.key_prefix, settings.job_lease_s)
+        self.retry = RetryPolicy(settings.retry_max, settings.retry_backoff_max_s)
+        self.present_models: set[str] = set()
+        self.metrics: MetricsExporter | None = None
+        self.node: Node | None = None
+        self._schema_ready = False
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._backend: Backend | None = None
+        self._registry: NodeRegistry | None = None
+
+    def open(self) -> None:
+        """Before the pool forks: reach the broker (exit at once when its certificate does
+        not verify, rather than retry forever), declare the topology, upgrade the schema,
+        make the metrics (their multiprocess directory must exist before the fork)."""
+        with self.app.connection_for_write() as connection:
+            try:
+                connection.ensure_connection(max_retries=10, errback=refuse_untrusted)
+            except OperationalError as error:
+                if isinstance(error.__cause__, CertificateError):
+                    logger.critical("worker not started: %s", error.__cause__)
+                    raise WorkerShutdown(1) from error
+                raise
+            # Also the dead-letter queue and exchanges, which the worker does not consume;
+            # a least-privilege worker finds them declared by `avocado admin create-worker`.
+            if self.settings.declare_topology:
+                declare_topology(connection, self.settings)
+                logger.info("topology declared on %s", connection.as_uri())
+        try:
+            self.ensure_schema()
+            logger.info("results in %r", self.store)
+        except StoreError as error:
+            logger.error("results database not ready, will retry on the first job: %s", error)
+        if self.settings.metrics_port:
+            try:
+                self.metrics = MetricsExporter(
+                    self.settings.metrics_host,
+                    self.settings.metrics_port,
+                    multiprocess=self.settings.worker_pool == "prefork",
+                )
+            except MetricsUnavailable as error:
+                logger.warning("metrics disabled: %s", error)
+
+    def ensure_schema(self) -> None:
+        """Upgrade ``ml_results`` once per worker (forked children inherit the flag)."""
+        if not self._schema_ready:
+            self.store.migrate()
+            self._schema_ready = True
+
+    def start(self) -> None:
+        """The pool runs: serve the metrics, and with a tunnel or a public URL configured,
+        this host joins the registry."""
+        if self.metrics is not None:
+            self.metrics.serve()
+        if self.settings.tunnel or self.settings.public_url:
+            from ollama_worker.exposure import exposure
+            from ollama_worker.node import Node
+
+            registry = NodeRegistry.from_settings(self.settings)  # the node closes it
+            self.node = Node(self.app, self.settings, exposure(self.settings), registry).start()
+
+    def stop(self) -> None:
+        """Withdraw the node, stop serving metrics, close every client."""
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.leases.close()
+        self.close_clients()
+        self.store.close()
+
+    def backend(self) -> Backend:
+        """This process's inference client."""
+        with self._lock:
+            self._forget_parent()
+            if self._backend is None:
+                self._backend = make_backend(self.settings)
+            return self._backend
+
+    def registry(self) -> NodeRegistry:
+        """This process's client of the node registry (Redis)."""
+        with self._lock:
+            self._forget_parent()
+            if self._registry is None:
+                self._registry = NodeRegistry.from_settings(self.settings)
+            return self._registry
+
+    def close_clients(self) -> None:
+        """Close this process's clients (a pool child does at exit, the worker at stop)."""
+        with self._lock:
+            self._forget_parent()
+            backend, self._backend = self._backend, None
+            registry, self._registry = self._registry, None
+        if backend is not None:
+            backend.close()
+        if registry is not None:
+            registry.close()
+
+    def _forget_parent(self) -> None:
+        """In a forked child the parent's clients are not ours to use or to close."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._backend = self._registry = None
+
+
+def held_by(app: object) -> Resources | None:
+    """The resources of a started worker's app; None for any other app."""
+    found = getattr(app, "resources", None)
+    return found if isinstance(found, Resources) else None
+
+
+def resources_of(app: Celery) -> Resources:
+    """The resources of a started worker's app; a clear error anywhere else."""
+    found = held_by(app)
+    if found is None:
+        raise RuntimeError(f"{app.main}: fleet jobs run only in a started worker")
+    return found
