@@ -16,7 +16,6 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from kombu.connection import Connection
-from kombu.exceptions import OperationalError
 from psycopg import sql
 
 from avocado_shared import Producer, Settings
@@ -186,17 +185,6 @@ class WorkerFactory:
         self.log_dir = log_dir
         self.started: list[WorkerProcess | InProcessWorker] = []
 
-    def _ping(self, name: str) -> bool:
-        """On a connection of its own: pooled ones may be stale after RabbitMQ restarted."""
-        app = self.producer.app
-        try:
-            with app.connection_for_write() as connection:
-                return bool(
-                    app.control.ping(destination=[name], timeout=0.5, connection=connection)
-                )
-        except (OSError, OperationalError):
-            return False
-
     def __call__(self, ollama_url: str, concurrency: int = 2, **env: str) -> InProcessWorker:
         """A worker on ``ollama_url`` in this process, consuming; ``env`` adds AVOCADO_*
         settings (metrics off unless asked for)."""
@@ -209,7 +197,7 @@ class WorkerFactory:
         """A worker subprocess, answering pings: for a test that kills it, signals it or
         reads what its own process does."""
         environment = self._environment(ollama_url, env)
-        worker = start_worker(environment, self.log_dir, self._ping, concurrency=concurrency)
+        worker = start_worker(environment, self.log_dir, self.producer.app, concurrency=concurrency)
         self.started.append(worker)
         return worker
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -94,21 +94,11 @@ def producer(fleet: Fleet) -> Iterator[Producer]:
         yield made
 
 
-def _pinger(producer: Producer) -> Callable[[str], bool]:
-    app = producer.app
-
-    def ping(name: str) -> bool:
-        with app.connection_for_write() as connection:
-            return bool(app.control.ping(destination=[name], timeout=0.5, connection=connection))
-
-    return ping
-
-
 def _worker(
     fleet: Fleet, producer: Producer, sim: OllamaSimulator, log_dir: Path, **env: str
 ) -> WorkerProcess:
     environment = fleet.env(AVOCADO_OLLAMA_URL=sim.url, **env)
-    return start_worker(environment, log_dir, _pinger(producer), concurrency=1)
+    return start_worker(environment, log_dir, producer.app, concurrency=1)
 
 
 def test_jobs_locks_and_results_through_amqps_and_rediss(

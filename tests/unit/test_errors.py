@@ -68,4 +68,5 @@ def test_the_cli_ends_with_the_code_of_the_error_and_one_line(
     code = cli.main(["generate", "--option", "temperature=2", "--model", "", "hi"])
     assert code == InvalidRequest.exit_code
     err = capsys.readouterr().err
-    assert err.startswith("avocado: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("avocado: ")
+    assert len(err.strip().splitlines()) == 1
