@@ -52,7 +52,7 @@ class InProcessWorker:
         if _running:
             raise RuntimeError(
                 f"{_running[0].name} runs in this process already: start this one as a "
-                "subprocess (process=True)"
+                "subprocess (worker_factory.process)"
             )
         self.name = f"test-{uuid.uuid4().hex[:6]}@localhost"
         self.app: WorkerApp = create_app(settings)

@@ -20,7 +20,7 @@ from celery.signals import (
     worker_process_shutdown,
 )
 
-from ollama_worker.metrics import MetricsExporter, job_kind, retry_reason
+from ollama_worker.metrics import JobMetrics, job_kind, retry_reason
 from ollama_worker.resources import Resources, held_by
 
 __all__ = ["Lifecycle"]
@@ -39,13 +39,13 @@ class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
         return resources
 
 
-def _metrics(task: Any) -> tuple[MetricsExporter, str] | None:
-    """The metrics of the worker running ``task`` and its label, for a fleet job."""
+def _metrics(task: Any) -> tuple[JobMetrics, str] | None:
+    """The job metrics of the worker running ``task`` and its label, for a fleet job."""
     resources = held_by(getattr(task, "app", None))
     kind = job_kind(task)
     if resources is None or resources.metrics is None or kind is None:
         return None
-    return resources.metrics, kind
+    return resources.metrics.jobs, kind
 
 
 @worker_process_init.connect
@@ -67,22 +67,26 @@ def _child_exited(pid: int | None = None, **_: Any) -> None:
 @task_prerun.connect
 def _job_started(task: Any = None, **_: Any) -> None:
     if (found := _metrics(task)) is not None:
-        found[0].jobs.started(found[1], task.request)
+        jobs, kind = found
+        jobs.started(kind, task.request)
 
 
 @task_success.connect
 def _job_succeeded(sender: Any = None, result: Any = None, **_: Any) -> None:
     if (found := _metrics(sender)) is not None:
-        found[0].jobs.succeeded(found[1], result)
+        jobs, kind = found
+        jobs.succeeded(kind, result)
 
 
 @task_failure.connect
 def _job_failed(sender: Any = None, **_: Any) -> None:
     if (found := _metrics(sender)) is not None:
-        found[0].jobs.failed(found[1])
+        jobs, kind = found
+        jobs.failed(kind)
 
 
 @task_retry.connect
 def _job_retried(sender: Any = None, reason: Any = None, **_: Any) -> None:
     if (found := _metrics(sender)) is not None:
-        found[0].jobs.retried(found[1], retry_reason(reason))
+        jobs, kind = found
+        jobs.retried(kind, retry_reason(reason))

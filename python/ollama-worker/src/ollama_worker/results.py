@@ -17,11 +17,16 @@ from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import SUMMARIZE_TASK
 from ollama_worker.resources import resources_of
 
-__all__ = ["record", "record_quietly"]
+__all__ = ["node_name", "record", "record_quietly"]
 
 logger = logging.getLogger(__name__)
 
 _USAGE = ("model", "prompt_tokens", "completion_tokens", "total_duration_ms", "eval_duration_ms")
+
+
+def node_name(task: Task) -> str:
+    """The Celery node running ``task``, for its row and its result."""
+    return str(task.request.hostname or resources_of(task.app).settings.worker_id)
 
 
 def _share_id(kwargs: Mapping[str, Any] | None) -> str | None:
@@ -57,7 +62,7 @@ def record(
         status=status,
         result=result,
         error=error,
-        worker=str(task.request.hostname or resources.settings.worker_id),
+        worker=node_name(task),
         **usage,
     )
 

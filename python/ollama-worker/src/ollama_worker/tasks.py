@@ -28,7 +28,7 @@ from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, Tr
 from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
 from ollama_worker.once import AlreadyRunning, stored_success
 from ollama_worker.resources import Resources, resources_of
-from ollama_worker.results import record, record_quietly
+from ollama_worker.results import node_name, record, record_quietly
 from ollama_worker.summary import summarize_text
 
 __all__ = ["JobTask", "register"]
@@ -145,10 +145,6 @@ class JobTask(SingletonJob):
             kwargs=kwargs, exc=error, countdown=countdown, max_retries=policy.max_retries
         )
 
-    def worker_name(self) -> str:
-        """The Celery node that ran the job, for the result."""
-        return str(self.request.hostname or self.resources.settings.worker_id)
-
     def finish(self, result: BaseModel | dict[str, Any]) -> dict[str, Any]:
         """Store the result durably, release the job's lock, then return the result.
 
@@ -256,7 +252,7 @@ def generate(
     done = self.attempt(lambda: _generate(self.resources, job, model))
     return self.finish(
         GenerateResult(
-            job_id=str(self.request.id), text=done.text, worker=self.worker_name(), **_usage(done)
+            job_id=str(self.request.id), text=done.text, worker=node_name(self), **_usage(done)
         )
     )
 
@@ -277,7 +273,7 @@ def summarize(
             share_id=job.share_id,
             summary=done.text.strip(),
             chunks=chunks,
-            worker=self.worker_name(),
+            worker=node_name(self),
             **_usage(done),
         )
     )
