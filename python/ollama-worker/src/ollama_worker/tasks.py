@@ -8,8 +8,9 @@ from typing import Any, NoReturn, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
 from avocado_shared.contracts import (
     GenerateRequest,
@@ -21,15 +22,25 @@ from avocado_shared.contracts import (
 )
 from avocado_shared.locks import SingletonJob
 from avocado_shared.store import JobStatus, StoreUnavailable
+from avocado_shared.streams import (
+    EntryKind,
+    JobStream,
+    StreamSnapshot,
+    StreamUnavailable,
+    done_fields,
+    error_fields,
+    restart_fields,
+)
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.backends import Backend
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
-from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
+from ollama_worker.inference import ChunkSink, Completion, DeadlinePassed, ModelNotFound
 from ollama_worker.once import AlreadyRunning, stored_success
 from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import node_name, record, record_quietly
 from ollama_worker.summary import summarize_text
+from ollama_worker.token_stream import TokenStream
 
 __all__ = ["JobTask", "register"]
 
@@ -208,24 +219,76 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _generate(resources: Resources, job: GenerateRequest, model: str) -> Completion:
+def _options_left(options: dict[str, Any], streamed: StreamSnapshot) -> dict[str, Any]:
+    """A continued answer's ``num_predict`` less what was streamed (a chunk is a token on
+    Ollama and llama.cpp, nearly always on vLLM), so the whole stays within the limit."""
+    limit = options.get("num_predict")
+    if not streamed.text or not isinstance(limit, int) or limit < 0:
+        return options
+    return {**options, "num_predict": max(1, limit - streamed.chunks)}
+
+
+def _generate(
+    resources: Resources,
+    job: GenerateRequest,
+    model: str,
+    on_chunk: ChunkSink,
+    streamed: StreamSnapshot,
+) -> Completion:
+    """Run the job on the server, each chunk to ``on_chunk``, continuing ``streamed.text``."""
     client = ensure_model(resources, model)
+    options = _options_left(job.options, streamed)
     if job.messages is None:
         assert job.prompt is not None
         return client.generate(
             model,
             job.prompt,
             system=job.system,
-            options=job.options,
+            options=options,
             format=job.format,
             keep_alive=job.keep_alive,
+            on_chunk=on_chunk,
+            partial=streamed.text,
         )
     messages = [m.model_dump(exclude_none=True) for m in job.messages]
     if job.system:
         messages.insert(0, {"role": "system", "content": job.system})
     return client.chat(
-        model, messages, options=job.options, format=job.format, keep_alive=job.keep_alive
+        model,
+        messages,
+        options=options,
+        format=job.format,
+        keep_alive=job.keep_alive,
+        on_chunk=on_chunk,
+        partial=streamed.text,
     )
+
+
+def _open_stream(resources: Resources, job_id: str) -> tuple[TokenStream, StreamSnapshot]:
+    """The job's stream writer and what earlier attempts streamed, to continue.
+
+    A stream that ended in an error belonged to a run that is over (the job is run again):
+    it starts afresh. One that cannot be read, or that this server cannot continue
+    (``stream_resume=restart``), gets a restart entry: readers drop what came before it.
+    """
+    settings = resources.settings
+    reader = JobStream(resources.redis(), settings.key_prefix, job_id)
+    stream = TokenStream(reader.client, reader.key, settings.stream_ttl_s)
+    try:
+        streamed = reader.snapshot()
+        if streamed.end is not None and streamed.end.kind is EntryKind.ERROR:
+            reader.client.delete(reader.key)
+            streamed = StreamSnapshot()
+    except (StreamUnavailable, RedisError) as error:
+        logger.warning("job %s: stream not readable, the answer starts over: %s", job_id, error)
+        stream.add(restart_fields(f"stream not readable: {error}"))
+        return stream, StreamSnapshot()
+    if streamed.text and settings.stream_resume == "restart":
+        stream.add(restart_fields("the inference server cannot continue a partial answer"))
+        return stream, StreamSnapshot()
+    if streamed.text:
+        logger.info("job %s continues its streamed answer (%d chunks)", job_id, streamed.chunks)
+    return stream, streamed
 
 
 def _summarize(resources: Resources, job: SummarizeRequest, model: str) -> tuple[Completion, int]:
@@ -249,11 +312,26 @@ def generate(
         return self.finish(finished)
     job = _parse(self, GenerateRequest, request)
     model = job.model or self.resources.settings.default_model
-    done = self.attempt(lambda: _generate(self.resources, job, model))
-    return self.finish(
-        GenerateResult(
-            job_id=str(self.request.id), text=done.text, worker=node_name(self), **_usage(done)
+    job_id = str(self.request.id)
+    stream, streamed = _open_stream(self.resources, job_id)
+    if streamed.end is not None:  # whole, but its worker died before storing it
+        stream.close()
+        usage = dict(streamed.end.usage or {})
+        return self.finish(
+            GenerateResult(job_id=job_id, text=streamed.text, worker=node_name(self), **usage)
         )
+    try:
+        done = self.attempt(lambda: _generate(self.resources, job, model, stream.append, streamed))
+    except Retry:
+        stream.close()  # the next attempt continues it
+        raise
+    except BaseException as error:
+        stream.close(error_fields(_reason(error)))
+        raise
+    usage = _usage(done)
+    stream.close(done_fields(usage))
+    return self.finish(
+        GenerateResult(job_id=job_id, text=done.text, worker=node_name(self), **usage)
     )
 
 
