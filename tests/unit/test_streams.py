@@ -84,7 +84,7 @@ def test_the_reader_blocks_until_the_writer_appends(stream: JobStream) -> None:
     writer.append("first")
 
     assert first.wait(30)  # read while the stream is still open
-    assert got == [StreamEntry(got[0].id, EntryKind.TEXT, text="first")]
+    assert got == [StreamEntry(got[0].id, EntryKind.TEXT, text="first", chunks=1)]
     writer.append(" second")
     writer.close(done_fields({"n": 2}))
     reader.join(30)
@@ -106,6 +106,30 @@ def test_the_writer_sets_the_ttl_and_keeps_every_chunk_in_order(stream: JobStrea
     assert snapshot.end is not None
     assert snapshot.end.kind is EntryKind.DONE
     assert 0 < int(stream.client.ttl(stream.key)) <= 120
+
+
+def test_the_writer_keeps_other_entries_in_their_place_among_chunks(stream: JobStream) -> None:
+    writer = TokenStream(stream.client, stream.key, ttl_s=120)
+    for i in range(100):
+        writer.append(f" old{i}")
+    writer.add(restart_fields("cannot continue"))
+    for i in range(100):
+        writer.append(f" new{i}")
+    writer.close(done_fields({}))
+
+    snapshot = stream.snapshot()
+    assert snapshot.text == "".join(f" new{i}" for i in range(100))
+    assert snapshot.chunks == 100
+
+
+def test_an_entry_may_join_several_chunks_and_counts_them(stream: JobStream) -> None:
+    _write(stream, text_fields("One"), text_fields(" two three four", 3), done_fields({}))
+
+    first, second, _ = stream.entries(timeout_s=5)
+
+    assert (first.chunks, second.chunks) == (1, 3)
+    snapshot = stream.snapshot()
+    assert (snapshot.text, snapshot.chunks) == ("One two three four", 4)
 
 
 def test_a_restart_voids_the_text_before_it(stream: JobStream) -> None:

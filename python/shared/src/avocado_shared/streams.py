@@ -3,7 +3,8 @@
 The worker appends to ``{prefix}stream:{job_id}`` as it reads its inference server; a gateway
 reads it with ``JobStream`` (redis only, nothing of the worker). Entries, oldest first:
 
-- ``{"t": text}``: the next piece of the answer;
+- ``{"t": text}``: the next piece of the answer (with ``"n": count`` when it joins that many
+  chunks of the server's, written together in a burst);
 - ``{"restart": reason}``: the answer starts over (a redelivered job whose server cannot
   continue a partial answer): the text read before it is void;
 - ``{"end": "done", "usage": json}``: the answer is whole; ``usage`` holds the result's counts;
@@ -71,11 +72,13 @@ class StreamUnavailable(Unavailable):
 
 @dataclass(frozen=True)
 class StreamEntry:
-    """One entry: ``text`` for TEXT, ``usage`` for DONE, ``reason`` for RESTART and ERROR."""
+    """One entry: ``text`` for TEXT (``chunks``: how many of the server's chunks it joins),
+    ``usage`` for DONE, ``reason`` for RESTART and ERROR."""
 
     id: str
     kind: EntryKind
     text: str = ""
+    chunks: int = 0
     usage: Mapping[str, Any] | None = None
     reason: str | None = None
 
@@ -88,7 +91,7 @@ class StreamEntry:
 @dataclass(frozen=True)
 class StreamSnapshot:
     """What a job's stream holds now: the answer so far (after the last restart), how many
-    text entries made it, the last entry's id, and the final entry if it ended."""
+    of the server's chunks made it, the last entry's id, and the final entry if it ended."""
 
     text: str = ""
     chunks: int = 0
@@ -101,19 +104,23 @@ def stream_key(key_prefix: str, job_id: str) -> str:
     return f"{key_prefix}stream:{job_id}"
 
 
-def text_fields(text: str) -> dict[str, str]:
-    return {"t": text}
+def text_fields(text: str, chunks: int = 1) -> dict[str, str]:
+    """A TEXT entry: ``text`` joins ``chunks`` of the server's chunks."""
+    return {"t": text} if chunks == 1 else {"t": text, "n": str(chunks)}
 
 
 def restart_fields(reason: str) -> dict[str, str]:
+    """A RESTART entry: the text before it is void."""
     return {"restart": reason}
 
 
 def done_fields(usage: Mapping[str, Any]) -> dict[str, str]:
+    """The final entry of a whole answer, with the result's counts."""
     return {"end": EntryKind.DONE.value, "usage": json.dumps(dict(usage))}
 
 
 def error_fields(reason: str) -> dict[str, str]:
+    """The final entry of a job that failed for good."""
     return {"end": EntryKind.ERROR.value, "error": reason}
 
 
@@ -126,7 +133,7 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
     data = {_text(k): _text(v) for k, v in fields.items()}
     ident = _text(entry_id)
     if "t" in data:
-        return StreamEntry(ident, EntryKind.TEXT, text=data["t"])
+        return StreamEntry(ident, EntryKind.TEXT, text=data["t"], chunks=int(data.get("n", 1)))
     if "restart" in data:
         return StreamEntry(ident, EntryKind.RESTART, reason=data["restart"])
     if data.get("end") == EntryKind.DONE.value:
@@ -171,7 +178,7 @@ class JobStream:
         live = entries[restarts[-1] + 1 :] if restarts else entries
         return StreamSnapshot(
             text=joined(live),
-            chunks=sum(e.kind is EntryKind.TEXT for e in live),
+            chunks=sum(e.chunks for e in live),
             last_id=entries[-1].id if entries else "0-0",
             end=end,
         )
