@@ -8,9 +8,8 @@ from typing import Any, NoReturn, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from celery import Celery
-from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from avocado_shared.contracts import (
     GenerateRequest,
@@ -22,15 +21,7 @@ from avocado_shared.contracts import (
 )
 from avocado_shared.locks import SingletonJob
 from avocado_shared.store import JobStatus, StoreUnavailable
-from avocado_shared.streams import (
-    EntryKind,
-    JobStream,
-    StreamSnapshot,
-    StreamUnavailable,
-    done_fields,
-    error_fields,
-    restart_fields,
-)
+from avocado_shared.streams import StreamSnapshot, done_fields, error_fields
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.backends import Backend
 from ollama_worker.deadletter import dead_letter_task
@@ -39,8 +30,8 @@ from ollama_worker.inference import ChunkSink, Completion, DeadlinePassed, Model
 from ollama_worker.once import AlreadyRunning, stored_success
 from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import node_name, record, record_quietly
+from ollama_worker.resume import open_stream, options_left
 from ollama_worker.summary import summarize_text
-from ollama_worker.token_stream import TokenStream
 
 __all__ = ["JobTask", "register"]
 
@@ -193,6 +184,13 @@ class JobTask(SingletonJob):
         except AlreadyRunning as running:
             logger.info("%s[%s]: %s", self.name, job_id, running)
             raise self.retry(exc=running, countdown=running.retry_in, max_retries=None) from None
+        except (Retry, Ignore, Reject):
+            raise
+        except Exception as error:
+            # Celery publishes the failure before it calls on_failure: a producer that
+            # resubmits the moment it sees it must find the lock free and the row written.
+            self._failed(error, job_id, kwargs)
+            raise
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Release the lock again only if ``finish`` could not (Redis was down): the result
@@ -207,25 +205,22 @@ class JobTask(SingletonJob):
         if not isinstance(exc, AlreadyRunning):  # the running copy's row says what it does
             record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
 
+    def _failed(self, error: BaseException, task_id: str, kwargs: Any) -> None:
+        """Store why the job failed, then let the next submission of it take the lock."""
+        record_quietly(self, task_id, JobStatus.FAILURE, kwargs, _reason(error))
+        self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
+        self.request.failure_recorded = True
+
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
     ) -> None:
-        """Store why the job failed, then let the next submission of it take the lock."""
-        record_quietly(self, task_id, JobStatus.FAILURE, kwargs, _reason(exc))
-        super().on_failure(exc, task_id, args, kwargs, einfo)
+        """A failure the job's own call did not see (it never started): record it now."""
+        if not getattr(self.request, "failure_recorded", False):
+            self._failed(exc, task_id, kwargs)
 
 
 def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-def _options_left(options: dict[str, Any], streamed: StreamSnapshot) -> dict[str, Any]:
-    """A continued answer's ``num_predict`` less what was streamed (a chunk is a token on
-    Ollama and llama.cpp, nearly always on vLLM), so the whole stays within the limit."""
-    limit = options.get("num_predict")
-    if not streamed.text or not isinstance(limit, int) or limit < 0:
-        return options
-    return {**options, "num_predict": max(1, limit - streamed.chunks)}
 
 
 def _generate(
@@ -237,7 +232,7 @@ def _generate(
 ) -> Completion:
     """Run the job on the server, each chunk to ``on_chunk``, continuing ``streamed.text``."""
     client = ensure_model(resources, model)
-    options = _options_left(job.options, streamed)
+    options = options_left(job.options, streamed)
     if job.messages is None:
         assert job.prompt is not None
         return client.generate(
@@ -264,33 +259,6 @@ def _generate(
     )
 
 
-def _open_stream(resources: Resources, job_id: str) -> tuple[TokenStream, StreamSnapshot]:
-    """The job's stream writer and what earlier attempts streamed, to continue.
-
-    A stream that ended in an error belonged to a run that is over (the job is run again):
-    it starts afresh. One that cannot be read, or that this server cannot continue
-    (``stream_resume=restart``), gets a restart entry: readers drop what came before it.
-    """
-    settings = resources.settings
-    reader = JobStream(resources.redis(), settings.key_prefix, job_id)
-    stream = TokenStream(reader.client, reader.key, settings.stream_ttl_s)
-    try:
-        streamed = reader.snapshot()
-        if streamed.end is not None and streamed.end.kind is EntryKind.ERROR:
-            reader.client.delete(reader.key)
-            streamed = StreamSnapshot()
-    except (StreamUnavailable, RedisError) as error:
-        logger.warning("job %s: stream not readable, the answer starts over: %s", job_id, error)
-        stream.add(restart_fields(f"stream not readable: {error}"))
-        return stream, StreamSnapshot()
-    if streamed.text and settings.stream_resume == "restart":
-        stream.add(restart_fields("the inference server cannot continue a partial answer"))
-        return stream, StreamSnapshot()
-    if streamed.text:
-        logger.info("job %s continues its streamed answer (%d chunks)", job_id, streamed.chunks)
-    return stream, streamed
-
-
 def _summarize(resources: Resources, job: SummarizeRequest, model: str) -> tuple[Completion, int]:
     client = ensure_model(resources, model)
     return summarize_text(
@@ -313,7 +281,7 @@ def generate(
     job = _parse(self, GenerateRequest, request)
     model = job.model or self.resources.settings.default_model
     job_id = str(self.request.id)
-    stream, streamed = _open_stream(self.resources, job_id)
+    stream, streamed = open_stream(self.resources, job_id)
     if streamed.end is not None:  # whole, but its worker died before storing it
         stream.close()
         usage = dict(streamed.end.usage or {})
