@@ -179,6 +179,8 @@ start_embedded() {
   start_bg embedded-llm avocado-embedded-llm --port "${AVOCADO_EMBEDDED_PORT:-8089}"
   wait_until 120 "the embedded model server" embedded_up
   export AVOCADO_BACKEND=openai AVOCADO_BACKEND_URL="$EMBEDDED_URL"
+  # llama-cpp-python's server cannot continue a partial answer: a redelivered job restarts it.
+  export AVOCADO_STREAM_RESUME=restart
   export AVOCADO_DEFAULT_MODEL=smollm2-135m-instruct
 }
 

@@ -11,13 +11,15 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 
 from avocado_shared import JobStatus, Producer
+from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.embedded import MODEL
 from ollama_worker.openai_api import OpenAIClient
 from tests.conftest import WorkerFactory
 from tests.inprocess import InProcessWorker
-from tests.services import VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
+from tests.services import REDIS_URL, VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
 
 WAIT = 180
 CONTEXT = 1024
@@ -64,6 +66,8 @@ def _worker(
         AVOCADO_BACKEND_URL=url,
         AVOCADO_DEFAULT_MODEL=MODEL,
         AVOCADO_SUMMARY_NUM_CTX=str(CONTEXT),
+        # As start-ml-services.sh sets it: this server cannot continue a partial answer.
+        AVOCADO_STREAM_RESUME="restart",
         **env,
     )
 
@@ -152,19 +156,16 @@ def test_a_summary_longer_than_the_context_is_chunked(
 
 
 def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
-    producer: Producer, worker_factory: WorkerFactory, model_url: str
+    producer: Producer, worker_factory: WorkerFactory, model_url: str, key_prefix: str
 ) -> None:
     doomed = _worker(worker_factory, model_url, process=True)
     assert isinstance(doomed, WorkerProcess)
     handle = producer.generate(
         "Write a long story about a garden.", options={"num_predict": 400, **GREEDY}
     )
+    stream = JobStream(redis.Redis.from_url(REDIS_URL), key_prefix, handle.id)
+    first = next(stream.entries(timeout_s=WAIT))  # the answer has begun
 
-    def generating() -> bool:
-        row = producer.results.get(handle.id)
-        return row is not None and row.status is JobStatus.STARTED
-
-    wait_for(generating, timeout=WAIT, what="the generation to start")
     doomed.kill()
     assert not handle.ready()
     _worker(worker_factory, model_url)
@@ -172,6 +173,10 @@ def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
     result = handle.get(timeout=WAIT)
 
     assert result.text.strip()
+    # Started over, not continued: the stream says so, and its text is the result.
+    entries = list(stream.entries(after=first.id, timeout_s=WAIT))
+    assert EntryKind.RESTART in [e.kind for e in entries]
+    assert stream.text(timeout_s=WAIT) == result.text
     assert 0 < result.completion_tokens <= 400
     row = producer.results.get(handle.id)
     assert row is not None

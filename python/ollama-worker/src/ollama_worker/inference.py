@@ -7,7 +7,7 @@ in paths and bodies only; both fail the same two ways and both must end within t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,14 +20,19 @@ from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 __all__ = [
     "BackendRejected",
     "BackendUnavailable",
+    "ChunkSink",
     "Completion",
     "DeadlinePassed",
     "HTTPBackend",
     "ModelNotFound",
     "retry_after",
+    "with_partial",
 ]
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+
+ChunkSink = Callable[[str], None]
+"""Called with each piece of an answer as the server streams it (the job's token stream)."""
 
 # When the running job must be done (time.monotonic()), per thread: a pool thread runs one job.
 _DEADLINE: ContextVar[float | None] = ContextVar("inference_deadline", default=None)
@@ -77,6 +82,15 @@ def _check_deadline(slack: float = 0.0) -> None:
     deadline = _DEADLINE.get()
     if deadline is not None and time.monotonic() >= deadline - slack:
         raise DeadlinePassed("the time limit came while the inference server was still answering")
+
+
+def with_partial(messages: Sequence[Mapping[str, Any]], partial: str) -> list[dict[str, Any]]:
+    """``messages`` and, when an answer was begun (a redelivered job's stream), that start as
+    a trailing assistant message, which the server continues instead of answering anew."""
+    continued = [dict(m) for m in messages]
+    if partial:
+        continued.append({"role": "assistant", "content": partial})
+    return continued
 
 
 def retry_after(response: httpx.Response) -> float | None:

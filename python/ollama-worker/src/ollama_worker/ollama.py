@@ -12,11 +12,13 @@ from ollama_worker.inference import (
     TRANSIENT_STATUS,
     BackendRejected,
     BackendUnavailable,
+    ChunkSink,
     Completion,
     DeadlinePassed,
     HTTPBackend,
     ModelNotFound,
     retry_after,
+    with_partial,
 )
 
 __all__ = [
@@ -173,10 +175,32 @@ class OllamaClient(HTTPBackend):
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         keep_alive: str | int | None = None,
+        on_chunk: ChunkSink | None = None,
+        partial: str = "",
     ) -> Completion:
-        """Run ``/api/generate`` streamed, so a slow model never trips a whole-response timeout."""
+        """Run ``/api/generate`` streamed, so a slow model never trips a whole-response timeout.
+
+        With a ``partial`` answer to continue, ``/api/chat`` instead: Ollama renders a prompt
+        as that very chat (``system``, then the prompt as the user's message), and continues a
+        trailing assistant message there (ollama/ollama#6778); raw mode would need the model's
+        template, which only the server knows.
+        """
+        if partial:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
+            return self.chat(
+                model,
+                messages,
+                options=options,
+                format=format,
+                keep_alive=keep_alive,
+                on_chunk=on_chunk,
+                partial=partial,
+            )
         body = _body(model, options, format, keep_alive, prompt=prompt, system=system)
-        return self._complete("/api/generate", body, lambda chunk: chunk.get("response", ""))
+        return self._complete(
+            "/api/generate", body, lambda chunk: chunk.get("response", ""), on_chunk
+        )
 
     def chat(
         self,
@@ -186,21 +210,37 @@ class OllamaClient(HTTPBackend):
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         keep_alive: str | int | None = None,
+        on_chunk: ChunkSink | None = None,
+        partial: str = "",
     ) -> Completion:
-        """Run ``/api/chat`` streamed and return the assistant's whole answer."""
-        body = _body(model, options, format, keep_alive, messages=list(messages))
+        """Run ``/api/chat`` streamed and return the assistant's whole answer; each piece
+        goes to ``on_chunk`` as it comes. A ``partial`` answer is continued, and leads the
+        returned text."""
+        body = _body(model, options, format, keep_alive, messages=with_partial(messages, partial))
         return self._complete(
-            "/api/chat", body, lambda chunk: (chunk.get("message") or {}).get("content", "")
+            "/api/chat",
+            body,
+            lambda chunk: (chunk.get("message") or {}).get("content", ""),
+            on_chunk,
+            partial,
         )
 
     def _complete(
-        self, path: str, body: dict[str, Any], text_of: Callable[[dict[str, Any]], str]
+        self,
+        path: str,
+        body: dict[str, Any],
+        text_of: Callable[[dict[str, Any]], str],
+        on_chunk: ChunkSink | None = None,
+        partial: str = "",
     ) -> Completion:
         """Accumulate a streamed answer; the last chunk carries the counts and durations."""
-        parts: list[str] = []
+        parts = [partial]
         final: dict[str, Any] = {}
         for chunk in self._stream(path, body):
-            parts.append(text_of(chunk))
+            text = text_of(chunk)
+            parts.append(text)
+            if on_chunk is not None and text:
+                on_chunk(text)
             final = chunk
         return _completion("".join(parts), final)
 

@@ -22,10 +22,12 @@ from ollama_worker.inference import (
     TRANSIENT_STATUS,
     BackendRejected,
     BackendUnavailable,
+    ChunkSink,
     Completion,
     HTTPBackend,
     ModelNotFound,
     retry_after,
+    with_partial,
 )
 
 __all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable"]
@@ -255,17 +257,23 @@ class OpenAIClient(HTTPBackend):
         *,
         format: str | Mapping[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
+        on_chunk: ChunkSink | None = None,
+        partial: str = "",
         **ollama_only: Any,
     ) -> Completion:
-        """Run ``/v1/chat/completions`` streamed and return the assistant's whole answer;
-        Ollama-only arguments (``keep_alive``) have no meaning here."""
+        """Run ``/v1/chat/completions`` streamed and return the assistant's whole answer; each
+        piece goes to ``on_chunk`` as it comes. A ``partial`` answer is continued with vLLM's
+        ``continue_final_message`` (also SGLang's, TGI's, llama.cpp's server's) and leads the
+        returned text. Ollama-only arguments (``keep_alive``) have no meaning here."""
         body: dict[str, Any] = {
             "model": model,
-            "messages": [dict(m) for m in messages],
+            "messages": with_partial(messages, partial),
             "stream": True,
             "stream_options": {"include_usage": True},
             **_options(options),
         }
+        if partial:
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if format is not None:
             body["response_format"] = _response_format(format)
         parts: list[str] = []
@@ -276,7 +284,10 @@ class OpenAIClient(HTTPBackend):
         for event in self._events("/chat/completions", body):
             served = str(event.get("model") or served)
             for choice in event.get("choices") or []:
-                parts.append((choice.get("delta") or {}).get("content") or "")
+                text = (choice.get("delta") or {}).get("content") or ""
+                parts.append(text)
+                if on_chunk is not None and text:
+                    on_chunk(text)
                 reason = choice.get("finish_reason") or reason
             usage = event.get("usage") or usage
             timings = event.get("timings") or timings
@@ -292,7 +303,7 @@ class OpenAIClient(HTTPBackend):
             # chunk, so the chunks that carried text are the completion's tokens.
             usage = {"completion_tokens": sum(1 for part in parts if part)}
         elapsed = time.monotonic_ns() - started
-        return _completion("".join(parts), served, reason, usage, timings, elapsed)
+        return _completion(partial + "".join(parts), served, reason, usage, timings, elapsed)
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from celery.exceptions import WorkerShutdown
 from kombu.exceptions import OperationalError
+from redis import Redis
 
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.store import ResultStore, StoreError
@@ -131,6 +132,10 @@ class Resources:
             if self._registry is None:
                 self._registry = NodeRegistry.from_settings(self.settings)
             return self._registry
+
+    def redis(self) -> Redis:
+        """This process's Redis client (the registry's, so no second pool): job streams."""
+        return self.registry().client
 
     def close_clients(self) -> None:
         """Close this process's clients (a pool child does at exit, the worker at stop)."""

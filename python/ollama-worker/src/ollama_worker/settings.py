@@ -50,6 +50,19 @@ class WorkerSettings(Settings):
         "the job waits, and a dead worker's job is redelivered at most this much later.",
     )
     retry_backoff_max_s: int = Field(default=60, ge=1)
+    stream_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        description="A job's token stream in Redis lives this long after its first and its "
+        "last chunk, for readers that come late and for a redelivered job to continue it.",
+    )
+    stream_resume: Literal["continue", "restart"] = Field(
+        default="continue",
+        description="A redelivered job whose stream holds part of an answer: continue that text "
+        "on the server (a trailing assistant message: Ollama, vLLM, SGLang, TGI, llama.cpp's "
+        "llama-server), or, for a server that cannot (llama-cpp-python's), mark the stream "
+        "restarted and answer anew.",
+    )
     worker_id: str = Field(default_factory=socket.gethostname)
     worker_pool: Literal["prefork", "threads"] = Field(
         default="threads",

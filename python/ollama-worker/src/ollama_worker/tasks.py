@@ -8,7 +8,7 @@ from typing import Any, NoReturn, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel
 
 from avocado_shared.contracts import (
@@ -21,14 +21,16 @@ from avocado_shared.contracts import (
 )
 from avocado_shared.locks import SingletonJob
 from avocado_shared.store import JobStatus, StoreUnavailable
+from avocado_shared.streams import StreamSnapshot, done_fields, error_fields
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.backends import Backend
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
-from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
+from ollama_worker.inference import ChunkSink, Completion, DeadlinePassed, ModelNotFound
 from ollama_worker.once import AlreadyRunning, stored_success
 from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import node_name, record, record_quietly
+from ollama_worker.resume import open_stream, options_left
 from ollama_worker.summary import summarize_text
 
 __all__ = ["JobTask", "register"]
@@ -182,6 +184,13 @@ class JobTask(SingletonJob):
         except AlreadyRunning as running:
             logger.info("%s[%s]: %s", self.name, job_id, running)
             raise self.retry(exc=running, countdown=running.retry_in, max_retries=None) from None
+        except (Retry, Ignore, Reject):
+            raise
+        except Exception as error:
+            # Celery publishes the failure before it calls on_failure: a producer that
+            # resubmits the moment it sees it must find the lock free and the row written.
+            self._failed(error, job_id, kwargs)
+            raise
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Release the lock again only if ``finish`` could not (Redis was down): the result
@@ -196,35 +205,57 @@ class JobTask(SingletonJob):
         if not isinstance(exc, AlreadyRunning):  # the running copy's row says what it does
             record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
 
+    def _failed(self, error: BaseException, task_id: str, kwargs: Any) -> None:
+        """Store why the job failed, then let the next submission of it take the lock."""
+        record_quietly(self, task_id, JobStatus.FAILURE, kwargs, _reason(error))
+        self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
+        self.request.failure_recorded = True
+
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
     ) -> None:
-        """Store why the job failed, then let the next submission of it take the lock."""
-        record_quietly(self, task_id, JobStatus.FAILURE, kwargs, _reason(exc))
-        super().on_failure(exc, task_id, args, kwargs, einfo)
+        """A failure the job's own call did not see (it never started): record it now."""
+        if not getattr(self.request, "failure_recorded", False):
+            self._failed(exc, task_id, kwargs)
 
 
 def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _generate(resources: Resources, job: GenerateRequest, model: str) -> Completion:
+def _generate(
+    resources: Resources,
+    job: GenerateRequest,
+    model: str,
+    on_chunk: ChunkSink,
+    streamed: StreamSnapshot,
+) -> Completion:
+    """Run the job on the server, each chunk to ``on_chunk``, continuing ``streamed.text``."""
     client = ensure_model(resources, model)
+    options = options_left(job.options, streamed)
     if job.messages is None:
         assert job.prompt is not None
         return client.generate(
             model,
             job.prompt,
             system=job.system,
-            options=job.options,
+            options=options,
             format=job.format,
             keep_alive=job.keep_alive,
+            on_chunk=on_chunk,
+            partial=streamed.text,
         )
     messages = [m.model_dump(exclude_none=True) for m in job.messages]
     if job.system:
         messages.insert(0, {"role": "system", "content": job.system})
     return client.chat(
-        model, messages, options=job.options, format=job.format, keep_alive=job.keep_alive
+        model,
+        messages,
+        options=options,
+        format=job.format,
+        keep_alive=job.keep_alive,
+        on_chunk=on_chunk,
+        partial=streamed.text,
     )
 
 
@@ -249,11 +280,26 @@ def generate(
         return self.finish(finished)
     job = _parse(self, GenerateRequest, request)
     model = job.model or self.resources.settings.default_model
-    done = self.attempt(lambda: _generate(self.resources, job, model))
-    return self.finish(
-        GenerateResult(
-            job_id=str(self.request.id), text=done.text, worker=node_name(self), **_usage(done)
+    job_id = str(self.request.id)
+    stream, streamed = open_stream(self.resources, job_id)
+    if streamed.end is not None:  # whole, but its worker died before storing it
+        stream.close()
+        usage = dict(streamed.end.usage or {})
+        return self.finish(
+            GenerateResult(job_id=job_id, text=streamed.text, worker=node_name(self), **usage)
         )
+    try:
+        done = self.attempt(lambda: _generate(self.resources, job, model, stream.append, streamed))
+    except Retry:
+        stream.close()  # the next attempt continues it
+        raise
+    except BaseException as error:
+        stream.close(error_fields(_reason(error)))
+        raise
+    usage = _usage(done)
+    stream.close(done_fields(usage))
+    return self.finish(
+        GenerateResult(job_id=job_id, text=done.text, worker=node_name(self), **usage)
     )
 
 

@@ -85,6 +85,8 @@ _REDIS_COMMANDS = (
     "hset",
     "hdel",
     "hkeys",
+    "xadd",  # job token streams (avocado_shared.streams)
+    "xrange",
     "eval",
     "evalsha",
     "script|load",

@@ -23,7 +23,7 @@ from typing import Any
 from ollama_worker.testing import _sim_catalog as catalog
 from ollama_worker.testing import _sim_openai
 from ollama_worker.testing._sim_state import RecordedRequest, SimState
-from ollama_worker.testing._sim_text import Reply, count_words, plan_reply, reply_key
+from ollama_worker.testing._sim_text import Reply, count_words, plan_chat
 
 __all__ = ["SimServer", "host_is_loopback"]
 
@@ -515,16 +515,18 @@ class _Handler(BaseHTTPRequestHandler):
             tool = tools[0] if isinstance(tools[0], dict) else None
         if chat:
             texts = [m.get("content") for m in messages]
-            key = reply_key(body["model"], [(m.get("role"), m.get("content")) for m in messages])
+            pairs = [(m.get("role"), m.get("content")) for m in messages]
         else:
             texts = [body.get("system"), body.get("prompt")]
-            key = reply_key(body["model"], body.get("system"), body.get("prompt"))
-        seed = options.get("seed")
-        if seed is not None:
-            key += str(seed).encode()
+            pairs = [("system", body["system"])] if body.get("system") else []
+            pairs.append(("user", body.get("prompt")))
         stop = options.get("stop")
-        reply = plan_reply(
-            key,
+        # Ollama continues a trailing assistant message (ollama/ollama#6778).
+        reply = plan_chat(
+            body["model"],
+            pairs,
+            seed=options.get("seed"),
+            continue_last=chat,
             fmt=body.get("format"),
             num_predict=options.get("num_predict"),
             default_tokens=config.default_tokens,

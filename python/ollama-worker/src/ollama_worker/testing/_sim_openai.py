@@ -14,7 +14,7 @@ from collections.abc import Callable
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
-from ollama_worker.testing._sim_text import Reply, count_words, plan_reply, reply_key
+from ollama_worker.testing._sim_text import Reply, count_words, plan_chat, plan_reply, reply_key
 
 if TYPE_CHECKING:
     from ollama_worker.testing._sim_http import _Handler
@@ -147,6 +147,11 @@ def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None and not (isinstance(limit, int) and limit > 0):
         err = err or "max_tokens must be a positive integer"
+    if (
+        body.get("continue_final_message") is True
+        and body.get("add_generation_prompt") is not False
+    ):
+        err = err or "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
     if err or format_err:
         return _error(h, 400, str(err or format_err))
     if not state.has_model(model):
@@ -162,18 +167,23 @@ def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
             "completion). Please reduce the length of the messages or completion."
         )
         return _error(h, 400, message, "context_length_exceeded")
-    parts = [(m.get("role"), m.get("content")) for m in texts] if chat else [None, texts[0]]
-    key = reply_key(model, parts) if chat else reply_key(model, *parts)
-    if body.get("seed") is not None:
-        key += str(body["seed"]).encode()
     stop = body.get("stop")
-    reply = plan_reply(
-        key,
-        fmt=fmt,
-        num_predict=limit,
-        default_tokens=state.config.default_tokens,
-        stop=[stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None,
-    )
+    plan: dict[str, Any] = {
+        "fmt": fmt,
+        "num_predict": limit,
+        "default_tokens": state.config.default_tokens,
+        "stop": [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None,
+    }
+    if chat:
+        # vLLM's continue_final_message: the model continues the trailing assistant message.
+        pairs = [(m.get("role"), m.get("content")) for m in texts]
+        continuing = body.get("continue_final_message") is True
+        reply = plan_chat(model, pairs, seed=body.get("seed"), continue_last=continuing, **plan)
+    else:
+        key = reply_key(model, None, texts[0])
+        if body.get("seed") is not None:
+            key += str(body["seed"]).encode()
+        reply = plan_reply(key, **plan)
 
     def fail(status: int) -> None:
         message, code = _INJECTED.get(status, (f"injected failure {status}", None))

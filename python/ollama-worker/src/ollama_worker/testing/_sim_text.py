@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Reply", "count_words", "plan_reply", "reply_key"]
+__all__ = ["Reply", "continuation", "count_words", "plan_chat", "plan_reply", "reply_key"]
 
 _WORDS = (
     "the", "avocado", "river", "bright", "garden", "silver", "morning", "quiet",
@@ -146,6 +146,55 @@ def plan_reply(
         if cut is not None:
             tokens, reason = cut, "stop"
     return Reply(tokens=tokens, done_reason=reason, eval_count=len(tokens))
+
+
+def continuation(reply: Reply, partial: str) -> Reply | None:
+    """The rest of ``reply`` once ``partial``, its start, was given (a partial ending inside
+    a token gets that token's rest first); None when the answer does not start with it."""
+    if reply.tool_calls or not "".join(reply.tokens).startswith(partial):
+        return None
+    rest: list[str] = []
+    used = 0
+    for token in reply.tokens:
+        if used + len(token) > len(partial):
+            rest.append(token[max(0, len(partial) - used) :])
+        used += len(token)
+    return Reply(tokens=rest, done_reason=reply.done_reason, eval_count=len(rest))
+
+
+def plan_chat(
+    model: str,
+    messages: Sequence[tuple[Any, Any]],
+    *,
+    seed: Any = None,
+    continue_last: bool,
+    num_predict: int | None,
+    **plan: Any,
+) -> Reply:
+    """The answer to a chat of ``(role, content)`` pairs (a prompt is the chat of its system
+    and user messages, as Ollama renders ``/api/generate``).
+
+    With ``continue_last`` and a trailing assistant message, the model continues that
+    message: the rest of the answer it began, ``num_predict`` counting new tokens only (as
+    real servers do). A trailing message the answer does not begin with gets an answer of
+    its own. ``plan``: ``plan_reply``'s other arguments.
+    """
+    last = messages[-1] if messages else None
+    if continue_last and last is not None and last[0] == "assistant" and last[1]:
+        partial = str(last[1])
+        limit = num_predict
+        if isinstance(limit, int) and limit >= 0:
+            limit += len(partial.split())  # a simulated token is a word
+        whole = plan_reply(_chat_key(model, messages[:-1], seed), num_predict=limit, **plan)
+        rest = continuation(whole, partial)
+        if rest is not None:
+            return rest
+    return plan_reply(_chat_key(model, messages, seed), num_predict=num_predict, **plan)
+
+
+def _chat_key(model: str, messages: Sequence[tuple[Any, Any]], seed: Any) -> bytes:
+    key = reply_key(model, [list(m) for m in messages])
+    return key if seed is None else key + str(seed).encode()
 
 
 def _resolve(ref: str, root: Mapping[str, Any]) -> Mapping[str, Any]:

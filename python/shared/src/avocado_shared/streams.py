@@ -1,0 +1,217 @@
+"""Token streams: a running generation's text, chunk by chunk, in one Redis stream per job.
+
+The worker appends to ``{prefix}stream:{job_id}`` as it reads its inference server; a gateway
+reads it with ``JobStream`` (redis only, nothing of the worker). Entries, oldest first:
+
+- ``{"t": text}``: the next piece of the answer (with ``"n": count`` when it joins that many
+  chunks of the server's, written together in a burst);
+- ``{"restart": reason}``: the answer starts over (a redelivered job whose server cannot
+  continue a partial answer): the text read before it is void;
+- ``{"end": "done", "usage": json}``: the answer is whole; ``usage`` holds the result's counts;
+- ``{"end": "error", "error": reason}``: the job failed for good.
+
+A reader ends at the first ``end`` entry. The worker gives the key a TTL
+(``AVOCADO_STREAM_TTL_S``); a stream survives its worker, so a redelivered job continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import redis
+
+from avocado_shared.errors import PermanentError, TransientError, Unavailable
+
+__all__ = [
+    "EntryKind",
+    "JobStream",
+    "StreamEntry",
+    "StreamFailed",
+    "StreamSnapshot",
+    "StreamTimedOut",
+    "StreamUnavailable",
+    "done_fields",
+    "error_fields",
+    "joined",
+    "parse_entry",
+    "restart_fields",
+    "stream_key",
+    "text_fields",
+]
+
+# One XREAD waits at most this long, so a client's socket timeout never cuts a wait short.
+_BLOCK_SLICE_MS = 1000
+
+
+class EntryKind(str, Enum):
+    """What one stream entry says."""
+
+    TEXT = "text"
+    RESTART = "restart"
+    DONE = "done"
+    ERROR = "error"
+
+
+class StreamTimedOut(TransientError):
+    """No entry came within the reader's timeout: the job waits in the queue, or its worker
+    died and the job waits for redelivery."""
+
+
+class StreamFailed(PermanentError):
+    """The job's stream ended with an error: the job failed for good."""
+
+
+class StreamUnavailable(Unavailable):
+    """Redis could not be read."""
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One entry: ``text`` for TEXT (``chunks``: how many of the server's chunks it joins),
+    ``usage`` for DONE, ``reason`` for RESTART and ERROR."""
+
+    id: str
+    kind: EntryKind
+    text: str = ""
+    chunks: int = 0
+    usage: Mapping[str, Any] | None = None
+    reason: str | None = None
+
+    @property
+    def final(self) -> bool:
+        """True for the entry that ends the stream."""
+        return self.kind in (EntryKind.DONE, EntryKind.ERROR)
+
+
+@dataclass(frozen=True)
+class StreamSnapshot:
+    """What a job's stream holds now: the answer so far (after the last restart), how many
+    of the server's chunks made it, the last entry's id, and the final entry if it ended."""
+
+    text: str = ""
+    chunks: int = 0
+    last_id: str = "0-0"
+    end: StreamEntry | None = None
+
+
+def stream_key(key_prefix: str, job_id: str) -> str:
+    """The Redis key of ``job_id``'s stream."""
+    return f"{key_prefix}stream:{job_id}"
+
+
+def text_fields(text: str, chunks: int = 1) -> dict[str, str]:
+    """A TEXT entry: ``text`` joins ``chunks`` of the server's chunks."""
+    return {"t": text} if chunks == 1 else {"t": text, "n": str(chunks)}
+
+
+def restart_fields(reason: str) -> dict[str, str]:
+    """A RESTART entry: the text before it is void."""
+    return {"restart": reason}
+
+
+def done_fields(usage: Mapping[str, Any]) -> dict[str, str]:
+    """The final entry of a whole answer, with the result's counts."""
+    return {"end": EntryKind.DONE.value, "usage": json.dumps(dict(usage))}
+
+
+def error_fields(reason: str) -> dict[str, str]:
+    """The final entry of a job that failed for good."""
+    return {"end": EntryKind.ERROR.value, "error": reason}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry:
+    """An entry as Redis returns it (bytes or str, whichever the client decodes to)."""
+    data = {_text(k): _text(v) for k, v in fields.items()}
+    ident = _text(entry_id)
+    if "t" in data:
+        return StreamEntry(ident, EntryKind.TEXT, text=data["t"], chunks=int(data.get("n", 1)))
+    if "restart" in data:
+        return StreamEntry(ident, EntryKind.RESTART, reason=data["restart"])
+    if data.get("end") == EntryKind.DONE.value:
+        return StreamEntry(ident, EntryKind.DONE, usage=json.loads(data.get("usage") or "{}"))
+    return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
+
+
+def _parsed(raw: Any) -> list[StreamEntry]:
+    """Entries as XRANGE lists them (and as XREAD does, per stream)."""
+    return [parse_entry(ident, fields) for ident, fields in raw or []]
+
+
+def joined(entries: Iterable[StreamEntry]) -> str:
+    """The answer the entries make: the text after the last restart."""
+    parts: list[str] = []
+    for entry in entries:
+        if entry.kind is EntryKind.RESTART:
+            parts.clear()
+        elif entry.kind is EntryKind.TEXT:
+            parts.append(entry.text)
+    return "".join(parts)
+
+
+class JobStream:
+    """One job's stream on a Redis client the caller owns (any decoding)."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.key = stream_key(key_prefix, job_id)
+
+    def snapshot(self) -> StreamSnapshot:
+        """Everything written so far, in one read."""
+        try:
+            entries = _parsed(self.client.xrange(self.key))
+        except redis.RedisError as error:
+            raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
+        end = next((e for e in entries if e.final), None)
+        if end is not None:
+            entries = entries[: entries.index(end) + 1]
+        restarts = [i for i, e in enumerate(entries) if e.kind is EntryKind.RESTART]
+        live = entries[restarts[-1] + 1 :] if restarts else entries
+        return StreamSnapshot(
+            text=joined(live),
+            chunks=sum(e.chunks for e in live),
+            last_id=entries[-1].id if entries else "0-0",
+            end=end,
+        )
+
+    def entries(self, after: str = "0-0", timeout_s: float = 60.0) -> Iterator[StreamEntry]:
+        """Each entry after ``after`` (an entry id; the start by default) as soon as it is
+        written, up to and including the final one. ``StreamTimedOut`` when ``timeout_s``
+        pass without a new entry; the key need not exist yet (the job may still be queued)."""
+        last = after
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise StreamTimedOut(f"no entry in stream {self.key} for {timeout_s}s")
+            try:
+                answer: Any = self.client.xread(
+                    {self.key: last}, count=512, block=min(left_ms, _BLOCK_SLICE_MS)
+                )
+            except redis.RedisError as error:
+                raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
+            for _key, raw in answer or []:
+                for entry in _parsed(raw):
+                    yield entry
+                    if entry.final:
+                        return
+                    last = entry.id
+                deadline = time.monotonic() + timeout_s
+
+    def text(self, after: str = "0-0", timeout_s: float = 60.0) -> str:
+        """The whole answer once the stream ends; ``StreamFailed`` when the job failed."""
+        seen: list[StreamEntry] = []
+        for entry in self.entries(after, timeout_s):
+            if entry.kind is EntryKind.ERROR:
+                raise StreamFailed(f"job {self.job_id} failed: {entry.reason}")
+            seen.append(entry)
+        return joined(seen)
