@@ -21,6 +21,7 @@ export PATH="$VENV/bin:$PATH:/usr/sbin"
 say "ruff"; ruff check python tests docker; ruff format --check -q python tests docker
 say "mypy"; mypy
 if command -v shellcheck >/dev/null; then say "shellcheck"; shellcheck scripts/*.sh; fi
-# Two processes, each taking whole modules (a module's workers and fixtures stay together):
-# most of a test's time is spent waiting on brokers, workers and simulated generations.
-say "pytest"; exec pytest -n 2 --dist loadfile "$@"
+# Four processes on two cores: much of a test's time is spent waiting on brokers, workers
+# and simulated generations. Each takes the next test when it is free (worksteal), so the
+# long ones (the cluster, the SIGKILLs, the e2e scripts) overlap with everything else.
+say "pytest"; exec pytest -n 4 --dist worksteal "$@"

@@ -41,10 +41,12 @@ def _sid() -> str:
     return f"node-{uuid.uuid4().hex[:8]}"
 
 
-def _node(worker_factory: WorkerFactory, sim: OllamaSimulator, sid: str) -> WorkerProcess:
-    """A worker whose host announces ``sim`` as its public endpoint."""
+def _node(
+    worker_factory: WorkerFactory, sim: OllamaSimulator, sid: str, **env: str
+) -> WorkerProcess:
+    """A worker whose host announces ``sim`` as its public endpoint (``env``: other settings)."""
     return worker_factory.process(
-        sim.url, AVOCADO_PUBLIC_URL=sim.url, AVOCADO_SERVICE_ID=sid, **NODE
+        sim.url, AVOCADO_PUBLIC_URL=sim.url, AVOCADO_SERVICE_ID=sid, **{**NODE, **env}
     )
 
 
@@ -116,7 +118,9 @@ def test_two_nodes_listed_and_a_late_consumer_learns_both_within_one_interval(
     ids = [_sid(), _sid()]
     with OllamaSimulator(SimConfig(models=["qwen2.5:0.5b"])) as other:
         for sid, sim in zip(ids, [fresh_sim, other], strict=True):
-            _node(worker_factory, sim, sid)
+            # Both must be live at once before beat runs: a TTL that outlasts the start of
+            # the second node however slowly it starts (expiry is the other tests' subject).
+            _node(worker_factory, sim, sid, AVOCADO_NODE_TTL_S="60")
         assert early.wait_until(lambda live: set(ids) <= set(live), timeout=WAIT)
 
         listed = run_cli(service_env(broker_url, key_prefix), "endpoints", "--json")

@@ -158,7 +158,8 @@ def test_a_summary_longer_than_the_context_is_chunked(
 def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
     producer: Producer, worker_factory: WorkerFactory, model_url: str, key_prefix: str
 ) -> None:
-    doomed = _worker(worker_factory, model_url, process=True)
+    # The shortest lease: the job it dies holding is redelivered that much later.
+    doomed = _worker(worker_factory, model_url, process=True, AVOCADO_JOB_LEASE_S="3")
     assert isinstance(doomed, WorkerProcess)
     handle = producer.generate(
         "Write a long story about a garden.", options={"num_predict": 400, **GREEDY}

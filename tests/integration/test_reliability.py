@@ -175,7 +175,10 @@ def test_sigkilled_worker_loses_no_job(
     key_prefix: str,
     database_url: str,
 ) -> None:
-    doomed = worker_factory.process(slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url)
+    # The shortest lease: the jobs it dies holding are redelivered that much later.
+    doomed = worker_factory.process(
+        slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url, AVOCADO_JOB_LEASE_S="3"
+    )
     tag = _uid("crash")
     handles = _submit_mix(producer, 50, tag)
 
