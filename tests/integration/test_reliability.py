@@ -183,7 +183,7 @@ def test_sigkilled_worker_loses_no_job(
     handles = _submit_mix(producer, 50, tag)
 
     wait_for(lambda: sum(h.ready() for h in handles) >= 6, timeout=WAIT, what="some jobs done")
-    assert slow_sim.wait_in_flight(1, timeout=30)
+    wait_for(lambda: slow_sim.in_flight >= 1, timeout=30, what="a job in flight")
     doomed.kill()
     done_before = sum(h.ready() for h in handles)
     worker_factory(slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url)
