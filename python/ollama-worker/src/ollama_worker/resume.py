@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from avocado_shared.cancel import cancel_key
 from avocado_shared.streams import (
     EntryKind,
     JobStream,
@@ -44,7 +45,8 @@ def open_stream(resources: Resources, job_id: str) -> tuple[TokenStream, StreamS
     """
     settings = resources.settings
     reader = JobStream(resources.redis(), settings.key_prefix, job_id)
-    stream = TokenStream(reader.client, reader.key, settings.stream_ttl_s)
+    cancel = cancel_key(settings.key_prefix, job_id)
+    stream = TokenStream(reader.client, reader.key, settings.stream_ttl_s, cancel)
     try:
         streamed = reader.snapshot()
         if streamed.end is not None and streamed.end.kind is EntryKind.ERROR:

@@ -10,7 +10,9 @@ from billiard.einfo import ExceptionInfo
 from celery import Celery
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
+from avocado_shared.cancel import JobCancelled, is_cancelled
 from avocado_shared.contracts import (
     GenerateRequest,
     GenerateResult,
@@ -177,6 +179,8 @@ class JobTask(SingletonJob):
                 if stored is not None:
                     logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)
                     return stored
+                if _cancelled(resources, job_id):
+                    raise JobCancelled("cancelled on request before it ran")
                 record_quietly(self, job_id, JobStatus.STARTED, kwargs)
                 # Not Task.__call__: it would push a request without the job's id on top of
                 # the one Celery's tracer pushed.
@@ -206,8 +210,10 @@ class JobTask(SingletonJob):
             record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
 
     def _failed(self, error: BaseException, task_id: str, kwargs: Any) -> None:
-        """Store why the job failed, then let the next submission of it take the lock."""
-        record_quietly(self, task_id, JobStatus.FAILURE, kwargs, _reason(error))
+        """Store why the job failed (or that it was cancelled), then let the next submission
+        of it take the lock."""
+        status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILURE
+        record_quietly(self, task_id, status, kwargs, _reason(error))
         self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
         self.request.failure_recorded = True
 
@@ -221,6 +227,16 @@ class JobTask(SingletonJob):
 
 def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _cancelled(resources: Resources, job_id: str) -> bool:
+    """Whether the job was cancelled before it ran; with Redis down it runs (the lease said
+    the same: at least once beats never)."""
+    try:
+        return is_cancelled(resources.redis(), resources.settings.key_prefix, job_id)
+    except RedisError as error:
+        logger.warning("job %s: cancel flag not readable, the job runs: %s", job_id, error)
+        return False
 
 
 def _generate(

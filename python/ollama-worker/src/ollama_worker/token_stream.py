@@ -19,6 +19,7 @@ import time
 from redis import Redis
 from redis.exceptions import RedisError
 
+from avocado_shared.cancel import JobCancelled
 from avocado_shared.streams import text_fields
 
 __all__ = ["TokenStream"]
@@ -39,8 +40,10 @@ class TokenStream:
     """The writer of one job's stream, used from the job's thread; ``close`` it once, with
     the final entry or none."""
 
-    def __init__(self, client: Redis, key: str, ttl_s: int) -> None:
+    def __init__(self, client: Redis, key: str, ttl_s: int, cancel_key: str | None = None) -> None:
         self.key = key
+        self._cancel_key = cancel_key
+        self._cancelled = False  # the job's cancel flag was seen set
         self._client = client
         self._ttl_s = ttl_s
         self._pending: list[_Item] = []
@@ -53,9 +56,12 @@ class TokenStream:
         self._thread: threading.Thread | None = None  # started by the first burst
 
     def append(self, text: str) -> None:
-        """The next piece of the answer (empty pieces are left out)."""
+        """The next piece of the answer (empty pieces are left out); ``JobCancelled`` once a
+        write found the job's cancel flag set, which ends the generation's HTTP stream."""
         if text:
             self._put(text)
+        if self._cancelled:
+            raise JobCancelled("cancelled on request while it generated")
 
     def add(self, fields: _Fields) -> None:
         """An entry of another kind (a restart marker)."""
@@ -122,7 +128,9 @@ class TokenStream:
                     pipe.xadd(self.key, fields)  # type: ignore[arg-type]
                 if self._written == 0 or self._closing:
                     pipe.expire(self.key, self._ttl_s)
-                pipe.execute()
+                if self._cancel_key is not None:  # in the same round trip
+                    pipe.exists(self._cancel_key)
+                replies = pipe.execute()
         except RedisError as error:
             logger.warning("stream %s not written, the job goes on: %s", self.key, error)
             with self._cond:
@@ -131,6 +139,8 @@ class TokenStream:
             return
         self._written += len(batch)
         self._last_write = time.monotonic()
+        if self._cancel_key is not None and replies[-1]:
+            self._cancelled = True
 
 
 def _entries(batch: list[_Item]) -> list[_Fields]:

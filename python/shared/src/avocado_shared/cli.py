@@ -304,7 +304,7 @@ def _result(producer: Producer, args: argparse.Namespace) -> int:
     if row is not None and row.status is JobStatus.SUCCESS and row.result is not None:
         _show(parse_result(row.result), args.json)
         return 0
-    if row is not None and row.status is JobStatus.FAILURE:
+    if row is not None and row.status in (JobStatus.FAILURE, JobStatus.CANCELLED):
         raise JobFailed(row.job_id, str(row.error))
     handle = producer.handle(row.job_id if row is not None else args.job_id)
     if not args.wait:

@@ -14,6 +14,7 @@ from celery.utils import uuid
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from avocado_shared.cancel import request_cancel
 from avocado_shared.celery_config import make_celery
 from avocado_shared.contracts import (
     ChatMessage,
@@ -242,6 +243,12 @@ class Producer:
                 task_id,
             )
         return PublishError(f"{task} not published: {_describe(error)}")
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel ``job_id`` (``avocado_shared.cancel``): queued, it never runs; generating,
+        it stops at its next chunk. Its handle then raises ``JobFailed`` (JobCancelled)."""
+        redis = self.app.tasks[GENERATE_TASK].singleton_backend.redis
+        request_cancel(redis, self.settings.key_prefix, job_id)
 
     def handle(self, job_id: str) -> JobHandle[JobResult]:
         """A handle for a job submitted earlier, by its id."""

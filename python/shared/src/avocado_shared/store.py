@@ -63,6 +63,7 @@ class JobStatus(str, Enum):
     RETRY = "RETRY"
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"
 
 
 @dataclass(frozen=True)

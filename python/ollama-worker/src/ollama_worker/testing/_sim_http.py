@@ -290,8 +290,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(405, b"405 method not allowed", _TEXT)
             else:
                 routes[self.command](self, raw, started)
-        except (_Abort, OSError):
+        except _Abort:
             self.close_connection = True
+        except OSError:  # the client closed the connection while its answer was written
+            self.close_connection = True
+            state.count_abandoned()
         except Exception as exc:  # a simulator bug: say so instead of hanging the client
             traceback.print_exc()
             self.close_connection = True

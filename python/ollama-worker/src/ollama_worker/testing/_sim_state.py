@@ -199,6 +199,7 @@ class SimState:
         self.stopping = threading.Event()
         self.requests = RequestLog(config.max_recorded)
         self.generation_calls = 0
+        self.abandoned = 0  # answers whose client closed the connection before their end
         self._latencies = 0  # generations so far, never reset: the jitter sequence goes on
         self.started_at = time.time()
         self.modified: dict[str, float] = {}
@@ -207,6 +208,10 @@ class SimState:
     def count_generation(self) -> None:
         with self.lock:
             self.generation_calls += 1
+
+    def count_abandoned(self) -> None:
+        with self.lock:
+            self.abandoned += 1
 
     def latency_s(self) -> float:
         """The next generation's delay: latency_ms, moved by its place in the jitter sequence."""

@@ -55,11 +55,20 @@ class OllamaSimulator:
         with self._state.lock:
             return self._state.generation_calls
 
+    @property
+    def abandoned(self) -> int:
+        """Answers the client stopped reading: it closed the connection before their end,
+        as a worker does when its job is cancelled."""
+        with self._state.lock:
+            return self._state.abandoned
+
     def clear(self) -> None:
-        """Forget recorded requests and zero `generation_calls`, e.g. between tests."""
+        """Forget recorded requests and zero `generation_calls` and `abandoned`, e.g. between
+        tests."""
         with self._state.lock:
             self._state.requests.clear()
             self._state.generation_calls = 0
+            self._state.abandoned = 0
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,79 @@
+"""Cancelling a job through the real queue: a queued one never reaches its model, a running
+one has its inference stream closed before the answer's end; either way the lock is free and
+``ml_results`` says CANCELLED."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from avocado_shared import JobFailed, JobStatus, Producer
+from avocado_shared.streams import EntryKind, JobStream
+from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.conftest import WorkerFactory
+from tests.services import REDIS_URL, wait_for
+
+WAIT = 60
+TOKENS = 200
+
+
+@pytest.fixture
+def slow_sim() -> Iterator[OllamaSimulator]:
+    """A simulator of this test only, 20 tokens a second: a 200-token answer takes 10 s."""
+    with OllamaSimulator(SimConfig(default_tokens=TOKENS, tokens_per_s=20)) as sim:
+        yield sim
+
+
+def _locks(key_prefix: str, key: str) -> list[str]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    return [k for k in client.scan_iter(f"{key_prefix}lock:*") if key in k]
+
+
+def test_a_queued_job_cancelled_never_runs(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, key_prefix: str
+) -> None:
+    key = f"cancel-{uuid.uuid4().hex[:8]}"
+    handle = producer.generate("Never mind.", idempotency_key=key)  # no worker yet: queued
+    producer.cancel(handle.id)
+    worker_factory(slow_sim.url)
+
+    with pytest.raises(JobFailed, match="JobCancelled: cancelled on request before it ran"):
+        handle.get(timeout=WAIT)
+
+    assert slow_sim.generation_calls == 0
+    row = producer.results.get(handle.id)
+    assert row is not None
+    assert row.status is JobStatus.CANCELLED
+    assert not _locks(key_prefix, key)
+    again = producer.generate("Never mind.", idempotency_key=key)
+    assert again.id != handle.id  # the identity is free for a new job
+
+
+def test_a_running_generation_cancelled_closes_its_inference_stream(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory, key_prefix: str
+) -> None:
+    worker_factory(slow_sim.url)
+    key = f"cancel-{uuid.uuid4().hex[:8]}"
+    handle = producer.generate("Tell me everything.", idempotency_key=key)
+    stream = JobStream(redis.Redis.from_url(REDIS_URL), key_prefix, handle.id)
+    first = next(stream.entries(timeout_s=WAIT))  # the answer has begun
+    assert first.kind is EntryKind.TEXT
+
+    producer.cancel(handle.id)
+
+    with pytest.raises(JobFailed, match="JobCancelled: cancelled on request while it generated"):
+        handle.get(timeout=WAIT)
+    # The worker closed its HTTP stream: the simulator's next write found no reader.
+    wait_for(lambda: slow_sim.abandoned == 1, timeout=WAIT, what="the answer to be abandoned")
+    assert slow_sim.in_flight == 0
+    entries = stream.snapshot()
+    assert entries.end is not None
+    assert entries.end.kind is EntryKind.ERROR
+    assert 0 < entries.chunks < TOKENS  # cut short, not run to its end
+    row = producer.results.get(handle.id)
+    assert row is not None
+    assert row.status is JobStatus.CANCELLED
+    assert not _locks(key_prefix, key)
