@@ -49,7 +49,7 @@ ensure_python() {
   "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
 }
 
-# Make .venv and install both packages and the dev tools; skipped when nothing changed.
+# Make .venv and install the packages and the dev tools; skipped when nothing changed.
 ensure_venv() {
   ensure_python
   local stamp="$VENV/.avocado-installed" want
@@ -59,7 +59,7 @@ ensure_venv() {
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U "pip>=25.1" \
     || die "could not upgrade pip in $VENV"
   (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    -e python/shared -e python/ollama-worker --group dev) || die "pip install failed (see above)"
+    -e python/shared -e python/ollama-worker -e python/infer --group dev) || die "pip install failed (see above)"
   printf '%s\n' "$want" >"$stamp"
 }
 
