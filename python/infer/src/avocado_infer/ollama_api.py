@@ -3,6 +3,7 @@ Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/ap
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import version
 from typing import Annotated, Any
@@ -72,15 +73,8 @@ def _now() -> str:
 
 
 def _counts(usage: Usage) -> dict[str, Any]:
-    return {
-        "done_reason": usage.done_reason,
-        "total_duration": usage.total_duration_ns,
-        "load_duration": usage.load_duration_ns,
-        "prompt_eval_count": usage.prompt_tokens,
-        "prompt_eval_duration": usage.prompt_eval_duration_ns,
-        "eval_count": usage.completion_tokens,
-        "eval_duration": usage.eval_duration_ns,
-    }
+    """The final chunk's done reason, counts and durations."""
+    return {k: v for k, v in asdict(usage).items() if k != "model"}
 
 
 def _chunk(model: str, key: str, value: Any, done: bool) -> dict[str, Any]:

@@ -34,20 +34,21 @@ JOB_ID_HEADER = "X-Avocado-Job-Id"
 
 @dataclass(frozen=True)
 class Usage:
-    """An answer's model, why it ended, its token counts and its durations in ns."""
+    """An answer's model, why it ended, its token counts and its durations, in Ollama's
+    names and units (ns)."""
 
     model: str
     done_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    total_duration_ns: int
-    load_duration_ns: int
-    prompt_eval_duration_ns: int
-    eval_duration_ns: int
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
 
     @classmethod
     def of(cls, usage: Mapping[str, Any], model: str) -> Usage:
-        """From a stream's final entry (the job result's fields, durations in ms)."""
+        """From a stream's final entry: the job result's fields, durations in ms."""
 
         def ns(name: str) -> int:
             return round(float(usage.get(f"{name}_ms") or 0) * 1e6)
@@ -55,12 +56,12 @@ class Usage:
         return cls(
             model=str(usage.get("model") or model),
             done_reason=str(usage.get("done_reason") or "stop"),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            total_duration_ns=ns("total_duration"),
-            load_duration_ns=ns("load_duration"),
-            prompt_eval_duration_ns=ns("prompt_eval_duration"),
-            eval_duration_ns=ns("eval_duration"),
+            total_duration=ns("total_duration"),
+            load_duration=ns("load_duration"),
+            prompt_eval_count=int(usage.get("prompt_tokens") or 0),
+            prompt_eval_duration=ns("prompt_eval_duration"),
+            eval_count=int(usage.get("completion_tokens") or 0),
+            eval_duration=ns("eval_duration"),
         )
 
 
