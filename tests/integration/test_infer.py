@@ -16,6 +16,7 @@ import redis
 from avocado_shared import GenerateResult, Producer, Settings
 from avocado_shared.discovery import Endpoint
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.testing import OllamaSimulator
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker
@@ -88,17 +89,31 @@ def _assert_counts(
     assert final.eval_duration == round(result.eval_duration_ms * 1e6)
 
 
-def test_ollama_generate_streamed_is_the_stored_result(fleet: Fleet) -> None:
-    chunks = list(fleet.ollama().generate(model=MODEL, prompt=ASK, stream=True))
+def test_ollama_generate_streamed_is_the_stored_result(
+    fleet: Fleet, fresh_sim: OllamaSimulator, settings: Settings
+) -> None:
+    fresh_sim.config.tokens_per_s = 100  # paced: the worker writes the tokens one by one
+    try:
+        answer = fleet.ollama().generate(
+            model=MODEL, prompt=ASK, stream=True, options={"num_predict": 20}
+        )
+        chunks = list(answer)
+    finally:
+        fresh_sim.config.tokens_per_s = None
 
     *pieces, final = chunks
-    assert pieces
     assert all(c.done is False and c.model == MODEL and c.created_at for c in pieces)
     assert final.response == ""
     text = "".join(c.response or "" for c in pieces)
     result = fleet.last_result()
     assert text == result.text
     _assert_counts(final, result)
+    # A chunk for each text entry of the job's stream, as the worker wrote them.
+    with redis.Redis.from_url(REDIS_URL) as client:
+        stream = JobStream(client, settings.key_prefix, fleet.job_ids[0])
+        written = [e.text for e in stream.entries(timeout_s=WAIT) if e.kind is EntryKind.TEXT]
+    assert [c.response for c in pieces] == written
+    assert len(written) > 1
 
 
 def test_ollama_generate_not_streamed_is_the_stored_result(fleet: Fleet) -> None:
