@@ -4,6 +4,7 @@ reads is the job's stored result, with its counts."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -276,3 +277,15 @@ def test_not_ready_without_broker_and_redis(
     assert answer.status_code == 503
     assert answer.json()["status"] == "unavailable"
     assert set(answer.json()) == {"status", "broker", "redis"}
+
+
+def test_a_body_sent_as_a_form_is_read_as_json(fleet: Fleet) -> None:
+    """As Ollama reads it: ``curl -d`` (its documentation's examples) sends a form's type."""
+    body = json.dumps({"model": MODEL, "prompt": ASK, "stream": False})
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    with httpx.Client(base_url=fleet.gateway.url, timeout=WAIT) as client:
+        answer = client.post("/api/generate", content=body, headers=form)
+
+    assert answer.status_code == 200, answer.text
+    result = fleet.result(answer.headers[JOB_ID_HEADER])
+    assert answer.json()["response"] == result.text

@@ -51,14 +51,25 @@ def describe(errors: Sequence[Any]) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def error_route(render: Render) -> type[APIRoute]:
-    """A route class whose bad input and fleet errors answer in ``render``'s shape."""
+def _as_json(request: Request) -> Request:
+    """``request`` with its body declared JSON, whatever content type it came with."""
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return Request({**request.scope, "headers": headers}, request.receive)
+
+
+def error_route(render: Render, *, json_bodies: bool = False) -> type[APIRoute]:
+    """A route class whose bad input and fleet errors answer in ``render``'s shape;
+    ``json_bodies``: read every body as JSON, as Ollama does (``curl -d`` sends a form's
+    content type)."""
 
     class ErrorRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def handle(request: Request) -> Response:
+                if json_bodies:
+                    request = _as_json(request)
                 try:
                     return await handler(request)
                 except RequestValidationError as error:

@@ -26,7 +26,7 @@ def _error(status: int, message: str, permanent: bool) -> Response:
     return JSONResponse({"error": message}, status_code=status)
 
 
-router = APIRouter(prefix="/api", route_class=error_route(_error))
+router = APIRouter(prefix="/api", route_class=error_route(_error, json_bodies=True))
 Fleet = Annotated[Gateway, Depends(gateway)]
 
 
