@@ -289,3 +289,25 @@ def test_a_body_sent_as_a_form_is_read_as_json(fleet: Fleet) -> None:
     assert answer.status_code == 200, answer.text
     result = fleet.result(answer.headers[JOB_ID_HEADER])
     assert answer.json()["response"] == result.text
+
+
+def test_an_answer_cut_mid_stream_is_continued_not_repeated(
+    fleet: Fleet, fresh_sim: OllamaSimulator
+) -> None:
+    """The inference server drops the connection after the first token: the job retries and
+    continues the streamed text, and the client reads it whole, nothing twice."""
+    fresh_sim.config.tokens_per_s = 100
+    fresh_sim.config.drop_first = 1
+    try:
+        answer = fleet.ollama().chat(
+            model=MODEL, messages=[{"role": "user", "content": ASK}], stream=True
+        )
+        *pieces, final = list(answer)
+    finally:
+        fresh_sim.config.tokens_per_s = None
+        fresh_sim.config.drop_first = 0
+
+    assert fresh_sim.generation_calls == 2  # cut, then continued
+    result = fleet.last_result()
+    assert "".join(c.message.content or "" for c in pieces) == result.text
+    assert final.eval_count == result.completion_tokens
