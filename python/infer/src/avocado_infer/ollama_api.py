@@ -3,6 +3,7 @@ Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/ap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -81,8 +82,12 @@ def _chunk(model: str, key: str, value: Any, done: bool) -> dict[str, Any]:
     return {"model": model, "created_at": _now(), key: value, "done": done}
 
 
+def _failed(error: AvocadoError) -> dict[str, Any]:
+    return {"error": str(error)}
+
+
 async def _answer(
-    fleet: Gateway, handle: JobHandle[Any], body: _Body, key: str, value: Any
+    fleet: Gateway, handle: JobHandle[Any], body: _Body, key: str, value: Callable[[str], Any]
 ) -> Response:
     """``value(text)`` under ``key`` in every chunk: the generate or the chat shape."""
     stream = fleet.stream(handle.id)
@@ -92,15 +97,11 @@ async def _answer(
         done = _chunk(usage.model, key, value(text), True) | _counts(usage)
         return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
     answer = await opened(pieces(stream, body.model, timeout))
-
-    def failed(error: AvocadoError) -> dict[str, Any]:
-        return {"error": str(error)}
-
     chunks = encoded(
         answer,
         lambda text: _chunk(body.model, key, value(text), False),
         lambda usage: [_chunk(usage.model, key, value(""), True) | _counts(usage)],
-        failed,
+        _failed,
     )
     return ndjson(chunks, handle.id)
 
