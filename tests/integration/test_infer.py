@@ -261,7 +261,7 @@ def test_health_version_and_readiness(fleet: Fleet) -> None:
         assert client.get("/api/version").json() == {"version": "0.1.0"}
 
 
-def test_not_ready_without_broker_and_redis(
+def test_without_broker_and_redis_not_ready_and_a_503_in_each_apis_shape(
     gateway_factory: Callable[..., InProcessGateway], settings: Settings
 ) -> None:
     nowhere = Settings(
@@ -273,10 +273,25 @@ def test_not_ready_without_broker_and_redis(
 
     with httpx.Client(base_url=gateway.url, timeout=WAIT) as client:
         assert client.get("/healthz").status_code == 200
-        answer = client.get("/readyz")
-    assert answer.status_code == 503
-    assert answer.json()["status"] == "unavailable"
-    assert set(answer.json()) == {"status", "broker", "redis"}
+        ready = client.get("/readyz")
+        tags = client.get("/api/tags")
+        models = client.get("/v1/models")
+        generate = client.post("/api/generate", json={"model": MODEL, "prompt": ASK})
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": ASK}]},
+        )
+
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "unavailable"
+    assert set(ready.json()) == {"status", "broker", "redis"}
+    for answer in (tags, generate):
+        assert answer.status_code == 503, answer.text
+        assert list(answer.json()) == ["error"]
+    for answer in (models, chat):
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["type"] == "server_error"
+    assert "not published" in generate.json()["error"]
 
 
 def test_a_body_sent_as_a_form_is_read_as_json(fleet: Fleet) -> None:

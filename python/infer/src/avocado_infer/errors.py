@@ -15,10 +15,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from avocado_shared.contracts import InvalidRequest
-from avocado_shared.errors import AvocadoError, PermanentError, TransientError
+from avocado_shared.errors import AvocadoError, PermanentError, TransientError, Unavailable
 from avocado_shared.streams import StreamFailed, StreamTimedOut
 
-__all__ = ["AnswerRestarted", "Render", "describe", "error_route", "http_status"]
+__all__ = [
+    "AnswerRestarted",
+    "RegistryUnavailable",
+    "Render",
+    "describe",
+    "error_route",
+    "http_status",
+]
 
 Render = Callable[[int, str, bool], Response]
 """An API's error response for a status, a message, and whether retrying cannot help."""
@@ -27,6 +34,10 @@ Render = Callable[[int, str, bool], Response]
 class AnswerRestarted(PermanentError):
     """The job's answer started over on another worker (its server cannot continue a partial
     answer) after part of it was sent: a stream cannot take back what the client has."""
+
+
+class RegistryUnavailable(Unavailable):
+    """Redis, which holds the node registry, could not be read."""
 
 
 def http_status(error: AvocadoError) -> int:

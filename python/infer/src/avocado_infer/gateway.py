@@ -12,6 +12,7 @@ import redis
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from avocado_infer.errors import RegistryUnavailable
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import GenerateResult
 from avocado_shared.jobs import JobHandle
@@ -62,7 +63,10 @@ class Gateway:
 
     async def models(self) -> list[ServedModel]:
         """The models live nodes announce, and the fleet's default model, by name."""
-        nodes = await run_in_threadpool(self.registry.live)
+        try:
+            nodes = await run_in_threadpool(self.registry.live)
+        except redis.RedisError as error:
+            raise RegistryUnavailable(f"the node registry is not readable: {error}") from error
         seen = {self.settings.fleet.default_model: self.started_at}
         for node in nodes:
             for name in node.models:
