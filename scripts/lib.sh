@@ -49,7 +49,7 @@ ensure_python() {
   "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
 }
 
-# Make .venv and install both packages and the dev tools; skipped when nothing changed.
+# Make .venv and install the packages and the dev tools; skipped when nothing changed.
 ensure_venv() {
   ensure_python
   local stamp="$VENV/.avocado-installed" want
@@ -58,7 +58,7 @@ ensure_venv() {
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "could not make a virtualenv at $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U "pip>=25.1" uv \
     || die "could not upgrade pip in $VENV"
-  local packages=(-e python/shared -e python/ollama-worker --group dev)
+  local packages=(-e python/shared -e python/ollama-worker -e python/infer --group dev)
   # uv installs the same in seconds instead of half a minute; pip, which reads pip.conf
   # (a private index, say), when uv cannot.
   (cd "$ROOT" && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${packages[@]}") \

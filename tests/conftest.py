@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,11 @@ import pytest
 from kombu.connection import Connection
 from psycopg import sql
 
+from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
 from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
 from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
 from tests.services import (
@@ -260,3 +262,20 @@ def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement
         EndpointWatcher(connection, on_event=seen.append) as watcher,
     ):
         yield watcher, seen
+
+
+@pytest.fixture
+def gateway_factory(settings: Settings) -> Iterator[Callable[..., InProcessGateway]]:
+    """Gateways (avocado-infer) of one test on the session's broker and Redis, in this
+    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings). Each is
+    stopped when the test ends."""
+    started: list[InProcessGateway] = []
+
+    def make(**fields: Any) -> InProcessGateway:
+        gateway = InProcessGateway(InferSettings(**{"fleet": settings, **fields}))
+        started.append(gateway.start())
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()

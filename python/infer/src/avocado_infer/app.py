@@ -1,0 +1,49 @@
+"""The gateway's FastAPI app, made by ``create_app``: importing it connects to nothing; the
+producer and the Redis client are made when the app starts and closed when it stops."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+
+from avocado_infer import ollama_api, openai_api
+from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.settings import InferSettings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: InferSettings | None = None) -> FastAPI:
+    """The app on ``settings`` (from the environment when None)."""
+    chosen = settings or InferSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.gateway = Gateway(chosen)
+        try:
+            yield
+        finally:
+            app.state.gateway.close()
+
+    app = FastAPI(title="avocado-infer", lifespan=lifespan)
+    app.include_router(ollama_api.router)
+    app.include_router(openai_api.router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(fleet: Annotated[Gateway, Depends(gateway)]) -> JSONResponse:
+        """The broker and Redis answer: jobs can be published and their streams read."""
+        problems = await fleet.unready()
+        if problems:
+            return JSONResponse({"status": "unavailable", **problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return app

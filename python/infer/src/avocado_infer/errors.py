@@ -1,0 +1,94 @@
+"""What goes wrong between an HTTP request and its job's answer, and the status it gets.
+
+Each API answers in its own error shape: a route class made by ``error_route`` catches bad
+input (FastAPI's ``RequestValidationError``, malformed JSON included) and the fleet's errors
+before FastAPI's app-wide handlers would, so nothing the client caused becomes a 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from avocado_shared.contracts import InvalidRequest
+from avocado_shared.errors import AvocadoError, PermanentError, TransientError, Unavailable
+from avocado_shared.streams import StreamFailed, StreamTimedOut
+
+__all__ = [
+    "AnswerRestarted",
+    "RegistryUnavailable",
+    "Render",
+    "describe",
+    "error_route",
+    "http_status",
+]
+
+Render = Callable[[int, str, bool], Response]
+"""An API's error response for a status, a message, and whether retrying cannot help."""
+
+
+class AnswerRestarted(PermanentError):
+    """The job's answer started over on another worker (its server cannot continue a partial
+    answer) after part of it was sent: a stream cannot take back what the client has."""
+
+
+class RegistryUnavailable(Unavailable):
+    """Redis, which holds the node registry, could not be read."""
+
+
+def http_status(error: AvocadoError) -> int:
+    """The status a fleet error maps to: the client's fault, the fleet's, or not yet."""
+    if isinstance(error, InvalidRequest):
+        return 400
+    if isinstance(error, StreamTimedOut):
+        return 504
+    if isinstance(error, StreamFailed | AnswerRestarted):
+        return 502
+    if isinstance(error, TransientError):
+        return 503
+    return 500
+
+
+def describe(errors: Sequence[Any]) -> str:
+    """pydantic's report in one line a client can act on."""
+    parts = []
+    for item in errors:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def _as_json(request: Request) -> Request:
+    """``request`` with its body declared JSON, whatever content type it came with."""
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return Request({**request.scope, "headers": headers}, request.receive)
+
+
+def error_route(render: Render, *, json_bodies: bool = False) -> type[APIRoute]:
+    """A route class whose bad input and fleet errors answer in ``render``'s shape;
+    ``json_bodies``: read every body as JSON, as Ollama does (``curl -d`` sends a form's
+    content type)."""
+
+    class ErrorRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                if json_bodies:
+                    request = _as_json(request)
+                try:
+                    return await handler(request)
+                except RequestValidationError as error:
+                    return render(400, describe(error.errors()), True)
+                except AvocadoError as error:
+                    permanent = isinstance(error, PermanentError)
+                    return render(http_status(error), str(error), permanent)
+
+            return handle
+
+    return ErrorRoute

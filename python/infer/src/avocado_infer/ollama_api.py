@@ -1,0 +1,146 @@
+"""Ollama's API: ``/api/generate`` and ``/api/chat`` as fleet jobs, streamed as NDJSON in
+Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/api/version``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib.metadata import version
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from avocado_infer.errors import error_route
+from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, ndjson, opened, pieces, whole
+from avocado_shared.errors import AvocadoError
+from avocado_shared.jobs import JobHandle
+
+__all__ = ["router"]
+
+
+def _error(status: int, message: str, permanent: bool) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+router = APIRouter(prefix="/api", route_class=error_route(_error, json_bodies=True))
+Fleet = Annotated[Gateway, Depends(gateway)]
+
+
+class _Body(BaseModel):
+    """What both generation routes take; fields of Ollama's this fleet does not use are
+    ignored, as Ollama ignores unknown ones."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: str | int | None = None
+    stream: bool = True
+
+    def job_fields(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "options": self.options,
+            "format": self.format or None,
+            "keep_alive": self.keep_alive,
+        }
+
+
+class GenerateBody(_Body):
+    prompt: str
+    system: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[Message]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _counts(usage: Usage) -> dict[str, Any]:
+    """The final chunk's done reason, counts and durations."""
+    return {k: v for k, v in asdict(usage).items() if k != "model"}
+
+
+def _chunk(model: str, key: str, value: Any, done: bool) -> dict[str, Any]:
+    return {"model": model, "created_at": _now(), key: value, "done": done}
+
+
+def _failed(error: AvocadoError) -> dict[str, Any]:
+    return {"error": str(error)}
+
+
+async def _answer(
+    fleet: Gateway, handle: JobHandle[Any], body: _Body, key: str, value: Callable[[str], Any]
+) -> Response:
+    """``value(text)`` under ``key`` in every chunk: the generate or the chat shape."""
+    stream = fleet.stream(handle.id)
+    timeout = fleet.settings.stream_timeout_s
+    if not body.stream:
+        text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
+        done = _chunk(usage.model, key, value(text), True) | _counts(usage)
+        return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
+    answer = await opened(pieces(stream, body.model, timeout))
+    chunks = encoded(
+        answer,
+        lambda text: _chunk(body.model, key, value(text), False),
+        lambda usage: [_chunk(usage.model, key, value(""), True) | _counts(usage)],
+        _failed,
+    )
+    return ndjson(chunks, handle.id)
+
+
+def _message(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+@router.post("/generate")
+async def generate(body: GenerateBody, fleet: Fleet) -> Response:
+    handle = await fleet.generate(prompt=body.prompt, system=body.system, **body.job_fields())
+    return await _answer(fleet, handle, body, "response", str)
+
+
+@router.post("/chat")
+async def chat(body: ChatBody, fleet: Fleet) -> Response:
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    handle = await fleet.generate(messages=messages, **body.job_fields())
+    return await _answer(fleet, handle, body, "message", _message)
+
+
+@router.get("/tags")
+async def tags(fleet: Fleet) -> dict[str, Any]:
+    """The models the live fleet serves; sizes and digests are the nodes' own, unknown here."""
+    models = [
+        {
+            "name": m.name,
+            "model": m.name,
+            "modified_at": m.seen_at.isoformat(),
+            "size": 0,
+            "digest": "",
+            "details": {},
+        }
+        for m in await fleet.models()
+    ]
+    return {"models": models}
+
+
+@router.get("/version")
+async def ollama_version() -> dict[str, str]:
+    """The gateway's version (a client reads it to know an Ollama API answers)."""
+    return {"version": version("avocado-infer")}

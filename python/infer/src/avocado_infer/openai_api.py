@@ -1,0 +1,249 @@
+"""OpenAI's API: ``/v1/chat/completions`` and ``/v1/completions`` as fleet jobs, streamed as
+server-sent events in OpenAI's chunk shape or answered in one JSON object; ``/v1/models``;
+errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from avocado_infer.errors import error_route, http_status
+from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, opened, pieces, sse, whole
+from avocado_shared.contracts import InvalidRequest
+from avocado_shared.errors import AvocadoError
+from avocado_shared.jobs import JobHandle
+
+__all__ = ["router"]
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _error(status: int, message: str, permanent: bool) -> Response:
+    # The SDKs retry a 5xx unless told not to, in OpenAI's own header: a job that failed
+    # for good would only be queued again.
+    headers = {"x-should-retry": "false"} if permanent else None
+    return JSONResponse(_error_body(status, message), status_code=status, headers=headers)
+
+
+router = APIRouter(prefix="/v1", route_class=error_route(_error))
+Fleet = Annotated[Gateway, Depends(gateway)]
+
+
+class _Lenient(BaseModel):
+    """Fields of OpenAI's this fleet does not use are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _Body(_Lenient):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = Field(default=1, description="One choice: a job answers once.")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def job_options(self, max_tokens: int | None = None) -> dict[str, Any]:
+        """The sampling options, in Ollama's names, that the request sets."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        options = {
+            "num_predict": max_tokens or self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": stop,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        return {k: v for k, v in options.items() if v is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def job_message(self) -> dict[str, str]:
+        """As a job's message: text parts joined; OpenAI's ``developer`` is a system turn."""
+        content = self.content
+        if isinstance(content, list):
+            if any(p.type != "text" for p in content):
+                raise InvalidRequest("only text content parts are supported")
+            content = "".join(p.text or "" for p in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    def job_format(self) -> str | dict[str, Any] | None:
+        """Ollama's ``format``: "json", the schema, or none for text."""
+        if self.type == "json_object":
+            return "json"
+        if self.type == "json_schema":
+            schema = (self.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidRequest("response_format.json_schema.schema: an object is required")
+            return schema
+        return None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+    def job_prompt(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise InvalidRequest("prompt: give one prompt; a job answers one")
+        return self.prompt[0]
+
+
+def _finish_reason(usage: Usage) -> str:
+    return "length" if usage.done_reason == "length" else "stop"
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_eval_count,
+        "completion_tokens": usage.eval_count,
+        "total_tokens": usage.prompt_eval_count + usage.eval_count,
+    }
+
+
+class _Shape:
+    """One API's objects: chat (``message``/``delta``) or text completion (``text``)."""
+
+    def __init__(self, chat: bool, job_id: str, model: str, include_usage: bool) -> None:
+        self.chat = chat
+        self.id = f"chatcmpl-{job_id}" if chat else f"cmpl-{job_id}"
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        self._role_sent = False
+
+    def _head(self, object_: str, model: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_, "created": self.created, "model": model}
+
+    def answer(self, text: str, usage: Usage) -> dict[str, Any]:
+        """The whole answer in one object."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["finish_reason"] = _finish_reason(usage)
+        return self._head(self.object, usage.model) | {"choices": [choice], "usage": _usage(usage)}
+
+    def _chunk(self, text: str | None, finish_reason: str | None, model: str) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None}
+        if self.chat:
+            delta: dict[str, str] = {} if text is None else {"content": text}
+            if not self._role_sent:
+                delta = {"role": "assistant", **delta}
+                self._role_sent = True
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        choice["finish_reason"] = finish_reason
+        object_ = "chat.completion.chunk" if self.chat else "text_completion"
+        chunk = self._head(object_, model) | {"choices": [choice]}
+        return chunk | {"usage": None} if self.include_usage else chunk
+
+    def piece(self, text: str) -> dict[str, Any]:
+        """A streamed piece of the text."""
+        return self._chunk(text, None, self.model)
+
+    def last(self, usage: Usage) -> Iterable[dict[str, Any]]:
+        """The chunk that says why the answer ended, then the usage chunk if asked for."""
+        yield self._chunk(None, _finish_reason(usage), usage.model)
+        if self.include_usage:
+            object_ = "chat.completion.chunk" if self.chat else "text_completion"
+            yield self._head(object_, usage.model) | {"choices": [], "usage": _usage(usage)}
+
+
+def _failed(error: AvocadoError) -> dict[str, Any]:
+    return _error_body(http_status(error), str(error))
+
+
+async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: bool) -> Response:
+    shape = _Shape(chat, handle.id, body.model, body.include_usage)
+    stream = fleet.stream(handle.id)
+    timeout = fleet.settings.stream_timeout_s
+    if not body.stream:
+        text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
+        return JSONResponse(shape.answer(text, usage), headers={JOB_ID_HEADER: handle.id})
+    answer = await opened(pieces(stream, body.model, timeout))
+    return sse(encoded(answer, shape.piece, shape.last, _failed), handle.id)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
+    messages = [m.job_message() for m in body.messages]
+    response_format = body.response_format.job_format() if body.response_format else None
+    handle = await fleet.generate(
+        messages=messages,
+        model=body.model,
+        options=body.job_options(body.max_completion_tokens),
+        format=response_format,
+    )
+    return await _answer(fleet, handle, body, chat=True)
+
+
+@router.post("/completions")
+async def completions(body: CompletionBody, fleet: Fleet) -> Response:
+    handle = await fleet.generate(
+        prompt=body.job_prompt(), model=body.model, options=body.job_options()
+    )
+    return await _answer(fleet, handle, body, chat=False)
+
+
+@router.get("/models")
+async def models(fleet: Fleet) -> dict[str, Any]:
+    """The models the live fleet serves."""
+    data = [
+        {
+            "id": m.name,
+            "object": "model",
+            "created": int(m.seen_at.timestamp()),
+            "owned_by": "avocado",
+        }
+        for m in await fleet.models()
+    ]
+    return {"object": "list", "data": data}

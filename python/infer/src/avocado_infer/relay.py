@@ -1,0 +1,151 @@
+"""A job's token stream relayed to an HTTP client: its text pieces as the worker writes them,
+then the answer's counts; as NDJSON (Ollama) or server-sent events (OpenAI)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from avocado_infer.errors import AnswerRestarted
+from avocado_shared.errors import AvocadoError
+from avocado_shared.streams import EntryKind, JobStream, StreamEntry, StreamFailed, joined
+
+__all__ = [
+    "JOB_ID_HEADER",
+    "Piece",
+    "Usage",
+    "encoded",
+    "ndjson",
+    "opened",
+    "pieces",
+    "sse",
+    "whole",
+]
+
+# Names the job behind a response, for ``ml_results`` and ``avocado result``.
+JOB_ID_HEADER = "X-Avocado-Job-Id"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """An answer's model, why it ended, its token counts and its durations, in Ollama's
+    names and units (ns)."""
+
+    model: str
+    done_reason: str
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+    @classmethod
+    def of(cls, usage: Mapping[str, Any], model: str) -> Usage:
+        """From a stream's final entry: the job result's fields, durations in ms."""
+
+        def ns(name: str) -> int:
+            return round(float(usage.get(f"{name}_ms") or 0) * 1e6)
+
+        return cls(
+            model=str(usage.get("model") or model),
+            done_reason=str(usage.get("done_reason") or "stop"),
+            total_duration=ns("total_duration"),
+            load_duration=ns("load_duration"),
+            prompt_eval_count=int(usage.get("prompt_tokens") or 0),
+            prompt_eval_duration=ns("prompt_eval_duration"),
+            eval_count=int(usage.get("completion_tokens") or 0),
+            eval_duration=ns("eval_duration"),
+        )
+
+
+Piece = str | Usage
+"""A piece of the answer's text, or, last, its usage."""
+
+
+def _failed(stream: JobStream, entry: StreamEntry) -> StreamFailed:
+    return StreamFailed(f"job {stream.job_id} failed: {entry.reason}")
+
+
+def pieces(stream: JobStream, model: str, timeout_s: float) -> Iterator[Piece]:
+    """The answer's text pieces as they are written, then its ``Usage``. Raises
+    ``StreamFailed`` when the job failed, ``AnswerRestarted`` when it started over after
+    text was given out, ``StreamTimedOut`` after ``timeout_s`` without a new entry."""
+    given = False
+    for entry in stream.entries(timeout_s=timeout_s):
+        if entry.kind is EntryKind.TEXT and entry.text:
+            given = True
+            yield entry.text
+        elif entry.kind is EntryKind.RESTART and given:
+            raise AnswerRestarted(
+                f"job {stream.job_id} started its answer over on another worker "
+                f"({entry.reason}); its stored result is the new answer"
+            )
+        elif entry.kind is EntryKind.DONE:
+            yield Usage.of(entry.usage or {}, model)
+        elif entry.kind is EntryKind.ERROR:
+            raise _failed(stream, entry)
+
+
+def whole(stream: JobStream, model: str, timeout_s: float) -> tuple[str, Usage]:
+    """The whole answer as stored (a restart drops what came before it) and its usage."""
+    seen: list[StreamEntry] = []
+    for entry in stream.entries(timeout_s=timeout_s):
+        if entry.kind is EntryKind.ERROR:
+            raise _failed(stream, entry)
+        seen.append(entry)
+    return joined(seen), Usage.of(seen[-1].usage or {}, model)
+
+
+async def opened(answer: Iterator[Piece]) -> Iterator[Piece]:
+    """``answer`` once its first piece is there: a job that fails or never starts gets an
+    HTTP error status, as nothing was sent yet."""
+    first = await run_in_threadpool(next, answer)
+    return itertools.chain([first], answer)
+
+
+def encoded(
+    answer: Iterable[Piece],
+    chunk: Callable[[str], dict[str, Any]],
+    final: Callable[[Usage], Iterable[dict[str, Any]]],
+    failed: Callable[[AvocadoError], dict[str, Any]],
+) -> Iterator[dict[str, Any]]:
+    """The API's chunks for ``answer``; a failure once streaming ends it with ``failed``'s."""
+    try:
+        for piece in answer:
+            if isinstance(piece, Usage):
+                yield from final(piece)
+            else:
+                yield chunk(piece)
+    except AvocadoError as error:
+        yield failed(error)
+
+
+def ndjson(chunks: Iterable[dict[str, Any]], job_id: str) -> StreamingResponse:
+    """One JSON object a line, as Ollama streams."""
+    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" for c in chunks)
+    return StreamingResponse(
+        lines, media_type="application/x-ndjson", headers={JOB_ID_HEADER: job_id}
+    )
+
+
+def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    failed = False
+    for chunk in chunks:
+        failed = "error" in chunk
+        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    if not failed:
+        yield b"data: [DONE]\n\n"
+
+
+def sse(chunks: Iterable[dict[str, Any]], job_id: str) -> StreamingResponse:
+    """Server-sent events ending in ``data: [DONE]`` (none after an error), as OpenAI streams."""
+    return StreamingResponse(
+        _events(chunks), media_type="text/event-stream", headers={JOB_ID_HEADER: job_id}
+    )

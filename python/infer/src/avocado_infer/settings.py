@@ -1,0 +1,36 @@
+"""The gateway's settings: one class, environment prefix ``AVOCADO_INFER_``; the fleet's own
+(broker, Redis, key prefix, default model) are ``avocado_shared.Settings``, prefix ``AVOCADO_``."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from avocado_shared.settings import Settings
+
+__all__ = ["InferSettings"]
+
+
+class InferSettings(BaseSettings):
+    """Where the gateway listens and how long it waits for an answer."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AVOCADO_INFER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address uvicorn binds.")
+    port: int = Field(default=11435, ge=0, le=65535, description="Port uvicorn binds.")
+    stream_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a request waits for the next piece of its answer; the first "
+        "piece's wait includes the job's time in the queue.",
+    )
+    ready_timeout_s: float = Field(
+        default=3.0, gt=0, description="How long /readyz waits for the broker and Redis."
+    )
+    log_level: str = Field(default="info", description="uvicorn's log level.")
+    fleet: Settings = Field(
+        default_factory=Settings,
+        description="The fleet's settings (AVOCADO_*): broker, Redis, key prefix, default model.",
+    )

@@ -1,0 +1,155 @@
+"""Bad input to avocado-infer: a 400 in the API's own error shape, never a 500, and no job
+queued. No worker runs in this module, so a job that was queued stays countable in
+``ml.generate``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from kombu.connection import Connection
+
+from avocado_shared import Settings
+from avocado_shared.topology import GENERATE_QUEUE, declare_topology
+from tests.gateway import InProcessGateway
+
+MODEL = "llama3.2:1b"
+USER = [{"role": "user", "content": "Hi"}]
+
+
+class Queue:
+    """``ml.generate``, declared if it was not."""
+
+    def __init__(self, connection: Connection, settings: Settings) -> None:
+        declare_topology(connection, settings)
+        self.channel = connection.channel()
+
+    def __call__(self) -> tuple[int, int]:
+        """Its (messages, consumers)."""
+        _, messages, consumers = self.channel.queue_declare(GENERATE_QUEUE, passive=True)
+        return int(messages), int(consumers)
+
+    def purge(self) -> None:
+        self.channel.queue_purge(GENERATE_QUEUE)
+
+
+@pytest.fixture(scope="module")
+def queue(broker_url: str, settings: Settings) -> Iterator[Queue]:
+    with Connection(broker_url) as connection:
+        yield Queue(connection, settings)
+
+
+@pytest.fixture
+def client(
+    gateway_factory: Callable[..., InProcessGateway], queue: Queue
+) -> Iterator[httpx.Client]:
+    """A client of a fresh gateway; after the test, ``ml.generate`` holds no more jobs
+    than before, and nothing consumes it (what another module left there stays)."""
+    before, consumers = queue()
+    assert consumers == 0
+    with httpx.Client(base_url=gateway_factory().url, timeout=30) as made:
+        yield made
+    assert queue() == (before, 0), "a bad request queued a job"
+
+
+OLLAMA_BAD = [
+    ("/api/generate", b'{"model": "m", "prompt": '),  # malformed JSON
+    ("/api/generate", b"[1, 2]"),
+    ("/api/generate", {"prompt": "Hi"}),  # no model
+    ("/api/generate", {"model": MODEL}),  # no prompt
+    ("/api/generate", {"model": MODEL, "prompt": 5}),
+    ("/api/generate", {"model": MODEL, "prompt": "  "}),
+    ("/api/generate", {"model": MODEL, "prompt": "Hi", "stream": "sometimes"}),
+    ("/api/generate", {"model": MODEL, "prompt": "Hi", "options": {"stop": {"no": 1}}}),
+    ("/api/generate", {"model": "two words", "prompt": "Hi"}),
+    ("/api/chat", {"model": MODEL}),  # no messages
+    ("/api/chat", {"model": MODEL, "messages": "Hi"}),
+    ("/api/chat", {"model": MODEL, "messages": []}),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "robot", "content": "Hi"}]}),
+    ("/api/chat", {"model": MODEL, "messages": [{"content": "Hi"}], "stream": False}),
+]
+
+OPENAI_BAD = [
+    ("/v1/chat/completions", b"{nope"),
+    ("/v1/chat/completions", {"messages": USER}),  # no model
+    ("/v1/chat/completions", {"model": MODEL}),  # no messages
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "n": 2}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": "many"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "stream": True, "stop": 7}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "oracle", "content": "x"}]}),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": USER, "response_format": {"type": "json_schema"}},
+    ),
+    ("/v1/completions", {"model": MODEL}),  # no prompt
+    ("/v1/completions", {"model": MODEL, "prompt": ["one", "two"]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "", "stream": True}),
+]
+
+
+def _post(client: httpx.Client, path: str, body: bytes | dict[str, Any]) -> httpx.Response:
+    if isinstance(body, bytes):
+        return client.post(path, content=body, headers={"content-type": "application/json"})
+    return client.post(path, json=body)
+
+
+def _ollama_message(error: dict[str, Any]) -> str:
+    assert list(error) == ["error"]
+    assert isinstance(error["error"], str)
+    return error["error"]
+
+
+def _openai_message(body: dict[str, Any]) -> str:
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    return str(error["message"])
+
+
+@pytest.mark.parametrize(("path", "body"), OLLAMA_BAD + OPENAI_BAD)
+def test_bad_request_is_a_400_in_its_apis_error_shape(
+    client: httpx.Client, path: str, body: bytes | dict[str, Any]
+) -> None:
+    answer = _post(client, path, body)
+
+    assert answer.status_code == 400, answer.text
+    message = _openai_message if path.startswith("/v1/") else _ollama_message
+    assert message(answer.json())
+
+
+def test_the_openai_sdk_reads_the_error(client: httpx.Client) -> None:
+    base_url = str(client.base_url).rstrip("/") + "/v1"
+    sdk = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    image = [{"type": "image_url", "image_url": {"url": "https://example.test/a.png"}}]
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": image}])
+
+    assert raised.value.status_code == 400
+    assert raised.value.body == {
+        "message": "only text content parts are supported",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_a_good_request_is_queued_and_waits_for_its_answer(
+    gateway_factory: Callable[..., InProcessGateway], queue: Queue
+) -> None:
+    """What the bad requests above are measured against: a good one queues one job, and
+    with no worker to take it the gateway gives up after ``stream_timeout_s``."""
+    gateway = gateway_factory(stream_timeout_s=1)
+    before, _ = queue()
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            answer = http.post("/api/generate", json={"model": MODEL, "prompt": "Hi"})
+        assert queue() == (before + 1, 0)
+    finally:
+        queue.purge()
+
+    assert answer.status_code == 504
+    assert "no entry in stream" in answer.json()["error"]

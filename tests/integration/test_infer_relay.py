@@ -1,0 +1,139 @@
+"""The gateway's relay on real Redis streams written as a worker writes them: text pieces
+then the counts, restarts, failures, and how each ends an NDJSON or SSE answer."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import pytest
+import redis
+
+from avocado_infer.errors import AnswerRestarted
+from avocado_infer.relay import Usage, encoded, pieces, sse, whole
+from avocado_shared.errors import AvocadoError
+from avocado_shared.streams import (
+    JobStream,
+    StreamFailed,
+    StreamTimedOut,
+    done_fields,
+    error_fields,
+    restart_fields,
+    text_fields,
+)
+from tests.services import REDIS_URL
+
+MODEL = "llama3.2:1b"
+USAGE = {
+    "model": MODEL,
+    "done_reason": "length",
+    "prompt_tokens": 7,
+    "completion_tokens": 3,
+    "total_duration_ms": 12.5,
+    "load_duration_ms": 0.25,
+    "prompt_eval_duration_ms": 1.0,
+    "eval_duration_ms": 10.000001,
+}
+
+
+@pytest.fixture
+def stream(key_prefix: str) -> Iterator[JobStream]:
+    """A job's stream of this test only, deleted after it."""
+    client = redis.Redis.from_url(REDIS_URL)
+    made = JobStream(client, key_prefix, uuid.uuid4().hex)
+    yield made
+    client.delete(made.key)
+    client.close()
+
+
+def _write(stream: JobStream, *entries: dict[str, str]) -> None:
+    for fields in entries:
+        stream.client.xadd(stream.key, fields)  # type: ignore[arg-type]
+
+
+def _chunks(stream: JobStream) -> list[dict[str, object]]:
+    def failed(error: AvocadoError) -> dict[str, object]:
+        return {"error": type(error).__name__}
+
+    return list(
+        encoded(
+            pieces(stream, MODEL, timeout_s=5),
+            lambda text: {"text": text},
+            lambda usage: [{"done": usage.eval_count}],
+            failed,
+        )
+    )
+
+
+def _whole_text(stream: JobStream) -> str:
+    """The answer as stored, once its stream is done."""
+    _write(stream, done_fields(USAGE))
+    text, _ = whole(stream, MODEL, timeout_s=5)
+    return text
+
+
+def test_pieces_then_the_counts_in_ollamas_units(stream: JobStream) -> None:
+    _write(stream, text_fields("Avo"), text_fields("ca", 2), text_fields("do"), done_fields(USAGE))
+
+    *texts, usage = list(pieces(stream, MODEL, timeout_s=5))
+
+    assert texts == ["Avo", "ca", "do"]
+    assert usage == Usage(
+        model=MODEL,
+        done_reason="length",
+        total_duration=12_500_000,
+        load_duration=250_000,
+        prompt_eval_count=7,
+        prompt_eval_duration=1_000_000,
+        eval_count=3,
+        eval_duration=10_000_001,
+    )
+
+
+def test_a_restart_before_any_text_is_invisible(stream: JobStream) -> None:
+    _write(stream, restart_fields("no continuation"), text_fields("Hi"), done_fields(USAGE))
+
+    assert _chunks(stream) == [{"text": "Hi"}, {"done": 3}]
+
+
+def test_a_restart_after_text_was_given_ends_the_answer_in_an_error(stream: JobStream) -> None:
+    _write(stream, text_fields("Half"), restart_fields("worker lost"), text_fields("New"))
+
+    assert _chunks(stream) == [{"text": "Half"}, {"error": AnswerRestarted.__name__}]
+    assert _whole_text(stream) == "New"
+
+
+def test_a_failed_job_ends_the_answer_in_an_error(stream: JobStream) -> None:
+    _write(stream, text_fields("Par"), error_fields("OllamaRejected: no"))
+
+    assert _chunks(stream) == [{"text": "Par"}, {"error": StreamFailed.__name__}]
+    with pytest.raises(StreamFailed, match="OllamaRejected: no"):
+        whole(stream, MODEL, timeout_s=5)
+
+
+def test_no_entry_in_time_is_a_timeout(stream: JobStream) -> None:
+    with pytest.raises(StreamTimedOut):
+        next(pieces(stream, MODEL, timeout_s=0.2))
+
+
+async def _body(chunks: list[dict[str, object]]) -> bytes:
+    response = sse(chunks, "job-1")
+    assert response.headers["x-avocado-job-id"] == "job-1"
+    return b"".join([part async for part in response.body_iterator])  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "events"),
+    [
+        ([{"n": 1}], b'data: {"n":1}\n\ndata: [DONE]\n\n'),
+        (
+            [{"n": 1}, {"error": {"message": "x"}}],
+            b'data: {"n":1}\n\ndata: {"error":{"message":"x"}}\n\n',
+        ),
+    ],
+)
+def test_server_sent_events_end_in_done_unless_an_error(
+    chunks: list[dict[str, object]], events: bytes
+) -> None:
+    assert anyio.run(_body, chunks) == events
