@@ -296,3 +296,23 @@ def test_redis_restart_loses_no_job_and_runs_none_twice(
         rows = store.recent(limit=100)
     assert sorted(r.share_id or "" for r in rows) == sorted(r.share_id for r in results)
     assert {r.status for r in rows} == {JobStatus.SUCCESS}
+
+
+def test_a_warm_shutdown_lets_the_running_job_finish_with_its_clients_open(
+    producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
+) -> None:
+    # Celery stops a worker's bootsteps before its pool: resources closed then would cut
+    # the running job's HTTP stream and its result write (it would go to RETRY).
+    worker = worker_factory(slow_sim.url, concurrency=1)
+    slow_sim.config.latency_ms = 2000
+    handle = producer.generate("Finish me.")
+    assert slow_sim.wait_in_flight(1, timeout=30)
+
+    assert worker.stop() == 0
+
+    assert handle.get(timeout=WAIT).text
+    assert slow_sim.generation_calls == 1
+    row = producer.results.get(handle.id)
+    assert row is not None
+    assert row.status is JobStatus.SUCCESS
+    assert row.attempts == 1

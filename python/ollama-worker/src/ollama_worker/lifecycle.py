@@ -18,6 +18,7 @@ from celery.signals import (
     task_success,
     worker_process_init,
     worker_process_shutdown,
+    worker_shutdown,
 )
 
 from ollama_worker.metrics import JobMetrics, job_kind, retry_reason
@@ -46,6 +47,15 @@ def _metrics(task: Any) -> tuple[JobMetrics, str] | None:
     if resources is None or resources.metrics is None or kind is None:
         return None
     return resources.metrics.jobs, kind
+
+
+@worker_shutdown.connect
+def _worker_stopped(sender: Any = None, **_: Any) -> None:
+    """Close the resources once the pool has stopped: the bootstep's own stop comes before
+    the pool's, while a warm shutdown's last jobs still use the store and the clients."""
+    resources = held_by(getattr(sender, "app", None))
+    if resources is not None:
+        resources.close()
 
 
 @worker_process_init.connect

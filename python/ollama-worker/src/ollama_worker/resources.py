@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 class Resources:
     """A worker's long-lived parts: ``open`` before the pool forks, ``start`` once it runs,
-    ``stop`` at shutdown (Celery's worker bootstep ``lifecycle.Lifecycle`` calls them)."""
+    ``stop`` when shutdown begins (Celery's worker bootstep ``lifecycle.Lifecycle`` calls
+    them), ``close`` once the pool has stopped (``worker_shutdown``)."""
 
     def __init__(self, app: Celery, settings: WorkerSettings) -> None:
         self.app = app
@@ -106,10 +107,14 @@ class Resources:
             self.node = Node(self.app, self.settings, exposure(self.settings), registry).start()
 
     def stop(self) -> None:
-        """Withdraw the node, stop serving metrics, close every client."""
+        """Shutdown begins: withdraw the node at once; the jobs still running keep the rest."""
         if self.node is not None:
             self.node.stop()
             self.node = None
+
+    def close(self) -> None:
+        """The pool is done (a warm shutdown lets running jobs finish first): stop serving
+        metrics, close every client and the store."""
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
