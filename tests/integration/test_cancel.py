@@ -1,12 +1,13 @@
-"""Cancelling a job through the real queue: a queued one never reaches its model, a running
-one has its inference stream closed before the answer's end; either way the lock is free and
-``ml_results`` says CANCELLED."""
+"""Cancelling a job through the real queue (from Python, or ``DELETE /jobs/{id}`` on the
+gateway): a queued one never reaches its model, a running one has its inference stream closed
+before the answer's end; either way the lock is free and ``ml_results`` says CANCELLED."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 import redis
 
@@ -14,6 +15,7 @@ from avocado_shared import JobFailed, JobStatus, Producer
 from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
+from tests.gateway import InProcessGateway
 from tests.services import REDIS_URL, wait_for
 
 WAIT = 60
@@ -78,3 +80,28 @@ def test_a_running_generation_cancelled_closes_its_inference_stream(
     assert row is not None
     assert row.status is JobStatus.CANCELLED
     assert not _locks(key_prefix, key)
+
+
+def test_delete_on_the_gateway_cancels_a_running_generation(
+    producer: Producer,
+    slow_sim: OllamaSimulator,
+    worker_factory: WorkerFactory,
+    gateway_factory: Callable[..., InProcessGateway],
+    key_prefix: str,
+) -> None:
+    worker_factory(slow_sim.url)
+    gateway = gateway_factory()
+    handle = producer.generate("Tell me everything.")
+    stream = JobStream(redis.Redis.from_url(REDIS_URL), key_prefix, handle.id)
+    next(stream.entries(timeout_s=WAIT))  # the answer has begun
+
+    answer = httpx.delete(f"{gateway.url}/jobs/{handle.id}", timeout=WAIT)
+
+    assert answer.status_code == 202
+    assert answer.json() == {"id": handle.id, "status": "cancelling"}
+    with pytest.raises(JobFailed, match="JobCancelled"):
+        handle.get(timeout=WAIT)
+    wait_for(lambda: slow_sim.abandoned == 1, timeout=WAIT, what="the answer to be abandoned")
+    row = producer.results.get(handle.id)
+    assert row is not None
+    assert row.status is JobStatus.CANCELLED

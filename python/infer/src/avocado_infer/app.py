@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
-from avocado_infer import ollama_api, openai_api
+from avocado_infer import jobs_api, ollama_api, openai_api
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.settings import InferSettings
 
@@ -32,6 +32,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
     app.include_router(ollama_api.router)
     app.include_router(openai_api.router)
+    app.include_router(jobs_api.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from avocado_shared.contracts import InvalidRequest
@@ -25,6 +26,7 @@ __all__ = [
     "describe",
     "error_route",
     "http_status",
+    "plain_error",
 ]
 
 Render = Callable[[int, str, bool], Response]
@@ -38,6 +40,11 @@ class AnswerRestarted(PermanentError):
 
 class RegistryUnavailable(Unavailable):
     """Redis, which holds the node registry, could not be read."""
+
+
+def plain_error(status: int, message: str, permanent: bool) -> Response:
+    """Ollama's error shape, ``{"error": message}``; the fleet's own routes answer in it too."""
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def http_status(error: AvocadoError) -> int:

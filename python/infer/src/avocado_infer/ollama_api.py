@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from avocado_infer.errors import error_route
+from avocado_infer.errors import error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, ndjson, opened, pieces, whole
 from avocado_shared.errors import AvocadoError
@@ -23,11 +23,7 @@ from avocado_shared.jobs import JobHandle
 __all__ = ["router"]
 
 
-def _error(status: int, message: str, permanent: bool) -> Response:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-router = APIRouter(prefix="/api", route_class=error_route(_error, json_bodies=True))
+router = APIRouter(prefix="/api", route_class=error_route(plain_error, json_bodies=True))
 Fleet = Annotated[Gateway, Depends(gateway)]
 
 
