@@ -105,3 +105,41 @@ def test_delete_on_the_gateway_cancels_a_running_generation(
     row = producer.results.get(handle.id)
     assert row is not None
     assert row.status is JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/generate", {"model": "llama3.2:1b", "prompt": "Tell me everything."}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "llama3.2:1b",
+                "stream": True,
+                "messages": [{"role": "user", "content": "Tell me everything."}],
+            },
+        ),
+    ],
+)
+def test_a_client_that_leaves_mid_stream_cancels_its_job(
+    producer: Producer,
+    slow_sim: OllamaSimulator,
+    worker_factory: WorkerFactory,
+    gateway_factory: Callable[..., InProcessGateway],
+    path: str,
+    body: dict[str, object],
+) -> None:
+    worker_factory(slow_sim.url)
+    gateway = gateway_factory()
+
+    with httpx.stream("POST", f"{gateway.url}{path}", json=body, timeout=WAIT) as answer:
+        assert answer.status_code == 200
+        job_id = answer.headers["x-avocado-job-id"]
+        next(answer.iter_lines())  # the first piece came; then the client goes away
+
+    with pytest.raises(JobFailed, match="JobCancelled"):
+        producer.handle(job_id).get(timeout=WAIT)
+    wait_for(lambda: slow_sim.abandoned == 1, timeout=WAIT, what="the answer to be abandoned")
+    row = producer.results.get(job_id)
+    assert row is not None
+    assert row.status is JobStatus.CANCELLED

@@ -117,8 +117,12 @@ def test_no_entry_in_time_is_a_timeout(stream: JobStream) -> None:
         next(pieces(stream, MODEL, timeout_s=0.2))
 
 
+def _no_cancel() -> None:
+    raise AssertionError("the whole answer was read: nothing to cancel")
+
+
 async def _body(chunks: list[dict[str, object]]) -> bytes:
-    response = sse(chunks, "job-1")
+    response = sse(chunks, "job-1", _no_cancel)
     assert response.headers["x-avocado-job-id"] == "job-1"
     return b"".join([part async for part in response.body_iterator])  # type: ignore[misc]
 

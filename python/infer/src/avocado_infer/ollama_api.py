@@ -99,7 +99,7 @@ async def _answer(
         lambda usage: [_chunk(usage.model, key, value(""), True) | _counts(usage)],
         _failed,
     )
-    return ndjson(chunks, handle.id)
+    return ndjson(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
 
 
 def _message(text: str) -> dict[str, str]:

@@ -210,7 +210,8 @@ async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: boo
         text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
         return JSONResponse(shape.answer(text, usage), headers={JOB_ID_HEADER: handle.id})
     answer = await opened(pieces(stream, body.model, timeout))
-    return sse(encoded(answer, shape.piece, shape.last, _failed), handle.id)
+    chunks = encoded(answer, shape.piece, shape.last, _failed)
+    return sse(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
 
 
 @router.post("/chat/completions")

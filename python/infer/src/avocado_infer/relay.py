@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import AnswerRestarted
@@ -27,6 +29,8 @@ __all__ = [
     "sse",
     "whole",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Names the job behind a response, for ``ml_results`` and ``avocado result``.
 JOB_ID_HEADER = "X-Avocado-Job-Id"
@@ -127,12 +131,48 @@ def encoded(
         yield failed(error)
 
 
-def ndjson(chunks: Iterable[dict[str, Any]], job_id: str) -> StreamingResponse:
-    """One JSON object a line, as Ollama streams."""
-    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" for c in chunks)
+class _Watched:
+    """A response body that knows whether the client was given all of it."""
+
+    def __init__(self, body: Iterable[bytes]) -> None:
+        self._body = body
+        self.whole = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._body
+        self.whole = True
+
+
+def _streamed(
+    body: Iterable[bytes], media_type: str, job_id: str, cancel: Callable[[], None]
+) -> StreamingResponse:
+    """``body`` streamed; a client that goes away before its end cancels the job
+    (``cancel``), so its worker stops generating. Noticed once the relay's wait for the
+    next piece returns."""
+    watched = _Watched(body)
+
+    async def left() -> None:
+        if watched.whole:
+            return
+        try:
+            await run_in_threadpool(cancel)
+        except AvocadoError as error:
+            logger.warning("job %s not cancelled after its client left: %s", job_id, error)
+
     return StreamingResponse(
-        lines, media_type="application/x-ndjson", headers={JOB_ID_HEADER: job_id}
+        watched,
+        media_type=media_type,
+        headers={JOB_ID_HEADER: job_id},
+        background=BackgroundTask(left),
     )
+
+
+def ndjson(
+    chunks: Iterable[dict[str, Any]], job_id: str, cancel: Callable[[], None]
+) -> StreamingResponse:
+    """One JSON object a line, as Ollama streams; ``cancel`` if the client leaves early."""
+    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" for c in chunks)
+    return _streamed(lines, "application/x-ndjson", job_id, cancel)
 
 
 def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
@@ -144,8 +184,9 @@ def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
         yield b"data: [DONE]\n\n"
 
 
-def sse(chunks: Iterable[dict[str, Any]], job_id: str) -> StreamingResponse:
-    """Server-sent events ending in ``data: [DONE]`` (none after an error), as OpenAI streams."""
-    return StreamingResponse(
-        _events(chunks), media_type="text/event-stream", headers={JOB_ID_HEADER: job_id}
-    )
+def sse(
+    chunks: Iterable[dict[str, Any]], job_id: str, cancel: Callable[[], None]
+) -> StreamingResponse:
+    """Server-sent events ending in ``data: [DONE]`` (none after an error), as OpenAI streams;
+    ``cancel`` if the client leaves early."""
+    return _streamed(_events(chunks), "text/event-stream", job_id, cancel)
