@@ -17,7 +17,7 @@ import redis
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Endpoint
 from avocado_shared.registry import NodeRegistry
-from avocado_shared.topology import ML_EXCHANGE, SUMMARIZE_QUEUE, job_queue
+from avocado_shared.topology import SUMMARIZE_QUEUE, describe
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
@@ -49,11 +49,11 @@ def _share() -> str:
 
 
 def _ready(producer: Producer, name: str) -> int:
-    """The ready messages of a queue, as RabbitMQ counts them."""
-    queue = job_queue(name, ML_EXCHANGE, producer.settings)
+    """The ready messages of a queue, as RabbitMQ counts them (declared first, as a fresh
+    vhost has none)."""
     with producer.app.connection_for_write() as connection:
-        _, ready, _ = queue(connection.default_channel).queue_declare(passive=True)
-    return int(ready)
+        infos = describe(connection, producer.settings)
+    return next(info.messages for info in infos if info.name == name)
 
 
 def _state(client: httpx.Client, job_id: str) -> dict[str, Any]:
