@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from avocado_infer import jobs_api, ollama_api, openai_api
 from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.metrics import instrument
 from avocado_infer.settings import InferSettings
 
 __all__ = ["create_app"]
@@ -23,13 +24,14 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.gateway = Gateway(chosen)
+        app.state.gateway = Gateway(chosen, metrics)
         try:
             yield
         finally:
             app.state.gateway.close()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
+    metrics = instrument(app)
     app.include_router(ollama_api.router)
     app.include_router(openai_api.router)
     app.include_router(jobs_api.router)

@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from avocado_shared.contracts import InvalidRequest
-from avocado_shared.errors import AvocadoError, PermanentError, TransientError, Unavailable
+from avocado_shared.errors import (
+    AvocadoError,
+    NotFound,
+    PermanentError,
+    TransientError,
+    Unavailable,
+)
 from avocado_shared.streams import StreamFailed, StreamTimedOut
 
 __all__ = [
@@ -51,6 +57,8 @@ def http_status(error: AvocadoError) -> int:
     """The status a fleet error maps to: the client's fault, the fleet's, or not yet."""
     if isinstance(error, InvalidRequest):
         return 400
+    if isinstance(error, NotFound):
+        return 404
     if isinstance(error, StreamTimedOut):
         return 504
     if isinstance(error, StreamFailed | AnswerRestarted):

@@ -1,8 +1,10 @@
 """What one gateway process holds for its life: the fleet's producer, a Redis client for
-token streams and the node registry; made in the app's lifespan, closed there."""
+token streams, the node registry and the ledger, the job state reader, and the app's metrics;
+made in the app's lifespan, closed there."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -13,8 +15,12 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import RegistryUnavailable
+from avocado_infer.job_state import JobStates
+from avocado_infer.ledger import Ledger
+from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
-from avocado_shared.contracts import GenerateResult
+from avocado_shared.contracts import GenerateResult, JobKind, SummarizeRequest, SummarizeResult
+from avocado_shared.discovery import Endpoint
 from avocado_shared.jobs import JobHandle
 from avocado_shared.producer import Producer
 from avocado_shared.registry import NodeRegistry
@@ -22,6 +28,8 @@ from avocado_shared.streams import JobStream
 from avocado_shared.tls import redis_ssl, warn_if_plaintext
 
 __all__ = ["Gateway", "ServedModel", "gateway"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,9 @@ class ServedModel:
 class Gateway:
     """The gateway's long-lived clients; every blocking call runs off the event loop."""
 
-    def __init__(self, settings: InferSettings) -> None:
+    def __init__(self, settings: InferSettings, metrics: GatewayMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         fleet = settings.fleet
         url = fleet.redis_url.get_secret_value()
         warn_if_plaintext(url, "Redis")
@@ -45,6 +54,8 @@ class Gateway:
         )
         self.registry = NodeRegistry(self.redis, fleet.key_prefix)
         self.producer = Producer(fleet)
+        self.ledger = Ledger(self.redis, fleet.key_prefix, fleet.result_expires_s)
+        self.jobs = JobStates(self.producer, self.ledger, settings.ready_timeout_s)
         self.started_at = datetime.now(timezone.utc)
 
     async def generate(
@@ -57,18 +68,38 @@ class Gateway:
         """Publish a generation job; ``InvalidRequest`` before anything is queued."""
         return await run_in_threadpool(self.producer.generate, prompt, messages=messages, **fields)
 
+    async def summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
+        """Publish a summary job, or find the one of its share id that is queued or running
+        (its singleton lock), and note it in the ledger, so its state reads queued."""
+        return await run_in_threadpool(self._summarize, request)
+
+    def _summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
+        handle = self.producer.summarize(
+            request.share_id,
+            request.content.model_dump(exclude_none=True),
+            options=request.options.model_dump(exclude_none=True),
+        )
+        try:
+            self.ledger.note(handle.id, JobKind.SUMMARIZE, request.share_id)
+        except redis.RedisError as error:  # it runs all the same; it reads 404 until it starts
+            logger.warning("summary job %s queued but not noted: %s", handle.id, error)
+        return handle
+
     def stream(self, job_id: str) -> JobStream:
-        """The token stream of ``job_id``."""
-        return JobStream(self.redis, self.settings.fleet.key_prefix, job_id)
+        """The token stream of ``job_id``, metered as it is read."""
+        return MeteredStream(self.redis, self.settings.fleet.key_prefix, job_id, self.metrics)
+
+    async def nodes(self) -> list[Endpoint]:
+        """The live nodes' records."""
+        try:
+            return await run_in_threadpool(self.registry.live)
+        except redis.RedisError as error:
+            raise RegistryUnavailable(f"the node registry is not readable: {error}") from error
 
     async def models(self) -> list[ServedModel]:
         """The models live nodes announce, and the fleet's default model, by name."""
-        try:
-            nodes = await run_in_threadpool(self.registry.live)
-        except redis.RedisError as error:
-            raise RegistryUnavailable(f"the node registry is not readable: {error}") from error
         seen = {self.settings.fleet.default_model: self.started_at}
-        for node in nodes:
+        for node in await self.nodes():
             for name in node.models:
                 seen[name] = max(seen.get(name, node.updated_at), node.updated_at)
         return [ServedModel(name, seen[name]) for name in sorted(seen)]

@@ -1,20 +1,49 @@
-"""The fleet's own job routes, beside the Ollama and OpenAI APIs: ``DELETE /jobs/{id}``
-cancels a job (``avocado_shared.cancel``), so the GPU under it stops."""
+"""The fleet's own job routes, beside the Ollama and OpenAI APIs: a job's state
+(``job_state``), the summary job over HTTP with its singleton semantics, and ``DELETE
+/jobs/{id}``, which cancels a job (``avocado_shared.cancel``) so the GPU under it stops."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.ledger import Noted
+from avocado_shared.contracts import JobKind, SummarizeRequest
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/jobs", route_class=error_route(plain_error))
 Fleet = Annotated[Gateway, Depends(gateway)]
+
+
+@router.post("/summarize", status_code=202)
+async def summarize(body: SummarizeRequest, fleet: Fleet) -> JSONResponse:
+    """Queue a summary of ``share_id``; while one of that share is queued or running, that
+    job is the answer, not a second one. Its state, as ``GET /jobs/{id}`` tells it."""
+    handle = await fleet.summarize(body)
+    noted = Noted(JobKind.SUMMARIZE, body.share_id)
+    view = await run_in_threadpool(fleet.jobs.view, handle.id, noted)
+    return JSONResponse(view.to_json(), status_code=202, headers={"Location": f"/jobs/{handle.id}"})
+
+
+@router.get("/summarize/{share_id}")
+async def summary(share_id: str, fleet: Fleet) -> dict[str, Any]:
+    """The newest summary job of ``share_id``: its state, and its result once it succeeded."""
+    view, result = await run_in_threadpool(fleet.jobs.summary, share_id)
+    return view.to_json() | {"result": result}
+
+
+@router.get("/{job_id}")
+async def job(job_id: str, fleet: Fleet) -> dict[str, Any]:
+    """The job's state, its worker and attempts; while queued, its queue and how many jobs
+    at most wait ahead of it (a quorum queue cannot be peeked: see ``job_state``)."""
+    view = await run_in_threadpool(fleet.jobs.view, job_id)
+    return view.to_json()
 
 
 @router.delete("/{job_id}", status_code=202)

@@ -1,5 +1,6 @@
 """Ollama's API: ``/api/generate`` and ``/api/chat`` as fleet jobs, streamed as NDJSON in
-Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/api/version``."""
+Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/api/ps``,
+``/api/version``."""
 
 from __future__ import annotations
 
@@ -132,6 +133,31 @@ async def tags(fleet: Fleet) -> dict[str, Any]:
             "details": {},
         }
         for m in await fleet.models()
+    ]
+    return {"models": models}
+
+
+@router.get("/ps")
+async def ps(fleet: Fleet) -> dict[str, Any]:
+    """The models live nodes serve, as the models running; ``expires_at`` is when the last
+    node that serves one stops vouching for it unless it refreshes its record. Which models
+    a node's server holds in memory, and their sizes and digests, are not announced: zero
+    and empty."""
+    until: dict[str, datetime] = {}
+    for node in await fleet.nodes():
+        for name in node.models:
+            until[name] = max(until.get(name, node.expires_at), node.expires_at)
+    models = [
+        {
+            "name": name,
+            "model": name,
+            "size": 0,
+            "digest": "",
+            "details": {},
+            "expires_at": until[name].isoformat(),
+            "size_vram": 0,
+        }
+        for name in sorted(until)
     ]
     return {"models": models}
 
