@@ -83,7 +83,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             if (reports := terminalreporter.stats.get(outcome, []))
         }
         if any(counts.values()):
-            version = _broker(label).ctl("version").strip()
+            version = _broker(label).version()
             text = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n)
             terminalreporter.write_line(f"RabbitMQ {version} ({label}): {text}")
 
