@@ -267,12 +267,13 @@ def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement
 @pytest.fixture
 def gateway_factory(settings: Settings) -> Iterator[Callable[..., InProcessGateway]]:
     """Gateways (avocado-infer) of one test on the session's broker and Redis, in this
-    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings). Each is
-    stopped when the test ends."""
+    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings; API keys
+    are not asked for unless ``require_keys=True``). Each is stopped when the test ends."""
     started: list[InProcessGateway] = []
 
     def make(**fields: Any) -> InProcessGateway:
-        gateway = InProcessGateway(InferSettings(**{"fleet": settings, **fields}))
+        chosen = {"fleet": settings, "require_keys": False, **fields}
+        gateway = InProcessGateway(InferSettings(**chosen))
         started.append(gateway.start())
         return gateway
 
