@@ -21,6 +21,7 @@ from psycopg import sql
 from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
+from avocado_shared.keys import KeyStore
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
@@ -262,6 +263,13 @@ def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement
         EndpointWatcher(connection, on_event=seen.append) as watcher,
     ):
         yield watcher, seen
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Iterator[KeyStore]:
+    """The gateway's API keys in the session's Redis, under its key prefix."""
+    with KeyStore.from_settings(settings) as store:
+        yield store
 
 
 @pytest.fixture

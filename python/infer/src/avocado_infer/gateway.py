@@ -23,7 +23,8 @@ from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import GenerateResult, JobKind, SummarizeRequest, SummarizeResult
 from avocado_shared.discovery import Endpoint
-from avocado_shared.errors import AvocadoError
+from avocado_shared.errors import AvocadoError, TransientError
+from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
 from avocado_shared.keys import KeyStore
 from avocado_shared.producer import Producer
@@ -82,26 +83,33 @@ class Gateway:
         **fields: Any,
     ) -> JobHandle[GenerateResult]:
         """Publish a generation job; ``InvalidRequest`` before anything is queued. A job not
-        published, or whose publish has an unknown outcome (the broker blocked publishing
-        right after it was sent), is a ``PublishError`` with a ``retry_after``; the latter
-        is cancelled, so that no one's answer runs when the broker takes it later."""
+        published is a ``PublishError`` with a ``retry_after``; one whose publish has an
+        unknown outcome (the broker blocked publishing right after it was sent) is cancelled,
+        as no one would read its answer when the broker takes it later: a ``TransientError``."""
         try:
             handle = await run_in_threadpool(
                 self.producer.generate, prompt, messages=messages, **fields
             )
+        except PublishOutcomeUnknown as error:
+            raise await self._cancelled(error) from error
         except PublishError as error:
             error.retry_after = self.settings.busy_retry_after_s
-            if isinstance(error, PublishOutcomeUnknown):
-                await self._cancel_unconfirmed(error.job_id)
             raise
         self.backlog.published()
         return handle
 
-    async def _cancel_unconfirmed(self, job_id: str) -> None:
+    async def _cancelled(self, error: PublishOutcomeUnknown) -> TransientError:
+        """Cancel a job sent but not confirmed; what its client is told."""
         try:
-            await run_in_threadpool(self.producer.cancel, job_id)
-        except AvocadoError as error:
-            logger.warning("job %s, sent but not confirmed, not cancelled: %s", job_id, error)
+            await run_in_threadpool(self.producer.cancel, error.job_id)
+        except AvocadoError as failed:
+            logger.warning("job %s, sent, not cancelled: %s", error.job_id, failed)
+        blocked = next((e for e in causes(error) if isinstance(e, BrokerBlocked)), None)
+        why = f"the broker blocked publishing ({blocked.reason})" if blocked else "no confirm came"
+        return TransientError(
+            f"job {error.job_id} sent, then {why}; it is cancelled: send the request again",
+            retry_after=self.settings.busy_retry_after_s,
+        )
 
     async def summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
         """Publish a summary job, or find the one of its share id that is queued or running
