@@ -56,7 +56,7 @@ def test_no_key_a_wrong_key_or_a_revoked_key_is_a_401_in_each_apis_shape(
         answers = {what: _refusals(client, headers) for what, headers in live.items()}
         keys.revoke(key.name)
         answers["a revoked key"] = _refusals(client, auth(secret))
-        open_routes = [client.get(path).status_code for path in ("/healthz", "/readyz")]
+        open_routes = [client.get(path).status_code for path in ("/healthz", "/readyz", "/metrics")]
 
     for what, (plain, shaped) in answers.items():
         for answer in plain:
@@ -68,7 +68,7 @@ def test_no_key_a_wrong_key_or_a_revoked_key_is_a_401_in_each_apis_shape(
             message = assert_openai_error(answer, 401, "invalid_request_error", "invalid_api_key")
             assert answer.headers["WWW-Authenticate"] == "Bearer"
         print(f"{what}: 401 {message!r}")
-    assert open_routes == [200, 200]
+    assert open_routes == [200, 200, 200]
     assert depth(settings) == queued  # nothing was queued
 
     # The clients no one here wrote see the 401 as theirs.
@@ -91,6 +91,8 @@ def _refusals(
         client.post("/api/chat", json={"model": MODEL, "messages": []}, headers=headers),
         client.get("/api/tags", headers=headers),
         client.delete(f"/jobs/{uuid.uuid4()}", headers=headers),
+        client.get(f"/jobs/{uuid.uuid4()}", headers=headers),
+        client.post("/jobs/summarize", json={"share_id": "s", "content": {}}, headers=headers),
     ]
     shaped = [
         client.post(CHAT[0], json=CHAT[1], headers=headers),
