@@ -21,6 +21,7 @@ from psycopg import sql
 from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
+from avocado_shared.keys import KeyStore
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
@@ -265,14 +266,22 @@ def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement
 
 
 @pytest.fixture
+def keys(settings: Settings) -> Iterator[KeyStore]:
+    """The gateway's API keys in the session's Redis, under its key prefix."""
+    with KeyStore.from_settings(settings) as store:
+        yield store
+
+
+@pytest.fixture
 def gateway_factory(settings: Settings) -> Iterator[Callable[..., InProcessGateway]]:
     """Gateways (avocado-infer) of one test on the session's broker and Redis, in this
-    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings). Each is
-    stopped when the test ends."""
+    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings; API keys
+    are not asked for unless ``require_keys=True``). Each is stopped when the test ends."""
     started: list[InProcessGateway] = []
 
     def make(**fields: Any) -> InProcessGateway:
-        gateway = InProcessGateway(InferSettings(**{"fleet": settings, **fields}))
+        chosen = {"fleet": settings, "require_keys": False, **fields}
+        gateway = InProcessGateway(InferSettings(**chosen))
         started.append(gateway.start())
         return gateway
 

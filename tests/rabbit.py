@@ -17,12 +17,34 @@ from typing import Any
 
 from kombu.connection import Connection
 
-from tests.services import free_port
+from tests.services import free_port, wait_for
 
-__all__ = ["NODE_SCRIPT", "Broker", "RabbitNode", "isolated_vhost", "machine_broker", "rabbitmq4"]
+__all__ = [
+    "ALARMS",
+    "NODE_SCRIPT",
+    "Broker",
+    "RabbitNode",
+    "alarm_raised",
+    "isolated_vhost",
+    "machine_broker",
+    "rabbitmq4",
+]
 
 NODE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-node.sh"
 _CTL_TIMEOUT = 120
+# (raise it, clear it, the reason RabbitMQ gives in connection.blocked)
+ALARMS = {
+    "memory": (
+        ("set_vm_memory_high_watermark", "0.00001"),
+        ("set_vm_memory_high_watermark", "0.4"),
+        "low on memory",
+    ),
+    "disk": (
+        ("set_disk_free_limit", "1000000GB"),
+        ("set_disk_free_limit", "50MB"),
+        "low on disk",
+    ),
+}
 
 
 def _run(args: list[str], what: str) -> str:
@@ -204,3 +226,21 @@ def isolated_vhost(broker: Broker) -> Iterator[str]:
         yield broker.url(vhost)
     finally:
         broker.ctl("delete_vhost", vhost)
+
+
+def _alarmed(node: RabbitNode) -> bool:
+    return "alarm on node" in node.diagnostics("alarms")
+
+
+@contextmanager
+def alarm_raised(node: RabbitNode, alarm: str) -> Iterator[str]:
+    """RabbitMQ's ``alarm`` (a key of ``ALARMS``) in effect on ``node``, so that it blocks
+    publishers; yields the reason it gives them. Cleared, and awaited cleared, on exit."""
+    raise_it, clear_it, reason = ALARMS[alarm]
+    node.ctl(*raise_it)
+    try:
+        wait_for(lambda: _alarmed(node), timeout=30, what=f"the {alarm} alarm")
+        yield reason
+    finally:
+        node.ctl(*clear_it)
+    wait_for(lambda: not _alarmed(node), timeout=30, what=f"the {alarm} alarm to clear")

@@ -24,24 +24,11 @@ from avocado_shared.topology import declare_topology
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
 from tests.proxy import OneWayProxy
-from tests.rabbit import RabbitNode, isolated_vhost
+from tests.rabbit import ALARMS, RabbitNode, alarm_raised, isolated_vhost
 from tests.services import REDIS_URL, RedisServer, free_port, run_cli, service_env, wait_for
 
 WAIT = 90
 NODE_MAX_MESSAGE = 1024 * 1024
-# (raise it, clear it, the reason RabbitMQ gives in connection.blocked)
-ALARMS = {
-    "memory": (
-        ("set_vm_memory_high_watermark", "0.00001"),
-        ("set_vm_memory_high_watermark", "0.4"),
-        "low on memory",
-    ),
-    "disk": (
-        ("set_disk_free_limit", "1000000GB"),
-        ("set_disk_free_limit", "50MB"),
-        "low on disk",
-    ),
-}
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +61,6 @@ def _depth(producer: Producer, queue: str) -> int:
         return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
 
 
-def _alarmed(node: RabbitNode) -> bool:
-    return "alarm on node" in node.diagnostics("alarms")
-
-
 def _summary_calls(sim: OllamaSimulator, text: str) -> int:
     """Generation calls whose prompt carries ``text``."""
     return sum(text in str(r.body) for r in sim.requests.to("/api/generate"))
@@ -87,7 +70,6 @@ def _summary_calls(sim: OllamaSimulator, text: str) -> int:
 def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
     node: RabbitNode, url: str, key_prefix: str, tmp_path: Path, alarm: str
 ) -> None:
-    raise_it, clear_it, reason = ALARMS[alarm]
     settings = _settings(url, key_prefix, publish_timeout_s=30)
     shares = [_uid(alarm) for _ in range(3)]
     texts = {share: f"Item {share} to summarize." for share in shares}
@@ -98,9 +80,7 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
     ):
         with producer.app.connection_for_write() as connection:
             declare_topology(connection, settings)
-        node.ctl(*raise_it)
-        try:
-            wait_for(lambda: _alarmed(node), timeout=30, what=f"the {alarm} alarm")
+        with alarm_raised(node, alarm) as reason:
             failures: list[tuple[float, PublishError]] = []
             for share in [*shares, shares[0]]:  # the first one twice
                 started = time.monotonic()
@@ -110,9 +90,6 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
             cli = run_cli(service_env(url, key_prefix), "generate", "Blocked?")
             print(f"{alarm} alarm: seconds until PublishError {[round(t, 3) for t, _ in failures]}")
             print(f"{alarm} alarm: the CLI said {cli.stderr.strip()!r}")
-        finally:
-            node.ctl(*clear_it)
-        wait_for(lambda: not _alarmed(node), timeout=30, what=f"the {alarm} alarm to clear")
 
         first, *refused = [error for _, error in failures]
         # The first publish met connection.blocked: sent, not confirmed, not sent again;

@@ -43,7 +43,7 @@ class Fleet:
         return ollama.Client(host=self.gateway.url, event_hooks=hooks, timeout=WAIT)
 
     def openai(self) -> openai.OpenAI:
-        """The OpenAI SDK on the gateway's /v1 (no key: keys are not done yet)."""
+        """The OpenAI SDK on the gateway's /v1 (any key: this gateway asks for none)."""
         return openai.OpenAI(base_url=f"{self.gateway.url}/v1", api_key="none", timeout=WAIT)
 
     def _note(self, response: httpx.Response) -> None:

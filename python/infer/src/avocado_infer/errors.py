@@ -7,8 +7,9 @@ before FastAPI's app-wide handlers would, so nothing the client caused becomes a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -27,16 +28,20 @@ from avocado_shared.streams import StreamFailed, StreamTimedOut
 
 __all__ = [
     "AnswerRestarted",
+    "OverLimit",
+    "QueueFull",
     "RegistryUnavailable",
     "Render",
+    "Unauthorized",
     "describe",
     "error_route",
     "http_status",
     "plain_error",
 ]
 
-Render = Callable[[int, str, bool], Response]
-"""An API's error response for a status, a message, and whether retrying cannot help."""
+Render = Callable[[int, str, bool, str | None], Response]
+"""An API's error response for a status, a message, whether retrying cannot help, and a
+machine-readable code (OpenAI's ``code``)."""
 
 
 class AnswerRestarted(PermanentError):
@@ -48,7 +53,23 @@ class RegistryUnavailable(Unavailable):
     """Redis, which holds the node registry, could not be read."""
 
 
-def plain_error(status: int, message: str, permanent: bool) -> Response:
+class Unauthorized(PermanentError):
+    """No API key, or one that is unknown or revoked (401)."""
+
+    code: ClassVar[str] = "invalid_api_key"
+
+
+class OverLimit(TransientError):
+    """A key over its requests a minute or its requests at once (429, ``retry_after``)."""
+
+    code: ClassVar[str] = "rate_limit_exceeded"
+
+
+class QueueFull(TransientError):
+    """The generate queue is as deep as the gateway lets it grow (503, ``retry_after``)."""
+
+
+def plain_error(status: int, message: str, permanent: bool, code: str | None = None) -> Response:
     """Ollama's error shape, ``{"error": message}``; the fleet's own routes answer in it too."""
     return JSONResponse({"error": message}, status_code=status)
 
@@ -59,6 +80,10 @@ def http_status(error: AvocadoError) -> int:
         return 400
     if isinstance(error, NotFound):
         return 404
+    if isinstance(error, Unauthorized):
+        return 401
+    if isinstance(error, OverLimit):
+        return 429
     if isinstance(error, StreamTimedOut):
         return 504
     if isinstance(error, StreamFailed | AnswerRestarted):
@@ -99,11 +124,23 @@ def error_route(render: Render, *, json_bodies: bool = False) -> type[APIRoute]:
                 try:
                     return await handler(request)
                 except RequestValidationError as error:
-                    return render(400, describe(error.errors()), True)
+                    return render(400, describe(error.errors()), True, None)
                 except AvocadoError as error:
-                    permanent = isinstance(error, PermanentError)
-                    return render(http_status(error), str(error), permanent)
+                    return _rendered(render, error)
 
             return handle
 
     return ErrorRoute
+
+
+def _rendered(render: Render, error: AvocadoError) -> Response:
+    """``error`` in ``render``'s shape, with the headers its status calls for: when to come
+    back (``Retry-After``, whole seconds), how to authenticate (``WWW-Authenticate``)."""
+    status = http_status(error)
+    permanent = isinstance(error, PermanentError)
+    response = render(status, str(error), permanent, getattr(error, "code", None))
+    if isinstance(error, TransientError) and error.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response

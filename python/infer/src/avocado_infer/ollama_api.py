@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from avocado_infer.access import admitted
 from avocado_infer.errors import error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, ndjson, opened, pieces, whole
@@ -26,6 +27,7 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api", route_class=error_route(plain_error, json_bodies=True))
 Fleet = Annotated[Gateway, Depends(gateway)]
+Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
 
 class _Body(BaseModel):
@@ -107,13 +109,13 @@ def _message(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-@router.post("/generate")
+@router.post("/generate", dependencies=Admitted)
 async def generate(body: GenerateBody, fleet: Fleet) -> Response:
     handle = await fleet.generate(prompt=body.prompt, system=body.system, **body.job_fields())
     return await _answer(fleet, handle, body, "response", str)
 
 
-@router.post("/chat")
+@router.post("/chat", dependencies=Admitted)
 async def chat(body: ChatBody, fleet: Fleet) -> Response:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     handle = await fleet.generate(messages=messages, **body.job_fields())

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from avocado_infer.access import admitted
 from avocado_infer.errors import error_route, http_status
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, opened, pieces, sse, whole
@@ -23,20 +24,24 @@ from avocado_shared.jobs import JobHandle
 __all__ = ["router"]
 
 
-def _error_body(status: int, message: str) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+def _error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    # OpenAI's types: a rate limit is "requests", a bad key "invalid_request_error".
+    kind = (
+        "requests" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def _error(status: int, message: str, permanent: bool) -> Response:
+def _error(status: int, message: str, permanent: bool, code: str | None) -> Response:
     # The SDKs retry a 5xx unless told not to, in OpenAI's own header: a job that failed
     # for good would only be queued again.
     headers = {"x-should-retry": "false"} if permanent else None
-    return JSONResponse(_error_body(status, message), status_code=status, headers=headers)
+    return JSONResponse(_error_body(status, message, code), status_code=status, headers=headers)
 
 
 router = APIRouter(prefix="/v1", route_class=error_route(_error))
 Fleet = Annotated[Gateway, Depends(gateway)]
+Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
 
 class _Lenient(BaseModel):
@@ -214,7 +219,7 @@ async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: boo
     return sse(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", dependencies=Admitted)
 async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
     messages = [m.job_message() for m in body.messages]
     response_format = body.response_format.job_format() if body.response_format else None
@@ -227,7 +232,7 @@ async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
     return await _answer(fleet, handle, body, chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", dependencies=Admitted)
 async def completions(body: CompletionBody, fleet: Fleet) -> Response:
     handle = await fleet.generate(
         prompt=body.job_prompt(), model=body.model, options=body.job_options()

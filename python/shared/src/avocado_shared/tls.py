@@ -12,6 +12,7 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from celery.app.amqp import AMQP
 from kombu.connection import Connection
 
@@ -23,6 +24,7 @@ __all__ = [
     "FailoverAMQP",
     "FailoverConnection",
     "broker_ssl",
+    "redis_client",
     "redis_ssl",
     "refuse_untrusted",
     "warn_if_plaintext",
@@ -80,6 +82,15 @@ def redis_ssl(settings: Settings, url: str) -> dict[str, Any]:
         return {}
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
     return options | _files(settings, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client of the fleet's Redis (``AVOCADO_REDIS_URL``), verified over ``rediss://``."""
+    url = settings.redis_url.get_secret_value()
+    warn_if_plaintext(url, "Redis")
+    return redis.Redis.from_url(
+        url, socket_timeout=10, socket_connect_timeout=5, **redis_ssl(settings, url)
+    )
 
 
 def _files(settings: Settings, ca: str, cert: str, key: str) -> dict[str, str]:
