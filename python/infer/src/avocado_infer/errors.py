@@ -1,8 +1,9 @@
 """What goes wrong between an HTTP request and its job's answer, and the status it gets.
 
 Each API answers in its own error shape: a route class made by ``error_route`` catches bad
-input (FastAPI's ``RequestValidationError``, malformed JSON included) and the fleet's errors
-before FastAPI's app-wide handlers would, so nothing the client caused becomes a 500.
+input (FastAPI's ``RequestValidationError``, malformed JSON included, and its ``HTTPException``
+for a body it cannot read) and the fleet's errors before FastAPI's app-wide handlers would, so
+nothing the client caused becomes a 500 or an answer in another shape.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import AvocadoError, PermanentError, TransientError, Unavailable
@@ -21,9 +24,11 @@ from avocado_shared.streams import StreamFailed, StreamTimedOut
 
 __all__ = [
     "AnswerRestarted",
+    "PlainError",
     "RegistryUnavailable",
     "Render",
     "describe",
+    "documented_errors",
     "error_route",
     "http_status",
     "plain_error",
@@ -40,6 +45,25 @@ class AnswerRestarted(PermanentError):
 
 class RegistryUnavailable(Unavailable):
     """Redis, which holds the node registry, could not be read."""
+
+
+class PlainError(BaseModel):
+    """Ollama's error body, for the OpenAPI schema."""
+
+    error: str
+
+
+def documented_errors(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The errors a router's routes answer, in ``body``'s shape, for the OpenAPI schema: bad
+    input is a 400 (never FastAPI's default 422, which documenting 4XX replaces)."""
+    return {
+        "4XX": {"model": body, "description": "Bad input (400), in the API's error shape."},
+        "5XX": {
+            "model": body,
+            "description": "The job failed (502), the broker or Redis does not answer (503), "
+            "or no answer came in time (504).",
+        },
+    }
 
 
 def plain_error(status: int, message: str, permanent: bool) -> Response:
@@ -92,6 +116,12 @@ def error_route(render: Render, *, json_bodies: bool = False) -> type[APIRoute]:
                     return await handler(request)
                 except RequestValidationError as error:
                     return render(400, describe(error.errors()), True)
+                except HTTPException as error:
+                    # FastAPI's own, such as a body that is not UTF-8 ("There was an error
+                    # parsing the body"): its status and headers, in the API's shape.
+                    response = render(error.status_code, str(error.detail), error.status_code < 500)
+                    response.headers.update(error.headers or {})
+                    return response
                 except AvocadoError as error:
                     permanent = isinstance(error, PermanentError)
                     return render(http_status(error), str(error), permanent)

@@ -8,12 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from avocado_infer.errors import error_route, plain_error
+from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/jobs", route_class=error_route(plain_error))
+router = APIRouter(
+    prefix="/jobs", route_class=error_route(plain_error), responses=documented_errors(PlainError)
+)
 Fleet = Annotated[Gateway, Depends(gateway)]
 
 
