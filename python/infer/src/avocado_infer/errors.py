@@ -1,8 +1,9 @@
 """What goes wrong between an HTTP request and its job's answer, and the status it gets.
 
 Each API answers in its own error shape: a route class made by ``error_route`` catches bad
-input (FastAPI's ``RequestValidationError``, malformed JSON included) and the fleet's errors
-before FastAPI's app-wide handlers would, so nothing the client caused becomes a 500.
+input (FastAPI's ``RequestValidationError``, malformed JSON included, and its ``HTTPException``
+for a body it cannot read) and the fleet's errors before FastAPI's app-wide handlers would, so
+nothing the client caused becomes a 500 or an answer in another shape.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import (
@@ -29,11 +32,13 @@ from avocado_shared.streams import StreamFailed, StreamTimedOut
 __all__ = [
     "AnswerRestarted",
     "OverLimit",
+    "PlainError",
     "QueueFull",
     "RegistryUnavailable",
     "Render",
     "Unauthorized",
     "describe",
+    "documented_errors",
     "error_route",
     "http_status",
     "plain_error",
@@ -67,6 +72,29 @@ class OverLimit(TransientError):
 
 class QueueFull(TransientError):
     """The generate queue is as deep as the gateway lets it grow (503, ``retry_after``)."""
+
+
+class PlainError(BaseModel):
+    """Ollama's error body, for the OpenAPI schema."""
+
+    error: str
+
+
+def documented_errors(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The errors a router's routes answer, in ``body``'s shape, for the OpenAPI schema: bad
+    input is a 400 (never FastAPI's default 422, which documenting 4XX replaces)."""
+    return {
+        "4XX": {
+            "model": body,
+            "description": "Bad input (400), no API key or a wrong one (401), a key over its "
+            "limits (429, Retry-After), an unknown job (404), in the API's error shape.",
+        },
+        "5XX": {
+            "model": body,
+            "description": "The job failed (502), the broker or Redis does not answer or the "
+            "queue is full (503, Retry-After), or no answer came in time (504).",
+        },
+    }
 
 
 def plain_error(status: int, message: str, permanent: bool, code: str | None = None) -> Response:
@@ -125,6 +153,14 @@ def error_route(render: Render, *, json_bodies: bool = False) -> type[APIRoute]:
                     return await handler(request)
                 except RequestValidationError as error:
                     return render(400, describe(error.errors()), True, None)
+                except HTTPException as error:
+                    # FastAPI's own, such as a body that is not UTF-8 ("There was an error
+                    # parsing the body"): its status and headers, in the API's shape.
+                    response = render(
+                        error.status_code, str(error.detail), error.status_code < 500, None
+                    )
+                    response.headers.update(error.headers or {})
+                    return response
                 except AvocadoError as error:
                     return _rendered(render, error)
 

@@ -8,15 +8,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import version
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.access import admitted
-from avocado_infer.errors import error_route, plain_error
+from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, ndjson, opened, pieces, whole
 from avocado_shared.errors import AvocadoError
@@ -25,7 +25,11 @@ from avocado_shared.jobs import JobHandle
 __all__ = ["router"]
 
 
-router = APIRouter(prefix="/api", route_class=error_route(plain_error, json_bodies=True))
+router = APIRouter(
+    prefix="/api",
+    route_class=error_route(plain_error, json_bodies=True),
+    responses=documented_errors(PlainError),
+)
 Fleet = Annotated[Gateway, Depends(gateway)]
 Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
@@ -51,21 +55,25 @@ class _Body(BaseModel):
         }
 
 
+# In the schema only: the job contract refuses a blank prompt, in its own words.
+NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
+
+
 class GenerateBody(_Body):
-    prompt: str
+    prompt: str = Field(json_schema_extra=NOT_BLANK)
     system: str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
 
 
 class ChatBody(_Body):
-    messages: list[Message]
+    messages: list[Message] = Field(min_length=1)
 
 
 def _now() -> str:
@@ -109,13 +117,23 @@ def _message(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-@router.post("/generate", dependencies=Admitted)
+# What a generation answers, for the OpenAPI schema: the route builds its response itself.
+_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Chunks as NDJSON, the last with done true and the counts; one such "
+        "object with stream false.",
+        "content": {"application/x-ndjson": {}},
+    }
+}
+
+
+@router.post("/generate", dependencies=Admitted, responses=_ANSWER)
 async def generate(body: GenerateBody, fleet: Fleet) -> Response:
     handle = await fleet.generate(prompt=body.prompt, system=body.system, **body.job_fields())
     return await _answer(fleet, handle, body, "response", str)
 
 
-@router.post("/chat", dependencies=Admitted)
+@router.post("/chat", dependencies=Admitted, responses=_ANSWER)
 async def chat(body: ChatBody, fleet: Fleet) -> Response:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     handle = await fleet.generate(messages=messages, **body.job_fields())

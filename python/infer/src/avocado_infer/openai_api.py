@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.access import admitted
-from avocado_infer.errors import error_route, http_status
+from avocado_infer.errors import documented_errors, error_route, http_status
 from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.ollama_api import NOT_BLANK
 from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, opened, pieces, sse, whole
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import AvocadoError
@@ -39,7 +40,22 @@ def _error(status: int, message: str, permanent: bool, code: str | None) -> Resp
     return JSONResponse(_error_body(status, message, code), status_code=status, headers=headers)
 
 
-router = APIRouter(prefix="/v1", route_class=error_route(_error))
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body, for the OpenAPI schema."""
+
+    error: OpenAIErrorDetail
+
+
+router = APIRouter(
+    prefix="/v1", route_class=error_route(_error), responses=documented_errors(OpenAIError)
+)
 Fleet = Annotated[Gateway, Depends(gateway)]
 Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
@@ -92,7 +108,7 @@ class ContentPart(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
     def job_message(self) -> dict[str, str]:
@@ -123,20 +139,22 @@ class ResponseFormat(_Lenient):
 
 
 class ChatBody(_Body):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
 
 
+Prompt = Annotated[str, Field(json_schema_extra=NOT_BLANK)]
+OnePrompt = Annotated[
+    list[Prompt], Field(min_length=1, max_length=1, description="One prompt: a job answers one.")
+]
+
+
 class CompletionBody(_Body):
-    prompt: str | list[str]
+    prompt: Prompt | OnePrompt
 
     def job_prompt(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise InvalidRequest("prompt: give one prompt; a job answers one")
-        return self.prompt[0]
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 def _finish_reason(usage: Usage) -> str:
@@ -219,7 +237,17 @@ async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: boo
     return sse(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
 
 
-@router.post("/chat/completions", dependencies=Admitted)
+# What a completion answers, for the OpenAPI schema: the route builds its response itself.
+_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events ending in data: [DONE] when streamed, else one "
+        "JSON object.",
+        "content": {"text/event-stream": {}},
+    }
+}
+
+
+@router.post("/chat/completions", dependencies=Admitted, responses=_ANSWER)
 async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
     messages = [m.job_message() for m in body.messages]
     response_format = body.response_format.job_format() if body.response_format else None
@@ -232,7 +260,7 @@ async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
     return await _answer(fleet, handle, body, chat=True)
 
 
-@router.post("/completions", dependencies=Admitted)
+@router.post("/completions", dependencies=Admitted, responses=_ANSWER)
 async def completions(body: CompletionBody, fleet: Fleet) -> Response:
     handle = await fleet.generate(
         prompt=body.job_prompt(), model=body.model, options=body.job_options()
