@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from avocado_shared import Producer
 from tests.services import free_port
 
-__all__ = ["NODE_SCRIPT", "Broker", "RabbitNode", "isolated_vhost", "machine_broker", "rabbitmq4"]
+__all__ = [
+    "NODE_SCRIPT",
+    "Broker",
+    "RabbitNode",
+    "isolated_vhost",
+    "machine_broker",
+    "queue_depth",
+    "rabbitmq4",
+]
 
 NODE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-node.sh"
 _CTL_TIMEOUT = 120
@@ -171,3 +180,9 @@ def isolated_vhost(broker: Broker) -> Iterator[str]:
         yield broker.url(vhost)
     finally:
         broker.ctl("delete_vhost", vhost)
+
+
+def queue_depth(producer: Producer, queue: str) -> int:
+    """How many messages ``queue`` holds ready, on ``producer``'s broker and vhost."""
+    with producer.app.connection_for_write() as connection:
+        return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
