@@ -35,6 +35,12 @@ def slow_sim() -> Iterator[OllamaSimulator]:
         yield sim
 
 
+def _assert_recorded_cancelled(producer: Producer, job_id: str) -> None:
+    row = producer.results.get(job_id)
+    assert row is not None
+    assert row.status is JobStatus.CANCELLED
+
+
 def _locks(key_prefix: str, key: str) -> list[str]:
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     return [k for k in client.scan_iter(f"{key_prefix}lock:*") if key in k]
@@ -52,9 +58,7 @@ def test_a_queued_job_cancelled_never_runs(
         handle.get(timeout=WAIT)
 
     assert slow_sim.generation_calls == 0
-    row = producer.results.get(handle.id)
-    assert row is not None
-    assert row.status is JobStatus.CANCELLED
+    _assert_recorded_cancelled(producer, handle.id)
     assert not _locks(key_prefix, key)
     again = producer.generate("Never mind.", idempotency_key=key)
     assert again.id != handle.id  # the identity is free for a new job
@@ -82,9 +86,7 @@ def test_a_running_generation_cancelled_closes_its_inference_stream(
     assert entries.end is not None
     assert entries.end.kind is EntryKind.ERROR
     assert 0 < entries.chunks < TOKENS  # cut short, not run to its end
-    row = producer.results.get(handle.id)
-    assert row is not None
-    assert row.status is JobStatus.CANCELLED
+    _assert_recorded_cancelled(producer, handle.id)
     assert not _locks(key_prefix, key)
 
 
@@ -108,9 +110,7 @@ def test_delete_on_the_gateway_cancels_a_running_generation(
     with pytest.raises(JobFailed, match="JobCancelled"):
         handle.get(timeout=WAIT)
     wait_for(lambda: slow_sim.abandoned == 1, timeout=WAIT, what="the answer to be abandoned")
-    row = producer.results.get(handle.id)
-    assert row is not None
-    assert row.status is JobStatus.CANCELLED
+    _assert_recorded_cancelled(producer, handle.id)
 
 
 @pytest.mark.parametrize(
@@ -146,9 +146,7 @@ def test_a_client_that_leaves_mid_stream_cancels_its_job(
     with pytest.raises(JobFailed, match="JobCancelled"):
         producer.handle(job_id).get(timeout=WAIT)
     wait_for(lambda: slow_sim.abandoned == 1, timeout=WAIT, what="the answer to be abandoned")
-    row = producer.results.get(job_id)
-    assert row is not None
-    assert row.status is JobStatus.CANCELLED
+    _assert_recorded_cancelled(producer, job_id)
 
 
 def _request(path: str, text: str, stream: bool) -> dict[str, object]:
@@ -220,9 +218,7 @@ def test_a_client_that_leaves_before_its_whole_answer_cancels_its_job(
     with pytest.raises(JobFailed, match="JobCancelled: cancelled on request while it generated"):
         producer.handle(job_id).get(timeout=WAIT)
     wait_for(lambda: slow_sim.abandoned == 1, timeout=WAIT, what="the answer to be abandoned")
-    row = producer.results.get(job_id)
-    assert row is not None
-    assert row.status is JobStatus.CANCELLED
+    _assert_recorded_cancelled(producer, job_id)
     assert not redis.Redis.from_url(REDIS_URL).exists(f"{key_prefix}run:{job_id}")  # its lease
 
 
@@ -256,6 +252,4 @@ def test_a_client_that_leaves_while_its_job_is_queued_cancels_it_before_it_runs(
     with pytest.raises(JobFailed, match="JobCancelled: cancelled on request before it ran"):
         producer.handle(job_id).get(timeout=WAIT)
     assert not [r for r in slow_sim.requests.snapshot() if question in json.dumps(r.body)]
-    row = producer.results.get(job_id)
-    assert row is not None
-    assert row.status is JobStatus.CANCELLED
+    _assert_recorded_cancelled(producer, job_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,26 +20,13 @@ from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet, assert_counts
-from tests.midanswer import ASK, MODEL, continued_from, longest_gap, reference, slow
+from tests.midanswer import ASK, MODEL, continued_from, longest_gap
 
 logger = logging.getLogger(__name__)
 
 WAIT = 90
 BEFORE_KILL = 5  # chunks the client reads before its worker dies
 LEASE_S = "3"  # the dead worker's lease delays its job's redelivery by at most this
-
-
-@pytest.fixture
-def slow_sim() -> Iterator[OllamaSimulator]:
-    """A slow simulator of this test only: the worker dies in the middle of its answer."""
-    with slow() as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
-def uninterrupted() -> Iterator[OllamaClient]:
-    with reference() as client:
-        yield client
 
 
 @dataclass
@@ -81,11 +68,13 @@ class Reader:
 
 
 @pytest.fixture
-def reader(slow_sim: OllamaSimulator, worker_factory: WorkerFactory) -> Callable[[], Reader]:
+def reader(midanswer_sim: OllamaSimulator, worker_factory: WorkerFactory) -> Callable[[], Reader]:
     """A worker subprocess on the slow simulator, and a reader that kills it mid-answer."""
     env = {"AVOCADO_JOB_LEASE_S": LEASE_S}
-    doomed = worker_factory.process(slow_sim.url, concurrency=1, **env)
-    return lambda: Reader(doomed.kill, lambda: worker_factory(slow_sim.url, concurrency=1, **env))
+    doomed = worker_factory.process(midanswer_sim.url, concurrency=1, **env)
+    return lambda: Reader(
+        doomed.kill, lambda: worker_factory(midanswer_sim.url, concurrency=1, **env)
+    )
 
 
 @pytest.fixture
@@ -104,7 +93,7 @@ def _assert_taken_over(fleet: Fleet, job_id: str) -> None:
 def test_an_ollama_clients_stream_outlives_its_worker(
     fleet: Fleet,
     reader: Callable[[], Reader],
-    slow_sim: OllamaSimulator,
+    midanswer_sim: OllamaSimulator,
     uninterrupted: OllamaClient,
     route: str,
 ) -> None:
@@ -128,7 +117,7 @@ def test_an_ollama_clients_stream_outlives_its_worker(
     assert result.text == text  # what the client read is what ml_results holds
     assert_counts(final, result)
     _assert_taken_over(fleet, fleet.job_ids[0])
-    continued = continued_from(slow_sim, "/api/chat")
+    continued = continued_from(midanswer_sim, "/api/chat")
     assert text.startswith(continued)
     assert len(continued) >= len("".join(reading.texts[:BEFORE_KILL]))
     reading.report(f"ollama {route}")
@@ -137,7 +126,7 @@ def test_an_ollama_clients_stream_outlives_its_worker(
 def test_an_openai_sdk_stream_outlives_its_worker(
     fleet: Fleet,
     reader: Callable[[], Reader],
-    slow_sim: OllamaSimulator,
+    midanswer_sim: OllamaSimulator,
     uninterrupted: OllamaClient,
 ) -> None:
     messages = [{"role": "user", "content": f"{ASK} ({uuid.uuid4().hex[:6]})"}]
@@ -155,5 +144,5 @@ def test_an_openai_sdk_stream_outlives_its_worker(
     assert result.text == text
     assert usage.usage.completion_tokens == result.completion_tokens > 0
     _assert_taken_over(fleet, result.job_id)
-    assert text.startswith(continued_from(slow_sim, "/api/chat"))
+    assert text.startswith(continued_from(midanswer_sim, "/api/chat"))
     reading.report("openai chat")

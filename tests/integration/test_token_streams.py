@@ -30,25 +30,12 @@ from avocado_shared.topology import GENERATE_TASK
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
-from tests.midanswer import ASK, MODEL, TOKENS, continued_from, longest_gap, reference, slow
+from tests.midanswer import ASK, MODEL, TOKENS, continued_from, longest_gap
 from tests.services import REDIS_URL
 
 logger = logging.getLogger(__name__)
 
 WAIT = 90
-
-
-@pytest.fixture
-def slow_sim() -> Iterator[OllamaSimulator]:
-    """A slow simulator of this test only: a job is caught in the middle of its answer."""
-    with slow() as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
-def uninterrupted() -> Iterator[OllamaClient]:
-    with reference() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +81,7 @@ class Rig:
 @pytest.fixture
 def rig(
     producer: Producer,
-    slow_sim: OllamaSimulator,
+    midanswer_sim: OllamaSimulator,
     worker_factory: WorkerFactory,
     client: redis.Redis,
     key_prefix: str,
@@ -102,7 +89,7 @@ def rig(
     tmp_path: Path,
 ) -> Rig:
     database = f"sqlite:///{tmp_path / 'results.sqlite3'}"
-    return Rig(producer, slow_sim, worker_factory, client, key_prefix, uninterrupted, database)
+    return Rig(producer, midanswer_sim, worker_factory, client, key_prefix, uninterrupted, database)
 
 
 def _ms(entry: StreamEntry) -> int:
