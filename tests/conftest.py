@@ -22,7 +22,9 @@ from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
 from avocado_shared.keys import KeyStore
+from ollama_worker.ollama import OllamaClient
 from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests import midanswer
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
 from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
@@ -167,6 +169,21 @@ def sim() -> Iterator[OllamaSimulator]:
     """One simulator per test module; tests reset what they change."""
     with OllamaSimulator(SimConfig(models=["llama3.2:1b"])) as server:
         yield server
+
+
+@pytest.fixture
+def midanswer_sim() -> Iterator[OllamaSimulator]:
+    """A slow simulator of one test (``tests.midanswer``): a job is caught in the middle of
+    its answer."""
+    with midanswer.slow() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> Iterator[OllamaClient]:
+    """The same simulated model at full speed: the answers a job must end up with."""
+    with midanswer.reference() as client:
+        yield client
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 
 from kombu.connection import Connection
 
+from avocado_shared import Producer
 from tests.services import free_port, wait_for
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "alarm_raised",
     "isolated_vhost",
     "machine_broker",
+    "queue_depth",
     "rabbitmq4",
 ]
 
@@ -244,3 +246,9 @@ def alarm_raised(node: RabbitNode, alarm: str) -> Iterator[str]:
     finally:
         node.ctl(*clear_it)
     wait_for(lambda: not _alarmed(node), timeout=30, what=f"the {alarm} alarm to clear")
+
+
+def queue_depth(producer: Producer, queue: str) -> int:
+    """How many messages ``queue`` holds ready, on ``producer``'s broker and vhost."""
+    with producer.app.connection_for_write() as connection:
+        return int(connection.default_channel.queue_declare(queue, passive=True).message_count)

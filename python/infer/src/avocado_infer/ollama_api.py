@@ -10,15 +10,24 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.access import admitted
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
-from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, ndjson, opened, pieces, whole
+from avocado_infer.relay import (
+    JOB_ID_HEADER,
+    Usage,
+    encoded,
+    left,
+    ndjson,
+    opened,
+    pieces,
+    unless_left,
+    whole,
+)
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import JobHandle
 
@@ -94,23 +103,39 @@ def _failed(error: AvocadoError) -> dict[str, Any]:
 
 
 async def _answer(
-    fleet: Gateway, handle: JobHandle[Any], body: _Body, key: str, value: Callable[[str], Any]
+    request: Request,
+    fleet: Gateway,
+    handle: JobHandle[Any],
+    body: _Body,
+    key: str,
+    value: Callable[[str], Any],
 ) -> Response:
     """``value(text)`` under ``key`` in every chunk: the generate or the chat shape."""
     stream = fleet.stream(handle.id)
     timeout = fleet.settings.stream_timeout_s
+
+    def cancel() -> None:
+        fleet.producer.cancel(handle.id)
+
     if not body.stream:
-        text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
+        got = await unless_left(
+            request, lambda: whole(stream, body.model, timeout), handle.id, cancel
+        )
+        if got is None:
+            return left()
+        text, usage = got
         done = _chunk(usage.model, key, value(text), True) | _counts(usage)
         return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
-    answer = await opened(pieces(stream, body.model, timeout))
+    answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
+    if answer is None:
+        return left()
     chunks = encoded(
         answer,
         lambda text: _chunk(body.model, key, value(text), False),
         lambda usage: [_chunk(usage.model, key, value(""), True) | _counts(usage)],
         _failed,
     )
-    return ndjson(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
+    return ndjson(chunks, handle.id, cancel)
 
 
 def _message(text: str) -> dict[str, str]:
@@ -128,16 +153,16 @@ _ANSWER: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/generate", dependencies=Admitted, responses=_ANSWER)
-async def generate(body: GenerateBody, fleet: Fleet) -> Response:
+async def generate(body: GenerateBody, fleet: Fleet, request: Request) -> Response:
     handle = await fleet.generate(prompt=body.prompt, system=body.system, **body.job_fields())
-    return await _answer(fleet, handle, body, "response", str)
+    return await _answer(request, fleet, handle, body, "response", str)
 
 
 @router.post("/chat", dependencies=Admitted, responses=_ANSWER)
-async def chat(body: ChatBody, fleet: Fleet) -> Response:
+async def chat(body: ChatBody, fleet: Fleet, request: Request) -> Response:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     handle = await fleet.generate(messages=messages, **body.job_fields())
-    return await _answer(fleet, handle, body, "message", _message)
+    return await _answer(request, fleet, handle, body, "message", _message)
 
 
 @router.get("/tags")

@@ -8,16 +8,25 @@ import time
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.access import admitted
 from avocado_infer.errors import documented_errors, error_route, http_status
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.ollama_api import NOT_BLANK
-from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, opened, pieces, sse, whole
+from avocado_infer.relay import (
+    JOB_ID_HEADER,
+    Usage,
+    encoded,
+    left,
+    opened,
+    pieces,
+    sse,
+    unless_left,
+    whole,
+)
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import JobHandle
@@ -225,16 +234,28 @@ def _failed(error: AvocadoError) -> dict[str, Any]:
     return _error_body(http_status(error), str(error))
 
 
-async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: bool) -> Response:
+async def _answer(
+    request: Request, fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: bool
+) -> Response:
     shape = _Shape(chat, handle.id, body.model, body.include_usage)
     stream = fleet.stream(handle.id)
     timeout = fleet.settings.stream_timeout_s
+
+    def cancel() -> None:
+        fleet.producer.cancel(handle.id)
+
     if not body.stream:
-        text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
-        return JSONResponse(shape.answer(text, usage), headers={JOB_ID_HEADER: handle.id})
-    answer = await opened(pieces(stream, body.model, timeout))
+        got = await unless_left(
+            request, lambda: whole(stream, body.model, timeout), handle.id, cancel
+        )
+        if got is None:
+            return left()
+        return JSONResponse(shape.answer(*got), headers={JOB_ID_HEADER: handle.id})
+    answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
+    if answer is None:
+        return left()
     chunks = encoded(answer, shape.piece, shape.last, _failed)
-    return sse(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
+    return sse(chunks, handle.id, cancel)
 
 
 # What a completion answers, for the OpenAPI schema: the route builds its response itself.
@@ -248,7 +269,7 @@ _ANSWER: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/chat/completions", dependencies=Admitted, responses=_ANSWER)
-async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
+async def chat_completions(body: ChatBody, fleet: Fleet, request: Request) -> Response:
     messages = [m.job_message() for m in body.messages]
     response_format = body.response_format.job_format() if body.response_format else None
     handle = await fleet.generate(
@@ -257,15 +278,15 @@ async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
         options=body.job_options(body.max_completion_tokens),
         format=response_format,
     )
-    return await _answer(fleet, handle, body, chat=True)
+    return await _answer(request, fleet, handle, body, chat=True)
 
 
 @router.post("/completions", dependencies=Admitted, responses=_ANSWER)
-async def completions(body: CompletionBody, fleet: Fleet) -> Response:
+async def completions(body: CompletionBody, fleet: Fleet, request: Request) -> Response:
     handle = await fleet.generate(
         prompt=body.job_prompt(), model=body.model, options=body.job_options()
     )
-    return await _answer(fleet, handle, body, chat=False)
+    return await _answer(request, fleet, handle, body, chat=False)
 
 
 @router.get("/models")

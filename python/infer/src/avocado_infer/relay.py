@@ -1,5 +1,7 @@
 """A job's token stream relayed to an HTTP client: its text pieces as the worker writes them,
-then the answer's counts; as NDJSON (Ollama) or server-sent events (OpenAI)."""
+then the answer's counts; as NDJSON (Ollama) or server-sent events (OpenAI). A client that
+goes away before its answer is out cancels the job, whether it was waiting for the whole
+answer, for the first piece, or in the middle of the stream."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -23,10 +27,12 @@ __all__ = [
     "Piece",
     "Usage",
     "encoded",
+    "left",
     "ndjson",
     "opened",
     "pieces",
     "sse",
+    "unless_left",
     "whole",
 ]
 
@@ -34,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 # Names the job behind a response, for ``ml_results`` and ``avocado result``.
 JOB_ID_HEADER = "X-Avocado-Job-Id"
+
+# nginx's "client closed request": the status of an answer no one was left to read.
+_CLIENT_LEFT = 499
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,63 @@ def whole(stream: JobStream, model: str, timeout_s: float) -> tuple[str, Usage]:
     return joined(seen), Usage.of(seen[-1].usage or {}, model)
 
 
-async def opened(answer: Iterator[Piece]) -> Iterator[Piece]:
+async def _cancel(cancel: Callable[[], None], job_id: str) -> None:
+    """``cancel`` the job of a client that left; a failure to is logged, not raised."""
+    try:
+        await run_in_threadpool(cancel)
+    except AvocadoError as error:
+        logger.warning("job %s not cancelled after its client left: %s", job_id, error)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away. Its body was read whole: the server's next
+    message is ``http.disconnect``, as Starlette's ``StreamingResponse`` listens for it."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_left(
+    request: Request, wait: Callable[[], T], job_id: str, cancel: Callable[[], None]
+) -> T | None:
+    """``wait()``, run off the event loop, unless the client leaves first: then the job is
+    cancelled (``cancel``) and the answer is None. Its thread is left to end on its own (its
+    slot in the thread pool is freed at once): with the stream a running job closes when
+    cancelled, or at the stream's timeout for a job cancelled in the queue."""
+    done: list[T] = []
+    failed: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            await _disconnected(request)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            done.append(await anyio.to_thread.run_sync(wait, abandon_on_cancel=True))
+        except Exception as error:  # raised below, not wrapped in the task group's
+            failed.append(error)
+        group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    if done:
+        return done[0]
+    await _cancel(cancel, job_id)
+    return None
+
+
+def left() -> Response:
+    """What a route returns once its client has left (nobody reads it; logs and metrics do)."""
+    return Response(status_code=_CLIENT_LEFT)
+
+
+async def opened(
+    request: Request, answer: Iterator[Piece], job_id: str, cancel: Callable[[], None]
+) -> Iterator[Piece] | None:
     """``answer`` once its first piece is there: a job that fails or never starts gets an
-    HTTP error status, as nothing was sent yet."""
-    first = await run_in_threadpool(next, answer)
-    return itertools.chain([first], answer)
+    HTTP error status, as nothing was sent yet. None when the client left before (its job
+    cancelled: queued, it never runs)."""
+    first = await unless_left(request, lambda: next(answer), job_id, cancel)
+    return None if first is None else itertools.chain([first], answer)
 
 
 def encoded(
@@ -151,19 +214,15 @@ def _streamed(
     next piece returns."""
     watched = _Watched(body)
 
-    async def left() -> None:
-        if watched.whole:
-            return
-        try:
-            await run_in_threadpool(cancel)
-        except AvocadoError as error:
-            logger.warning("job %s not cancelled after its client left: %s", job_id, error)
+    async def gone() -> None:
+        if not watched.whole:
+            await _cancel(cancel, job_id)
 
     return StreamingResponse(
         watched,
         media_type=media_type,
         headers={JOB_ID_HEADER: job_id},
-        background=BackgroundTask(left),
+        background=BackgroundTask(gone),
     )
 
 
