@@ -262,7 +262,7 @@ infer_address() {
 }
 
 # INFER_KEY_FROM: the file that holds the gateway's API key for this host ($RUN/infer.key,
-# mode 0600: AVOCADO_INFER_KEY_NAME and AVOCADO_INFER_API_KEY), made with `avocado keys
+# mode 0600: name and key), made with `avocado keys
 # create` when it is missing or Redis no longer knows its key; empty when the gateway asks for
 # no key (AVOCADO_INFER_REQUIRE_KEYS=false). The secret is never printed.
 infer_key() {
@@ -270,7 +270,7 @@ infer_key() {
   INFER_KEY_FROM=""
   case "${AVOCADO_INFER_REQUIRE_KEYS:-true}" in [Ff]alse | 0 | [Nn]o | [Oo]ff) return 0 ;; esac
   INFER_KEY_FROM=$file
-  if name=$(env_file_value "$file" AVOCADO_INFER_KEY_NAME) \
+  if name=$(env_file_value "$file" name) \
     && avocado keys list --json | "$VENV/bin/python" -c \
       "import json, sys; sys.exit(all(k['name'] != sys.argv[1] for k in json.load(sys.stdin)))" "$name"; then
     return 0
@@ -280,7 +280,7 @@ infer_key() {
   (
     umask 077
     printf '# The API key of the native fleet'"'"'s gateway, made by scripts/start-ml-services.sh\n' >"$file"
-    printf 'AVOCADO_INFER_KEY_NAME=%s\nAVOCADO_INFER_API_KEY=%s\n' "$name" "$secret" >>"$file"
+    printf 'name=%s\nkey=%s\n' "$name" "$secret" >>"$file"
   )
   chmod 600 "$file"
 }
@@ -415,7 +415,7 @@ DONE
   if has_part infer; then
     local auth=""
     # shellcheck disable=SC2016 # the command shown reads the key when the user runs it
-    [ -z "$INFER_KEY_FROM" ] || auth=' -H "Authorization: Bearer $(sed -n "s/^AVOCADO_INFER_API_KEY=//p" '"$INFER_KEY_FROM"')"'
+    [ -z "$INFER_KEY_FROM" ] || auth=' -H "Authorization: Bearer $(sed -n "s/^key=//p" '"$INFER_KEY_FROM"')"'
     say "  curl $INFER_URL/api/generate$auth -d '{\"model\": \"${AVOCADO_DEFAULT_MODEL:-llama3.2:1b}\", \"prompt\": \"Why is the sky blue?\"}'"
   fi
   say ""

@@ -143,7 +143,7 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
     pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
 
     key_file = run_dir / "infer.key"
-    key = _env_file(key_file)["AVOCADO_INFER_API_KEY"]
+    key = _env_file(key_file)["key"]
     body = {"model": "llama3.2:1b", "prompt": "Hi", "stream": False}
     with _gateway(fleet_env) as keyless_client, _gateway(fleet_env, key) as gateway:
         ready = gateway.get("/readyz")
@@ -153,7 +153,7 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
     assert f"API key in {key_file}" in up.stdout
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert key not in up.stdout + up.stderr + again.stdout + again.stderr
-    assert _env_file(key_file)["AVOCADO_INFER_API_KEY"] == key, "a second start keeps the key"
+    assert _env_file(key_file)["key"] == key, "a second start keeps the key"
     assert keyless.status_code == 401
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
@@ -319,7 +319,7 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
     assert up.returncode == 0, up.stdout + up.stderr
     assert "smollm2-135m-instruct" in up.stdout
     assert "(embedded, llama.cpp on the CPU)" in up.stdout
-    key = _env_file(run_dir / "infer.key")["AVOCADO_INFER_API_KEY"]
+    key = _env_file(run_dir / "infer.key")["key"]
     with _gateway(env, key) as gateway:
         tags = gateway.get("/api/tags").json()
         chat = gateway.post(
