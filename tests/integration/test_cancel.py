@@ -60,6 +60,11 @@ def test_a_queued_job_cancelled_never_runs(
     assert slow_sim.generation_calls == 0
     _assert_recorded_cancelled(producer, handle.id)
     assert not _locks(key_prefix, key)
+    # Its stream ended too: a reader waiting for the answer (the gateway) stops now.
+    ended = JobStream(redis.Redis.from_url(REDIS_URL), key_prefix, handle.id).snapshot().end
+    assert ended is not None
+    assert ended.kind is EntryKind.ERROR
+    assert "cancelled on request before it ran" in str(ended.reason)
     again = producer.generate("Never mind.", idempotency_key=key)
     assert again.id != handle.id  # the identity is free for a new job
     producer.cancel(again.id)  # not left to run its 200 tokens while the worker stops
