@@ -25,6 +25,10 @@ from tests.services import free_port, run_cli, service_env
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "scripts/start-ml-services.sh"
 STOP = ROOT / "scripts/stop-ml-services.sh"
+# Each test starts and stops a fleet (broker checks, workers, beat, Flower, the gateway, a
+# model server): on a machine busy with the rest of the suite, more than the default 120 s
+# that guards a test against hanging.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _ours(run_dir: Path) -> list[str]:
