@@ -27,6 +27,7 @@ from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests import midanswer
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
+from tests.placement import place
 from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
 from tests.services import (
     REDIS_URL,
@@ -55,6 +56,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop(_DATA_HOME, ""), ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, each module with a server of its own first in a worker's share."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        items[:] = place(items, int(workers))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
