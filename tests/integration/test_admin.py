@@ -102,6 +102,14 @@ def worker_env(fleet: Fleet) -> Iterator[dict[str, str]]:
     run_cli(fleet.admin_env(), "admin", "delete-worker", name)
 
 
+def _acl_reset(fleet: Fleet) -> None:
+    admin = redis.Redis.from_url(fleet.redis_url)
+    try:
+        admin.acl_log_reset()
+    finally:
+        admin.close()
+
+
 def _acl_denials(fleet: Fleet) -> list[str]:
     admin = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
     try:
@@ -117,6 +125,7 @@ def test_worker_user_runs_jobs_retries_and_announces(
     admin = Producer(fleet.admin_settings())
     factory = WorkerFactory(worker_env["AVOCADO_BROKER_URL"], fleet.key_prefix, admin, tmp_path)
     seen: list[EndpointEvent] = []
+    _acl_reset(fleet)  # the module's other tests are refused on purpose
     try:
         with (
             Connection(fleet.broker_url()) as connection,

@@ -300,7 +300,9 @@ def test_offline_agent_fails_start(
 ) -> None:
     """Mode "1" exits at once; "retry" keeps retrying, as ngrok does, until pyngrok gives up."""
     monkeypatch.setenv("FAKE_NGROK_OFFLINE", mode)
-    config = make_config(startup_timeout=1)
+    # "retry" waits this long for nothing: short, but long enough for the agent (a Python
+    # process) to start and log its first failure on a busy machine (1 s was not, seen).
+    config = make_config(startup_timeout=3)
     with pytest.raises(PyngrokNgrokError) as failure:
         ngrok.connect("11434", pyngrok_config=config)
 
