@@ -28,7 +28,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            app.state.gateway.close()
+            await app.state.gateway.close()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
     metrics = instrument(app)

@@ -1,6 +1,7 @@
-"""What one gateway process holds for its life: the fleet's producer, a Redis client for
-token streams, the node registry and the ledger, the job state reader, and the app's metrics;
-made in the app's lifespan, closed there."""
+"""What one gateway process holds for its life: the fleet's producer, Redis clients (an
+asyncio one for token streams, read on the event loop; a blocking one for the rest), the node
+registry and the ledger, the job state reader, and the app's metrics; made in the app's
+lifespan, closed there."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
@@ -24,7 +26,6 @@ from avocado_shared.discovery import Endpoint
 from avocado_shared.jobs import JobHandle
 from avocado_shared.producer import Producer
 from avocado_shared.registry import NodeRegistry
-from avocado_shared.streams import JobStream
 from avocado_shared.tls import redis_ssl, warn_if_plaintext
 
 __all__ = ["Gateway", "ServedModel", "gateway"]
@@ -49,9 +50,11 @@ class Gateway:
         fleet = settings.fleet
         url = fleet.redis_url.get_secret_value()
         warn_if_plaintext(url, "Redis")
-        self.redis = redis.Redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=5, **redis_ssl(fleet, url)
-        )
+        options = dict(socket_timeout=10, socket_connect_timeout=5, **redis_ssl(fleet, url))
+        self.redis = redis.Redis.from_url(url, **options)
+        # Each streamed answer waits in XREAD on a connection of its own: on the event loop,
+        # a piece reaches its client without a hop through a thread.
+        self.streams = redis.asyncio.Redis.from_url(url, **options)
         self.registry = NodeRegistry(self.redis, fleet.key_prefix)
         self.producer = Producer(fleet)
         self.ledger = Ledger(self.redis, fleet.key_prefix, fleet.result_expires_s)
@@ -85,9 +88,9 @@ class Gateway:
             logger.warning("summary job %s queued but not noted: %s", handle.id, error)
         return handle
 
-    def stream(self, job_id: str) -> JobStream:
+    def stream(self, job_id: str) -> MeteredStream:
         """The token stream of ``job_id``, metered as it is read."""
-        return MeteredStream(self.redis, self.settings.fleet.key_prefix, job_id, self.metrics)
+        return MeteredStream(self.streams, self.settings.fleet.key_prefix, job_id, self.metrics)
 
     async def nodes(self) -> list[Endpoint]:
         """The live nodes' records."""
@@ -122,10 +125,11 @@ class Gateway:
             problems["redis"] = str(error) or type(error).__name__
         return problems
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Release the broker and Redis connections."""
         self.producer.close()
         self.redis.close()
+        await self.streams.aclose()
 
 
 def gateway(request: Request) -> Gateway:

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
@@ -90,7 +89,7 @@ async def _answer(
     stream = fleet.stream(handle.id)
     timeout = fleet.settings.stream_timeout_s
     if not body.stream:
-        text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
+        text, usage = await whole(stream, body.model, timeout)
         done = _chunk(usage.model, key, value(text), True) | _counts(usage)
         return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
     answer = await opened(pieces(stream, body.model, timeout))

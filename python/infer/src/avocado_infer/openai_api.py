@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import error_route, http_status
 from avocado_infer.gateway import Gateway, gateway
@@ -207,7 +206,7 @@ async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: boo
     stream = fleet.stream(handle.id)
     timeout = fleet.settings.stream_timeout_s
     if not body.stream:
-        text, usage = await run_in_threadpool(whole, stream, body.model, timeout)
+        text, usage = await whole(stream, body.model, timeout)
         return JSONResponse(shape.answer(text, usage), headers={JOB_ID_HEADER: handle.id})
     answer = await opened(pieces(stream, body.model, timeout))
     chunks = encoded(answer, shape.piece, shape.last, _failed)

@@ -3,10 +3,9 @@ then the answer's counts; as NDJSON (Ollama) or server-sent events (OpenAI)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import AnswerRestarted
 from avocado_shared.errors import AvocadoError
-from avocado_shared.streams import EntryKind, JobStream, StreamEntry, StreamFailed, joined
+from avocado_shared.streams import AsyncJobStream, EntryKind, StreamEntry, StreamFailed, joined
 
 __all__ = [
     "JOB_ID_HEADER",
@@ -73,16 +72,16 @@ Piece = str | Usage
 """A piece of the answer's text, or, last, its usage."""
 
 
-def _failed(stream: JobStream, entry: StreamEntry) -> StreamFailed:
+def _failed(stream: AsyncJobStream, entry: StreamEntry) -> StreamFailed:
     return StreamFailed(f"job {stream.job_id} failed: {entry.reason}")
 
 
-def pieces(stream: JobStream, model: str, timeout_s: float) -> Iterator[Piece]:
+async def pieces(stream: AsyncJobStream, model: str, timeout_s: float) -> AsyncIterator[Piece]:
     """The answer's text pieces as they are written, then its ``Usage``. Raises
     ``StreamFailed`` when the job failed, ``AnswerRestarted`` when it started over after
     text was given out, ``StreamTimedOut`` after ``timeout_s`` without a new entry."""
     given = False
-    for entry in stream.entries(timeout_s=timeout_s):
+    async for entry in stream.entries(timeout_s=timeout_s):
         if entry.kind is EntryKind.TEXT and entry.text:
             given = True
             yield entry.text
@@ -97,34 +96,41 @@ def pieces(stream: JobStream, model: str, timeout_s: float) -> Iterator[Piece]:
             raise _failed(stream, entry)
 
 
-def whole(stream: JobStream, model: str, timeout_s: float) -> tuple[str, Usage]:
+async def whole(stream: AsyncJobStream, model: str, timeout_s: float) -> tuple[str, Usage]:
     """The whole answer as stored (a restart drops what came before it) and its usage."""
     seen: list[StreamEntry] = []
-    for entry in stream.entries(timeout_s=timeout_s):
+    async for entry in stream.entries(timeout_s=timeout_s):
         if entry.kind is EntryKind.ERROR:
             raise _failed(stream, entry)
         seen.append(entry)
     return joined(seen), Usage.of(seen[-1].usage or {}, model)
 
 
-async def opened(answer: Iterator[Piece]) -> Iterator[Piece]:
+async def opened(answer: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
     """``answer`` once its first piece is there: a job that fails or never starts gets an
     HTTP error status, as nothing was sent yet."""
-    first = await run_in_threadpool(next, answer)
-    return itertools.chain([first], answer)
+    first = await anext(answer)
+
+    async def chained() -> AsyncIterator[Piece]:
+        yield first
+        async for piece in answer:
+            yield piece
+
+    return chained()
 
 
-def encoded(
-    answer: Iterable[Piece],
+async def encoded(
+    answer: AsyncIterator[Piece],
     chunk: Callable[[str], dict[str, Any]],
     final: Callable[[Usage], Iterable[dict[str, Any]]],
     failed: Callable[[AvocadoError], dict[str, Any]],
-) -> Iterator[dict[str, Any]]:
+) -> AsyncIterator[dict[str, Any]]:
     """The API's chunks for ``answer``; a failure once streaming ends it with ``failed``'s."""
     try:
-        for piece in answer:
+        async for piece in answer:
             if isinstance(piece, Usage):
-                yield from final(piece)
+                for last in final(piece):
+                    yield last
             else:
                 yield chunk(piece)
     except AvocadoError as error:
@@ -134,21 +140,22 @@ def encoded(
 class _Watched:
     """A response body that knows whether the client was given all of it."""
 
-    def __init__(self, body: Iterable[bytes]) -> None:
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
         self._body = body
         self.whole = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._body
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._body:
+            yield part
         self.whole = True
 
 
 def _streamed(
-    body: Iterable[bytes], media_type: str, job_id: str, cancel: Callable[[], None]
+    body: AsyncIterator[bytes], media_type: str, job_id: str, cancel: Callable[[], None]
 ) -> StreamingResponse:
     """``body`` streamed; a client that goes away before its end cancels the job
-    (``cancel``), so its worker stops generating. Noticed once the relay's wait for the
-    next piece returns."""
+    (``cancel``), so its worker stops generating. Noticed at once: Starlette cancels the
+    body's wait for the next piece when the client disconnects."""
     watched = _Watched(body)
 
     async def left() -> None:
@@ -168,16 +175,16 @@ def _streamed(
 
 
 def ndjson(
-    chunks: Iterable[dict[str, Any]], job_id: str, cancel: Callable[[], None]
+    chunks: AsyncIterator[dict[str, Any]], job_id: str, cancel: Callable[[], None]
 ) -> StreamingResponse:
     """One JSON object a line, as Ollama streams; ``cancel`` if the client leaves early."""
-    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" for c in chunks)
+    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" async for c in chunks)
     return _streamed(lines, "application/x-ndjson", job_id, cancel)
 
 
-def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     failed = False
-    for chunk in chunks:
+    async for chunk in chunks:
         failed = "error" in chunk
         yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
     if not failed:
@@ -185,7 +192,7 @@ def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
 
 
 def sse(
-    chunks: Iterable[dict[str, Any]], job_id: str, cancel: Callable[[], None]
+    chunks: AsyncIterator[dict[str, Any]], job_id: str, cancel: Callable[[], None]
 ) -> StreamingResponse:
     """Server-sent events ending in ``data: [DONE]`` (none after an error), as OpenAI streams;
     ``cancel`` if the client leaves early."""
