@@ -4,33 +4,47 @@ simulator, one stream at a time and 16 at once: time to first token and total ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import psutil
 
+from avocado_shared.streams import stream_key
 from bench.profile import cpu_ms, servers
 from bench.report import Outcome, Row, cpu_table, fmt, median, percentile
 from bench.scenarios import Config, alternate, parallel
 from bench.services import MODEL, BenchEnv, process_tree
 
-__all__ = ["STREAMS", "gateway"]
+__all__ = ["STREAMS", "Answer", "gateway"]
 
 STREAMS = 16
 """Concurrent streams of the concurrent half; the worker's threads and the simulator's slots."""
 _TARGET_MS = 10.0  # issue 15: added time to first token at p50
-Timing = tuple[float, float]  # (time to first token, total) in ms
-_WHAT = ((0, "TTFT"), (1, "total"))
+_SPLIT = ("to the first stream entry", "first stream entry to client")
 
 
-def _streamed(client: httpx.Client, url: str, prompt: str) -> tuple[Timing, str]:
-    """One streamed ``/api/generate``: its timing and the text it gave."""
+class Answer(NamedTuple):
+    """One streamed answer: TTFT and total (ms), its text, its job (the gateway's header), and
+    when it was sent and its first token came (epoch ms)."""
+
+    ttft: float
+    total: float
+    text: str
+    job: str
+    sent_at: float
+    first_at: float
+
+
+def _streamed(client: httpx.Client, url: str, prompt: str) -> Answer:
+    """One streamed ``/api/generate``."""
     body = {"model": MODEL, "prompt": prompt}
-    start, first, text = time.perf_counter(), 0.0, list[str]()
+    start, sent_at, first, first_at = time.perf_counter(), 1000 * time.time(), 0.0, 0.0
+    text: list[str] = []
     with client.stream("POST", f"{url}/api/generate", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -38,33 +52,48 @@ def _streamed(client: httpx.Client, url: str, prompt: str) -> tuple[Timing, str]
             if "error" in chunk:
                 raise RuntimeError(f"{url}: {chunk['error']}")
             if chunk.get("response") and not text:
-                first = time.perf_counter()
-            text.append(chunk.get("response", ""))
+                first, first_at = time.perf_counter(), 1000 * time.time()
+            text.append(str(chunk.get("response", "")))
             if chunk.get("done"):
                 break
     if not first:
         raise RuntimeError(f"{url}: an answer without text")
-    return (1000.0 * (first - start), 1000.0 * (time.perf_counter() - start)), "".join(text)
+    total = 1000.0 * (time.perf_counter() - start)
+    job = response.headers.get("x-avocado-job-id", "")
+    return Answer(1000.0 * (first - start), total, "".join(text), job, sent_at, first_at)
 
 
-def _caller(client: httpx.Client, urls: dict[str, str]) -> Callable[[str, int], Timing]:
+def _caller(client: httpx.Client, urls: dict[str, str]) -> Callable[[str, int], Answer]:
     """Job ``i`` of a side; the gateway's answer must be the simulator's, token for token."""
     direct: dict[int, str] = {}
 
-    def call(side: str, i: int) -> Timing:
+    def call(side: str, i: int) -> Answer:
         prompt = f"bench gateway {i % 64}"
-        timing, text = _streamed(client, urls[side], prompt)
-        if direct.setdefault(i % 64, text) != text:
-            raise RuntimeError(f"{side} answered {text!r} to {prompt!r}, not {direct[i % 64]!r}")
-        return timing
+        answer = _streamed(client, urls[side], prompt)
+        if direct.setdefault(i % 64, answer.text) != answer.text:
+            raise RuntimeError(f"{side} answered {answer.text!r} to {prompt!r}")
+        return answer
 
     return call
 
 
-def _figures(run: list[Timing]) -> dict[str, float]:
+def _split(env: BenchEnv, answers: list[Answer]) -> dict[str, float]:
+    """p50 of each gateway answer's TTFT in two: until its worker wrote the first token to the
+    job's stream (the entry's id is Redis's clock, in ms), and from there to the client."""
+    with contextlib.closing(env.redis()) as client, client.pipeline(transaction=False) as pipe:
+        for answer in answers:
+            pipe.xrange(stream_key(env.key_prefix, answer.job), count=1)
+        written = [int(entries[0][0].split(b"-")[0]) for entries in pipe.execute()]
+    parts = [(at - a.sent_at, a.first_at - at) for a, at in zip(answers, written, strict=True)]
+    return {f"{name} p50": percentile([p[k] for p in parts], 50) for k, name in enumerate(_SPLIT)}
+
+
+def _figures(answers: list[Answer]) -> dict[str, float]:
     """p50 and p99 of one repetition's TTFT and total."""
     return {
-        f"{what} p{q}": percentile([t[k] for t in run], q) for k, what in _WHAT for q in (50, 99)
+        f"{what} p{q}": percentile([getattr(a, what.lower()) for a in answers], q)
+        for what in ("TTFT", "total")
+        for q in (50, 99)
     }
 
 
@@ -98,11 +127,11 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         each, used = got.setdefault((mode, side), []), cpu.setdefault(f"{side}, {mode}", {})
 
         def one(_: int) -> None:
-            timings: list[Timing] = []
+            answers: list[Answer] = []
             spent = cpu_ms(
-                groups, lambda: timings.extend(parallel([sides[side]] * streams, jobs)[1])
+                groups, lambda: answers.extend(parallel([sides[side]] * streams, jobs)[1])
             )
-            each.append(_figures(timings))
+            each.append(_figures(answers) | (_split(env, answers) if side == "gateway" else {}))
             for name, ms in spent.items():
                 used[name] = used.get(name, 0.0) + ms / jobs / cfg.reps
 
@@ -119,6 +148,9 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
             if key == "TTFT p50":
                 row.target, row.met = f"difference <= {_TARGET_MS:g} ms", mine - base <= _TARGET_MS
             rows.append(row)
+        for key in (f"{name} p50" for name in _SPLIT):
+            mine = median([rep[key] for rep in got[mode, "gateway"]])
+            rows.append(Row(f"{mode}: gateway TTFT, {key} (ms)", "-", fmt(mine)))
         for i in range(cfg.reps):
             figures = {f"{side} {k} ms": v for side in urls for k, v in got[mode, side][i].items()}
             reps.append({"rep": i + 1, "mode": mode} | figures)

@@ -94,7 +94,12 @@ def outcome(o: Outcome) -> str:
     """A scenario's heading, table, notes and repetitions."""
     header = ["metric", o.baseline_name, o.fleet_name, "difference / ratio", "target", "met?"]
     rows = [[r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)] for r in o.rows]
-    parts = [f"#### {o.title}", "", table(header, rows), *(["", *o.notes] if o.notes else [])]
+    parts = [
+        f"#### {o.title}",
+        "",
+        table(header, rows),
+        *(part for n in o.notes for part in ("", n)),
+    ]
     if o.reps:
         label = "Samples" if o.key == "4" else "Repetitions"
         reps = table(list(o.reps[0]), [list(rep.values()) for rep in o.reps])
