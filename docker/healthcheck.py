@@ -5,6 +5,9 @@
     avocado-healthcheck beat            the broker beat publishes to accepts a connection
     avocado-healthcheck flower [URL]    Flower's dashboard (default http://127.0.0.1:5555/)
                                         answers 200 to the credentials in FLOWER_BASIC_AUTH
+    avocado-healthcheck infer [URL]     avocado-infer's /readyz (default
+                                        http://127.0.0.1:11435/readyz) answers 200: it
+                                        reaches the broker and Redis
 
 Exit 0 when healthy, 1 with one line saying why when not. Never prints a credential.
 """
@@ -63,6 +66,22 @@ def _flower(url: str | None) -> str | None:
     return None if status == 200 else f"Flower at {target} answered {status}"
 
 
+def _infer(url: str | None) -> str | None:
+    target = url or "http://127.0.0.1:11435/readyz"
+    if not target.startswith(("http://", "https://")):
+        return f"not an http(s) URL: {target}"
+    try:
+        with urllib.request.urlopen(target, timeout=TIMEOUT_S) as response:  # noqa: S310
+            status = int(response.status)
+    except urllib.error.HTTPError as error:
+        # /readyz names what it cannot reach (broker, redis) in its 503's body.
+        said = error.read(300).decode(errors="replace").strip()
+        return f"avocado-infer at {target} answered {error.code}: {said}"
+    except OSError as error:
+        return f"avocado-infer at {target} does not answer: {error}"
+    return None if status == 200 else f"avocado-infer at {target} answered {status}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     part, rest = (args[0], args[1:]) if args else ("worker", [])
@@ -70,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": lambda: _worker(rest[0] if rest else None),
         "beat": _beat,
         "flower": lambda: _flower(rest[0] if rest else None),
+        "infer": lambda: _infer(rest[0] if rest else None),
     }
     if part not in checks or len(rest) > 1 or (part == "beat" and rest):
         print(__doc__, file=sys.stderr)

@@ -204,7 +204,7 @@ compose_services() { # part
   case "$1" in
     services) echo rabbitmq redis postgres ;;
     ollama) echo ollama ollama-pull ;;
-    worker | beat | flower) echo "$1" ;;
-    *) die "unknown part '$1' (parts: services,ollama,worker,beat,flower)" ;;
+    worker | beat | flower | infer) echo "$1" ;;
+    *) die "unknown part '$1' (parts: services,ollama,worker,beat,flower,infer)" ;;
   esac
 }

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Bring up the fleet: services, Ollama (real or simulated), workers, beat, Flower. In Docker
+# Bring up the fleet: services, Ollama (real or simulated), workers, beat, Flower and the HTTP
+# gateway avocado-infer. In Docker
 # (the compose stack in docker/) when a Docker engine answers, else as processes on this
 # machine. Idempotent: what already runs is left alone. scripts/stop-ml-services.sh stops it.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-ALL_PARTS=services,ollama,worker,beat,flower
+ALL_PARTS=services,ollama,worker,beat,flower,infer
 
 usage() {
   cat <<USAGE
@@ -22,6 +23,9 @@ usage: scripts/start-ml-services.sh [--native | --docker] [--simulate] [--worker
                    (in Docker, what they depend on starts too)
 
 Settings come from the environment, then .env (see .env.example).
+The gateway (part infer) listens on \${AVOCADO_INFER_HOST:-127.0.0.1}:\${AVOCADO_INFER_PORT:-11435}
+and is waited for until its /readyz answers 200; AVOCADO_INFER=false leaves it out (unless
+--only names it).
 Native Ollama: a server answering at \$AVOCADO_OLLAMA_URL (default http://127.0.0.1:11434) is
 used; else an installed 'ollama' binary is started; else the embedded model (SmolLM2-135M on
 llama.cpp, installed on first use) on 127.0.0.1:\${AVOCADO_EMBEDDED_PORT:-8089}.
@@ -30,13 +34,14 @@ USAGE
 
 load_env_file AVOCADO_RUN_DIR AVOCADO_OLLAMA_URL AVOCADO_DEFAULT_MODEL AVOCADO_FLOWER_PORT \
   AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_WORKER_CONCURRENCY \
-  AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS
+  AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS AVOCADO_INFER AVOCADO_INFER_HOST AVOCADO_INFER_PORT
 
 MODE=auto
 SIMULATE=0
 WORKERS="${AVOCADO_WORKERS:-1}"
 CONCURRENCY="${AVOCADO_WORKER_CONCURRENCY:-1}"
 ONLY=$ALL_PARTS
+ONLY_GIVEN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --simulate) SIMULATE=1 ;;
@@ -44,7 +49,7 @@ while [ $# -gt 0 ]; do
     --docker) MODE=docker ;;
     --workers) WORKERS="${2:?--workers needs a number}"; shift ;;
     --concurrency) CONCURRENCY="${2:?--concurrency needs a number}"; shift ;;
-    --only) ONLY="${2:?--only needs a comma list of parts: $ALL_PARTS}"; shift ;;
+    --only) ONLY="${2:?--only needs a comma list of parts: $ALL_PARTS}"; ONLY_GIVEN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -53,6 +58,12 @@ done
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers needs a whole number of at least 1, not '$WORKERS'"
 [[ $CONCURRENCY =~ ^[1-9][0-9]*$ ]] || die "--concurrency needs a whole number of at least 1, not '$CONCURRENCY'"
 for part in ${ONLY//,/ }; do compose_services "$part" >/dev/null; done
+case "${AVOCADO_INFER:-true}" in
+  true | 1 | yes | on) ;;
+  # Off: the default parts lose the gateway; an explicit --only still decides.
+  false | 0 | no | off) [ "$ONLY_GIVEN" = 1 ] || ONLY=${ONLY/,infer/} ;;
+  *) die "AVOCADO_INFER must be true or false, not '$AVOCADO_INFER'" ;;
+esac
 has_part() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [ "$MODE" = auto ]; then
@@ -63,6 +74,9 @@ fi
 RUN="${AVOCADO_RUN_DIR:-$ROOT/run}"
 FLOWER_PORT="${AVOCADO_FLOWER_PORT:-5555}"
 METRICS_PORT="${AVOCADO_METRICS_PORT:-9808}"
+INFER_PORT="${AVOCADO_INFER_PORT:-11435}"
+[[ $INFER_PORT =~ ^[1-9][0-9]{0,4}$ ]] && [ "$INFER_PORT" -le 65535 ] \
+  || die "AVOCADO_INFER_PORT must be a port number from 1 to 65535, not '$INFER_PORT'"
 mkdir -p "$RUN"
 cd "$ROOT"
 
@@ -110,6 +124,9 @@ start_docker() {
   fi
   if has_part flower; then
     say "  Flower:     http://$host:$FLOWER_PORT  (user ${AVOCADO_FLOWER_USER:-avocado}, password AVOCADO_FLOWER_PASSWORD); Prometheus /metrics"
+  fi
+  if has_part infer; then
+    say "  gateway:    http://$host:$INFER_PORT  (avocado-infer: Ollama's /api, OpenAI's /v1; /readyz)"
   fi
   cat <<DONE
   Compose:    ${COMPOSE[*]} ps   (or logs -f worker)
@@ -232,10 +249,73 @@ wait_flower() {
   die "Flower did not become healthy within 60s (${problem#unhealthy: }); see its log in $RUN"
 }
 
+# The gateway, avocado-infer: INFER_CONNECT is where a client on this host reaches it (a
+# wildcard bind on loopback), INFER_URL its base URL.
+infer_address() {
+  INFER_CONNECT=${AVOCADO_INFER_HOST:-127.0.0.1}
+  case "$INFER_CONNECT" in 0.0.0.0 | "::" | "[::]") INFER_CONNECT=127.0.0.1 ;; esac
+  INFER_CONNECT=${INFER_CONNECT#[}
+  INFER_CONNECT=${INFER_CONNECT%]}
+  if [[ $INFER_CONNECT == *:* ]]; then INFER_URL="http://[$INFER_CONNECT]:$INFER_PORT"
+  else INFER_URL="http://$INFER_CONNECT:$INFER_PORT"
+  fi
+}
+
+# INFER_KEY_FROM: the file that holds the gateway's API key for this host ($RUN/infer.key,
+# mode 0600: name and key), made with `avocado keys
+# create` when it is missing or Redis no longer knows its key; empty when the gateway asks for
+# no key (AVOCADO_INFER_REQUIRE_KEYS=false). The secret is never printed.
+infer_key() {
+  local file="$RUN/infer.key" name secret
+  INFER_KEY_FROM=""
+  case "${AVOCADO_INFER_REQUIRE_KEYS:-true}" in [Ff]alse | 0 | [Nn]o | [Oo]ff) return 0 ;; esac
+  INFER_KEY_FROM=$file
+  if name=$(env_file_value "$file" name) \
+    && avocado keys list --json | "$VENV/bin/python" -c \
+      "import json, sys; sys.exit(all(k['name'] != sys.argv[1] for k in json.load(sys.stdin)))" "$name"; then
+    return 0
+  fi
+  name="local-$(hostname -s)-$(date +%s)"
+  secret=$(avocado keys create "$name" 2>/dev/null) || die "could not make the gateway's API key (avocado keys create $name)"
+  (
+    umask 077
+    printf '# The API key of the native fleet'"'"'s gateway, made by scripts/start-ml-services.sh\n' >"$file"
+    printf 'name=%s\nkey=%s\n' "$name" "$secret" >>"$file"
+  )
+  chmod 600 "$file"
+}
+
+now_ms() { date +%s%3N; }
+
+# Until the gateway's /readyz answers 200 (it reaches the broker and Redis); loud at once when
+# its process ends, and with /readyz's last answer when the time is up. INFER_READY_IN: how
+# long it took since START_MS, in seconds.
+wait_infer() { # seconds start_ms
+  local deadline=$((SECONDS + $1)) problem ms
+  while ! problem=$("$VENV/bin/python" "$ROOT/docker/healthcheck.py" infer "$INFER_URL/readyz" 2>&1); do
+    if ! running infer; then
+      tail -n 20 "$RUN/infer.log" >&2
+      die "avocado-infer exited before it was ready (above: the end of $RUN/infer.log)"
+    fi
+    [ "$SECONDS" -lt "$deadline" ] \
+      || die "avocado-infer was not ready within $1 s (${problem#unhealthy: }); see $RUN/infer.log"
+    sleep 0.25
+  done
+  ms=$(($(now_ms) - $2))
+  INFER_READY_IN=$((ms / 1000)).$((ms % 1000 / 100))
+}
+
 start_native() {
   ensure_venv
   if has_part services; then ensure_services; fi
   export PATH="$VENV/bin:$PATH"
+  if has_part infer; then
+    infer_address
+    # Before anything starts: a gateway that cannot listen would leave a half-started fleet.
+    if ! running infer && port_open "$INFER_CONNECT" "$INFER_PORT"; then
+      die "something already listens on $INFER_CONNECT:$INFER_PORT: stop it, move the gateway with AVOCADO_INFER_PORT, or leave it out with AVOCADO_INFER=false"
+    fi
+  fi
   OLLAMA_URL="${AVOCADO_OLLAMA_URL:-http://127.0.0.1:11434}"
   export AVOCADO_OLLAMA_URL="$OLLAMA_URL"
   local hostport=${OLLAMA_URL#*://} ollama_kind="" host_name nodes=() i node
@@ -283,7 +363,16 @@ start_native() {
     FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD" start_bg flower \
       celery -A ollama_worker flower --address=127.0.0.1 --port="$FLOWER_PORT"
   fi
+  local infer_started=""
+  if has_part infer; then
+    running infer || infer_started=$(now_ms)
+    infer_key
+    # It reads the same AVOCADO_* settings (broker, Redis, key prefix, default model).
+    start_bg infer avocado-infer
+  fi
 
+  # The gateway first: the others' waits do not count in its time to ready.
+  if has_part infer; then wait_infer 60 "${infer_started:-$(now_ms)}"; fi
   for node in "${nodes[@]}"; do
     wait_until 90 "the worker $node" celery -A ollama_worker inspect ping --destination "$node" --timeout 2
   done
@@ -308,6 +397,13 @@ start_native() {
   if has_part flower; then
     say "  Flower:  http://127.0.0.1:$FLOWER_PORT  (user $FLOWER_USER, password from $FLOWER_PASSWORD_FROM); Prometheus /metrics"
   fi
+  if has_part infer; then
+    local ready="ready"
+    [ -z "$infer_started" ] || ready="ready in $INFER_READY_IN s"
+    local keyed="no API key asked for"
+    [ -z "$INFER_KEY_FROM" ] || keyed="API key in $INFER_KEY_FROM"
+    say "  gateway: $INFER_URL  (avocado-infer: Ollama's /api, OpenAI's /v1; $keyed; $ready)"
+  fi
   cat <<DONE
   logs and pid files: $RUN
 
@@ -315,9 +411,15 @@ Submit a job:
   source .venv/bin/activate
   avocado generate "Why is the sky blue?" --wait
   avocado summarize --share-id demo-1 --text "Paste a long text here." --wait
-
-Stop everything: scripts/stop-ml-services.sh
 DONE
+  if has_part infer; then
+    local auth=""
+    # shellcheck disable=SC2016 # the command shown reads the key when the user runs it
+    [ -z "$INFER_KEY_FROM" ] || auth=' -H "Authorization: Bearer $(sed -n "s/^key=//p" '"$INFER_KEY_FROM"')"'
+    say "  curl $INFER_URL/api/generate$auth -d '{\"model\": \"${AVOCADO_DEFAULT_MODEL:-llama3.2:1b}\", \"prompt\": \"Why is the sky blue?\"}'"
+  fi
+  say ""
+  say "Stop everything: scripts/stop-ml-services.sh"
 }
 
 if [ "$MODE" = docker ]; then start_docker; else start_native; fi

@@ -5,7 +5,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-ALL_PARTS=services,ollama,worker,beat,flower
+ALL_PARTS=services,ollama,worker,beat,flower,infer
 
 usage() {
   cat <<USAGE
@@ -57,8 +57,9 @@ stop_docker() {
       || { tail -n 30 "$RUN/compose-down.log" >&2; die "docker compose down failed"; }
   else
     local services=() names=() part
-    # Workers first, so they return unfinished jobs while the broker is still there.
-    for part in worker beat flower ollama services; do
+    # The gateway first, so no job is published into a stack that is stopping; then workers,
+    # so they return unfinished jobs while the broker is still there.
+    for part in infer worker beat flower ollama services; do
       if has_part "$part"; then
         read -ra names <<<"$(compose_services "$part")"
         services+=("${names[@]}")
@@ -76,7 +77,9 @@ stop_docker() {
 # ---------------------------------------------------------------------------------- native
 # Seconds each may take to stop after SIGTERM. A worker finishes its current jobs (or they go
 # back to the queue when it is killed); Flower 2.2 logs its shutdown but a thread of its keeps
-# the process alive, and it has nothing to save, so it gets a short grace.
+# the process alive, and it has nothing to save, so it gets a short grace. The gateway (uvicorn)
+# lets its open responses finish, then exits by the SIGTERM it re-raises (status 143: its clean
+# exit, not a failure); a stream still open when its grace ends is cut, and its job goes on.
 grace() {
   case "$1" in
     worker*) echo 60 ;;
@@ -105,8 +108,10 @@ stop_one() {
 stop_native() {
   [ -d "$RUN" ] || return 0
   local names=() pidfile
-  # Workers first, so they return unfinished jobs while the broker is still there. The
-  # native start leaves RabbitMQ, Redis and PostgreSQL to the system: they stay.
+  # The gateway first, so it publishes no more jobs; then workers, so they return unfinished
+  # jobs while the broker is still there. The native start leaves RabbitMQ, Redis and
+  # PostgreSQL to the system: they stay.
+  if has_part infer; then names+=(infer); fi
   if has_part worker; then
     for pidfile in "$RUN"/worker*.pid; do
       [ -e "$pidfile" ] || continue

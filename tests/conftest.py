@@ -21,9 +21,13 @@ from psycopg import sql
 from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
+from avocado_shared.keys import KeyStore
+from ollama_worker.ollama import OllamaClient
 from ollama_worker.testing import OllamaSimulator, SimConfig
+from tests import midanswer
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
+from tests.placement import place
 from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
 from tests.services import (
     REDIS_URL,
@@ -52,6 +56,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop(_DATA_HOME, ""), ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, each module with a server of its own first in a worker's share."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        items[:] = place(items, int(workers))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -83,7 +95,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             if (reports := terminalreporter.stats.get(outcome, []))
         }
         if any(counts.values()):
-            version = _broker(label).ctl("version").strip()
+            version = _broker(label).version()
             text = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n)
             terminalreporter.write_line(f"RabbitMQ {version} ({label}): {text}")
 
@@ -166,6 +178,21 @@ def sim() -> Iterator[OllamaSimulator]:
     """One simulator per test module; tests reset what they change."""
     with OllamaSimulator(SimConfig(models=["llama3.2:1b"])) as server:
         yield server
+
+
+@pytest.fixture
+def midanswer_sim() -> Iterator[OllamaSimulator]:
+    """A slow simulator of one test (``tests.midanswer``): a job is caught in the middle of
+    its answer."""
+    with midanswer.slow() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> Iterator[OllamaClient]:
+    """The same simulated model at full speed: the answers a job must end up with."""
+    with midanswer.reference() as client:
+        yield client
 
 
 @pytest.fixture
@@ -265,14 +292,22 @@ def events(broker_url: str) -> Iterator[tuple[EndpointWatcher, list[Announcement
 
 
 @pytest.fixture
+def keys(settings: Settings) -> Iterator[KeyStore]:
+    """The gateway's API keys in the session's Redis, under its key prefix."""
+    with KeyStore.from_settings(settings) as store:
+        yield store
+
+
+@pytest.fixture
 def gateway_factory(settings: Settings) -> Iterator[Callable[..., InProcessGateway]]:
     """Gateways (avocado-infer) of one test on the session's broker and Redis, in this
-    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings). Each is
-    stopped when the test ends."""
+    process; ``fields`` set InferSettings (``fleet`` replaces the fleet settings; API keys
+    are not asked for unless ``require_keys=True``). Each is stopped when the test ends."""
     started: list[InProcessGateway] = []
 
     def make(**fields: Any) -> InProcessGateway:
-        gateway = InProcessGateway(InferSettings(**{"fleet": settings, **fields}))
+        chosen = {"fleet": settings, "require_keys": False, **fields}
+        gateway = InProcessGateway(InferSettings(**chosen))
         started.append(gateway.start())
         return gateway
 

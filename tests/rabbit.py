@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,12 +15,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.services import free_port
+from kombu.connection import Connection
 
-__all__ = ["NODE_SCRIPT", "Broker", "RabbitNode", "isolated_vhost", "machine_broker", "rabbitmq4"]
+from avocado_shared import Producer
+from tests.services import free_port, wait_for
+
+__all__ = [
+    "ALARMS",
+    "NODE_SCRIPT",
+    "Broker",
+    "RabbitNode",
+    "alarm_raised",
+    "isolated_vhost",
+    "machine_broker",
+    "queue_depth",
+    "rabbitmq4",
+]
 
 NODE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-node.sh"
 _CTL_TIMEOUT = 120
+# (raise it, clear it, the reason RabbitMQ gives in connection.blocked)
+ALARMS = {
+    "memory": (
+        ("set_vm_memory_high_watermark", "0.00001"),
+        ("set_vm_memory_high_watermark", "0.4"),
+        "low on memory",
+    ),
+    "disk": (
+        ("set_disk_free_limit", "1000000GB"),
+        ("set_disk_free_limit", "50MB"),
+        "low on disk",
+    ),
+}
 
 
 def _run(args: list[str], what: str) -> str:
@@ -51,6 +78,34 @@ class Broker:
                 "rabbitmqctl not found: run scripts/test.sh, which installs RabbitMQ"
             )
         return _run([exe, "-q", *args], f"rabbitmqctl {' '.join(args)}")
+
+    def add_vhosts(self, *vhosts: str) -> None:
+        """Make ``vhosts``, guest allowed everything in them, in one rabbitmqctl run: its Erlang
+        VM is most of a call's cost, and the suite makes a vhost per session and broker."""
+        everything = {"configure": ".*", "write": ".*", "read": ".*"}
+        self._define(
+            {
+                "vhosts": [{"name": vhost} for vhost in vhosts],
+                "permissions": [
+                    {"user": "guest", "vhost": vhost, **everything} for vhost in vhosts
+                ],
+            }
+        )
+
+    def _define(self, definitions: dict[str, Any]) -> None:
+        """Import ``definitions``, through a file: rabbitmqctl 4.0 hangs reading stdin."""
+        directory = self.node.root() / "tmp" if self.node is not None else None
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=directory) as file:
+            json.dump(definitions, file)
+            file.flush()
+            os.chmod(file.name, 0o644)  # the machine's rabbitmqctl runs as user rabbitmq
+            path = self.node.path_in_node(Path(file.name)) if self.node else file.name
+            self.ctl("import_definitions", path)
+
+    def version(self) -> str:
+        """The RabbitMQ version the broker gives a client that connects."""
+        with Connection(self.url("/")) as connection:
+            return str(connection.connection.server_properties["version"])
 
     def queues(self, vhost: str) -> dict[str, dict[str, Any]]:
         """Each queue of ``vhost``: its ``type`` and its ``arguments`` as a dict."""
@@ -135,12 +190,15 @@ class RabbitNode:
         """Its data directory on this machine; files its config names go here."""
         return Path(self._script("dir").strip())
 
-    def path_in_node(self, path: Path) -> str:
-        """How the node itself names ``path``, a file inside ``data_dir()``."""
+    def root(self) -> Path:
+        """The file system root the node runs in: the Debian 13 root for RabbitMQ 4."""
         if self.version == 3:
-            return str(path)
-        root = Path(os.environ.get("AVOCADO_RABBITMQ4_ROOT", "/var/cache/spicy-avocado/rabbitmq4"))
-        return "/" + str(path.relative_to(root))
+            return Path("/")
+        return Path(os.environ.get("AVOCADO_RABBITMQ4_ROOT", "/var/cache/spicy-avocado/rabbitmq4"))
+
+    def path_in_node(self, path: Path) -> str:
+        """How the node itself names ``path``, a file inside ``root()``."""
+        return "/" + str(path.relative_to(self.root()))
 
     def ctl(self, *args: str) -> str:
         return self._script("ctl", "--", *args)
@@ -165,9 +223,32 @@ def rabbitmq4() -> Broker:
 def isolated_vhost(broker: Broker) -> Iterator[str]:
     """A fresh vhost for one test session, removed afterwards; yields its broker URL."""
     vhost = f"avocado-test-{uuid.uuid4().hex[:8]}"
-    broker.ctl("add_vhost", vhost)
+    broker.add_vhosts(vhost)
     try:
-        broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield broker.url(vhost)
     finally:
         broker.ctl("delete_vhost", vhost)
+
+
+def _alarmed(node: RabbitNode) -> bool:
+    return "alarm on node" in node.diagnostics("alarms")
+
+
+@contextmanager
+def alarm_raised(node: RabbitNode, alarm: str) -> Iterator[str]:
+    """RabbitMQ's ``alarm`` (a key of ``ALARMS``) in effect on ``node``, so that it blocks
+    publishers; yields the reason it gives them. Cleared, and awaited cleared, on exit."""
+    raise_it, clear_it, reason = ALARMS[alarm]
+    node.ctl(*raise_it)
+    try:
+        wait_for(lambda: _alarmed(node), timeout=30, what=f"the {alarm} alarm")
+        yield reason
+    finally:
+        node.ctl(*clear_it)
+    wait_for(lambda: not _alarmed(node), timeout=30, what=f"the {alarm} alarm to clear")
+
+
+def queue_depth(producer: Producer, queue: str) -> int:
+    """How many messages ``queue`` holds ready, on ``producer``'s broker and vhost."""
+    with producer.app.connection_for_write() as connection:
+        return int(connection.default_channel.queue_declare(queue, passive=True).message_count)

@@ -6,21 +6,29 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
+from avocado_shared import Settings
+from tests.gateway import InProcessGateway
 from tests.services import free_port, run_cli, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "scripts/start-ml-services.sh"
 STOP = ROOT / "scripts/stop-ml-services.sh"
+# Each test starts and stops a fleet (broker checks, workers, beat, Flower, the gateway, a
+# model server): on a machine busy with the rest of the suite, more than the default 120 s
+# that guards a test against hanging.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _ours(run_dir: Path) -> list[str]:
@@ -75,6 +83,7 @@ def fleet_env(broker_url: str, key_prefix: str, tmp_path: Path) -> Iterator[dict
         AVOCADO_VENV=str(Path(sys.executable).parent.parent),
         AVOCADO_OLLAMA_URL=f"http://127.0.0.1:{free_port()}",
         AVOCADO_FLOWER_PORT=str(free_port()),
+        AVOCADO_INFER_PORT=str(free_port()),
         AVOCADO_METRICS_PORT="0",
         # The scripts read no .env of the developer's.
         AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),
@@ -88,17 +97,38 @@ def _flower(env: dict[str, str], path: str, auth: tuple[str, str] | None) -> htt
     return httpx.get(url, auth=auth, timeout=10)
 
 
-def _credentials(run_dir: Path) -> tuple[str, str]:
-    lines = dict(
+def _gateway(env: dict[str, str], key: str | None = None) -> httpx.Client:
+    """A client of the gateway the start script runs, sending ``key`` when given."""
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    url = f"http://127.0.0.1:{env['AVOCADO_INFER_PORT']}"
+    return httpx.Client(base_url=url, headers=headers, timeout=120)
+
+
+def _gateway_down(env: dict[str, str]) -> bool:
+    try:
+        _gateway(env).get("/healthz")
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of a file the start script wrote."""
+    return dict(
         line.split("=", 1)
-        for line in (run_dir / "flower.credentials").read_text().splitlines()
+        for line in path.read_text().splitlines()
         if "=" in line and not line.startswith("#")
     )
+
+
+def _credentials(run_dir: Path) -> tuple[str, str]:
+    lines = _env_file(run_dir / "flower.credentials")
     return lines["AVOCADO_FLOWER_USER"], lines["AVOCADO_FLOWER_PASSWORD"]
 
 
 def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, str]) -> None:
     run_dir = Path(fleet_env["AVOCADO_RUN_DIR"])
+    gateway_url = f"http://127.0.0.1:{fleet_env['AVOCADO_INFER_PORT']}"
 
     up = _run(START, fleet_env, "--simulate", "--workers", "2")
     again = _run(START, fleet_env, "--simulate", "--workers", "2")
@@ -107,11 +137,35 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
     assert "fleet is up" in up.stdout
     assert f"http://127.0.0.1:{fleet_env['AVOCADO_FLOWER_PORT']}" in up.stdout
     assert re.search(r"workers: worker1@\S+ worker2@\S+, concurrency 1", up.stdout), up.stdout
+    assert re.search(rf"gateway: {gateway_url} .*ready in \d+\.\d s\)", up.stdout), up.stdout
+    assert f"curl {gateway_url}/api/generate" in up.stdout
     assert again.returncode == 0, again.stderr
     assert "worker1 already running" in again.stdout
     assert "worker2 already running" in again.stdout
-    assert sorted(_ours(run_dir)) == ["beat", "flower", "ollama-sim", "worker1", "worker2"]
+    assert "infer already running" in again.stdout
+    assert sorted(_ours(run_dir)) == ["beat", "flower", "infer", "ollama-sim", "worker1", "worker2"]
     pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
+
+    key_file = run_dir / "infer.key"
+    key = _env_file(key_file)["key"]
+    body = {"model": "llama3.2:1b", "prompt": "Hi", "stream": False}
+    with _gateway(fleet_env) as keyless_client, _gateway(fleet_env, key) as gateway:
+        ready = gateway.get("/readyz")
+        keyless = keyless_client.post("/api/generate", json=body)
+        answer = gateway.post("/api/generate", json=body)
+    # The gateway asks for a key; the script made one, kept in a 0600 file, never shown.
+    assert f"API key in {key_file}" in up.stdout
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key not in up.stdout + up.stderr + again.stdout + again.stderr
+    assert _env_file(key_file)["key"] == key, "a second start keeps the key"
+    assert keyless.status_code == 401
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready"}
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["done"] is True
+    stored = run_cli(fleet_env, "result", answer.headers["x-avocado-job-id"], "--json")
+    assert stored.returncode == 0, stored.stderr
+    assert json.loads(stored.stdout)["text"] == answer.json()["response"] != ""
 
     gen = run_cli(fleet_env, "generate", "Why is the sky blue?", "--wait")
     summ = run_cli(fleet_env, "summarize", "--share-id", "demo-1", "--text", "Sky.", "--wait")
@@ -124,20 +178,31 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
     down = _run(STOP, fleet_env, timeout=180)
 
     assert down.returncode == 0, down.stderr
+    assert down.stdout.splitlines()[0] == "stopped infer", "the gateway stops first"
+    assert "killing it" not in down.stdout
     assert _ours(run_dir) == []
     assert _group_members(pids) == []
+    assert _gateway_down(fleet_env)
+    # uvicorn's last words after SIGTERM: it shut down, it was not killed.
+    assert "Finished server process" in (run_dir / "infer.log").read_text()
 
 
 def test_flower_needs_the_generated_credentials(fleet_env: dict[str, str]) -> None:
     """Without AVOCADO_FLOWER_PASSWORD the start script makes one, keeps it in a 0600 file,
-    says where, and never shows it: not in its output, a log or a command line."""
+    says where, and never shows it: not in its output, a log or a command line. (With
+    AVOCADO_INFER=false, which leaves the gateway out.)"""
     run_dir = Path(fleet_env["AVOCADO_RUN_DIR"])
+    fleet_env["AVOCADO_INFER"] = "false"
 
     up = _run(START, fleet_env, "--simulate")
     assert up.returncode == 0, up.stderr + up.stdout
     user, password = _credentials(run_dir)
     again = _run(START, fleet_env, "--simulate")
     pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
+
+    assert "infer" not in _ours(run_dir)
+    assert "gateway:" not in up.stdout
+    assert _gateway_down(fleet_env)
 
     assert user == "avocado"
     assert len(password) >= 24
@@ -191,18 +256,90 @@ def test_only_flower_with_a_given_password(fleet_env: dict[str, str]) -> None:
     assert _ours(run_dir) == []
 
 
+def test_gateway_that_cannot_start_is_reported(fleet_env: dict[str, str]) -> None:
+    """Its port taken by another program: the start script refuses before it starts anything.
+    An address it cannot bind (the gateway exits at once): the script fails with the end of
+    its log. Either way nothing is left running."""
+    run_dir = Path(fleet_env["AVOCADO_RUN_DIR"])
+    port = int(fleet_env["AVOCADO_INFER_PORT"])
+    unbindable = {**fleet_env, "AVOCADO_INFER_HOST": "192.0.2.1"}  # TEST-NET-1: not ours
+
+    with socket.create_server(("127.0.0.1", port)):
+        taken = _run(START, fleet_env, "--simulate")
+    assert _ours(run_dir) == []
+    exited = _run(START, unbindable, "--native", "--only", "infer")
+
+    assert taken.returncode == 1
+    assert f"something already listens on 127.0.0.1:{port}" in taken.stderr
+    assert "AVOCADO_INFER_PORT" in taken.stderr
+    assert exited.returncode == 1
+    assert "avocado-infer exited before it was ready" in exited.stderr
+    assert "192.0.2.1" in exited.stderr, "the end of its log is shown"
+    assert _ours(run_dir) == []
+
+
+def test_the_healthcheck_reads_the_gateways_readyz(
+    gateway_factory: Callable[..., InProcessGateway], settings: Settings
+) -> None:
+    """``avocado-healthcheck infer``, which Compose and the start script run: 0 when /readyz
+    answers 200; 1 naming what the gateway cannot reach when it answers 503."""
+    cut_off = settings.model_copy(
+        update={"broker_url": SecretStr(f"amqp://guest:guest@127.0.0.1:{free_port()}//")}
+    )
+    ready = gateway_factory()
+    unready = gateway_factory(fleet=cut_off, ready_timeout_s=1)
+
+    good = _healthcheck("infer", f"{ready.url}/readyz")
+    bad = _healthcheck("infer", f"{unready.url}/readyz")
+    nobody = _healthcheck("infer", f"http://127.0.0.1:{free_port()}/readyz")
+
+    assert (good.returncode, good.stderr) == (0, "")
+    assert bad.returncode == 1
+    assert f"avocado-infer at {unready.url}/readyz answered 503" in bad.stderr
+    assert '"broker"' in bad.stderr
+    assert nobody.returncode == 1
+    assert "does not answer" in nobody.stderr
+
+
+def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "docker/healthcheck.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str]) -> None:
     """No Ollama answers and none is installed: the fleet runs on SmolLM2-135M (llama.cpp),
-    and the README's first jobs print a real model's answers."""
+    and the README's first jobs print a real model's answers, as does the gateway."""
     path = f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"
     env = {**fleet_env, "PATH": path, "AVOCADO_EMBEDDED_PORT": str(free_port())}
     run_dir = Path(env["AVOCADO_RUN_DIR"])
 
-    up = _run(START, env, "--native", "--only", "ollama,worker")
+    up = _run(START, env, "--native", "--only", "ollama,worker,infer")
 
     assert up.returncode == 0, up.stdout + up.stderr
     assert "smollm2-135m-instruct" in up.stdout
     assert "(embedded, llama.cpp on the CPU)" in up.stdout
+    key = _env_file(run_dir / "infer.key")["key"]
+    with _gateway(env, key) as gateway:
+        tags = gateway.get("/api/tags").json()
+        chat = gateway.post(
+            "/api/chat",
+            json={
+                "model": "smollm2-135m-instruct",
+                "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+                "options": {"num_predict": 24},
+                "stream": False,
+            },
+        )
+    assert "smollm2-135m-instruct" in [model["name"] for model in tags["models"]]
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["model"] == "smollm2-135m-instruct"
+    assert 0 < chat.json()["eval_count"] <= 24
+    assert chat.json()["message"]["content"].strip()
     generated = run_cli(
         fleet_env, "generate", "Why is the sky blue?", "-o", "num_predict=48", "--wait", "--json"
     )
@@ -303,6 +440,7 @@ def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str,
     assert "stack is up (Docker, project spicy-avocado)" in up.stdout
     assert "3 container(s) x concurrency 2" in up.stdout
     assert "Flower:     http://127.0.0.1:5555" in up.stdout
+    assert "gateway:    http://127.0.0.1:11435" in up.stdout
     [call] = _compose_calls(env, "up")
     args = call["args"]
     assert args[:3] == ["compose", "-p", "spicy-avocado"]
@@ -311,6 +449,7 @@ def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str,
         str(ROOT / "docker/docker-compose.ml.yml"),
     ]
     assert args[args.index("up") :][:3] == ["up", "-d", "--build"]
+    assert args[-2:] == ["flower", "infer"]
     assert "--scale" in args
     assert args[args.index("--scale") + 1] == "worker=3"
     assert call["env"]["AVOCADO_WORKER_CONCURRENCY"] == "2"
@@ -324,6 +463,18 @@ def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str,
     assert "stopped the Docker stack" in down.stdout
     [call] = _compose_calls(env, "down")
     assert call["args"][-2:] == ["down", "--remove-orphans"]
+
+
+def test_docker_path_without_the_gateway(docker_env: dict[str, str]) -> None:
+    env = {**docker_env, **DOCKER_SECRETS, "AVOCADO_INFER": "false"}
+
+    up = _run(START, env, "--docker", timeout=60)
+
+    assert up.returncode == 0, up.stderr
+    [call] = _compose_calls(env, "up")
+    assert "infer" not in call["args"]
+    assert call["args"][-1] == "flower"
+    assert "gateway:" not in up.stdout
 
 
 def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
@@ -348,8 +499,17 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
         ({"FAKE_DOCKER_HEALTH": "unhealthy"}, [], "worker is unhealthy"),
         ({}, ["--only", "worker,gpu"], "unknown part 'gpu'"),
         ({}, ["--workers", "0"], "--workers needs a whole number"),
+        ({"AVOCADO_INFER": "maybe"}, [], "AVOCADO_INFER must be true or false"),
     ],
-    ids=["missing-secret", "placeholder", "simulate", "unhealthy", "bad-part", "no-workers"],
+    ids=[
+        "missing-secret",
+        "placeholder",
+        "simulate",
+        "unhealthy",
+        "bad-part",
+        "no-workers",
+        "bad-switch",
+    ],
 )
 def test_docker_path_refuses_loudly(
     docker_env: dict[str, str], change: dict[str, str], args: list[str], message: str

@@ -68,9 +68,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     node = RabbitNode.private(4, port=free_port(), mgmt_port=free_port())
     try:
         node.start()
-        for vhost in (VHOST, OTHER_VHOST):
-            node.ctl("add_vhost", vhost)
-            node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        node.broker().add_vhosts(VHOST, OTHER_VHOST)
         with RedisServer(tmp_path_factory.mktemp("redis")) as server:
             password = secrets.token_hex(16)
             admin = redis.Redis.from_url(server.url)

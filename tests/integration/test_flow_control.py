@@ -24,24 +24,11 @@ from avocado_shared.topology import declare_topology
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
 from tests.proxy import OneWayProxy
-from tests.rabbit import RabbitNode, isolated_vhost
+from tests.rabbit import ALARMS, RabbitNode, alarm_raised, isolated_vhost, queue_depth
 from tests.services import REDIS_URL, RedisServer, free_port, run_cli, service_env, wait_for
 
 WAIT = 90
 NODE_MAX_MESSAGE = 1024 * 1024
-# (raise it, clear it, the reason RabbitMQ gives in connection.blocked)
-ALARMS = {
-    "memory": (
-        ("set_vm_memory_high_watermark", "0.00001"),
-        ("set_vm_memory_high_watermark", "0.4"),
-        "low on memory",
-    ),
-    "disk": (
-        ("set_disk_free_limit", "1000000GB"),
-        ("set_disk_free_limit", "50MB"),
-        "low on disk",
-    ),
-}
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +56,6 @@ def _settings(url: str, key_prefix: str, **extra: object) -> Settings:
     return Settings(broker_url=url, redis_url=REDIS_URL, key_prefix=key_prefix, **extra)
 
 
-def _depth(producer: Producer, queue: str) -> int:
-    with producer.app.connection_for_write() as connection:
-        return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
-
-
-def _alarmed(node: RabbitNode) -> bool:
-    return "alarm on node" in node.diagnostics("alarms")
-
-
 def _summary_calls(sim: OllamaSimulator, text: str) -> int:
     """Generation calls whose prompt carries ``text``."""
     return sum(text in str(r.body) for r in sim.requests.to("/api/generate"))
@@ -87,7 +65,6 @@ def _summary_calls(sim: OllamaSimulator, text: str) -> int:
 def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
     node: RabbitNode, url: str, key_prefix: str, tmp_path: Path, alarm: str
 ) -> None:
-    raise_it, clear_it, reason = ALARMS[alarm]
     settings = _settings(url, key_prefix, publish_timeout_s=30)
     shares = [_uid(alarm) for _ in range(3)]
     texts = {share: f"Item {share} to summarize." for share in shares}
@@ -98,9 +75,7 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
     ):
         with producer.app.connection_for_write() as connection:
             declare_topology(connection, settings)
-        node.ctl(*raise_it)
-        try:
-            wait_for(lambda: _alarmed(node), timeout=30, what=f"the {alarm} alarm")
+        with alarm_raised(node, alarm) as reason:
             failures: list[tuple[float, PublishError]] = []
             for share in [*shares, shares[0]]:  # the first one twice
                 started = time.monotonic()
@@ -110,9 +85,6 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
             cli = run_cli(service_env(url, key_prefix), "generate", "Blocked?")
             print(f"{alarm} alarm: seconds until PublishError {[round(t, 3) for t, _ in failures]}")
             print(f"{alarm} alarm: the CLI said {cli.stderr.strip()!r}")
-        finally:
-            node.ctl(*clear_it)
-        wait_for(lambda: not _alarmed(node), timeout=30, what=f"the {alarm} alarm to clear")
 
         first, *refused = [error for _, error in failures]
         # The first publish met connection.blocked: sent, not confirmed, not sent again;
@@ -130,8 +102,8 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
 
         # The blocked job was sent once: RabbitMQ queues it when it reads that connection
         # again, unless it found the connection closed first. Never more than that copy.
-        assert _depth(producer, "ml.summarize") <= 1
-        assert _depth(producer, "ml.generate") <= 1  # the CLI's job, the same
+        assert queue_depth(producer, "ml.summarize") <= 1
+        assert queue_depth(producer, "ml.generate") <= 1  # the CLI's job, the same
         handles = [producer.summarize(share, texts[share]) for share in shares]
         assert handles[0].id == first.job_id  # published again under its own id
         workers(sim.url)
@@ -139,7 +111,7 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
         results = [h.get(timeout=WAIT) for h in handles]
 
         assert [r.share_id for r in results] == shares
-        wait_for(lambda: _depth(producer, "ml.summarize") == 0, timeout=WAIT, what="a drain")
+        wait_for(lambda: queue_depth(producer, "ml.summarize") == 0, timeout=WAIT, what="a drain")
         assert {share: _summary_calls(sim, texts[share]) for share in shares} == dict.fromkeys(
             shares, 1
         )
@@ -166,10 +138,12 @@ def test_a_confirm_that_never_comes_is_an_unknown_outcome_and_no_second_copy(
 
             assert "not confirmed: no confirm within the publish timeout" in str(caught.value)
             assert "not sent again" in str(caught.value)
-            wait_for(lambda: _depth(observer, "ml.summarize") == 1, timeout=WAIT, what="a copy")
+            wait_for(
+                lambda: queue_depth(observer, "ml.summarize") == 1, timeout=WAIT, what="a copy"
+            )
             again = producer.summarize(share, "Confirm me.")  # as the README says to
             assert again.id == caught.value.job_id
-            assert _depth(observer, "ml.summarize") == 2  # one job id; a worker runs it once
+            assert queue_depth(observer, "ml.summarize") == 2  # one job id; a worker runs it once
 
 
 def test_a_job_whose_ack_is_lost_with_its_connection_runs_once(
@@ -261,14 +235,14 @@ def test_an_oversized_summary_is_refused_before_anything_is_locked_or_sent(
         limit = producer.settings.max_request_bytes
         share = _uid("big")
         producer.generate("declare the topology")
-        before = _depth(producer, "ml.summarize")
+        before = queue_depth(producer, "ml.summarize")
 
         with pytest.raises(InvalidRequest) as caught:
             producer.summarize(share, "x" * limit)
 
         print(f"oversized: {caught.value}")
         assert f"over the limit of {limit} bytes (AVOCADO_MAX_REQUEST_BYTES" in str(caught.value)
-        assert _depth(producer, "ml.summarize") == before
+        assert queue_depth(producer, "ml.summarize") == before
         locks = redis.Redis.from_url(REDIS_URL, decode_responses=True)
         assert not [k for k in locks.scan_iter(f"{key_prefix}lock:*") if share in k]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import ollama
@@ -14,55 +13,19 @@ import openai
 import pytest
 import redis
 
-from avocado_shared import GenerateResult, Producer, Settings
+from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Endpoint
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.testing import OllamaSimulator
 from tests.gateway import InProcessGateway
+from tests.gateway_clients import JOB_ID_HEADER, Fleet, assert_counts
 from tests.inprocess import InProcessWorker
 from tests.services import REDIS_URL, free_port
 
 WAIT = 90
 MODEL = "llama3.2:1b"
 ASK = "Tell me about avocados."
-JOB_ID_HEADER = "x-avocado-job-id"
-
-
-@dataclass
-class Fleet:
-    """The gateway, its worker's producer, and the job ids of the responses it gave."""
-
-    gateway: InProcessGateway
-    producer: Producer
-    job_ids: list[str] = field(default_factory=list)
-
-    def ollama(self) -> ollama.Client:
-        """The official client, noting each response's job id."""
-        hooks = {"response": [self._note]}
-        return ollama.Client(host=self.gateway.url, event_hooks=hooks, timeout=WAIT)
-
-    def openai(self) -> openai.OpenAI:
-        """The OpenAI SDK on the gateway's /v1 (no key: keys are not done yet)."""
-        return openai.OpenAI(base_url=f"{self.gateway.url}/v1", api_key="none", timeout=WAIT)
-
-    def _note(self, response: httpx.Response) -> None:
-        if JOB_ID_HEADER in response.headers:
-            self.job_ids.append(response.headers[JOB_ID_HEADER])
-
-    def result(self, job_id: str) -> GenerateResult:
-        """The job's Celery result, checked against its ``ml_results`` row."""
-        result = self.producer.handle(job_id).get(timeout=WAIT)
-        assert isinstance(result, GenerateResult)
-        row = self.producer.results.get(job_id)
-        assert row is not None
-        assert row.result is not None
-        assert row.result["text"] == result.text
-        return result
-
-    def last_result(self) -> GenerateResult:
-        assert len(self.job_ids) == 1, self.job_ids
-        return self.result(self.job_ids[0])
 
 
 @pytest.fixture
@@ -72,22 +35,6 @@ def fleet(
     gateway_factory: Callable[..., InProcessGateway],
 ) -> Fleet:
     return Fleet(gateway_factory(), producer)
-
-
-def _assert_counts(
-    final: ollama.GenerateResponse | ollama.ChatResponse, result: GenerateResult
-) -> None:
-    assert final.done is True
-    assert final.done_reason == result.done_reason
-    assert final.model == result.model
-    assert final.prompt_eval_count == result.prompt_tokens
-    assert final.eval_count == result.completion_tokens
-    assert final.eval_count is not None
-    assert final.eval_count > 0
-    assert final.total_duration == round(result.total_duration_ms * 1e6)
-    assert final.load_duration == round(result.load_duration_ms * 1e6)
-    assert final.prompt_eval_duration == round(result.prompt_eval_duration_ms * 1e6)
-    assert final.eval_duration == round(result.eval_duration_ms * 1e6)
 
 
 def test_ollama_generate_streamed_is_the_stored_result(
@@ -108,7 +55,7 @@ def test_ollama_generate_streamed_is_the_stored_result(
     text = "".join(c.response or "" for c in pieces)
     result = fleet.last_result()
     assert text == result.text
-    _assert_counts(final, result)
+    assert_counts(final, result)
     # A chunk for each text entry of the job's stream, as the worker wrote them.
     with redis.Redis.from_url(REDIS_URL) as client:
         stream = JobStream(client, settings.key_prefix, fleet.job_ids[0])
@@ -122,7 +69,7 @@ def test_ollama_generate_not_streamed_is_the_stored_result(fleet: Fleet) -> None
 
     result = fleet.last_result()
     assert answer.response == result.text
-    _assert_counts(answer, result)
+    assert_counts(answer, result)
 
 
 def test_ollama_chat_streamed_is_the_stored_result(fleet: Fleet) -> None:
@@ -136,7 +83,7 @@ def test_ollama_chat_streamed_is_the_stored_result(fleet: Fleet) -> None:
     result = fleet.last_result()
     assert text == result.text
     assert final.message.content == ""
-    _assert_counts(final, result)
+    assert_counts(final, result)
 
 
 def test_ollama_chat_not_streamed_is_the_stored_result(fleet: Fleet) -> None:
@@ -145,7 +92,7 @@ def test_ollama_chat_not_streamed_is_the_stored_result(fleet: Fleet) -> None:
     result = fleet.last_result()
     assert answer.message.role == "assistant"
     assert answer.message.content == result.text
-    _assert_counts(answer, result)
+    assert_counts(answer, result)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ def test_avocado_infer_serves_on_the_port_its_settings_name(
         AVOCADO_INFER_HOST="127.0.0.1",
         AVOCADO_INFER_PORT=str(port),
         AVOCADO_DEFAULT_MODEL="tiny-test:1b",
+        AVOCADO_INFER_REQUIRE_KEYS="false",
     )
     log = tmp_path / "infer.log"
     # Run from an empty directory: no .env of the checkout's is read.

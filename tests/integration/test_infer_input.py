@@ -58,6 +58,8 @@ def client(
 OLLAMA_BAD = [
     ("/api/generate", b'{"model": "m", "prompt": '),  # malformed JSON
     ("/api/generate", b"[1, 2]"),
+    ("/api/generate", b'{"model": "m\xff", "prompt": "Hi"}'),  # not UTF-8: FastAPI's own 400
+    ("/api/chat", b"<\xff"),
     ("/api/generate", {"prompt": "Hi"}),  # no model
     ("/api/generate", {"model": MODEL}),  # no prompt
     ("/api/generate", {"model": MODEL, "prompt": 5}),
@@ -74,6 +76,8 @@ OLLAMA_BAD = [
 
 OPENAI_BAD = [
     ("/v1/chat/completions", b"{nope"),
+    ("/v1/chat/completions", b'{"model": "m\xff", "messages": []}'),  # not UTF-8
+    ("/v1/completions", b"<\xff"),
     ("/v1/chat/completions", {"messages": USER}),  # no model
     ("/v1/chat/completions", {"model": MODEL}),  # no messages
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "n": 2}),

@@ -1,23 +1,28 @@
 """Jobs on a real model through RabbitMQ: SmolLM2-135M-Instruct (the embedded default) on
 llama-cpp-python's OpenAI-compatible server, the way start-ml-services.sh runs it without
-Ollama. Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
+Ollama; from Python and through the gateway with the ``ollama`` client and the ``openai`` SDK.
+Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
-from avocado_shared import JobStatus, Producer
+from avocado_shared import GenerateResult, JobStatus, Producer, Settings
 from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.embedded import MODEL
 from ollama_worker.openai_api import OpenAIClient
 from tests.conftest import WorkerFactory
+from tests.gateway import InProcessGateway
+from tests.gateway_clients import Fleet, assert_counts
 from tests.inprocess import InProcessWorker
 from tests.services import REDIS_URL, VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
 
@@ -183,3 +188,94 @@ def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
     assert row is not None
     assert row.status is JobStatus.SUCCESS
     assert row.attempts == 2
+
+
+@pytest.fixture
+def fleet(
+    producer: Producer,
+    worker_factory: WorkerFactory,
+    gateway_factory: Callable[..., InProcessGateway],
+    settings: Settings,
+    model_url: str,
+) -> Fleet:
+    """The gateway on a fleet whose default model is the embedded one, a worker serving it."""
+    _worker(worker_factory, model_url)
+    gateway = gateway_factory(fleet=settings.model_copy(update={"default_model": MODEL}))
+    return Fleet(gateway, producer, WAIT)
+
+
+def _finish_reason(result: GenerateResult) -> str:
+    return "length" if result.done_reason == "length" else "stop"
+
+
+def test_the_ollama_client_through_the_gateway_on_the_real_model(fleet: Fleet) -> None:
+    client = fleet.ollama()
+    options = {"num_predict": 16, **GREEDY}
+    messages = [{"role": "user", "content": "Name one vegetable that grows in spring."}]
+
+    whole = client.generate(model=MODEL, prompt="Why is the sky blue?", options=options)
+    *pieces, final = client.generate(
+        model=MODEL, prompt="Why is the sky blue?", options=options, stream=True
+    )
+    said = client.chat(model=MODEL, messages=messages, options=options)
+    *parts, last = client.chat(model=MODEL, messages=messages, options=options, stream=True)
+    listed = client.list()
+
+    whole_result, streamed, said_result, chatted = (fleet.result(j) for j in fleet.job_ids)
+    assert whole.response == whole_result.text
+    assert_counts(whole, whole_result)
+    assert "".join(p.response or "" for p in pieces) == streamed.text
+    assert_counts(final, streamed)
+    assert said.message.content == said_result.text
+    assert_counts(said, said_result)
+    assert "".join(p.message.content or "" for p in parts) == chatted.text
+    assert_counts(last, chatted)
+    for result in (whole_result, streamed, said_result, chatted):
+        assert result.text.strip()
+        assert result.model == MODEL
+        assert result.done_reason in ("stop", "length")
+        # Counted by the worker: this server streams no usage, so the prompt's count is
+        # unknown (0) and the completion's is its chunks, a token each.
+        assert 0 < result.completion_tokens <= 16
+    assert len(pieces) > 1  # streamed a piece at a time, as the model wrote them
+    assert MODEL in [m.model for m in listed.models]
+
+
+def test_the_openai_sdk_through_the_gateway_on_the_real_model(fleet: Fleet) -> None:
+    client = fleet.openai()
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Name one vegetable that grows in spring."}
+    ]
+    sampling: dict[str, Any] = {"max_tokens": 16, "temperature": 0, "seed": 7}
+
+    completion = client.chat.completions.create(model=MODEL, messages=messages, **sampling)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            **sampling,
+        )
+    )
+    text = client.completions.create(model=MODEL, prompt="Why is the sky blue?", **sampling)
+    models = client.models.list()
+
+    said = fleet.result(completion.id.removeprefix("chatcmpl-"))
+    assert completion.choices[0].message.content == said.text
+    assert completion.choices[0].finish_reason == _finish_reason(said)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == said.completion_tokens
+    *answer, usage = chunks
+    streamed = fleet.result(usage.id.removeprefix("chatcmpl-"))
+    assert "".join(c.choices[0].delta.content or "" for c in answer) == streamed.text
+    assert answer[-1].choices[0].finish_reason == _finish_reason(streamed)
+    assert usage.usage is not None
+    assert usage.usage.completion_tokens == streamed.completion_tokens
+    completed = fleet.result(text.id.removeprefix("cmpl-"))
+    assert text.choices[0].text == completed.text
+    assert text.choices[0].finish_reason == _finish_reason(completed)
+    for result in (said, streamed, completed):
+        assert result.text.strip()
+        assert 0 < result.completion_tokens <= 16
+    assert MODEL in [m.id for m in models.data]

@@ -83,8 +83,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, key_prefix: str) -> Iterator
     certs = make_certificates(tmp_path_factory.mktemp("certs"))
     with tls_rabbit(certs) as rabbit, tls_redis(certs, tmp_path_factory.mktemp("redis")) as url:
         vhost = f"avocado-tls-{uuid.uuid4().hex[:8]}"
-        rabbit.node.ctl("add_vhost", vhost)
-        rabbit.node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        rabbit.node.broker().add_vhosts(vhost)
         yield Fleet(certs, rabbit, rabbit.url(vhost), url, key_prefix)
 
 

@@ -4,7 +4,6 @@ missing text."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 import uuid
@@ -29,34 +28,14 @@ from avocado_shared.streams import (
 )
 from avocado_shared.topology import GENERATE_TASK
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
+from tests.midanswer import ASK, MODEL, TOKENS, continued_from, longest_gap
 from tests.services import REDIS_URL
 
 logger = logging.getLogger(__name__)
 
 WAIT = 90
-MODEL = "llama3.2:1b"
-TOKENS = 30
-ASK = "Tell me about avocados."
-
-
-@pytest.fixture
-def slow_sim() -> Iterator[OllamaSimulator]:
-    """A simulator of this test only, streaming 10 tokens a second: a job is caught in the
-    middle of its answer."""
-    with OllamaSimulator(SimConfig(models=[MODEL], default_tokens=TOKENS, tokens_per_s=10)) as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
-def uninterrupted() -> Iterator[OllamaClient]:
-    """The same simulated model at full speed, for the answers a job must end up with."""
-    with (
-        OllamaSimulator(SimConfig(models=[MODEL], default_tokens=TOKENS)) as sim,
-        OllamaClient(sim.url) as client,
-    ):
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +81,7 @@ class Rig:
 @pytest.fixture
 def rig(
     producer: Producer,
-    slow_sim: OllamaSimulator,
+    midanswer_sim: OllamaSimulator,
     worker_factory: WorkerFactory,
     client: redis.Redis,
     key_prefix: str,
@@ -110,7 +89,7 @@ def rig(
     tmp_path: Path,
 ) -> Rig:
     database = f"sqlite:///{tmp_path / 'results.sqlite3'}"
-    return Rig(producer, slow_sim, worker_factory, client, key_prefix, uninterrupted, database)
+    return Rig(producer, midanswer_sim, worker_factory, client, key_prefix, uninterrupted, database)
 
 
 def _ms(entry: StreamEntry) -> int:
@@ -175,19 +154,18 @@ def test_a_sigkilled_worker_s_answer_is_continued_by_another_with_nothing_repeat
     assert joined(seen) == expected  # nothing repeated, nothing missing
     assert result.text == expected
     assert rig.stored_text(handle.id) == expected
-    path = "/v1/chat/completions" if backend == "openai" else "/api/chat"
-    continued = rig.sim.requests.last(path).body["messages"][-1]
-    assert continued["role"] == "assistant"
-    assert expected.startswith(continued["content"])
-    assert len(continued["content"]) >= len(joined(seen[:5]))
-    gaps = [_ms(b) - _ms(a) for a, b in itertools.pairwise(seen)]
+    continued = continued_from(
+        rig.sim, "/v1/chat/completions" if backend == "openai" else "/api/chat"
+    )
+    assert expected.startswith(continued)
+    assert len(continued) >= len(joined(seen[:5]))
     logger.info(
         "SIGKILL mid-answer (%s, %s): the stream paused %d ms between two chunks (the "
         "dead worker's lease, %ss, then the continuation); the reader waited %.2f s after "
         "the kill for its first new entry",
         backend,
         kind,
-        max(gaps),
+        longest_gap([_ms(e) for e in seen]),
         env["AVOCADO_JOB_LEASE_S"],
         after_kill[0] - killed,
     )

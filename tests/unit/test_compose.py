@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
+from avocado_infer import InferSettings
 from avocado_shared.settings import Settings
 from ollama_worker.settings import WorkerSettings
 
@@ -35,7 +36,7 @@ SECRETS = {
     "POSTGRES_PASSWORD": "postgres-secret-3c",
     "AVOCADO_FLOWER_PASSWORD": "flower-secret-4d",
 }
-LONG_RUNNING = {"rabbitmq", "redis", "postgres", "flower", "ollama", "worker", "beat"}
+LONG_RUNNING = {"rabbitmq", "redis", "postgres", "flower", "infer", "ollama", "worker", "beat"}
 ONE_SHOTS = {"ollama-pull"}
 
 
@@ -186,6 +187,7 @@ def test_dependants_wait_for_health(services: dict[str, dict[str, Any]]) -> None
     }
     assert ("beat", "rabbitmq") in edges
     assert {("flower", "rabbitmq"), ("flower", "redis")} <= set(edges)
+    assert {dep for name, dep in edges if name == "infer"} == {"rabbitmq", "redis", "postgres"}
     assert ("ollama-pull", "ollama") in edges
 
 
@@ -243,14 +245,69 @@ def test_worker_and_beat_talk_to_the_stack(services: dict[str, dict[str, Any]]) 
     assert pull == {"OLLAMA_HOST": "ollama:11434", "AVOCADO_DEFAULT_MODEL": "llama3.2:1b"}
 
 
-def test_worker_image_is_built_from_the_dockerfile(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("worker", "beat", "flower"):
+def test_infer_talks_to_the_stack(services: dict[str, dict[str, Any]]) -> None:
+    """The gateway publishes to the stack's broker and reads its Redis, listens on every
+    interface of its container at 11435, and is healthy when its /readyz answers 200."""
+    infer = services["infer"]
+    env = infer["environment"]
+
+    assert env["AVOCADO_BROKER_URL"] == (
+        f"amqp://avocado:{SECRETS['RABBITMQ_DEFAULT_PASS']}@rabbitmq:5672//"
+    )
+    assert env["AVOCADO_REDIS_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+    assert env["AVOCADO_DATABASE_URL"] == (
+        f"postgresql://avocado:{SECRETS['POSTGRES_PASSWORD']}@postgres:5432/avocado"
+    )
+    assert env["AVOCADO_INFER_HOST"] == "0.0.0.0"  # noqa: S104 (inside the stack)
+    assert env["AVOCADO_INFER_PORT"] == "11435"
+    assert env["AVOCADO_DEFAULT_MODEL"] == "llama3.2:1b"
+    assert "" not in env.values()
+    assert infer["healthcheck"]["test"] == ["CMD", "avocado-healthcheck", "infer"]
+    assert [str(port) for port in infer["ports"]] == ["127.0.0.1:11435:11435/tcp"]
+    assert infer["restart"] == "unless-stopped"
+    assert infer["init"] is True
+
+
+def test_infer_reads_only_settings_that_exist(services: dict[str, dict[str, Any]]) -> None:
+    """Each variable given to the gateway is a field of its settings or the fleet's (a typo
+    would be ignored in silence), and each of its own settings can be given."""
+    env = services["infer"]["environment"]
+    raw = yaml.safe_load(FILES[0].read_text())["services"]["infer"]["environment"]
+    own = {f"AVOCADO_INFER_{name.upper()}" for name in InferSettings.model_fields} - {
+        "AVOCADO_INFER_FLEET"
+    }
+    fleet = {f"AVOCADO_{name.upper()}" for name in Settings.model_fields}
+
+    assert set(raw) <= own | fleet, sorted(set(raw) - own - fleet)
+    assert own <= set(raw), sorted(own - set(raw))
+    # Only what the environment sets reaches the container (Compose drops the rest).
+    assert set(env) <= set(raw)
+
+
+def test_infer_port_moves_the_published_port_only(empty_env_file: Path) -> None:
+    done = _config(_clean_env(**SECRETS, AVOCADO_INFER_PORT="12000"), empty_env_file)
+
+    assert done.returncode == 0, done.stderr
+    infer = yaml.safe_load(done.stdout)["services"]["infer"]
+    assert [str(port) for port in infer["ports"]] == ["127.0.0.1:12000:11435/tcp"]
+    assert infer["environment"]["AVOCADO_INFER_PORT"] == "11435"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "names"),
+    [("Dockerfile.worker", ["worker", "beat", "flower"]), ("Dockerfile.infer", ["infer"])],
+)
+def test_images_are_built_from_their_dockerfiles(
+    services: dict[str, dict[str, Any]], dockerfile: str, names: list[str]
+) -> None:
+    for name in names:
         build = services[name]["build"]
 
         assert Path(build["context"]) == ROOT, name
-        assert build["dockerfile"] == "docker/Dockerfile.worker", name
-        assert services[name]["image"] == services["worker"]["image"]
+        assert build["dockerfile"] == f"docker/{dockerfile}", name
+        assert services[name]["image"] == services[names[0]]["image"]
         assert services[name]["init"] is True
+    assert services["infer"]["image"] != services["worker"]["image"]
 
 
 def test_consumer_timeout_matches_the_settings(services: dict[str, dict[str, Any]]) -> None:
@@ -258,7 +315,7 @@ def test_consumer_timeout_matches_the_settings(services: dict[str, dict[str, Any
     default_s = Settings.model_fields["consumer_timeout_s"].default
 
     assert int(conf["consumer_timeout"]) == default_s * 1000
-    for name in ("worker", "beat"):
+    for name in ("worker", "beat", "infer"):
         assert services[name]["environment"]["AVOCADO_CONSUMER_TIMEOUT_S"] == str(default_s)
     limits = ("generate_time_limit_s", "summarize_time_limit_s")
     assert all(Settings.model_fields[f].default < default_s for f in limits)
@@ -326,6 +383,7 @@ def test_ports_are_published_on_loopback_by_default(services: dict[str, dict[str
     }
 
     assert published["flower"] == ["127.0.0.1:5555:5555/tcp"]
+    assert published["infer"] == ["127.0.0.1:11435:11435/tcp"]
     assert "127.0.0.1:5672:5672/tcp" in published["rabbitmq"]
     for name, ports in published.items():
         for port in ports:
@@ -349,10 +407,16 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 
 DOCKERFILE = DOCKER / "Dockerfile.worker"
+INFER_DOCKERFILE = DOCKER / "Dockerfile.infer"
 
 
-def test_worker_image_installs_only_the_two_packages() -> None:
-    steps = _instructions(DOCKERFILE)
+@pytest.mark.parametrize(
+    ("dockerfile", "package"),
+    [(DOCKERFILE, "python/ollama-worker"), (INFER_DOCKERFILE, "python/infer")],
+    ids=["worker", "infer"],
+)
+def test_image_installs_only_its_two_packages(dockerfile: Path, package: str) -> None:
+    steps = _instructions(dockerfile)
     copies = {
         src: dest
         for kind, args in steps
@@ -368,13 +432,13 @@ def test_worker_image_installs_only_the_two_packages() -> None:
     ]
 
     assert steps[0] == ("FROM", "python:3.11-slim")
-    assert set(copies) == {"python/shared", "python/ollama-worker", "docker/healthcheck.py"}
+    assert set(copies) == {"python/shared", package, "docker/healthcheck.py"}
     assert len(installs) == 1
     install = installs[0]
     options = [arg for arg in install[install.index("install") + 1 :] if arg.startswith("-")]
     targets = [arg for arg in install[install.index("install") + 1 :] if not arg.startswith("-")]
     assert options == ["--no-cache-dir"]
-    assert targets == [copies["python/shared"], copies["python/ollama-worker"]]
+    assert targets == [copies["python/shared"], copies[package]]
     text = " ".join(args for _, args in steps).lower()
     for tool in ("pytest", "ruff", "mypy", "nbclient", "ipykernel", "--group", "requirements"):
         assert tool not in text, tool
@@ -388,6 +452,19 @@ def test_worker_image_runs_the_worker_unprivileged_and_checks_it() -> None:
     assert any("PYTHONUNBUFFERED=1" in env.split() for env in envs)
     assert steps["HEALTHCHECK"].endswith('CMD ["avocado-healthcheck", "worker"]')
     assert json.loads(steps["CMD"])[:4] == ["celery", "-A", "ollama_worker", "worker"]
+
+
+def test_infer_image_runs_the_gateway_unprivileged_and_checks_it() -> None:
+    steps = dict(_instructions(INFER_DOCKERFILE))
+    envs = " ".join(args for kind, args in _instructions(INFER_DOCKERFILE) if kind == "ENV")
+
+    assert steps["USER"] not in {"root", "0"}
+    assert {"PYTHONUNBUFFERED=1", "AVOCADO_INFER_HOST=0.0.0.0", "AVOCADO_INFER_PORT=11435"} <= set(
+        envs.split()
+    )
+    assert steps["EXPOSE"] == "11435"
+    assert steps["HEALTHCHECK"].endswith('CMD ["avocado-healthcheck", "infer"]')
+    assert json.loads(steps["CMD"]) == ["avocado-infer"]
 
 
 def test_dockerignore_keeps_the_build_context_clean() -> None:

@@ -1,19 +1,23 @@
 """What goes wrong between an HTTP request and its job's answer, and the status it gets.
 
 Each API answers in its own error shape: a route class made by ``error_route`` catches bad
-input (FastAPI's ``RequestValidationError``, malformed JSON included) and the fleet's errors
-before FastAPI's app-wide handlers would, so nothing the client caused becomes a 500.
+input (FastAPI's ``RequestValidationError``, malformed JSON included, and its ``HTTPException``
+for a body it cannot read) and the fleet's errors before FastAPI's app-wide handlers would, so
+nothing the client caused becomes a 500 or an answer in another shape.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import (
@@ -27,16 +31,22 @@ from avocado_shared.streams import StreamFailed, StreamTimedOut
 
 __all__ = [
     "AnswerRestarted",
+    "OverLimit",
+    "PlainError",
+    "QueueFull",
     "RegistryUnavailable",
     "Render",
+    "Unauthorized",
     "describe",
+    "documented_errors",
     "error_route",
     "http_status",
     "plain_error",
 ]
 
-Render = Callable[[int, str, bool], Response]
-"""An API's error response for a status, a message, and whether retrying cannot help."""
+Render = Callable[[int, str, bool, str | None], Response]
+"""An API's error response for a status, a message, whether retrying cannot help, and a
+machine-readable code (OpenAI's ``code``)."""
 
 
 class AnswerRestarted(PermanentError):
@@ -48,7 +58,46 @@ class RegistryUnavailable(Unavailable):
     """Redis, which holds the node registry, could not be read."""
 
 
-def plain_error(status: int, message: str, permanent: bool) -> Response:
+class Unauthorized(PermanentError):
+    """No API key, or one that is unknown or revoked (401)."""
+
+    code: ClassVar[str] = "invalid_api_key"
+
+
+class OverLimit(TransientError):
+    """A key over its requests a minute or its requests at once (429, ``retry_after``)."""
+
+    code: ClassVar[str] = "rate_limit_exceeded"
+
+
+class QueueFull(TransientError):
+    """The generate queue is as deep as the gateway lets it grow (503, ``retry_after``)."""
+
+
+class PlainError(BaseModel):
+    """Ollama's error body, for the OpenAPI schema."""
+
+    error: str
+
+
+def documented_errors(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The errors a router's routes answer, in ``body``'s shape, for the OpenAPI schema: bad
+    input is a 400 (never FastAPI's default 422, which documenting 4XX replaces)."""
+    return {
+        "4XX": {
+            "model": body,
+            "description": "Bad input (400), no API key or a wrong one (401), a key over its "
+            "limits (429, Retry-After), an unknown job (404), in the API's error shape.",
+        },
+        "5XX": {
+            "model": body,
+            "description": "The job failed (502), the broker or Redis does not answer or the "
+            "queue is full (503, Retry-After), or no answer came in time (504).",
+        },
+    }
+
+
+def plain_error(status: int, message: str, permanent: bool, code: str | None = None) -> Response:
     """Ollama's error shape, ``{"error": message}``; the fleet's own routes answer in it too."""
     return JSONResponse({"error": message}, status_code=status)
 
@@ -59,6 +108,10 @@ def http_status(error: AvocadoError) -> int:
         return 400
     if isinstance(error, NotFound):
         return 404
+    if isinstance(error, Unauthorized):
+        return 401
+    if isinstance(error, OverLimit):
+        return 429
     if isinstance(error, StreamTimedOut):
         return 504
     if isinstance(error, StreamFailed | AnswerRestarted):
@@ -99,11 +152,31 @@ def error_route(render: Render, *, json_bodies: bool = False) -> type[APIRoute]:
                 try:
                     return await handler(request)
                 except RequestValidationError as error:
-                    return render(400, describe(error.errors()), True)
+                    return render(400, describe(error.errors()), True, None)
+                except HTTPException as error:
+                    # FastAPI's own, such as a body that is not UTF-8 ("There was an error
+                    # parsing the body"): its status and headers, in the API's shape.
+                    response = render(
+                        error.status_code, str(error.detail), error.status_code < 500, None
+                    )
+                    response.headers.update(error.headers or {})
+                    return response
                 except AvocadoError as error:
-                    permanent = isinstance(error, PermanentError)
-                    return render(http_status(error), str(error), permanent)
+                    return _rendered(render, error)
 
             return handle
 
     return ErrorRoute
+
+
+def _rendered(render: Render, error: AvocadoError) -> Response:
+    """``error`` in ``render``'s shape, with the headers its status calls for: when to come
+    back (``Retry-After``, whole seconds), how to authenticate (``WWW-Authenticate``)."""
+    status = http_status(error)
+    permanent = isinstance(error, PermanentError)
+    response = render(status, str(error), permanent, getattr(error, "code", None))
+    if isinstance(error, TransientError) and error.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response

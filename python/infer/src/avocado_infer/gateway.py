@@ -1,7 +1,7 @@
 """What one gateway process holds for its life: the fleet's producer, Redis clients (an
 asyncio one for token streams, read on the event loop; a blocking one for the rest), the node
-registry and the ledger, the job state reader, and the app's metrics; made in the app's
-lifespan, closed there."""
+registry and the ledger, the job state reader, the app's metrics, the API keys and their
+limits; made in the app's lifespan, closed there."""
 
 from __future__ import annotations
 
@@ -16,17 +16,22 @@ import redis.asyncio
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from avocado_infer.errors import RegistryUnavailable
+from avocado_infer.backlog import Backlog
+from avocado_infer.errors import QueueFull, RegistryUnavailable
 from avocado_infer.job_state import JobStates
 from avocado_infer.ledger import Ledger
+from avocado_infer.limits import Limiter
 from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import GenerateResult, JobKind, SummarizeRequest, SummarizeResult
 from avocado_shared.discovery import Endpoint
-from avocado_shared.jobs import JobHandle
+from avocado_shared.errors import AvocadoError, TransientError
+from avocado_shared.flow import BrokerBlocked, causes
+from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
+from avocado_shared.keys import KeyStore
 from avocado_shared.producer import Producer
 from avocado_shared.registry import NodeRegistry
-from avocado_shared.tls import redis_ssl, warn_if_plaintext
+from avocado_shared.tls import async_redis_client, redis_client
 
 __all__ = ["Gateway", "ServedModel", "gateway"]
 
@@ -48,18 +53,31 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics
         fleet = settings.fleet
-        url = fleet.redis_url.get_secret_value()
-        warn_if_plaintext(url, "Redis")
-        options = dict(socket_timeout=10, socket_connect_timeout=5, **redis_ssl(fleet, url))
-        self.redis = redis.Redis.from_url(url, **options)
+        self.redis = redis_client(fleet)
         # Each streamed answer waits in XREAD on a connection of its own: on the event loop,
         # a piece reaches its client without a hop through a thread.
-        self.streams = redis.asyncio.Redis.from_url(url, **options)
+        self.streams = async_redis_client(fleet)
         self.registry = NodeRegistry(self.redis, fleet.key_prefix)
+        self.keys = KeyStore(self.redis, fleet.key_prefix)
+        self.limiter = Limiter(self.redis, fleet.key_prefix, settings.slot_lease_s)
         self.producer = Producer(fleet)
         self.ledger = Ledger(self.redis, fleet.key_prefix, fleet.result_expires_s)
         self.jobs = JobStates(self.producer, self.ledger, settings.ready_timeout_s)
+        self.backlog = Backlog(self.producer, settings.ready_timeout_s)
         self.started_at = datetime.now(timezone.utc)
+
+    async def check_backlog(self) -> None:
+        """``QueueFull`` while the generate queue holds ``max_queue`` jobs or more."""
+        limit = self.settings.max_queue
+        if not limit:
+            return
+        depth = await run_in_threadpool(self.backlog.depth)
+        if depth is not None and depth >= limit:
+            raise QueueFull(
+                f"{depth} jobs wait in the queue, as many as this gateway lets wait "
+                f"(AVOCADO_INFER_MAX_QUEUE={limit}): try again later",
+                retry_after=self.settings.busy_retry_after_s,
+            )
 
     async def generate(
         self,
@@ -68,8 +86,34 @@ class Gateway:
         messages: Sequence[Mapping[str, Any]] | None = None,
         **fields: Any,
     ) -> JobHandle[GenerateResult]:
-        """Publish a generation job; ``InvalidRequest`` before anything is queued."""
-        return await run_in_threadpool(self.producer.generate, prompt, messages=messages, **fields)
+        """Publish a generation job; ``InvalidRequest`` before anything is queued. A job not
+        published is a ``PublishError`` with a ``retry_after``; one whose publish has an
+        unknown outcome (the broker blocked publishing right after it was sent) is cancelled,
+        as no one would read its answer when the broker takes it later: a ``TransientError``."""
+        try:
+            handle = await run_in_threadpool(
+                self.producer.generate, prompt, messages=messages, **fields
+            )
+        except PublishOutcomeUnknown as error:
+            raise await self._cancelled(error) from error
+        except PublishError as error:
+            error.retry_after = self.settings.busy_retry_after_s
+            raise
+        self.backlog.published()
+        return handle
+
+    async def _cancelled(self, error: PublishOutcomeUnknown) -> TransientError:
+        """Cancel a job sent but not confirmed; what its client is told."""
+        try:
+            await run_in_threadpool(self.producer.cancel, error.job_id)
+        except AvocadoError as failed:
+            logger.warning("job %s, sent, not cancelled: %s", error.job_id, failed)
+        blocked = next((e for e in causes(error) if isinstance(e, BrokerBlocked)), None)
+        why = f"the broker blocked publishing ({blocked.reason})" if blocked else "no confirm came"
+        return TransientError(
+            f"job {error.job_id} sent, then {why}; it is cancelled: send the request again",
+            retry_after=self.settings.busy_retry_after_s,
+        )
 
     async def summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
         """Publish a summary job, or find the one of its share id that is queued or running

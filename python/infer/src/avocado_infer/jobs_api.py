@@ -10,14 +10,16 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from avocado_infer.errors import error_route, plain_error
+from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.ledger import Noted
 from avocado_shared.contracts import JobKind, SummarizeRequest
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/jobs", route_class=error_route(plain_error))
+router = APIRouter(
+    prefix="/jobs", route_class=error_route(plain_error), responses=documented_errors(PlainError)
+)
 Fleet = Annotated[Gateway, Depends(gateway)]
 
 

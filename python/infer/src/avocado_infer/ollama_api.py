@@ -8,23 +8,39 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import version
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from avocado_infer.errors import error_route, plain_error
+from avocado_infer.access import admitted
+from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.gateway import Gateway, gateway
-from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, ndjson, opened, pieces, whole
+from avocado_infer.relay import (
+    JOB_ID_HEADER,
+    Usage,
+    encoded,
+    left,
+    ndjson,
+    opened,
+    pieces,
+    unless_left,
+    whole,
+)
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import JobHandle
 
 __all__ = ["router"]
 
 
-router = APIRouter(prefix="/api", route_class=error_route(plain_error, json_bodies=True))
+router = APIRouter(
+    prefix="/api",
+    route_class=error_route(plain_error, json_bodies=True),
+    responses=documented_errors(PlainError),
+)
 Fleet = Annotated[Gateway, Depends(gateway)]
+Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
 
 class _Body(BaseModel):
@@ -48,21 +64,25 @@ class _Body(BaseModel):
         }
 
 
+# In the schema only: the job contract refuses a blank prompt, in its own words.
+NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
+
+
 class GenerateBody(_Body):
-    prompt: str
+    prompt: str = Field(json_schema_extra=NOT_BLANK)
     system: str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
 
 
 class ChatBody(_Body):
-    messages: list[Message]
+    messages: list[Message] = Field(min_length=1)
 
 
 def _now() -> str:
@@ -83,40 +103,66 @@ def _failed(error: AvocadoError) -> dict[str, Any]:
 
 
 async def _answer(
-    fleet: Gateway, handle: JobHandle[Any], body: _Body, key: str, value: Callable[[str], Any]
+    request: Request,
+    fleet: Gateway,
+    handle: JobHandle[Any],
+    body: _Body,
+    key: str,
+    value: Callable[[str], Any],
 ) -> Response:
     """``value(text)`` under ``key`` in every chunk: the generate or the chat shape."""
     stream = fleet.stream(handle.id)
     timeout = fleet.settings.stream_timeout_s
+
+    def cancel() -> None:
+        fleet.producer.cancel(handle.id)
+
     if not body.stream:
-        text, usage = await whole(stream, body.model, timeout)
+        got = await unless_left(
+            request, lambda: whole(stream, body.model, timeout), handle.id, cancel
+        )
+        if got is None:
+            return left()
+        text, usage = got
         done = _chunk(usage.model, key, value(text), True) | _counts(usage)
         return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
-    answer = await opened(pieces(stream, body.model, timeout))
+    answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
+    if answer is None:
+        return left()
     chunks = encoded(
         answer,
         lambda text: _chunk(body.model, key, value(text), False),
         lambda usage: [_chunk(usage.model, key, value(""), True) | _counts(usage)],
         _failed,
     )
-    return ndjson(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
+    return ndjson(chunks, handle.id, cancel)
 
 
 def _message(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-@router.post("/generate")
-async def generate(body: GenerateBody, fleet: Fleet) -> Response:
+# What a generation answers, for the OpenAPI schema: the route builds its response itself.
+_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Chunks as NDJSON, the last with done true and the counts; one such "
+        "object with stream false.",
+        "content": {"application/x-ndjson": {}},
+    }
+}
+
+
+@router.post("/generate", dependencies=Admitted, responses=_ANSWER)
+async def generate(body: GenerateBody, fleet: Fleet, request: Request) -> Response:
     handle = await fleet.generate(prompt=body.prompt, system=body.system, **body.job_fields())
-    return await _answer(fleet, handle, body, "response", str)
+    return await _answer(request, fleet, handle, body, "response", str)
 
 
-@router.post("/chat")
-async def chat(body: ChatBody, fleet: Fleet) -> Response:
+@router.post("/chat", dependencies=Admitted, responses=_ANSWER)
+async def chat(body: ChatBody, fleet: Fleet, request: Request) -> Response:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     handle = await fleet.generate(messages=messages, **body.job_fields())
-    return await _answer(fleet, handle, body, "message", _message)
+    return await _answer(request, fleet, handle, body, "message", _message)
 
 
 @router.get("/tags")

@@ -8,13 +8,25 @@ import time
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from avocado_infer.errors import error_route, http_status
+from avocado_infer.access import admitted
+from avocado_infer.errors import documented_errors, error_route, http_status
 from avocado_infer.gateway import Gateway, gateway
-from avocado_infer.relay import JOB_ID_HEADER, Usage, encoded, opened, pieces, sse, whole
+from avocado_infer.ollama_api import NOT_BLANK
+from avocado_infer.relay import (
+    JOB_ID_HEADER,
+    Usage,
+    encoded,
+    left,
+    opened,
+    pieces,
+    sse,
+    unless_left,
+    whole,
+)
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import JobHandle
@@ -22,20 +34,39 @@ from avocado_shared.jobs import JobHandle
 __all__ = ["router"]
 
 
-def _error_body(status: int, message: str) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+def _error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    # OpenAI's types: a rate limit is "requests", a bad key "invalid_request_error".
+    kind = (
+        "requests" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def _error(status: int, message: str, permanent: bool) -> Response:
+def _error(status: int, message: str, permanent: bool, code: str | None) -> Response:
     # The SDKs retry a 5xx unless told not to, in OpenAI's own header: a job that failed
     # for good would only be queued again.
     headers = {"x-should-retry": "false"} if permanent else None
-    return JSONResponse(_error_body(status, message), status_code=status, headers=headers)
+    return JSONResponse(_error_body(status, message, code), status_code=status, headers=headers)
 
 
-router = APIRouter(prefix="/v1", route_class=error_route(_error))
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body, for the OpenAPI schema."""
+
+    error: OpenAIErrorDetail
+
+
+router = APIRouter(
+    prefix="/v1", route_class=error_route(_error), responses=documented_errors(OpenAIError)
+)
 Fleet = Annotated[Gateway, Depends(gateway)]
+Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
 
 class _Lenient(BaseModel):
@@ -86,7 +117,7 @@ class ContentPart(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
     def job_message(self) -> dict[str, str]:
@@ -117,20 +148,22 @@ class ResponseFormat(_Lenient):
 
 
 class ChatBody(_Body):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
 
 
+Prompt = Annotated[str, Field(json_schema_extra=NOT_BLANK)]
+OnePrompt = Annotated[
+    list[Prompt], Field(min_length=1, max_length=1, description="One prompt: a job answers one.")
+]
+
+
 class CompletionBody(_Body):
-    prompt: str | list[str]
+    prompt: Prompt | OnePrompt
 
     def job_prompt(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise InvalidRequest("prompt: give one prompt; a job answers one")
-        return self.prompt[0]
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 def _finish_reason(usage: Usage) -> str:
@@ -201,20 +234,42 @@ def _failed(error: AvocadoError) -> dict[str, Any]:
     return _error_body(http_status(error), str(error))
 
 
-async def _answer(fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: bool) -> Response:
+async def _answer(
+    request: Request, fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: bool
+) -> Response:
     shape = _Shape(chat, handle.id, body.model, body.include_usage)
     stream = fleet.stream(handle.id)
     timeout = fleet.settings.stream_timeout_s
+
+    def cancel() -> None:
+        fleet.producer.cancel(handle.id)
+
     if not body.stream:
-        text, usage = await whole(stream, body.model, timeout)
-        return JSONResponse(shape.answer(text, usage), headers={JOB_ID_HEADER: handle.id})
-    answer = await opened(pieces(stream, body.model, timeout))
+        got = await unless_left(
+            request, lambda: whole(stream, body.model, timeout), handle.id, cancel
+        )
+        if got is None:
+            return left()
+        return JSONResponse(shape.answer(*got), headers={JOB_ID_HEADER: handle.id})
+    answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
+    if answer is None:
+        return left()
     chunks = encoded(answer, shape.piece, shape.last, _failed)
-    return sse(chunks, handle.id, lambda: fleet.producer.cancel(handle.id))
+    return sse(chunks, handle.id, cancel)
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
+# What a completion answers, for the OpenAPI schema: the route builds its response itself.
+_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events ending in data: [DONE] when streamed, else one "
+        "JSON object.",
+        "content": {"text/event-stream": {}},
+    }
+}
+
+
+@router.post("/chat/completions", dependencies=Admitted, responses=_ANSWER)
+async def chat_completions(body: ChatBody, fleet: Fleet, request: Request) -> Response:
     messages = [m.job_message() for m in body.messages]
     response_format = body.response_format.job_format() if body.response_format else None
     handle = await fleet.generate(
@@ -223,15 +278,15 @@ async def chat_completions(body: ChatBody, fleet: Fleet) -> Response:
         options=body.job_options(body.max_completion_tokens),
         format=response_format,
     )
-    return await _answer(fleet, handle, body, chat=True)
+    return await _answer(request, fleet, handle, body, chat=True)
 
 
-@router.post("/completions")
-async def completions(body: CompletionBody, fleet: Fleet) -> Response:
+@router.post("/completions", dependencies=Admitted, responses=_ANSWER)
+async def completions(body: CompletionBody, fleet: Fleet, request: Request) -> Response:
     handle = await fleet.generate(
         prompt=body.job_prompt(), model=body.model, options=body.job_options()
     )
-    return await _answer(fleet, handle, body, chat=False)
+    return await _answer(request, fleet, handle, body, chat=False)
 
 
 @router.get("/models")

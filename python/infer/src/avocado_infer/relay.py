@@ -1,14 +1,18 @@
 """A job's token stream relayed to an HTTP client: its text pieces as the worker writes them,
-then the answer's counts; as NDJSON (Ollama) or server-sent events (OpenAI)."""
+then the answer's counts; as NDJSON (Ollama) or server-sent events (OpenAI). A client that
+goes away before its answer is out cancels the job, whether it was waiting for the whole
+answer, for the first piece, or in the middle of the stream."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -22,10 +26,12 @@ __all__ = [
     "Piece",
     "Usage",
     "encoded",
+    "left",
     "ndjson",
     "opened",
     "pieces",
     "sse",
+    "unless_left",
     "whole",
 ]
 
@@ -33,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 # Names the job behind a response, for ``ml_results`` and ``avocado result``.
 JOB_ID_HEADER = "X-Avocado-Job-Id"
+
+# nginx's "client closed request": the status of an answer no one was left to read.
+_CLIENT_LEFT = 499
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,17 +117,69 @@ async def whole(stream: AsyncJobStream, model: str, timeout_s: float) -> tuple[s
     return joined(seen), Usage.of(seen[-1].usage or {}, model)
 
 
-async def opened(answer: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
-    """``answer`` once its first piece is there: a job that fails or never starts gets an
-    HTTP error status, as nothing was sent yet."""
-    first = await anext(answer)
+async def _cancel(cancel: Callable[[], None], job_id: str) -> None:
+    """``cancel`` the job of a client that left; a failure to is logged, not raised."""
+    try:
+        await run_in_threadpool(cancel)
+    except AvocadoError as error:
+        logger.warning("job %s not cancelled after its client left: %s", job_id, error)
 
-    async def chained() -> AsyncIterator[Piece]:
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away. Its body was read whole: the server's next
+    message is ``http.disconnect``, as Starlette's ``StreamingResponse`` listens for it."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_left(
+    request: Request, wait: Callable[[], Awaitable[T]], job_id: str, cancel: Callable[[], None]
+) -> T | None:
+    """``await wait()`` unless the client leaves first: then the wait (an XREAD on the event
+    loop) is cancelled, the job too (``cancel``), and the answer is None."""
+    done: list[T] = []
+    failed: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            await _disconnected(request)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            done.append(await wait())
+        except Exception as error:  # raised below, not wrapped in the task group's
+            failed.append(error)
+        group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    if done:
+        return done[0]
+    await _cancel(cancel, job_id)
+    return None
+
+
+def left() -> Response:
+    """What a route returns once its client has left (nobody reads it; logs and metrics do)."""
+    return Response(status_code=_CLIENT_LEFT)
+
+
+async def opened(
+    request: Request, answer: AsyncIterator[Piece], job_id: str, cancel: Callable[[], None]
+) -> AsyncIterator[Piece] | None:
+    """``answer`` once its first piece is there: a job that fails or never starts gets an
+    HTTP error status, as nothing was sent yet. None when the client left before (its job
+    cancelled: queued, it never runs)."""
+    first = await unless_left(request, lambda: anext(answer), job_id, cancel)
+    if first is None:
+        return None
+
+    async def chained(first: Piece) -> AsyncIterator[Piece]:
         yield first
         async for piece in answer:
             yield piece
 
-    return chained()
+    return chained(first)
 
 
 async def encoded(
@@ -158,19 +221,15 @@ def _streamed(
     body's wait for the next piece when the client disconnects."""
     watched = _Watched(body)
 
-    async def left() -> None:
-        if watched.whole:
-            return
-        try:
-            await run_in_threadpool(cancel)
-        except AvocadoError as error:
-            logger.warning("job %s not cancelled after its client left: %s", job_id, error)
+    async def gone() -> None:
+        if not watched.whole:
+            await _cancel(cancel, job_id)
 
     return StreamingResponse(
         watched,
         media_type=media_type,
         headers={JOB_ID_HEADER: job_id},
-        background=BackgroundTask(left),
+        background=BackgroundTask(gone),
     )
 
 

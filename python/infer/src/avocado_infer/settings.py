@@ -12,7 +12,8 @@ __all__ = ["InferSettings"]
 
 
 class InferSettings(BaseSettings):
-    """Where the gateway listens and how long it waits for an answer."""
+    """Where the gateway listens, how long it waits for an answer, whom it serves and how
+    much."""
 
     model_config = SettingsConfigDict(
         env_prefix="AVOCADO_INFER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
@@ -30,6 +31,30 @@ class InferSettings(BaseSettings):
         default=3.0, gt=0, description="How long /readyz waits for the broker and Redis."
     )
     log_level: str = Field(default="info", description="uvicorn's log level.")
+    require_keys: bool = Field(
+        default=True,
+        description="Serve /api, /v1 and /jobs only to requests with an API key of "
+        "`avocado keys create` (Authorization: Bearer); false: open to anyone who reaches it.",
+    )
+    max_queue: int = Field(
+        default=100,
+        ge=0,
+        description="Refuse a new generation (503) while ml.generate holds this many jobs or "
+        "more, as the broker said at most a second ago; 0: no limit.",
+    )
+    busy_retry_after_s: int = Field(
+        default=5,
+        ge=1,
+        description="Retry-After of a 503: the queue is full, the broker blocks publishing or "
+        "cannot be reached.",
+    )
+    slot_lease_s: float = Field(
+        default=30.0,
+        ge=1,
+        description="A request's hold on one of its key's concurrent slots lasts this long "
+        "unless renewed (every third of it while the request runs), so a gateway that dies "
+        "frees its slots this much later.",
+    )
     fleet: Settings = Field(
         default_factory=Settings,
         description="The fleet's settings (AVOCADO_*): broker, Redis, key prefix, default model.",

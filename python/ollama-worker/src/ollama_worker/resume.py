@@ -1,4 +1,5 @@
-"""Where a new attempt of a generation starts: the text its earlier attempts streamed.
+"""Where a new attempt of a generation starts: the text its earlier attempts streamed; and
+the end of a stream that no attempt ended.
 
 A job redelivered after its worker died, or retried after a cut connection, continues the
 answer its stream already holds, so a reader sees neither a repeat nor a gap.
@@ -17,12 +18,13 @@ from avocado_shared.streams import (
     JobStream,
     StreamSnapshot,
     StreamUnavailable,
+    error_fields,
     restart_fields,
 )
 from ollama_worker.resources import Resources
 from ollama_worker.token_stream import TokenStream
 
-__all__ = ["open_stream", "options_left"]
+__all__ = ["end_unended", "open_stream", "options_left"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +64,18 @@ def open_stream(resources: Resources, job_id: str) -> tuple[TokenStream, StreamS
     if streamed.text:
         logger.info("job %s continues its streamed answer (%d chunks)", job_id, streamed.chunks)
     return stream, streamed
+
+
+def end_unended(resources: Resources, job_id: str, reason: str) -> None:
+    """End the job's stream with ``reason`` unless a run of it did: a job refused before it
+    ran (cancelled while queued) or failed outside its generation, so that a reader (the
+    gateway) stops waiting now instead of at its timeout. Best effort: Redis may be down."""
+    settings = resources.settings
+    reader = JobStream(resources.redis(), settings.key_prefix, job_id)
+    try:
+        if reader.snapshot().end is None:
+            TokenStream(reader.client, reader.key, settings.stream_ttl_s).close(
+                error_fields(reason)
+            )
+    except (StreamUnavailable, RedisError) as error:
+        logger.warning("job %s: its stream not ended (%s): %s", job_id, reason, error)

@@ -32,7 +32,7 @@ from ollama_worker.inference import ChunkSink, Completion, DeadlinePassed, Model
 from ollama_worker.once import AlreadyRunning, stored_success
 from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import node_name, record, record_quietly
-from ollama_worker.resume import open_stream, options_left
+from ollama_worker.resume import end_unended, open_stream, options_left
 from ollama_worker.summary import summarize_text
 
 __all__ = ["JobTask", "register"]
@@ -214,6 +214,8 @@ class JobTask(SingletonJob):
         of it take the lock."""
         status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILURE
         record_quietly(self, task_id, status, kwargs, _reason(error))
+        if self.name == GENERATE_TASK:  # its reader must not wait for an answer to come
+            end_unended(self.resources, task_id, _reason(error))
         self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
         self.request.failure_recorded = True
 

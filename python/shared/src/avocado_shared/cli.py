@@ -1,5 +1,5 @@
 """``avocado``: submit jobs, read results, show the topology, the dead letters and the live
-endpoints from a shell."""
+endpoints, manage the gateway's API keys from a shell."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from avocado_shared.discovery import Announcement, Endpoint, EndpointWatcher
 from avocado_shared.dlq_command import add_dlq_parser, run_dlq
 from avocado_shared.errors import AvocadoError, NotFound, Unavailable
 from avocado_shared.jobs import JobFailed
+from avocado_shared.keys_command import add_keys_parser, run_keys
 from avocado_shared.producer import JobHandle, Producer
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.settings import Settings
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("topology", help="declare the exchanges and queues, then show them")
     add_dlq_parser(sub)
+    add_keys_parser(sub)
 
     ends = sub.add_parser("endpoints", help="the fleet's live Ollama endpoints")
     ends.add_argument("--watch", action="store_true", help="then print announcements as they come")
@@ -231,6 +233,8 @@ def _run(args: argparse.Namespace) -> int:
         return _admin(args)
     if args.command == "db":
         return _db(args)
+    if args.command == "keys":
+        return run_keys(args, Settings())
     with Producer() as producer:
         if args.command == "topology":
             _topology(producer)

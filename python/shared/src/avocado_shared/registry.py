@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from avocado_shared.discovery import Endpoint
 from avocado_shared.settings import Settings
-from avocado_shared.tls import redis_ssl, warn_if_plaintext
+from avocado_shared.tls import redis_client
 
 __all__ = ["NodeRegistry"]
 
@@ -38,12 +38,7 @@ class NodeRegistry:
     @classmethod
     def from_settings(cls, settings: Settings) -> NodeRegistry:
         """The registry on the fleet's Redis, under its key prefix."""
-        url = settings.redis_url.get_secret_value()
-        warn_if_plaintext(url, "Redis")
-        client = redis.Redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=5, **redis_ssl(settings, url)
-        )
-        return cls(client, settings.key_prefix)
+        return cls(redis_client(settings), settings.key_prefix)
 
     def _key(self, service_id: str) -> str:
         return f"{self.key_prefix}node:{service_id}"

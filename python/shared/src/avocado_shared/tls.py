@@ -12,6 +12,8 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
+import redis.asyncio
 from celery.app.amqp import AMQP
 from kombu.connection import Connection
 
@@ -22,7 +24,9 @@ __all__ = [
     "CertificateError",
     "FailoverAMQP",
     "FailoverConnection",
+    "async_redis_client",
     "broker_ssl",
+    "redis_client",
     "redis_ssl",
     "refuse_untrusted",
     "warn_if_plaintext",
@@ -80,6 +84,24 @@ def redis_ssl(settings: Settings, url: str) -> dict[str, Any]:
         return {}
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
     return options | _files(settings, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client of the fleet's Redis (``AVOCADO_REDIS_URL``), verified over ``rediss://``."""
+    url, options = _redis_options(settings)
+    return redis.Redis.from_url(url, **options)
+
+
+def async_redis_client(settings: Settings) -> redis.asyncio.Redis:
+    """``redis_client`` for an event loop (redis-py's asyncio client)."""
+    url, options = _redis_options(settings)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def _redis_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    url = settings.redis_url.get_secret_value()
+    warn_if_plaintext(url, "Redis")
+    return url, {"socket_timeout": 10, "socket_connect_timeout": 5, **redis_ssl(settings, url)}
 
 
 def _files(settings: Settings, ca: str, cert: str, key: str) -> dict[str, str]:

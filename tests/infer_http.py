@@ -1,0 +1,90 @@
+"""Requests to avocado-infer and checks of its answers, shared by the tests of its keys and
+limits: the routes asked, a key's header, each API's error shape, ``Retry-After``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import httpx
+import redis
+
+from avocado_shared import Producer, Settings
+from avocado_shared.topology import GENERATE_QUEUE, declare_topology
+from tests.gateway import InProcessGateway
+from tests.services import REDIS_URL
+
+__all__ = [
+    "ASK",
+    "CHAT",
+    "GENERATE",
+    "MODEL",
+    "STREAM",
+    "WAIT",
+    "Gateways",
+    "assert_ollama_error",
+    "assert_openai_error",
+    "auth",
+    "depth",
+    "redis_client",
+    "retry_after",
+    "unique",
+]
+
+WAIT = 60
+MODEL = "llama3.2:1b"
+ASK = "Tell me about avocados."
+GENERATE = ("/api/generate", {"model": MODEL, "prompt": ASK, "stream": False})
+CHAT = ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ASK}]})
+STREAM = {"model": MODEL, "prompt": ASK}  # /api/generate streams by default
+
+Gateways = Callable[..., InProcessGateway]
+"""The ``gateway_factory`` fixture."""
+
+
+def unique(what: str) -> str:
+    """A key name no other test uses."""
+    return f"{what}-{uuid.uuid4().hex[:8]}"
+
+
+def auth(secret: str) -> dict[str, str]:
+    """The header that presents an API key."""
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def redis_client() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def depth(fleet: Settings) -> int:
+    """The jobs waiting in the generate queue of ``fleet``'s vhost."""
+    with Producer(fleet) as producer, producer.app.connection_for_write() as connection:
+        declare_topology(connection, fleet)
+        declared = connection.default_channel.queue_declare(GENERATE_QUEUE, passive=True)
+        return int(declared.message_count)
+
+
+def assert_ollama_error(answer: httpx.Response, status: int) -> str:
+    """``answer`` is ``status`` in Ollama's shape; its message."""
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert list(body) == ["error"]
+    assert isinstance(body["error"], str)
+    return body["error"]
+
+
+def assert_openai_error(answer: httpx.Response, status: int, kind: str, code: str | None) -> str:
+    """``answer`` is ``status`` in OpenAI's shape, of type ``kind`` and ``code``; its message."""
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"], error["code"]) == (kind, None, code)
+    message: str = error["message"]
+    return message
+
+
+def retry_after(answer: httpx.Response) -> int:
+    """``answer``'s ``Retry-After``, which must be whole seconds."""
+    value = answer.headers["Retry-After"]
+    assert value.isdigit(), value
+    return int(value)
