@@ -98,11 +98,12 @@ def _figures(answers: list[Answer]) -> dict[str, float]:
 
 
 def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
-    """Both sides share one httpx client; the worker has a thread per stream, the simulator a
-    slot per stream, so neither queues at 16 streams."""
+    """Both sides share one httpx client (with the gateway's API key, which the simulator
+    ignores); the worker has a thread per stream, the simulator a slot per stream, so neither
+    queues at 16 streams."""
     sim = env.start_sim(parallel=STREAMS, tokens_per_s=cfg.gateway_rate)
     worker = env.start_worker(pool=pool, concurrency=STREAMS, ollama_url=sim.url)
-    gateway = env.start_gateway()
+    gateway, secret = env.start_gateway()
     urls = {"direct": sim.url, "gateway": gateway.url}
     groups = {
         "gateway (avocado-infer)": [psutil.Process(gateway.pid)],
@@ -111,7 +112,8 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         "harness: the client": [psutil.Process()],
         **servers(),
     }
-    client = env.closing(httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64)))
+    limits, key = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
+    client = env.closing(httpx.Client(timeout=120, limits=limits, headers=key))
     sides = {side: partial(_caller(client, urls), side) for side in urls}
     modes = {
         "sequential": (1, cfg.gateway_jobs),

@@ -20,6 +20,7 @@ from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
 
 from avocado_shared import Producer, Settings
+from avocado_shared.keys import KeyStore
 from ollama_worker.testing import processes as procs
 
 __all__ = ["MODEL", "RABBIT_HOST", "REDIS_URL", "REPO", "BenchEnv", "process_tree"]
@@ -111,8 +112,9 @@ class BenchEnv:
             procs.start_embedded_llm(self.tmp / "embedded.log", n_ctx, cwd=self.tmp)
         )
 
-    def start_gateway(self) -> procs.Server:
-        """``avocado-infer`` on a free port of this run's vhost and key prefix, once ready."""
+    def start_gateway(self) -> tuple[procs.Server, str]:
+        """``avocado-infer`` on a free port of this run's vhost and key prefix, once ready, and
+        the secret of an API key made for it (no limits), as deployed: keys required."""
         port = str(procs.free_port())
         env = procs.service_env(
             self.broker_url,
@@ -137,7 +139,8 @@ class BenchEnv:
             return False
 
         procs.wait_for(ready, 60, "the gateway to be ready")
-        return server
+        with KeyStore(self.redis(), self.key_prefix) as keys:
+            return server, keys.create(f"bench-{port}")[1]
 
     def start_worker(
         self,
