@@ -71,7 +71,11 @@ class Gateway:
         limit = self.settings.max_queue
         if not limit:
             return
-        depth = await run_in_threadpool(self.backlog.depth)
+        # A thread only to ask the broker (once a second): a hop fewer on most first tokens.
+        fresh = self.backlog.fresh()
+        depth = (
+            self.backlog.depth(read=False) if fresh else await run_in_threadpool(self.backlog.depth)
+        )
         if depth is not None and depth >= limit:
             raise QueueFull(
                 f"{depth} jobs wait in the queue, as many as this gateway lets wait "
