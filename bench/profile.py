@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,12 +29,13 @@ from avocado_shared.store import JobStatus
 from bench.fleet_app import sqlite_full
 from bench.report import median, percentile
 from bench.scenarios import Config, alternate, bare, burst, done, fleet, noop_worker, timed_ms, warm
-from bench.services import REDIS_URL, BenchEnv, process_tree
+from bench.services import RABBIT_HOST, REDIS_URL, BenchEnv, process_tree
 from ollama_worker.testing.processes import VENV_BIN, WorkerProcess, rabbitmqctl
 
-__all__ = ["profile"]
+__all__ = ["cpu_ms", "profile", "servers"]
 
 REDIS_PORT = urlsplit(REDIS_URL).port or 6379
+RABBIT_PORT = int(RABBIT_HOST.rsplit(":", 1)[1])
 # A sample goes to the first category one of whose patterns is in its stack.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("logging", ("(logging/", "celery/app/log.py", "celery/utils/log.py")),
@@ -59,12 +61,40 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 _POOL_THREAD_WAIT = re.compile(r"^_worker \(.*concurrent/futures/thread\.py:\d+\)$")
 
 
-def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
+def _cpu_seconds(procs: list[psutil.Process]) -> dict[psutil.Process, float]:
+    """User + system seconds of each process still running."""
+    found = {}
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            total += sum(proc.cpu_times()[:2])  # user + system
-    return total
+            found[proc] = sum(proc.cpu_times()[:2])
+    return found
+
+
+def servers() -> dict[str, list[psutil.Process]]:
+    """The RabbitMQ and Redis servers of this run (the processes listening on their ports; not
+    ``rabbitmqctl`` runs nor other nodes), by the name the CPU tables give them."""
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    ports = {"RabbitMQ (whole server)": RABBIT_PORT, "Redis (whole server)": REDIS_PORT}
+    return {
+        name: [
+            psutil.Process(pid)
+            for pid in {c.pid for c in listening if c.laddr.port == port and c.pid}
+        ]
+        for name, port in ports.items()
+    }
+
+
+def cpu_ms(groups: dict[str, list[psutil.Process]], run: Callable[[], object]) -> dict[str, float]:
+    """CPU milliseconds (user + system) each group of processes used while ``run`` ran."""
+    before = {name: _cpu_seconds(procs) for name, procs in groups.items()}
+    run()
+    used = {}
+    for name, procs in groups.items():
+        after = _cpu_seconds(procs)
+        used[name] = 1000.0 * sum(
+            t - before[name][p] for p, t in after.items() if p in before[name]
+        )
+    return used
 
 
 def _cpu_table(
@@ -72,25 +102,23 @@ def _cpu_table(
 ) -> dict[str, dict[str, float]]:
     """CPU ms per job of each group of processes, fleet against bare Celery, sequential jobs
     and bursts."""
-    named = collections.defaultdict(list)
-    for proc in psutil.process_iter(["name"]):
-        named[proc.info["name"]].append(proc)
-    mine, noop, columns = fleet(env.producer), bare(env), {}
+    mine, noop, columns, running = fleet(env.producer), bare(env), {}, servers()
     burst(noop, cfg.concurrency * 3)
     for kind, jobs in (("sequential", cfg.cpu_seq), ("bursts", cfg.cpu_burst)):
         for label, made, submit in (("fleet", worker, mine), ("bare Celery", bare_worker, noop)):
             groups = {
                 "worker (main + pool)": process_tree(made),
                 "harness: producer and result wait": [psutil.Process()],
-                "RabbitMQ (whole server)": named["beam.smp"],
-                "Redis (whole server)": named["redis-server"],
+                **running,
             } | ({"simulator": [psutil.Process(sim)]} if label == "fleet" else {})
-            before = {name: _cpu_seconds(procs) for name, procs in groups.items()}
-            timed_ms(done(submit), jobs) if kind == "sequential" else burst(submit, jobs)
-            columns[f"{label}, {kind}"] = {
-                name: 1000.0 * (_cpu_seconds(procs) - before[name]) / jobs
-                for name, procs in groups.items()
-            }
+            sequential = kind == "sequential"
+            run = (
+                partial(timed_ms, done(submit), jobs)
+                if sequential
+                else partial(burst, submit, jobs)
+            )
+            used = cpu_ms(groups, run)
+            columns[f"{label}, {kind}"] = {name: ms / jobs for name, ms in used.items()}
     return columns
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TEMPLATE", "Outcome", "Row", "blocks", "fill", "fmt", "median", "outcome", "percentile"]
-__all__ += ["read_blocks", "span", "table"]
+__all__ = ["TEMPLATE", "Outcome", "Row", "blocks", "cpu_table", "fill", "fmt", "median", "outcome"]
+__all__ += ["percentile", "read_blocks", "span", "table", "updated"]
 
 TEMPLATE = Path(__file__).with_name("BENCHMARKS.md.in")
 _NOT_RUN = "_Not measured in this run._"
+_WHOLE_RUN = ("machine", "summary")  # of every part; ``updated`` keeps them
 
 
 @dataclass
@@ -93,7 +94,12 @@ def outcome(o: Outcome) -> str:
     """A scenario's heading, table, notes and repetitions."""
     header = ["metric", o.baseline_name, o.fleet_name, "difference / ratio", "target", "met?"]
     rows = [[r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)] for r in o.rows]
-    parts = [f"#### {o.title}", "", table(header, rows), *(["", *o.notes] if o.notes else [])]
+    parts = [
+        f"#### {o.title}",
+        "",
+        table(header, rows),
+        *(part for n in o.notes for part in ("", n)),
+    ]
     if o.reps:
         label = "Samples" if o.key == "4" else "Repetitions"
         reps = table(list(o.reps[0]), [list(rep.values()) for rep in o.reps])
@@ -127,7 +133,8 @@ def _pools(outcomes: Sequence[Outcome], pools: Sequence[str], default: str) -> s
     return table([*header, "4: bare Celery RSS MB", "4: growth %", "4: drain jobs/s"], rows)
 
 
-def _cpu(columns: dict[str, dict[str, float]]) -> str:
+def cpu_table(columns: dict[str, dict[str, float]]) -> str:
+    """CPU per job by process group (rows), one column per measured run, and their sum."""
     names = list(dict.fromkeys(n for column in columns.values() for n in column))
     rows: list[list[Any]] = [
         [n, *(fmt(c.get(n, math.nan)) for c in columns.values())] for n in names
@@ -184,7 +191,7 @@ def blocks(
     ]
     header = ["scenario", "metric", "baseline", "fleet", "difference / ratio", "target", "met?"]
     found["summary"] = table(header, rows) if rows else _NOT_RUN
-    for key in ("1", "2", "2j", "3", "4", "5", "1r", "2r"):
+    for key in ("1", "2", "2j", "3", "4", "5", "gateway", "1r", "2r"):
         found[key] = "\n\n".join(outcome(o) for o in outcomes if o.key == key) or _NOT_RUN
     ran = [
         p
@@ -193,7 +200,7 @@ def blocks(
     ]
     found["pools"] = _pools(outcomes, ran, pools[0]) if ran else _NOT_RUN
     cpu = profile.get("cpu", {})
-    found["cpu"] = _cpu(cpu) if cpu else _NOT_RUN
+    found["cpu"] = cpu_table(cpu) if cpu else _NOT_RUN
     for key, column in (("spy_sequential", "fleet, sequential"), ("spy_burst", "fleet, bursts")):
         worker = cpu.get(column, {}).get("worker (main + pool)", math.nan)
         found[key] = _spy(profile[key], worker) if key in profile else _NOT_RUN
@@ -233,3 +240,17 @@ def fill(template: str, tables: dict[str, str], values: dict[str, str]) -> str:
 def read_blocks(text: str) -> dict[str, str]:
     """The tables of a report ``fill`` wrote, by name."""
     return dict(re.findall(r"<!-- bench:(\w+) -->\n(.*?)\n<!-- /bench:\1 -->", text, re.S))
+
+
+def updated(kept: dict[str, str], fresh: dict[str, str], titles: Sequence[str]) -> dict[str, str]:
+    """``kept`` (a report's tables) with what a run of some parts measured: their tables, and
+    their rows of the summary in place of those of the same scenarios; the machine table and
+    every part not run stay as they were."""
+    tables = kept | {k: v for k, v in fresh.items() if v != _NOT_RUN and k not in _WHOLE_RUN}
+    heads = tuple(f"| {title.split(' (')[0]}" for title in titles)
+    old, new = (
+        t.splitlines() if t != _NOT_RUN else [] for t in (kept["summary"], fresh["summary"])
+    )
+    rows = [line for line in old[2:] if not line.startswith(heads)] + new[2:]
+    tables["summary"] = "\n".join((old or new)[:2] + rows) if rows else _NOT_RUN
+    return tables

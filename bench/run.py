@@ -15,13 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import fixes, profile, real_model, report, scenarios
+from bench import fixes, gateway, profile, real_model, report, scenarios
 from bench.machine import LoadMonitor, describe_machine
 from bench.services import REDIS_URL, REPO, BenchEnv
 
 __all__ = ["SCENARIOS", "main"]
 
-SCENARIOS = ("1", "2", "3", "4", "5", "real", "profile", "fixes")
+SCENARIOS = ("1", "2", "3", "4", "5", "gateway", "real", "profile", "fixes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,13 +31,19 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="run only this part (repeatable): 1-5, real (1 and 2 on the embedded real model), "
-        "profile (where the time goes), fixes (each applied fix undone); --quick: 1-5",
+        help="run only this part (repeatable): 1-5, gateway (avocado-infer against direct "
+        "streams), real (1 and 2 on the embedded real model), profile (where the time goes), "
+        "fixes (each applied fix undone); --quick: 1-5",
     )
     default = ",".join(scenarios.POOLS)
     p.add_argument("--pools", help=f"pools of scenarios 1-4, comma-separated (default {default})")
     p.add_argument("--output", help="the report's file (default BENCHMARKS.md; a part: '-')")
     p.add_argument("--render", action="store_true", help="fill the template with --output's tables")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="replace in --output (default BENCHMARKS.md) only the tables of the parts run",
+    )
     return p
 
 
@@ -59,6 +65,7 @@ def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tupl
         ("3", "3 dispatch", scenarios.dispatch, cfg.pools),
         ("4", "4 memory", scenarios.memory, cfg.pools),
         ("5", "5 scale-out", scenarios.scale_out, one),
+        ("gateway", "gateway", gateway.gateway, one),
         ("real", "1r real overhead", real_model.real_overhead, one),
         ("real", "2r real saturation", real_model.real_saturation, one),
         ("profile", "profile", profile.profile, one),
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"--pools: choose from {', '.join(scenarios.POOLS)}")
     cfg = scenarios.Config.make(args.quick, pools)
     subset = args.quick or args.scenario is not None
-    output = args.output or ("-" if subset else str(REPO / "BENCHMARKS.md"))
+    output = args.output or ("-" if subset and not args.update else str(REPO / "BENCHMARKS.md"))
     if args.render:
         tables = report.read_blocks(Path(output).read_text())
         Path(output).write_text(report.fill(report.TEMPLATE.read_text(), tables, _values(cfg)))
@@ -132,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         notices.append(f"> Other processes used {load.foreign_mean():.2f} cores: figures noisy.")
     ordered = list(dict.fromkeys((scenarios.DEFAULT_POOL, *cfg.pools)))  # the default first
     machine.append(("load", load.summary()))
+    if args.update:  # the machine table stays the full run's; this run's goes with its parts
+        for found in outcomes:
+            found.notes += [f"Measured by `{command}`, {when}; {load.summary()}.", *notices]
     tables = report.blocks(outcomes, profiled, ordered, machine, notices)
+    if args.update:
+        kept = report.read_blocks(Path(output).read_text())
+        tables = report.updated(kept, tables, [o.title for o in outcomes])
     text = report.fill(report.TEMPLATE.read_text(), tables, _values(cfg))
     if output == "-":
         print(text)

@@ -60,6 +60,9 @@ class Config:
     micro_calls: int = 300
     fix_seq: int = 50
     fix_burst: int = 120
+    gateway_rate: float = 50.0
+    gateway_jobs: int = 40
+    gateway_burst: int = 160
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
 
     @classmethod
@@ -74,7 +77,7 @@ _QUICK: dict[str, Any] = {
     **{"backlog": 300, "memory_baseline": False, "scale_jobs": 8, "real_jobs": 2},
     **{"real_burst": 4, "profile_s": 1.0, "cpu_seq": 30, "cpu_burst": 60, "wire_jobs": 15},
     **{"producer_jobs": 40, "lock_jobs": 10, "lock_latency_jobs": 15, "micro_calls": 30},
-    **{"fix_seq": 30, "fix_burst": 60},
+    **{"fix_seq": 30, "fix_burst": 60, "gateway_jobs": 10, "gateway_burst": 32},
 }
 
 

@@ -13,15 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import psutil
 import redis
 from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
 
 from avocado_shared import Producer, Settings
+from avocado_shared.keys import KeyStore
 from ollama_worker.testing import processes as procs
 
-__all__ = ["MODEL", "REDIS_URL", "REPO", "BenchEnv", "process_tree"]
+__all__ = ["MODEL", "RABBIT_HOST", "REDIS_URL", "REPO", "BenchEnv", "process_tree"]
 
 REPO = Path(__file__).resolve().parent.parent
 RABBIT_HOST = os.environ.get("BENCH_RABBIT_HOST", "127.0.0.1:5672")
@@ -89,10 +91,18 @@ class BenchEnv:
         self._children.append(child)
         return child
 
-    def start_sim(self, *, latency_ms: float = 0.0, jitter_ms: float = 0.0) -> procs.Server:
-        """A simulator subprocess with 4 slots."""
+    def start_sim(
+        self,
+        *,
+        latency_ms: float = 0.0,
+        jitter_ms: float = 0.0,
+        parallel: int = 4,
+        tokens_per_s: float | None = None,
+    ) -> procs.Server:
+        """A simulator subprocess with ``parallel`` slots; ``tokens_per_s`` paces its tokens."""
         args = ["--latency-ms", str(latency_ms), "--latency-jitter-ms", str(jitter_ms)]
-        args += ["--parallel", "4", "--max-queue", "1024", "--models", MODEL]
+        args += ["--parallel", str(parallel), "--max-queue", "1024", "--models", MODEL]
+        args += ["--tokens-per-s", str(tokens_per_s)] if tokens_per_s else []
         log = self.tmp / f"sim-{uuid.uuid4().hex[:6]}.log"
         return self._started(procs.start_simulator(*args, log=log, cwd=self.tmp))
 
@@ -101,6 +111,36 @@ class BenchEnv:
         return self._started(
             procs.start_embedded_llm(self.tmp / "embedded.log", n_ctx, cwd=self.tmp)
         )
+
+    def start_gateway(self) -> tuple[procs.Server, str]:
+        """``avocado-infer`` on a free port of this run's vhost and key prefix, once ready, and
+        the secret of an API key made for it (no limits), as deployed: keys required."""
+        port = str(procs.free_port())
+        env = procs.service_env(
+            self.broker_url,
+            REDIS_URL,
+            self.key_prefix,
+            AVOCADO_DEFAULT_MODEL=MODEL,
+            AVOCADO_INFER_PORT=port,
+            AVOCADO_INFER_LOG_LEVEL="warning",
+        )
+        log = self.tmp / f"gateway-{port}.log"
+        args = [str(procs.VENV_BIN / "avocado-infer")]
+        server = self._started(
+            procs.Server(
+                procs.spawn(args, log, env=env, cwd=self.tmp), log, f"http://127.0.0.1:{port}"
+            )
+        )
+
+        def ready() -> bool:
+            server.check_running("avocado-infer")
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+            return False
+
+        procs.wait_for(ready, 60, "the gateway to be ready")
+        with KeyStore(self.redis(), self.key_prefix) as keys:
+            return server, keys.create(f"bench-{port}")[1]
 
     def start_worker(
         self,

@@ -4,22 +4,26 @@ then the counts, restarts, failures, and how each ends an NDJSON or SSE answer."
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import anyio
 import pytest
 import redis
+import redis.asyncio
 
 from avocado_infer.errors import AnswerRestarted
 from avocado_infer.relay import Usage, encoded, pieces, sse, whole
 from avocado_shared.errors import AvocadoError
 from avocado_shared.streams import (
-    JobStream,
+    AsyncJobStream,
     StreamFailed,
     StreamTimedOut,
     done_fields,
     error_fields,
     restart_fields,
+    stream_key,
     text_fields,
 )
 from tests.services import REDIS_URL
@@ -35,48 +39,77 @@ USAGE = {
     "prompt_eval_duration_ms": 1.0,
     "eval_duration_ms": 10.000001,
 }
+_T = TypeVar("_T")
+
+
+@dataclass
+class Stream:
+    """A job's stream, written as a worker writes it and read as the gateway does: with an
+    asyncio Redis client on an event loop of its own."""
+
+    client: redis.Redis
+    key_prefix: str
+    job_id: str
+
+    def write(self, *entries: dict[str, str]) -> None:
+        for fields in entries:
+            self.client.xadd(stream_key(self.key_prefix, self.job_id), fields)  # type: ignore[arg-type]
+
+    def read(self, how: Callable[[AsyncJobStream], Awaitable[_T]]) -> _T:
+        async def run() -> _T:
+            client = redis.asyncio.Redis.from_url(REDIS_URL)
+            try:
+                return await how(AsyncJobStream(client, self.key_prefix, self.job_id))
+            finally:
+                await client.aclose()
+
+        return anyio.run(run)
 
 
 @pytest.fixture
-def stream(key_prefix: str) -> Iterator[JobStream]:
+def stream(key_prefix: str) -> Iterator[Stream]:
     """A job's stream of this test only, deleted after it."""
     client = redis.Redis.from_url(REDIS_URL)
-    made = JobStream(client, key_prefix, uuid.uuid4().hex)
+    made = Stream(client, key_prefix, uuid.uuid4().hex)
     yield made
-    client.delete(made.key)
+    client.delete(stream_key(key_prefix, made.job_id))
     client.close()
 
 
-def _write(stream: JobStream, *entries: dict[str, str]) -> None:
-    for fields in entries:
-        stream.client.xadd(stream.key, fields)  # type: ignore[arg-type]
+async def _all(items: AsyncIterator[_T]) -> list[_T]:
+    return [item async for item in items]
 
 
-def _chunks(stream: JobStream) -> list[dict[str, object]]:
-    def failed(error: AvocadoError) -> dict[str, object]:
+def _chunks(stream: Stream) -> list[dict[str, Any]]:
+    def failed(error: AvocadoError) -> dict[str, Any]:
         return {"error": type(error).__name__}
 
-    return list(
-        encoded(
-            pieces(stream, MODEL, timeout_s=5),
-            lambda text: {"text": text},
-            lambda usage: [{"done": usage.eval_count}],
-            failed,
+    return stream.read(
+        lambda reader: _all(
+            encoded(
+                pieces(reader, MODEL, timeout_s=5),
+                lambda text: {"text": text},
+                lambda usage: [{"done": usage.eval_count}],
+                failed,
+            )
         )
     )
 
 
-def _whole_text(stream: JobStream) -> str:
+def _whole(stream: Stream) -> tuple[str, Usage]:
+    return stream.read(lambda reader: whole(reader, MODEL, timeout_s=5))
+
+
+def _whole_text(stream: Stream) -> str:
     """The answer as stored, once its stream is done."""
-    _write(stream, done_fields(USAGE))
-    text, _ = whole(stream, MODEL, timeout_s=5)
-    return text
+    stream.write(done_fields(USAGE))
+    return _whole(stream)[0]
 
 
-def test_pieces_then_the_counts_in_ollamas_units(stream: JobStream) -> None:
-    _write(stream, text_fields("Avo"), text_fields("ca", 2), text_fields("do"), done_fields(USAGE))
+def test_pieces_then_the_counts_in_ollamas_units(stream: Stream) -> None:
+    stream.write(text_fields("Avo"), text_fields("ca", 2), text_fields("do"), done_fields(USAGE))
 
-    *texts, usage = list(pieces(stream, MODEL, timeout_s=5))
+    *texts, usage = stream.read(lambda reader: _all(pieces(reader, MODEL, timeout_s=5)))
 
     assert texts == ["Avo", "ca", "do"]
     assert usage == Usage(
@@ -91,30 +124,30 @@ def test_pieces_then_the_counts_in_ollamas_units(stream: JobStream) -> None:
     )
 
 
-def test_a_restart_before_any_text_is_invisible(stream: JobStream) -> None:
-    _write(stream, restart_fields("no continuation"), text_fields("Hi"), done_fields(USAGE))
+def test_a_restart_before_any_text_is_invisible(stream: Stream) -> None:
+    stream.write(restart_fields("no continuation"), text_fields("Hi"), done_fields(USAGE))
 
     assert _chunks(stream) == [{"text": "Hi"}, {"done": 3}]
 
 
-def test_a_restart_after_text_was_given_ends_the_answer_in_an_error(stream: JobStream) -> None:
-    _write(stream, text_fields("Half"), restart_fields("worker lost"), text_fields("New"))
+def test_a_restart_after_text_was_given_ends_the_answer_in_an_error(stream: Stream) -> None:
+    stream.write(text_fields("Half"), restart_fields("worker lost"), text_fields("New"))
 
     assert _chunks(stream) == [{"text": "Half"}, {"error": AnswerRestarted.__name__}]
     assert _whole_text(stream) == "New"
 
 
-def test_a_failed_job_ends_the_answer_in_an_error(stream: JobStream) -> None:
-    _write(stream, text_fields("Par"), error_fields("OllamaRejected: no"))
+def test_a_failed_job_ends_the_answer_in_an_error(stream: Stream) -> None:
+    stream.write(text_fields("Par"), error_fields("OllamaRejected: no"))
 
     assert _chunks(stream) == [{"text": "Par"}, {"error": StreamFailed.__name__}]
     with pytest.raises(StreamFailed, match="OllamaRejected: no"):
-        whole(stream, MODEL, timeout_s=5)
+        _whole(stream)
 
 
-def test_no_entry_in_time_is_a_timeout(stream: JobStream) -> None:
+def test_no_entry_in_time_is_a_timeout(stream: Stream) -> None:
     with pytest.raises(StreamTimedOut):
-        next(pieces(stream, MODEL, timeout_s=0.2))
+        stream.read(lambda reader: anext(pieces(reader, MODEL, timeout_s=0.2)))
 
 
 def _no_cancel() -> None:
@@ -122,7 +155,11 @@ def _no_cancel() -> None:
 
 
 async def _body(chunks: list[dict[str, object]]) -> bytes:
-    response = sse(chunks, "job-1", _no_cancel)
+    async def given() -> AsyncIterator[dict[str, object]]:
+        for chunk in chunks:
+            yield chunk
+
+    response = sse(given(), "job-1", _no_cancel)
     assert response.headers["x-avocado-job-id"] == "job-1"
     return b"".join([part async for part in response.body_iterator])  # type: ignore[misc]
 

@@ -66,7 +66,7 @@ async def admitted(
     is over a limit; the key's slot is held until the response has been sent (FastAPI ends
     this dependency then), whether it streamed, failed or its client left."""
     await fleet.check_backlog()
-    if key is None:
+    if key is None or not (key.rpm or key.concurrency):  # nothing to count: no thread hop
         yield
         return
     try:

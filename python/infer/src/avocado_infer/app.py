@@ -36,7 +36,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
-            app.state.gateway.close()
+            await app.state.gateway.close()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
     metrics = instrument(app)

@@ -31,10 +31,15 @@ class Backlog:
         self._read_at = -_FRESH_S
         self._depth: int | None = None
 
-    def depth(self) -> int | None:
-        """The jobs waiting, or None when the broker could not say (publishing will tell)."""
+    def fresh(self) -> bool:
+        """Whether ``depth`` would answer without asking the broker."""
+        return time.monotonic() - self._read_at < _FRESH_S
+
+    def depth(self, *, read: bool = True) -> int | None:
+        """The jobs waiting, or None when the broker could not say (publishing will tell);
+        without ``read``, what the last read said, however old."""
         with self._lock:
-            if time.monotonic() - self._read_at >= _FRESH_S:
+            if read and not self.fresh():
                 self._depth = self._read()
                 self._read_at = time.monotonic()
             return self._depth

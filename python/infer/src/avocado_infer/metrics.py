@@ -11,10 +11,10 @@ more gateways as more processes (or containers), each scraped on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import redis
+import redis.asyncio
 from fastapi import FastAPI, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from avocado_shared.streams import EntryKind, JobStream, StreamEntry
+from avocado_shared.streams import AsyncJobStream, EntryKind, StreamEntry
 
 __all__ = ["GatewayMetrics", "MeteredStream", "instrument"]
 
@@ -87,21 +87,23 @@ class GatewayMetrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class MeteredStream(JobStream):
+class MeteredStream(AsyncJobStream):
     """A job's token stream that reports, read from its start, how long its first entry took
     to come and, from its final entry, how fast the answer was generated."""
 
     def __init__(
-        self, client: redis.Redis, key_prefix: str, job_id: str, metrics: GatewayMetrics
+        self, client: redis.asyncio.Redis, key_prefix: str, job_id: str, metrics: GatewayMetrics
     ) -> None:
         super().__init__(client, key_prefix, job_id)
         self.metrics = metrics
 
-    def entries(self, after: str = "0-0", timeout_s: float = 60.0) -> Iterator[StreamEntry]:
-        """``JobStream.entries``; the gateway reads from the start right after publishing,
+    async def entries(
+        self, after: str = "0-0", timeout_s: float = 60.0
+    ) -> AsyncIterator[StreamEntry]:
+        """``AsyncJobStream.entries``; the gateway reads from the start right after publishing,
         so the wait for the first entry is the job's wait for a worker and its first chunk."""
         began = time.perf_counter() if after == "0-0" else None
-        for entry in super().entries(after, timeout_s):
+        async for entry in super().entries(after, timeout_s):
             if began is not None:
                 self.metrics.queue_wait.observe(time.perf_counter() - began)
                 began = None

@@ -5,10 +5,9 @@ answer, for the first piece, or in the middle of the stream."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import AnswerRestarted
 from avocado_shared.errors import AvocadoError
-from avocado_shared.streams import EntryKind, JobStream, StreamEntry, StreamFailed, joined
+from avocado_shared.streams import AsyncJobStream, EntryKind, StreamEntry, StreamFailed, joined
 
 __all__ = [
     "JOB_ID_HEADER",
@@ -84,16 +83,16 @@ Piece = str | Usage
 """A piece of the answer's text, or, last, its usage."""
 
 
-def _failed(stream: JobStream, entry: StreamEntry) -> StreamFailed:
+def _failed(stream: AsyncJobStream, entry: StreamEntry) -> StreamFailed:
     return StreamFailed(f"job {stream.job_id} failed: {entry.reason}")
 
 
-def pieces(stream: JobStream, model: str, timeout_s: float) -> Iterator[Piece]:
+async def pieces(stream: AsyncJobStream, model: str, timeout_s: float) -> AsyncIterator[Piece]:
     """The answer's text pieces as they are written, then its ``Usage``. Raises
     ``StreamFailed`` when the job failed, ``AnswerRestarted`` when it started over after
     text was given out, ``StreamTimedOut`` after ``timeout_s`` without a new entry."""
     given = False
-    for entry in stream.entries(timeout_s=timeout_s):
+    async for entry in stream.entries(timeout_s=timeout_s):
         if entry.kind is EntryKind.TEXT and entry.text:
             given = True
             yield entry.text
@@ -108,10 +107,10 @@ def pieces(stream: JobStream, model: str, timeout_s: float) -> Iterator[Piece]:
             raise _failed(stream, entry)
 
 
-def whole(stream: JobStream, model: str, timeout_s: float) -> tuple[str, Usage]:
+async def whole(stream: AsyncJobStream, model: str, timeout_s: float) -> tuple[str, Usage]:
     """The whole answer as stored (a restart drops what came before it) and its usage."""
     seen: list[StreamEntry] = []
-    for entry in stream.entries(timeout_s=timeout_s):
+    async for entry in stream.entries(timeout_s=timeout_s):
         if entry.kind is EntryKind.ERROR:
             raise _failed(stream, entry)
         seen.append(entry)
@@ -134,12 +133,10 @@ async def _disconnected(request: Request) -> None:
 
 
 async def unless_left(
-    request: Request, wait: Callable[[], T], job_id: str, cancel: Callable[[], None]
+    request: Request, wait: Callable[[], Awaitable[T]], job_id: str, cancel: Callable[[], None]
 ) -> T | None:
-    """``wait()``, run off the event loop, unless the client leaves first: then the job is
-    cancelled (``cancel``) and the answer is None. Its thread is left to end on its own (its
-    slot in the thread pool is freed at once): with the stream a running job closes when
-    cancelled, or at the stream's timeout for a job cancelled in the queue."""
+    """``await wait()`` unless the client leaves first: then the wait (an XREAD on the event
+    loop) is cancelled, the job too (``cancel``), and the answer is None."""
     done: list[T] = []
     failed: list[Exception] = []
     async with anyio.create_task_group() as group:
@@ -150,7 +147,7 @@ async def unless_left(
 
         group.start_soon(watch)
         try:
-            done.append(await anyio.to_thread.run_sync(wait, abandon_on_cancel=True))
+            done.append(await wait())
         except Exception as error:  # raised below, not wrapped in the task group's
             failed.append(error)
         group.cancel_scope.cancel()
@@ -168,26 +165,35 @@ def left() -> Response:
 
 
 async def opened(
-    request: Request, answer: Iterator[Piece], job_id: str, cancel: Callable[[], None]
-) -> Iterator[Piece] | None:
+    request: Request, answer: AsyncIterator[Piece], job_id: str, cancel: Callable[[], None]
+) -> AsyncIterator[Piece] | None:
     """``answer`` once its first piece is there: a job that fails or never starts gets an
     HTTP error status, as nothing was sent yet. None when the client left before (its job
     cancelled: queued, it never runs)."""
-    first = await unless_left(request, lambda: next(answer), job_id, cancel)
-    return None if first is None else itertools.chain([first], answer)
+    first = await unless_left(request, lambda: anext(answer), job_id, cancel)
+    if first is None:
+        return None
+
+    async def chained(first: Piece) -> AsyncIterator[Piece]:
+        yield first
+        async for piece in answer:
+            yield piece
+
+    return chained(first)
 
 
-def encoded(
-    answer: Iterable[Piece],
+async def encoded(
+    answer: AsyncIterator[Piece],
     chunk: Callable[[str], dict[str, Any]],
     final: Callable[[Usage], Iterable[dict[str, Any]]],
     failed: Callable[[AvocadoError], dict[str, Any]],
-) -> Iterator[dict[str, Any]]:
+) -> AsyncIterator[dict[str, Any]]:
     """The API's chunks for ``answer``; a failure once streaming ends it with ``failed``'s."""
     try:
-        for piece in answer:
+        async for piece in answer:
             if isinstance(piece, Usage):
-                yield from final(piece)
+                for last in final(piece):
+                    yield last
             else:
                 yield chunk(piece)
     except AvocadoError as error:
@@ -197,21 +203,22 @@ def encoded(
 class _Watched:
     """A response body that knows whether the client was given all of it."""
 
-    def __init__(self, body: Iterable[bytes]) -> None:
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
         self._body = body
         self.whole = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._body
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._body:
+            yield part
         self.whole = True
 
 
 def _streamed(
-    body: Iterable[bytes], media_type: str, job_id: str, cancel: Callable[[], None]
+    body: AsyncIterator[bytes], media_type: str, job_id: str, cancel: Callable[[], None]
 ) -> StreamingResponse:
     """``body`` streamed; a client that goes away before its end cancels the job
-    (``cancel``), so its worker stops generating. Noticed once the relay's wait for the
-    next piece returns."""
+    (``cancel``), so its worker stops generating. Noticed at once: Starlette cancels the
+    body's wait for the next piece when the client disconnects."""
     watched = _Watched(body)
 
     async def gone() -> None:
@@ -227,16 +234,16 @@ def _streamed(
 
 
 def ndjson(
-    chunks: Iterable[dict[str, Any]], job_id: str, cancel: Callable[[], None]
+    chunks: AsyncIterator[dict[str, Any]], job_id: str, cancel: Callable[[], None]
 ) -> StreamingResponse:
     """One JSON object a line, as Ollama streams; ``cancel`` if the client leaves early."""
-    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" for c in chunks)
+    lines = (json.dumps(c, separators=(",", ":")).encode() + b"\n" async for c in chunks)
     return _streamed(lines, "application/x-ndjson", job_id, cancel)
 
 
-def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     failed = False
-    for chunk in chunks:
+    async for chunk in chunks:
         failed = "error" in chunk
         yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
     if not failed:
@@ -244,7 +251,7 @@ def _events(chunks: Iterable[dict[str, Any]]) -> Iterator[bytes]:
 
 
 def sse(
-    chunks: Iterable[dict[str, Any]], job_id: str, cancel: Callable[[], None]
+    chunks: AsyncIterator[dict[str, Any]], job_id: str, cancel: Callable[[], None]
 ) -> StreamingResponse:
     """Server-sent events ending in ``data: [DONE]`` (none after an error), as OpenAI streams;
     ``cancel`` if the client leaves early."""

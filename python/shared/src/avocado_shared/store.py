@@ -130,6 +130,7 @@ class ResultStore:
         self._url = url
         self._engine = make_engine(url)
         self._writer = self._engine.execution_options(**{WRITES: True})
+        self._upsert = _upsert(self._engine.dialect.name)
         self._closed = False
 
     @classmethod
@@ -229,23 +230,13 @@ class ResultStore:
             "updated_at": now,
         }
         with self._errors(), self._writer.begin() as conn:
-            conn.execute(self._upsert(values))
-
-    def _upsert(self, values: dict[str, Any]) -> sa.Executable:
-        if self.dialect == "postgresql":
-            pg = postgresql.insert(ml_results).values(values)
-            return pg.on_conflict_do_update(index_elements=["job_key"], set_=_update(pg.excluded))
-        lite = sqlite.insert(ml_results).values(values)
-        return lite.on_conflict_do_update(index_elements=["job_key"], set_=_update(lite.excluded))
+            conn.execute(self._upsert, values)
 
     # --- reads ---
 
     def get(self, job_id: str) -> ResultRow | None:
         """The row of a job, by its Celery job id."""
-        c = ml_results.c
-        rows = self._select(
-            sa.select(ml_results).where(c.job_id == job_id).order_by(c.updated_at.desc()).limit(1)
-        )
+        rows = self._select(_BY_JOB_ID, {"job_id": job_id})
         return rows[0] if rows else None
 
     def get_by_key(self, job_key: str) -> ResultRow | None:
@@ -266,9 +257,11 @@ class ResultStore:
         with self._errors(), self._engine.connect() as conn:
             return int(conn.scalar(sa.select(sa.func.count()).select_from(ml_results)) or 0)
 
-    def _select(self, query: sa.Select[Any]) -> list[ResultRow]:
+    def _select(
+        self, query: sa.Select[Any], params: dict[str, Any] | None = None
+    ) -> list[ResultRow]:
         with self._errors(), self._engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+            return [_row(r) for r in conn.execute(query, params).mappings()]
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -295,6 +288,21 @@ def _check_json(value: Mapping[str, Any]) -> None:
     except (TypeError, ValueError) as error:
         message = f"result is not plain JSON (use model_dump(mode='json')): {error}"
         raise StoreRejected(message) from None
+
+
+def _upsert(dialect: str) -> sa.Executable:
+    """The upsert of one row, its values given when it runs: made once per store, as building
+    it (the ``excluded`` columns) costs several times what SQLite takes to run it."""
+    insert = postgresql.insert(ml_results) if dialect == "postgresql" else sqlite.insert(ml_results)
+    return insert.on_conflict_do_update(index_elements=["job_key"], set_=_update(insert.excluded))
+
+
+_BY_JOB_ID = (
+    sa.select(ml_results)
+    .where(ml_results.c.job_id == sa.bindparam("job_id"))
+    .order_by(ml_results.c.updated_at.desc())
+    .limit(1)
+)
 
 
 def _update(new: sa.ColumnCollection[str, Any]) -> dict[str, Any]:

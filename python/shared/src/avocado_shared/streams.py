@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from avocado_shared.errors import PermanentError, TransientError, Unavailable
 
 __all__ = [
+    "AsyncJobStream",
     "EntryKind",
     "JobStream",
     "StreamEntry",
@@ -157,6 +159,38 @@ def joined(entries: Iterable[StreamEntry]) -> str:
     return "".join(parts)
 
 
+class _Cursor:
+    """A reader's place in a stream: what its next XREAD asks (up to 512 entries after the
+    last one read, blocking at most a slice of the time left) and the entries an answer
+    holds, up to the final one; waiting ``timeout_s`` for nothing is ``StreamTimedOut``."""
+
+    def __init__(self, key: str, after: str, timeout_s: float) -> None:
+        self.key, self.last, self.timeout_s = key, after, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.done = False
+
+    def read(self) -> dict[str, Any]:
+        """The next XREAD's arguments."""
+        left_ms = int((self.deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            raise StreamTimedOut(f"no entry in stream {self.key} for {self.timeout_s}s")
+        return {
+            "streams": {self.key: self.last},
+            "count": 512,
+            "block": min(left_ms, _BLOCK_SLICE_MS),
+        }
+
+    def take(self, answer: Any) -> Iterator[StreamEntry]:
+        for _key, raw in answer or []:
+            for entry in _parsed(raw):
+                yield entry
+                if entry.final:
+                    self.done = True
+                    return
+                self.last = entry.id
+            self.deadline = time.monotonic() + self.timeout_s
+
+
 class JobStream:
     """One job's stream on a Redis client the caller owns (any decoding)."""
 
@@ -187,25 +221,13 @@ class JobStream:
         """Each entry after ``after`` (an entry id; the start by default) as soon as it is
         written, up to and including the final one. ``StreamTimedOut`` when ``timeout_s``
         pass without a new entry; the key need not exist yet (the job may still be queued)."""
-        last = after
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise StreamTimedOut(f"no entry in stream {self.key} for {timeout_s}s")
+        cursor = _Cursor(self.key, after, timeout_s)
+        while not cursor.done:
             try:
-                answer: Any = self.client.xread(
-                    {self.key: last}, count=512, block=min(left_ms, _BLOCK_SLICE_MS)
-                )
+                answer = self.client.xread(**cursor.read())
             except redis.RedisError as error:
                 raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
-            for _key, raw in answer or []:
-                for entry in _parsed(raw):
-                    yield entry
-                    if entry.final:
-                        return
-                    last = entry.id
-                deadline = time.monotonic() + timeout_s
+            yield from cursor.take(answer)
 
     def text(self, after: str = "0-0", timeout_s: float = 60.0) -> str:
         """The whole answer once the stream ends; ``StreamFailed`` when the job failed."""
@@ -215,3 +237,26 @@ class JobStream:
                 raise StreamFailed(f"job {self.job_id} failed: {entry.reason}")
             seen.append(entry)
         return joined(seen)
+
+
+class AsyncJobStream:
+    """``JobStream.entries`` on an asyncio Redis client: a reader on an event loop waits for
+    the next entry without a thread of its own."""
+
+    def __init__(self, client: redis.asyncio.Redis, key_prefix: str, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.key = stream_key(key_prefix, job_id)
+
+    async def entries(
+        self, after: str = "0-0", timeout_s: float = 60.0
+    ) -> AsyncIterator[StreamEntry]:
+        """As ``JobStream.entries``."""
+        cursor = _Cursor(self.key, after, timeout_s)
+        while not cursor.done:
+            try:
+                answer = await self.client.xread(**cursor.read())
+            except redis.RedisError as error:
+                raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
+            for entry in cursor.take(answer):
+                yield entry

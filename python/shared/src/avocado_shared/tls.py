@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+import redis.asyncio
 from celery.app.amqp import AMQP
 from kombu.connection import Connection
 
@@ -23,6 +24,7 @@ __all__ = [
     "CertificateError",
     "FailoverAMQP",
     "FailoverConnection",
+    "async_redis_client",
     "broker_ssl",
     "redis_client",
     "redis_ssl",
@@ -86,11 +88,20 @@ def redis_ssl(settings: Settings, url: str) -> dict[str, Any]:
 
 def redis_client(settings: Settings) -> redis.Redis:
     """A client of the fleet's Redis (``AVOCADO_REDIS_URL``), verified over ``rediss://``."""
+    url, options = _redis_options(settings)
+    return redis.Redis.from_url(url, **options)
+
+
+def async_redis_client(settings: Settings) -> redis.asyncio.Redis:
+    """``redis_client`` for an event loop (redis-py's asyncio client)."""
+    url, options = _redis_options(settings)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def _redis_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     url = settings.redis_url.get_secret_value()
     warn_if_plaintext(url, "Redis")
-    return redis.Redis.from_url(
-        url, socket_timeout=10, socket_connect_timeout=5, **redis_ssl(settings, url)
-    )
+    return url, {"socket_timeout": 10, "socket_connect_timeout": 5, **redis_ssl(settings, url)}
 
 
 def _files(settings: Settings, ca: str, cert: str, key: str) -> dict[str, str]:

@@ -1,0 +1,162 @@
+"""The gateway scenario (issue 15): a streamed ``/api/generate`` through avocado-infer (the
+gateway, the queue, a worker, its Redis stream) against the same request straight to the
+simulator, one stream at a time and 16 at once: time to first token and total time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import httpx
+import psutil
+
+from avocado_shared.streams import stream_key
+from bench.profile import cpu_ms, servers
+from bench.report import Outcome, Row, cpu_table, fmt, median, percentile
+from bench.scenarios import Config, alternate, parallel
+from bench.services import MODEL, BenchEnv, process_tree
+
+__all__ = ["STREAMS", "Answer", "gateway"]
+
+STREAMS = 16
+"""Concurrent streams of the concurrent half; the worker's threads and the simulator's slots."""
+_TARGET_MS = 10.0  # issue 15: added time to first token at p50
+_SPLIT = ("to the first stream entry", "first stream entry to client")
+
+
+class Answer(NamedTuple):
+    """One streamed answer: TTFT and total (ms), its text, its job (the gateway's header), and
+    when it was sent and its first token came (epoch ms)."""
+
+    ttft: float
+    total: float
+    text: str
+    job: str
+    sent_at: float
+    first_at: float
+
+
+def _streamed(client: httpx.Client, url: str, prompt: str) -> Answer:
+    """One streamed ``/api/generate``."""
+    body = {"model": MODEL, "prompt": prompt}
+    start, sent_at, first, first_at = time.perf_counter(), 1000 * time.time(), 0.0, 0.0
+    text: list[str] = []
+    with client.stream("POST", f"{url}/api/generate", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            chunk = json.loads(line)
+            if "error" in chunk:
+                raise RuntimeError(f"{url}: {chunk['error']}")
+            if chunk.get("response") and not text:
+                first, first_at = time.perf_counter(), 1000 * time.time()
+            text.append(str(chunk.get("response", "")))
+            if chunk.get("done"):
+                break
+    if not first:
+        raise RuntimeError(f"{url}: an answer without text")
+    total = 1000.0 * (time.perf_counter() - start)
+    job = response.headers.get("x-avocado-job-id", "")
+    return Answer(1000.0 * (first - start), total, "".join(text), job, sent_at, first_at)
+
+
+def _caller(client: httpx.Client, urls: dict[str, str]) -> Callable[[str, int], Answer]:
+    """Job ``i`` of a side; the gateway's answer must be the simulator's, token for token."""
+    direct: dict[int, str] = {}
+
+    def call(side: str, i: int) -> Answer:
+        prompt = f"bench gateway {i % 64}"
+        answer = _streamed(client, urls[side], prompt)
+        if direct.setdefault(i % 64, answer.text) != answer.text:
+            raise RuntimeError(f"{side} answered {answer.text!r} to {prompt!r}")
+        return answer
+
+    return call
+
+
+def _split(env: BenchEnv, answers: list[Answer]) -> dict[str, float]:
+    """p50 of each gateway answer's TTFT in two: until its worker wrote the first token to the
+    job's stream (the entry's id is Redis's clock, in ms), and from there to the client."""
+    with contextlib.closing(env.redis()) as client, client.pipeline(transaction=False) as pipe:
+        for answer in answers:
+            pipe.xrange(stream_key(env.key_prefix, answer.job), count=1)
+        written = [int(entries[0][0].split(b"-")[0]) for entries in pipe.execute()]
+    parts = [(at - a.sent_at, a.first_at - at) for a, at in zip(answers, written, strict=True)]
+    return {f"{name} p50": percentile([p[k] for p in parts], 50) for k, name in enumerate(_SPLIT)}
+
+
+def _figures(answers: list[Answer]) -> dict[str, float]:
+    """p50 and p99 of one repetition's TTFT and total."""
+    return {
+        f"{what} p{q}": percentile([getattr(a, what.lower()) for a in answers], q)
+        for what in ("TTFT", "total")
+        for q in (50, 99)
+    }
+
+
+def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
+    """Both sides share one httpx client (with the gateway's API key, which the simulator
+    ignores); the worker has a thread per stream, the simulator a slot per stream, so neither
+    queues at 16 streams."""
+    sim = env.start_sim(parallel=STREAMS, tokens_per_s=cfg.gateway_rate)
+    worker = env.start_worker(pool=pool, concurrency=STREAMS, ollama_url=sim.url)
+    gateway, secret = env.start_gateway()
+    urls = {"direct": sim.url, "gateway": gateway.url}
+    groups = {
+        "gateway (avocado-infer)": [psutil.Process(gateway.pid)],
+        "worker (main + pool)": process_tree(worker),
+        "simulator": [psutil.Process(sim.pid)],
+        "harness: the client": [psutil.Process()],
+        **servers(),
+    }
+    limits, key = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
+    client = env.closing(httpx.Client(timeout=120, limits=limits, headers=key))
+    sides = {side: partial(_caller(client, urls), side) for side in urls}
+    modes = {
+        "sequential": (1, cfg.gateway_jobs),
+        f"{STREAMS} concurrent": (STREAMS, cfg.gateway_burst),
+    }
+    for side in sides.values():  # warm: clients, connections, the worker's threads
+        parallel([side] * STREAMS, 2 * STREAMS)
+    got: dict[tuple[str, str], list[dict[str, float]]] = {}
+    cpu: dict[str, dict[str, float]] = {}  # ms per answer, by side and mode, then process
+
+    def run(mode: str, side: str) -> Callable[[int], None]:
+        streams, jobs = modes[mode]
+        each, used = got.setdefault((mode, side), []), cpu.setdefault(f"{side}, {mode}", {})
+
+        def one(_: int) -> None:
+            answers: list[Answer] = []
+            spent = cpu_ms(
+                groups, lambda: answers.extend(parallel([sides[side]] * streams, jobs)[1])
+            )
+            each.append(_figures(answers) | (_split(env, answers) if side == "gateway" else {}))
+            for name, ms in spent.items():
+                used[name] = used.get(name, 0.0) + ms / jobs / cfg.reps
+
+        return one
+
+    for mode in modes:
+        alternate(cfg.reps, run(mode, "direct"), run(mode, "gateway"))
+    rows, reps, extra = list[Row](), list[dict[str, Any]](), dict[str, Any](pool=pool)
+    for mode in modes:
+        for key in got[mode, "direct"][0]:
+            base, mine = (median([rep[key] for rep in got[mode, side]]) for side in urls)
+            extra |= {f"{mode} direct {key}": base, f"{mode} gateway {key}": mine}
+            row = Row(f"{mode}: {key} (ms)", fmt(base), fmt(mine), f"{mine - base:+.2f} ms")
+            if key == "TTFT p50":
+                row.target, row.met = f"difference <= {_TARGET_MS:g} ms", mine - base <= _TARGET_MS
+            rows.append(row)
+        for key in (f"{name} p50" for name in _SPLIT):
+            mine = median([rep[key] for rep in got[mode, "gateway"]])
+            rows.append(Row(f"{mode}: gateway TTFT, {key} (ms)", "-", fmt(mine)))
+        for i in range(cfg.reps):
+            figures = {f"{side} {k} ms": v for side in urls for k, v in got[mode, side][i].items()}
+            reps.append({"rep": i + 1, "mode": mode} | figures)
+    title = f"Gateway ({pool}, {STREAMS} worker threads, {cfg.gateway_rate:g} tokens/s)"
+    sides_named = ("direct to the simulator", "through avocado-infer")
+    note = f"CPU per answer (ms), user + system, by process:\n\n{cpu_table(cpu)}"
+    return Outcome("gateway", title, *sides_named, rows, reps, [note], extra | {"cpu": cpu})
