@@ -105,8 +105,11 @@ class InProcessWorker:
             # The flag a SIGTERM sets, read by the worker's own loop: stopping the worker
             # from this thread would read the broker connection from two threads at once.
             worker_state.should_stop = EX_OK
-            # A ping wakes the loop from its wait on the broker, so it reads the flag now.
-            self.app.control.ping([self.name], timeout=0.2)
+            # A ping wakes the loop from its wait on the broker, so it reads the flag now. On a
+            # connection of its own: one the app's pool kept idle may have been closed by the
+            # broker since (seen: ConnectionResetError, the worker left running).
+            with self.app.connection_for_write() as connection:
+                self.app.control.ping([self.name], timeout=0.2, connection=connection)
             self._thread.join(timeout)
             worker_state.should_stop = None
         if self in _running:
