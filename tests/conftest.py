@@ -104,11 +104,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 def private_node(rabbit: Broker) -> Iterator[RabbitNode]:
     """A RabbitMQ node of this test only, of the same version as ``rabbit``, to stop or kill;
     its data is deleted afterwards."""
-    node = RabbitNode.private(rabbit.major, free_port())
-    try:
-        yield node.start()
-    finally:
-        node.wipe()
+    with RabbitNode.private(rabbit.major, free_port()).running() as node:
+        yield node
 
 
 @pytest.fixture(scope="session")

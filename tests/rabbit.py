@@ -178,6 +178,14 @@ class RabbitNode:
             config.unlink(missing_ok=True)
         return self
 
+    @contextmanager
+    def running(self, conf: str | None = None) -> Iterator[RabbitNode]:
+        """Started (``conf`` as for ``start``), then stopped and its data deleted."""
+        try:
+            yield self.start(conf)
+        finally:
+            self.wipe()
+
     def kill(self) -> None:
         """SIGKILL the node's VM, as when its machine vanishes."""
         self._script("kill")

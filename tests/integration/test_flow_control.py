@@ -34,11 +34,9 @@ NODE_MAX_MESSAGE = 1024 * 1024
 @pytest.fixture(scope="module")
 def node() -> Iterator[RabbitNode]:
     """A RabbitMQ 4 node of this module, refusing messages over 1 MiB."""
-    node = RabbitNode.private(4, free_port())
-    try:
-        yield node.start(f"max_message_size = {NODE_MAX_MESSAGE}\n")
-    finally:
-        node.wipe()
+    conf = f"max_message_size = {NODE_MAX_MESSAGE}\n"
+    with RabbitNode.private(4, free_port()).running(conf) as node:
+        yield node
 
 
 @pytest.fixture

@@ -257,11 +257,8 @@ def test_a_queue_at_its_limit_is_a_503_with_retry_after(
 @pytest.fixture(scope="module")
 def node() -> Iterator[RabbitNode]:
     """A RabbitMQ 4 node of this module, whose alarms block publishers."""
-    node = RabbitNode.private(4, free_port())
-    try:
-        yield node.start()
-    finally:
-        node.wipe()
+    with RabbitNode.private(4, free_port()).running() as node:
+        yield node
 
 
 @pytest.fixture
