@@ -183,6 +183,9 @@ def test_the_slots_of_a_gateway_that_dies_free_themselves(
     worker_factory(slow_sim.url)
     key, secret = keys.create(unique("orphan"), concurrency=1)
     slots = slots_key(key_prefix, key.name)
+    # The survivor binds its port first: free_port's port is free only until something binds
+    # one, and the survivor's could be it (seen: the "doomed" port served by the survivor).
+    survivor = gateway_factory(require_keys=True)
     port = free_port()
     # The slot outlives the kill by two thirds of the lease at least (the last renewal may be
     # a third old): 20 s for the survivor's first request, which 10 s did not always leave.
@@ -191,7 +194,6 @@ def test_the_slots_of_a_gateway_that_dies_free_themselves(
     )
     log = tmp_path / "infer.log"
     doomed = Child(spawn([str(VENV_BIN / "avocado-infer")], log, env=env, cwd=tmp_path), log)
-    survivor = gateway_factory(require_keys=True)
     try:
         wait_for(lambda: _answers(port, doomed), timeout=WAIT, what="avocado-infer")
         url = f"http://127.0.0.1:{port}/api/generate"
