@@ -61,7 +61,8 @@ ensure_venv() {
   local packages=(-e python/shared -e python/ollama-worker -e python/infer --group dev)
   # uv installs the same in seconds instead of half a minute; pip, which reads pip.conf
   # (a private index, say), when uv cannot.
-  (cd "$ROOT" && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${packages[@]}") \
+  (cd "$ROOT" && "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" \
+    "${packages[@]}") \
     || (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
       "${packages[@]}") || die "pip install failed (see above)"
   printf '%s\n' "$want" >"$stamp"

@@ -17,6 +17,10 @@ export AVOCADO_TEST_RABBIT4_PORT="${AVOCADO_TEST_RABBIT4_PORT:-5673}"
 ensure_docker_compose_v1
 command -v rabbitmqctl >/dev/null || [ -x /usr/sbin/rabbitmqctl ] || die "rabbitmqctl missing"
 export PATH="$VENV/bin:$PATH:/usr/sbin"
+# Bytecode caches on, even where the environment turns them off (some notebook and CI images
+# do): else each of the suite's ~150 Python processes compiles the project from source and
+# each pytest process rewrites the asserts of ~400 plugin modules again, a minute of CPU.
+unset PYTHONDONTWRITEBYTECODE
 
 say "ruff"; ruff check python tests docker; ruff format --check -q python tests docker
 say "mypy"; mypy
