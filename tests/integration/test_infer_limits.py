@@ -113,6 +113,8 @@ def test_a_key_at_its_concurrency_gets_a_429_until_its_stream_ends(
     slow_sim: OllamaSimulator,
     key_prefix: str,
 ) -> None:
+    # 4 s of answer: it outlasts the 1 s lease by 3 s however late the first piece is read.
+    slow_sim.config.default_tokens = 80
     worker_factory(slow_sim.url)
     key, secret = keys.create(unique("concurrency"), concurrency=1)
     gateway = gateway_factory(require_keys=True, slot_lease_s=1)
@@ -156,6 +158,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(
     slow_sim: OllamaSimulator,
     key_prefix: str,
 ) -> None:
+    slow_sim.config.default_tokens = 1200  # a minute: still streaming whenever the test looks
     worker_factory(slow_sim.url)
     key, secret = keys.create(unique("leaves"), concurrency=1)
     gateway = gateway_factory(require_keys=True)  # a 30 s lease, renewed while held
@@ -166,6 +169,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(
             assert len(_slot_ends(slots)) == 1
         # Gone after its first piece: the gateway notices at the next one and lets go.
         wait_for(lambda: not _slot_ends(slots), timeout=20, what="the slot's release")
+        slow_sim.config.default_tokens = 40
         after = client.post(GENERATE[0], json=GENERATE[1])
 
     assert after.status_code == 200, after.text
