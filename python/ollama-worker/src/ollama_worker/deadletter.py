@@ -204,10 +204,19 @@ def _task_message(task: Task) -> tuple[dict[str, Any], tuple[Any, ...]]:
 
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, except that poison is dead-lettered with its reason, never fatal.
+    """Celery's consumer, except that poison is dead-lettered with its reason, never fatal,
+    and delayed delivery is set up on the live broker only (``ollama_worker.delayed_delivery``).
 
     Wired in with ``worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"``.
     """
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        default_steps: ClassVar[list[str]] = [
+            "ollama_worker.delayed_delivery:DelayedDelivery"
+            if step.endswith(":DelayedDelivery")
+            else step
+            for step in Consumer.Blueprint.default_steps
+        ]
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """Celery acks these, and the message is gone."""
@@ -294,7 +303,7 @@ class UndeclaringConsumer(DeadLetteringConsumer):
     """For a broker user that may not declare: without Celery's delayed-delivery step, which
     declares 28 exchanges and queues at every start (the admin declared them)."""
 
-    class Blueprint(DeadLetteringConsumer.Blueprint):  # type: ignore[misc,name-defined]
+    class Blueprint(DeadLetteringConsumer.Blueprint):
         default_steps: ClassVar[list[str]] = [
             step
             for step in DeadLetteringConsumer.Blueprint.default_steps

@@ -21,15 +21,11 @@ from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from kombu.connection import Connection
-from kombu.transport.native_delayed_delivery import (
-    bind_queue_to_native_delayed_delivery_exchange,
-    declare_native_delayed_delivery_exchanges_and_queues,
-)
 from pydantic import SecretStr
 
 from avocado_shared.errors import PermanentError
 from avocado_shared.settings import Settings
-from avocado_shared.topology import declare_topology, job_queues
+from avocado_shared.topology import declare_delayed_delivery, declare_topology, job_queues
 
 __all__ = [
     "WORKER_PERMISSIONS",
@@ -194,9 +190,7 @@ def declare_worker_topology(connection: Connection, settings: Settings) -> None:
     """Everything a worker would declare at start but a least-privilege one may not: the
     fleet's topology and Celery's delayed-delivery exchanges, queues and bindings."""
     declare_topology(connection, settings)
-    declare_native_delayed_delivery_exchanges_and_queues(connection, "quorum")
-    for queue in job_queues(settings):
-        bind_queue_to_native_delayed_delivery_exchange(connection, queue)
+    declare_delayed_delivery(connection, job_queues(settings))
 
 
 def _with_login(url: str, user: str, password: str, host: str | None) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from avocado_shared.redeclare import broker_major, redeclare
 from avocado_shared.settings import Settings
@@ -28,6 +33,7 @@ __all__ = [
     "QueueInfo",
     "dead_letter_queue",
     "declare_dead_letter_queue",
+    "declare_delayed_delivery",
     "declare_topology",
     "describe",
     "job_queue",
@@ -125,6 +131,14 @@ def declare_topology(connection: Connection, settings: Settings) -> list[Queue]:
     for queue in queues:
         queue(channel).declare()
     return [*queues, declare_dead_letter_queue(connection)]
+
+
+def declare_delayed_delivery(connection: Connection, queues: Iterable[Queue]) -> None:
+    """Celery's native delayed delivery, where a retry with a countdown waits on quorum queues:
+    its 28 exchanges and queues, and each of ``queues`` bound to its last exchange."""
+    declare_native_delayed_delivery_exchanges_and_queues(connection, "quorum")
+    for queue in queues:
+        bind_queue_to_native_delayed_delivery_exchange(connection, queue)
 
 
 @dataclass(frozen=True)
