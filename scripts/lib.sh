@@ -17,6 +17,16 @@ wait_port() { # host port seconds what
   die "$4 did not answer on $1:$2 within $3 s"
 }
 
+# Whether process $1 is alive. kill -0 also answers for a zombie: one whose parent was gone
+# waits there until init reaps it, and some container inits take 2 s to.
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0 # no /proc: kill -0 is all there is
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"
   elif command -v sudo >/dev/null; then sudo "$@"

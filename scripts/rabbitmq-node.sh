@@ -134,7 +134,7 @@ ctl() { in_node /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$NODE" "$@"; }
 running() {
   local pid
   [ -f "$HOST_DATA/pid" ] && pid=$(cat "$HOST_DATA/pid" 2>/dev/null) && [ -n "$pid" ] \
-    && kill -0 "$pid" 2>/dev/null
+    && alive "$pid"
 }
 
 write_conf() {
@@ -182,7 +182,7 @@ start_node() {
 # Wait until process $1 is gone; fails after $2 tenths of a second.
 await_exit() {
   local i
-  for ((i = 0; i < $2; i++)); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  for ((i = 0; i < $2; i++)); do alive "$1" || return 0; sleep 0.1; done
   return 1
 }
 

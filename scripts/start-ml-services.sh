@@ -161,7 +161,7 @@ wait_docker_healthy() { # seconds
 }
 
 # ---------------------------------------------------------------------------------- native
-running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+running() { [ -f "$RUN/$1.pid" ] && alive "$(cat "$RUN/$1.pid")"; }
 
 # Start a command in its own session (so stop can end its whole process group).
 start_bg() {

@@ -92,10 +92,10 @@ stop_one() {
   local name=$1 pidfile="$RUN/$1.pid" pid i
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < $(grace "$name") * 4; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    if kill -0 "$pid" 2>/dev/null && [ "$name" != flower ]; then
+    for ((i = 0; i < $(grace "$name") * 10; i++)); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid" && [ "$name" != flower ]; then
       say "$name did not stop within $(grace "$name")s: killing it"
     fi
   fi
@@ -105,13 +105,20 @@ stop_one() {
   say "stopped $name"
 }
 
+# Stop each of its arguments at once, and wait for all.
+stop_together() {
+  local name
+  for name in "$@"; do stop_one "$name" & done
+  wait
+}
+
 stop_native() {
   [ -d "$RUN" ] || return 0
   local names=() pidfile
-  # The gateway first, so it publishes no more jobs; then workers, so they return unfinished
-  # jobs while the broker is still there. The native start leaves RabbitMQ, Redis and
-  # PostgreSQL to the system: they stay.
-  if has_part infer; then names+=(infer); fi
+  # The gateway first, so it publishes no more jobs; then the workers, which finish or return
+  # their jobs, with beat and Flower; the model server last, once no worker asks it anything.
+  # The native start leaves RabbitMQ, Redis and PostgreSQL to the system: they stay.
+  if has_part infer; then stop_one infer; fi
   if has_part worker; then
     for pidfile in "$RUN"/worker*.pid; do
       [ -e "$pidfile" ] || continue
@@ -120,8 +127,8 @@ stop_native() {
   fi
   if has_part beat; then names+=(beat); fi
   if has_part flower; then names+=(flower); fi
-  if has_part ollama; then names+=(ollama-sim ollama embedded-llm); fi
-  for name in "${names[@]}"; do stop_one "$name"; done
+  stop_together "${names[@]}"
+  if has_part ollama; then stop_together ollama-sim ollama embedded-llm; fi
 }
 
 if [ "$MODE" != native ]; then stop_docker; fi

@@ -31,12 +31,21 @@ STOP = ROOT / "scripts/stop-ml-services.sh"
 pytestmark = pytest.mark.timeout(300)
 
 
+def _stat(proc: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None when gone."""
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _ours(run_dir: Path) -> list[str]:
-    """Processes still alive whose pid file the start script wrote."""
+    """Processes still alive (not gone, not a zombie waiting to be reaped) whose pid file the
+    start script wrote."""
     alive = []
     for pidfile in run_dir.glob("*.pid"):
-        pid = pidfile.read_text().strip()
-        if Path(f"/proc/{pid}").exists():
+        fields = _stat(Path("/proc", pidfile.read_text().strip()))
+        if fields is not None and fields[0] != "Z":
             alive.append(pidfile.stem)
     return alive
 
@@ -46,11 +55,8 @@ def _group_members(pids: list[int]) -> list[int]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) in pids and fields[0] != "Z":
+        fields = _stat(proc)
+        if fields is not None and int(fields[2]) in pids and fields[0] != "Z":
             members.append(int(proc.name))
     return members
 
