@@ -174,6 +174,41 @@ def test_failure_row_carries_the_reason(store: ResultStore) -> None:
     assert store.recent(status=JobStatus.SUCCESS) == []
 
 
+def test_a_success_is_final_for_its_job(store: ResultStore) -> None:
+    """A copy turned away while the job ran writes its RETRY after the job's SUCCESS (seen
+    when a broker node died): the row stays SUCCESS. A new job on the same key still takes
+    the row over."""
+    key = job_key(JobKind.SUMMARIZE, "job-1", "share-final")
+
+    def write(job_id: str, status: JobStatus, **fields: Any) -> None:
+        store.record(
+            job_key=key,
+            job_id=job_id,
+            task_type=JobKind.SUMMARIZE,
+            share_id="share-final",
+            status=status,
+            **fields,
+        )
+
+    write("job-1", JobStatus.STARTED)
+    write("job-1", JobStatus.SUCCESS, result={"summary": "done"})
+    write("job-1", JobStatus.RETRY, error="TransientError: job-1 is running elsewhere")
+    write("job-1", JobStatus.STARTED)
+    kept = store.get("job-1")
+    write("job-2", JobStatus.STARTED)
+    taken = store.get_by_key(key)
+
+    assert kept is not None
+    assert (kept.status, kept.result, kept.error, kept.attempts) == (
+        JobStatus.SUCCESS,
+        {"summary": "done"},
+        None,
+        1,
+    )
+    assert taken is not None
+    assert (taken.job_id, taken.status, taken.attempts) == ("job-2", JobStatus.STARTED, 1)
+
+
 def test_summary_rerun_takes_over_the_share_row(store: ResultStore) -> None:
     key = job_key(JobKind.SUMMARIZE, "job-1", "share-9")
 
@@ -267,7 +302,7 @@ def _sessions(database_url: str) -> set[int]:
 
 
 def test_forked_processes_get_their_own_connection(store: ResultStore, database_url: str) -> None:
-    _success(store, "parent")  # the parent's connection is open when the children fork
+    _started(store, "parent")  # the parent's connection is open when the children fork
     parent_sessions = _sessions(database_url)
     fork = multiprocessing.get_context("fork")
 

@@ -138,22 +138,25 @@ def test_database_made_before_alembic_upgrades_in_place(
             "OllamaRejected: 400",
         )
 
-        writes: list[tuple[str, dict[str, Any]]] = [
-            ("old-1", {"status": JobStatus.STARTED}),  # redelivered: one more attempt
-            ("new-1", {"status": JobStatus.SUCCESS, "result": {"text": "new"}}),
+        writes: list[tuple[str, str | None, dict[str, Any]]] = [
+            ("old-1", None, {"status": JobStatus.STARTED}),  # a late copy: SUCCESS is final
+            ("old-2", "share-1", {"status": JobStatus.STARTED}),  # run again: one more attempt
+            ("new-1", None, {"status": JobStatus.SUCCESS, "result": {"text": "new"}}),
         ]
-        for job_id, fields in writes:
-            key = job_key(JobKind.GENERATE, job_id)
-            store.record(job_key=key, job_id=job_id, task_type="generate", share_id=None, **fields)
-        again = store.get("old-1")
-        assert again is not None
-        assert (again.status, again.attempts, again.created_at) == (
+        for job_id, share_id, fields in writes:
+            kind = JobKind.SUMMARIZE if share_id else JobKind.GENERATE
+            key = job_key(kind, job_id, share_id)
+            store.record(job_key=key, job_id=job_id, task_type=kind, share_id=share_id, **fields)
+        assert store.get("old-1") == old
+        rerun = store.get("old-2")
+        assert rerun is not None
+        assert (rerun.status, rerun.attempts, rerun.created_at) == (
             JobStatus.STARTED,
-            3,
-            old.created_at,
+            2,
+            failed.created_at,
         )
-        assert [r.job_id for r in store.recent()] == ["new-1", "old-1", "old-2"]
-        assert [r.job_id for r in store.recent(status=JobStatus.FAILURE)] == ["old-2"]
+        assert [r.job_id for r in store.recent()] == ["new-1", "old-2", "old-1"]
+        assert store.recent(status=JobStatus.FAILURE) == []
 
     with _raw(old_database) as conn:
         # Kept, so a worker of the old release still finds its schema current.

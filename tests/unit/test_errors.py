@@ -8,6 +8,7 @@ import inspect
 import pkgutil
 
 import pytest
+from celery.exceptions import Retry
 
 import avocado_shared
 import ollama_worker
@@ -16,6 +17,7 @@ from avocado_shared.contracts import InvalidRequest
 from avocado_shared.dlq import DeadLetterNotFound
 from avocado_shared.errors import AvocadoError, PermanentError, TransientError, Unavailable
 from avocado_shared.jobs import JobFailed, NotFinished, PublishError, PublishOutcomeUnknown
+from ollama_worker.once import AlreadyRunning
 
 
 def _exception_classes() -> list[type[BaseException]]:
@@ -70,3 +72,13 @@ def test_the_cli_ends_with_the_code_of_the_error_and_one_line(
     err = capsys.readouterr().err
     assert err.startswith("avocado: ")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_copy_turned_away_stays_itself_through_celerys_retry() -> None:
+    """Celery's retry keeps an exception as the nearest class that survives pickling; the
+    worker's ``on_retry`` tells a copy turned away (whose row is the running copy's) by type."""
+    kept = Retry(exc=AlreadyRunning("job-1", 11)).exc
+
+    assert isinstance(kept, AlreadyRunning)
+    assert (kept.job_id, kept.retry_in) == ("job-1", 11)
+    assert str(kept) == "job job-1 is running elsewhere; this copy is back in 11s"

@@ -43,7 +43,13 @@ class AlreadyRunning(TransientError):
         super().__init__(
             f"job {job_id} is running elsewhere; this copy is back in {retry_in}s", retry_in
         )
+        self.job_id = job_id
         self.retry_in = retry_in
+
+    def __reduce__(self) -> tuple[type[AlreadyRunning], tuple[str, int]]:
+        """Pickled as itself: Celery's retry keeps only exceptions that survive pickling, and
+        would hand ``on_retry`` a plain TransientError in its place."""
+        return AlreadyRunning, (self.job_id, self.retry_in)
 
 
 def stored_success(store: ResultStore, job_id: str) -> dict[str, Any] | None:

@@ -294,7 +294,9 @@ def _upsert(dialect: str) -> sa.Executable:
     """The upsert of one row, its values given when it runs: made once per store, as building
     it (the ``excluded`` columns) costs several times what SQLite takes to run it."""
     insert = postgresql.insert(ml_results) if dialect == "postgresql" else sqlite.insert(ml_results)
-    return insert.on_conflict_do_update(index_elements=["job_key"], set_=_update(insert.excluded))
+    return insert.on_conflict_do_update(
+        index_elements=["job_key"], set_=_update(insert.excluded), where=_not_final(insert.excluded)
+    )
 
 
 _BY_JOB_ID = (
@@ -317,6 +319,14 @@ def _update(new: sa.ColumnCollection[str, Any]) -> dict[str, Any]:
     )
     kept = ("job_key", "attempts", "created_at")
     return {"attempts": attempts, **{c.name: new[c.name] for c in old if c.name not in kept}}
+
+
+def _not_final(new: sa.ColumnCollection[str, Any]) -> sa.ColumnElement[bool]:
+    """The upsert's WHERE: a job's SUCCESS is final. A copy of it that was turned away while
+    it ran (its RETRY), or any late word of the same job, leaves the row as it is."""
+    old = ml_results.c
+    success = JobStatus.SUCCESS.value
+    return sa.not_(sa.and_(old.job_id == new.job_id, old.status == success, new.status != success))
 
 
 def _is_missing_table(error: sa.exc.DBAPIError) -> bool:
