@@ -200,9 +200,10 @@ def test_two_copies_of_one_job_id_run_once(
     producer: Producer, worker_factory: WorkerFactory
 ) -> None:
     # Two copies of one job id in the queue, as a producer in another language may send
-    # after a timed-out confirm; a worker with two threads takes both at once.
+    # after a timed-out confirm; a worker with two threads takes both at once. A short lease:
+    # the copy turned away comes back when it would have run out (4 s, not 11 s).
     with OllamaSimulator(SimConfig(latency_ms=1500)) as sim:
-        worker = worker_factory(sim.url, concurrency=2)
+        worker = worker_factory(sim.url, concurrency=2, AVOCADO_JOB_LEASE_S="3")
         job_id = str(uuid.uuid4())
         task = producer.app.tasks["avocado.generate"]
         request = {"request": {"prompt": "Only once."}}
