@@ -192,9 +192,10 @@ def test_the_slots_of_a_gateway_that_dies_free_themselves(
     survivor = gateway_factory(require_keys=True)
     port = free_port()
     # The slot outlives the kill by two thirds of the lease at least (the last renewal may be
-    # a third old): 8 s for the survivor's first request, an in-process call.
+    # a third old): 20 s for the survivor's first request, which 10 s and 12 s did not always
+    # leave on a loaded machine (seen: 200 where 429 was due; why is not understood yet).
     env = service_env(
-        broker_url, key_prefix, AVOCADO_INFER_PORT=str(port), AVOCADO_INFER_SLOT_LEASE_S="12"
+        broker_url, key_prefix, AVOCADO_INFER_PORT=str(port), AVOCADO_INFER_SLOT_LEASE_S="30"
     )
     log = tmp_path / "infer.log"
     doomed = Child(spawn([str(VENV_BIN / "avocado-infer")], log, env=env, cwd=tmp_path), log)
