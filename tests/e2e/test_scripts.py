@@ -31,23 +31,23 @@ STOP = ROOT / "scripts/stop-ml-services.sh"
 pytestmark = pytest.mark.timeout(300)
 
 
-def _stat(proc: Path) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first), None when gone."""
+def _live_stat(proc: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None when the
+    process is gone or a zombie waiting to be reaped."""
     try:
-        return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+    return None if fields[0] == "Z" else fields
 
 
 def _ours(run_dir: Path) -> list[str]:
-    """Processes still alive (not gone, not a zombie waiting to be reaped) whose pid file the
-    start script wrote."""
-    alive = []
-    for pidfile in run_dir.glob("*.pid"):
-        fields = _stat(Path("/proc", pidfile.read_text().strip()))
-        if fields is not None and fields[0] != "Z":
-            alive.append(pidfile.stem)
-    return alive
+    """Processes still alive whose pid file the start script wrote."""
+    return [
+        pidfile.stem
+        for pidfile in run_dir.glob("*.pid")
+        if _live_stat(Path("/proc", pidfile.read_text().strip())) is not None
+    ]
 
 
 def _group_members(pids: list[int]) -> list[int]:
@@ -55,8 +55,8 @@ def _group_members(pids: list[int]) -> list[int]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
-        fields = _stat(proc)
-        if fields is not None and int(fields[2]) in pids and fields[0] != "Z":
+        fields = _live_stat(proc)
+        if fields is not None and int(fields[2]) in pids:
             members.append(int(proc.name))
     return members
 
