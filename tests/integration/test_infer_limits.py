@@ -165,9 +165,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(
     slots = slots_key(key_prefix, key.name)
     with httpx.Client(base_url=gateway.url, timeout=WAIT, headers=auth(secret)) as client:
         with client.stream("POST", "/api/generate", json=STREAM) as first:
-            assert json.loads(next(first.iter_lines()))["done"] is False
+            # Kept: a line iterator dropped here would close the connection (httpcore does
+            # when the generator is collected), so the client would leave before the check.
+            lines = first.iter_lines()
+            assert json.loads(next(lines))["done"] is False
             assert len(_slot_ends(slots)) == 1
-        # Gone after its first piece: the gateway notices at the next one and lets go.
+        # Gone after its first piece (the block closes the response): the gateway notices at
+        # the next one and lets go.
         wait_for(lambda: not _slot_ends(slots), timeout=20, what="the slot's release")
         slow_sim.config.default_tokens = 40
         after = client.post(GENERATE[0], json=GENERATE[1])
