@@ -16,7 +16,8 @@ usage: scripts/rabbitmq-node.sh build
   start              start the node unless it runs; waits until it serves AMQP
   stop               stop it cleanly (rabbitmqctl stop); nothing when it is not running
   kill               SIGKILL it, as when its machine vanishes
-  wipe               stop it and delete its data directory
+  wipe               kill it (its data goes, so a clean stop would only cost time) and delete
+                     its data directory
   dir                print the host path of its data directory (files for --conf go there)
   ctl -- ARGS        run rabbitmqctl ARGS against it (also: queues -- ARGS, diagnostics -- ARGS)
 
@@ -207,7 +208,7 @@ case "$ACTION" in
   start) start_node ;;
   stop) stop_node ;;
   kill) kill_node ;;
-  wipe) stop_node; as_root rm -rf "$HOST_DATA" ;;
+  wipe) kill_node; as_root rm -rf "$HOST_DATA" ;;
   dir) printf '%s\n' "$HOST_DATA" ;;
   ctl) ctl "${EXTRA[@]}" ;;
   queues) in_node /usr/lib/rabbitmq/bin/rabbitmq-queues -q -n "$NODE" "${EXTRA[@]}" ;;

@@ -33,14 +33,15 @@ WAIT = 120
 def cluster() -> Iterator[list[RabbitNode]]:
     """Three RabbitMQ 4 nodes of this test, clustered; wiped afterwards."""
     nodes = [RabbitNode.private(4, free_port()) for _ in range(3)]
+    # Peer discovery from the config, as a deployment lists its nodes: the three boot at once
+    # and one forms the cluster the others join (no rabbitmqctl join_cluster, a VM each).
+    peers = "cluster_formation.peer_discovery_backend = classic_config\n" + "".join(
+        f"cluster_formation.classic_config.nodes.{i} = {node.node_name}\n"
+        for i, node in enumerate(nodes, 1)
+    )
     try:
         with ThreadPoolExecutor(3) as pool:
-            list(pool.map(RabbitNode.start, nodes))
-        seed = nodes[0].node_name
-        for node in nodes[1:]:
-            node.ctl("stop_app")
-            node.ctl("join_cluster", seed)
-            node.ctl("start_app")
+            list(pool.map(lambda node: node.start(peers), nodes))
         wait_for(lambda: len(_running_nodes(nodes[0])) == 3, timeout=60, what="three nodes")
         yield nodes
     finally:
@@ -93,7 +94,7 @@ def test_a_node_killed_while_jobs_run_loses_none_and_rejoins(
         published.set()
 
     with (
-        OllamaSimulator(SimConfig(latency_ms=400)) as sim,
+        OllamaSimulator(SimConfig(latency_ms=200)) as sim,
         Producer(settings) as producer,
         worker_processes(url, key_prefix, producer, tmp_path) as workers,
     ):

@@ -196,9 +196,9 @@ def test_the_slots_of_a_gateway_that_dies_free_themselves(
     survivor = gateway_factory(require_keys=True)
     port = free_port()
     # The slot outlives the kill by two thirds of the lease at least (the last renewal may be
-    # a third old): 8 s for the survivor's first request, an in-process call.
+    # a third old): 4 s for the survivor's first request, an in-process call.
     env = service_env(
-        broker_url, key_prefix, AVOCADO_INFER_PORT=str(port), AVOCADO_INFER_SLOT_LEASE_S="12"
+        broker_url, key_prefix, AVOCADO_INFER_PORT=str(port), AVOCADO_INFER_SLOT_LEASE_S="6"
     )
     log = tmp_path / "infer.log"
     doomed = Child(spawn([str(VENV_BIN / "avocado-infer")], log, env=env, cwd=tmp_path), log)

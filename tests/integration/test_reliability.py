@@ -175,6 +175,7 @@ def test_sigkilled_worker_loses_no_job(
     key_prefix: str,
     database_url: str,
 ) -> None:
+    slow_sim.config.latency_ms = 150  # 50 jobs on 2 slots: 4 s of answers, some in flight
     # The shortest lease: the jobs it dies holding are redelivered that much later.
     doomed = worker_factory.process(
         slow_sim.url, concurrency=2, AVOCADO_DATABASE_URL=database_url, AVOCADO_JOB_LEASE_S="3"

@@ -1,6 +1,6 @@
 """The worker's Celery app, made by ``create_app`` from the settings it is given (or the
-environment's, read then): the shared configuration, the fleet's tasks and the bootstep
-that holds the worker's resources."""
+environment's, read then): the shared configuration, the fleet's tasks, the bootstep
+that holds the worker's resources and the one that starts a warm shutdown at once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from avocado_shared.celery_config import make_celery
 from avocado_shared.topology import ANNOUNCE_TASK
 from ollama_worker import announce, tasks
 from ollama_worker.lifecycle import Lifecycle
+from ollama_worker.prompt_shutdown import PromptShutdown
 from ollama_worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -50,4 +51,5 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     tasks.register(app)
     announce.register(app)
     app.steps["worker"].add(Lifecycle)
+    app.steps["consumer"].add(PromptShutdown)
     return app
