@@ -180,6 +180,13 @@ wait_until() { # seconds what command...
   die "$what did not become healthy within ${seconds}s; see its log in $RUN"
 }
 
+# Every node named answers a ping, asked in one celery process (each costs a second of CPU).
+workers_answer() {
+  local replies node
+  replies=$(IFS=,; celery -A ollama_worker inspect ping --destination "$*" --timeout 2 --json) || return 1
+  for node in "$@"; do [[ $replies == *"\"$node\": {\"ok\": \"pong\"}"* ]] || return 1; done
+}
+
 embedded_up() {
   "$VENV/bin/python" -c "import httpx, sys; httpx.get(sys.argv[1] + '/models', timeout=2).raise_for_status()" "$EMBEDDED_URL" >/dev/null 2>&1
 }
@@ -373,9 +380,7 @@ start_native() {
 
   # The gateway first: the others' waits do not count in its time to ready.
   if has_part infer; then wait_infer 60 "${infer_started:-$(now_ms)}"; fi
-  for node in "${nodes[@]}"; do
-    wait_until 90 "the worker $node" celery -A ollama_worker inspect ping --destination "$node" --timeout 2
-  done
+  if [ ${#nodes[@]} -gt 0 ]; then wait_until 90 "the workers (${nodes[*]})" workers_answer "${nodes[@]}"; fi
   if has_part beat; then wait_until 30 "celery beat" grep -q "beat: Starting" "$RUN/beat.log"; fi
   if has_part flower; then
     wait_flower
