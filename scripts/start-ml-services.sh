@@ -34,7 +34,8 @@ USAGE
 
 load_env_file AVOCADO_RUN_DIR AVOCADO_OLLAMA_URL AVOCADO_DEFAULT_MODEL AVOCADO_FLOWER_PORT \
   AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_WORKER_CONCURRENCY \
-  AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS AVOCADO_INFER AVOCADO_INFER_HOST AVOCADO_INFER_PORT
+  AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS AVOCADO_INFER AVOCADO_INFER_HOST AVOCADO_INFER_PORT \
+  AVOCADO_EMBEDDED_PORT AVOCADO_EMBEDDED_THREADS
 
 MODE=auto
 SIMULATE=0
@@ -200,7 +201,8 @@ start_embedded() {
     say "model (SmolLM2-135M-Instruct on llama.cpp, CPU)."
     ensure_embedded
   fi
-  start_bg embedded-llm avocado-embedded-llm --port "${AVOCADO_EMBEDDED_PORT:-8089}"
+  start_bg embedded-llm avocado-embedded-llm --port "${AVOCADO_EMBEDDED_PORT:-8089}" \
+    ${AVOCADO_EMBEDDED_THREADS:+--threads "$AVOCADO_EMBEDDED_THREADS"}
   wait_until 120 "the embedded model server" embedded_up
   export AVOCADO_BACKEND=openai AVOCADO_BACKEND_URL="$EMBEDDED_URL"
   # llama-cpp-python's server cannot continue a partial answer: a redelivered job restarts it.

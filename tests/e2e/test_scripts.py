@@ -321,7 +321,12 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
     """No Ollama answers and none is installed: the fleet runs on SmolLM2-135M (llama.cpp),
     and the README's first jobs print a real model's answers, as does the gateway."""
     path = f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"
-    env = {**fleet_env, "PATH": path, "AVOCADO_EMBEDDED_PORT": str(free_port())}
+    env = {
+        **fleet_env,
+        "PATH": path,
+        "AVOCADO_EMBEDDED_PORT": str(free_port()),
+        "AVOCADO_EMBEDDED_THREADS": "1",  # the suite's CPU is busy: no threads spinning
+    }
     run_dir = Path(env["AVOCADO_RUN_DIR"])
 
     up = _run(START, env, "--native", "--only", "ollama,worker,infer")
@@ -329,6 +334,9 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
     assert up.returncode == 0, up.stdout + up.stderr
     assert "smollm2-135m-instruct" in up.stdout
     assert "(embedded, llama.cpp on the CPU)" in up.stdout
+    server = (run_dir / "embedded-llm.pid").read_text().strip()  # the script's child became it
+    argv = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--n_threads_batch") + 1] == b"1"
     key = _env_file(run_dir / "infer.key")["key"]
     with _gateway(env, key) as gateway:
         tags = gateway.get("/api/tags").json()

@@ -29,3 +29,10 @@ def test_the_server_serves_it_by_name_on_loopback() -> None:
         "--n_ctx": "1024",
         "--interrupt_requests": "False",  # a worker's concurrent jobs each get a whole answer
     }
+
+
+def test_a_thread_count_applies_to_reading_the_prompt_and_to_generating() -> None:
+    command = server_command(8123, 1024, threads=1)
+
+    options = dict(zip(command[3::2], command[4::2], strict=True))
+    assert options["--n_threads"] == options["--n_threads_batch"] == "1"

