@@ -1,6 +1,5 @@
-"""The gateway scenario (issue 15): a streamed ``/api/generate`` through avocado-infer (the
-gateway, the queue, a worker, its Redis stream) against the same request straight to the
-simulator, one stream at a time and 16 at once: time to first token and total time."""
+"""The gateway scenario (issue 15): a streamed ``/api/generate`` through avocado-infer against
+the same request straight to the simulator, one stream and 16 at once: TTFT and total time."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ _SPLIT = ("to the first stream entry", "first stream entry to client")
 
 
 class Answer(NamedTuple):
-    """One streamed answer: TTFT and total (ms), its text, its job (the gateway's header), and
-    when it was sent and its first token came (epoch ms)."""
+    """One streamed answer: TTFT and total (ms), text, job, when sent and first token (epoch ms)."""
 
     ttft: float
     total: float
@@ -78,8 +76,7 @@ def _caller(client: httpx.Client, urls: dict[str, str]) -> Callable[[str, int], 
 
 
 def _split(env: BenchEnv, answers: list[Answer]) -> dict[str, float]:
-    """p50 of each gateway answer's TTFT in two: until its worker wrote the first token to the
-    job's stream (the entry's id is Redis's clock, in ms), and from there to the client."""
+    """p50 of the gateway's TTFT in two, at the first stream entry (its id is Redis's clock, ms)."""
     with contextlib.closing(env.redis()) as client, client.pipeline(transaction=False) as pipe:
         for answer in answers:
             pipe.xrange(stream_key(env.key_prefix, answer.job), count=1)
@@ -98,9 +95,7 @@ def _figures(answers: list[Answer]) -> dict[str, float]:
 
 
 def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
-    """Both sides share one httpx client (with the gateway's API key, which the simulator
-    ignores); the worker has a thread per stream, the simulator a slot per stream, so neither
-    queues at 16 streams."""
+    """Both sides share one httpx client; a worker thread and a simulator slot per stream."""
     sim = env.start_sim(parallel=STREAMS, tokens_per_s=cfg.gateway_rate)
     worker = env.start_worker(pool=pool, concurrency=STREAMS, ollama_url=sim.url)
     gateway, secret = env.start_gateway()
@@ -112,8 +107,8 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         "harness: the client": [psutil.Process()],
         **servers(),
     }
-    limits, key = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
-    client = env.closing(httpx.Client(timeout=120, limits=limits, headers=key))
+    limits, auth = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
+    client = env.closing(httpx.Client(timeout=120, limits=limits, headers=auth))
     sides = {side: partial(_caller(client, urls), side) for side in urls}
     modes = {
         "sequential": (1, cfg.gateway_jobs),

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -28,9 +27,9 @@ from avocado_shared.contracts import validate_request
 from avocado_shared.store import JobStatus
 from bench.fleet_app import sqlite_full
 from bench.report import median, percentile
-from bench.scenarios import Config, alternate, bare, burst, done, fleet, noop_worker, timed_ms, warm
+from bench.scenarios import Config, alternate, bare, burst, done, fleet, timed_ms, with_bare
 from bench.services import RABBIT_HOST, REDIS_URL, BenchEnv, process_tree
-from ollama_worker.testing.processes import VENV_BIN, WorkerProcess, rabbitmqctl
+from ollama_worker.testing.processes import VENV_BIN, WorkerProcess, rabbitmqctl, spawn, stop_group
 
 __all__ = ["cpu_ms", "profile", "servers"]
 
@@ -61,15 +60,6 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 _POOL_THREAD_WAIT = re.compile(r"^_worker \(.*concurrent/futures/thread\.py:\d+\)$")
 
 
-def _cpu_seconds(procs: list[psutil.Process]) -> dict[psutil.Process, float]:
-    """User + system seconds of each process still running."""
-    found = {}
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            found[proc] = sum(proc.cpu_times()[:2])
-    return found
-
-
 def servers() -> dict[str, list[psutil.Process]]:
     """The RabbitMQ and Redis servers of this run (the processes listening on their ports; not
     ``rabbitmqctl`` runs nor other nodes), by the name the CPU tables give them."""
@@ -86,59 +76,53 @@ def servers() -> dict[str, list[psutil.Process]]:
 
 def cpu_ms(groups: dict[str, list[psutil.Process]], run: Callable[[], object]) -> dict[str, float]:
     """CPU milliseconds (user + system) each group of processes used while ``run`` ran."""
-    before = {name: _cpu_seconds(procs) for name, procs in groups.items()}
+
+    def seconds() -> dict[tuple[str, psutil.Process], float]:
+        found = {}
+        for name, proc in ((name, p) for name, procs in groups.items() for p in procs):
+            with contextlib.suppress(psutil.Error):
+                found[name, proc] = sum(proc.cpu_times()[:2])
+        return found
+
+    before, used = seconds(), dict.fromkeys(groups, 0.0)
     run()
-    used = {}
-    for name, procs in groups.items():
-        after = _cpu_seconds(procs)
-        used[name] = 1000.0 * sum(
-            t - before[name][p] for p, t in after.items() if p in before[name]
-        )
+    for (name, proc), t in seconds().items():
+        used[name] += 1000.0 * (t - before.get((name, proc), t))
     return used
 
 
 def _cpu_table(
     env: BenchEnv, cfg: Config, worker: WorkerProcess, bare_worker: WorkerProcess, sim: int
 ) -> dict[str, dict[str, float]]:
-    """CPU ms per job of each group of processes, fleet against bare Celery, sequential jobs
-    and bursts."""
+    """CPU ms per job of each group of processes, fleet and bare Celery, sequential and bursts."""
     mine, noop, columns, running = fleet(env.producer), bare(env), {}, servers()
     burst(noop, cfg.concurrency * 3)
-    for kind, jobs in (("sequential", cfg.cpu_seq), ("bursts", cfg.cpu_burst)):
+    sequential = lambda submit, jobs: timed_ms(done(submit), jobs)  # noqa: E731
+    for kind, jobs, how in (
+        ("sequential", cfg.cpu_seq, sequential),
+        ("bursts", cfg.cpu_burst, burst),
+    ):
         for label, made, submit in (("fleet", worker, mine), ("bare Celery", bare_worker, noop)):
-            groups = {
-                "worker (main + pool)": process_tree(made),
-                "harness: producer and result wait": [psutil.Process()],
-                **running,
-            } | ({"simulator": [psutil.Process(sim)]} if label == "fleet" else {})
-            sequential = kind == "sequential"
-            run = (
-                partial(timed_ms, done(submit), jobs)
-                if sequential
-                else partial(burst, submit, jobs)
-            )
-            used = cpu_ms(groups, run)
+            groups = {"worker (main + pool)": process_tree(made)}
+            groups |= {"harness: producer and result wait": [psutil.Process()], **running}
+            groups |= {"simulator": [psutil.Process(sim)]} if label == "fleet" else {}
+            used = cpu_ms(groups, partial(how, submit, jobs))
             columns[f"{label}, {kind}"] = {name: ms / jobs for name, ms in used.items()}
     return columns
 
 
 def _spy(worker: WorkerProcess, seconds: float, env: BenchEnv, step: Callable[[], int]) -> Any:
     """py-spy record (CPU samples, all processes of the worker) while ``step`` runs jobs."""
-    out, rate = env.tmp / f"spy-{uuid.uuid4().hex[:6]}.txt", 200
+    out = env.tmp / f"spy-{uuid.uuid4().hex[:6]}.txt"
     args = [shutil.which("py-spy") or str(VENV_BIN / "py-spy"), "record", "--pid", str(worker.pid)]
-    args += ["--subprocesses", "--rate", str(rate), "--duration", str(max(1, round(seconds)))]
-    spy = subprocess.Popen(
-        [*args, "--format", "raw", "--nonblocking", "--output", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    args += ["--subprocesses", "--rate", "200", "--duration", str(max(1, round(seconds)))]
+    args += ["--format", "raw", "--nonblocking", "--output", str(out)]
+    spy, jobs = spawn(args, out.with_suffix(".log")), 0
     time.sleep(0.5)  # py-spy attaches
-    jobs = 0
     while spy.poll() is None:  # it stops after --duration
         jobs += step()
-    _, err = spy.communicate()
     if not out.exists():
-        return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"}
+        return {"error": f"py-spy wrote nothing: {out.with_suffix('.log').read_text()[-300:]}"}
     categories: collections.Counter[str] = collections.Counter()
     where: collections.Counter[str] = collections.Counter()
     idle = 0
@@ -180,11 +164,9 @@ _PRODUCER_PARTS = {
 def _producer_profile(producer: Producer, jobs: int) -> dict[str, Any]:
     from pyinstrument import Profiler
 
-    profiler = Profiler(interval=0.001)
     start = time.perf_counter()
-    profiler.start()
-    timed_ms(done(fleet(producer)), jobs)
-    profiler.stop()
+    with Profiler(interval=0.001) as profiler:
+        timed_ms(done(fleet(producer)), jobs)
     wall = time.perf_counter() - start
     totals: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
@@ -315,18 +297,14 @@ def _wire(env: BenchEnv, worker: WorkerProcess, sim_port: int, jobs: int) -> dic
         args = [exe, "-f", "-qq", "-o", str(trace), "-e"]
         args += ["trace=connect,sendto,sendmsg,write,pwrite64,fsync,fdatasync"]
         args += [a for p in process_tree(worker) for a in ("-p", str(p.pid))]
-        tracer = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tracer = spawn(args, env.tmp / "strace.log")
         time.sleep(1.0)  # attached
     before = _rabbit_counts(env.vhost)
     with _redis_traffic(worker) as commands:
         timed_ms(done(fleet(env.producer)), jobs)
     after = _rabbit_counts(env.vhost)
     if tracer is not None:
-        tracer.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            tracer.wait(timeout=15)
-        tracer.kill()
-        tracer.wait()
+        stop_group(tracer, signal.SIGINT, timeout=15)
     redis: collections.Counter[str] = collections.Counter()
     for side, command, key in commands:
         kind = " lock" if ":lock:" in key else " result"
@@ -436,13 +414,7 @@ def _micro(env: BenchEnv, count: int) -> list[tuple[str, float, str]]:
 def profile(env: BenchEnv, cfg: Config, pool: str) -> dict[str, Any]:
     """CPU per job, py-spy of scenarios 1 (sequential) and 3 (bursts), the producer, wire
     counts, the singleton lock and micro costs, on the default pool."""
-    sim = env.start_sim()
-    worker = env.start_worker(
-        pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=False
-    )
-    bare_worker = noop_worker(env, cfg, pool, wait=False)
-    env.wait_ready(worker, bare_worker)
-    warm(env.producer, cfg.concurrency)
+    sim, worker, bare_worker = with_bare(env, cfg, pool)
     cfg.log("  CPU per job")
     found: dict[str, Any] = {"cpu": _cpu_table(env, cfg, worker, bare_worker, sim.pid)}
     env.stop(bare_worker)

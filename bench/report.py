@@ -1,10 +1,6 @@
-"""What a scenario reports (rows of baseline against fleet, each with its target), and
-BENCHMARKS.md: the hand-written template ``bench/BENCHMARKS.md.in`` with its ``{{name}}``
-placeholders filled, the tables generated from the run's figures.
-
-A generated table stands between ``<!-- bench:name -->`` markers, so that ``--render`` can
-fill an edited template with the tables of the last run without running anything again.
-"""
+"""What a scenario reports, and BENCHMARKS.md: ``bench/BENCHMARKS.md.in`` with its ``{{name}}``
+placeholders filled, each generated table between ``<!-- bench:name -->`` markers so that
+``--render`` can fill an edited template with the last run's tables."""
 
 from __future__ import annotations
 
@@ -21,6 +17,7 @@ __all__ += ["percentile", "read_blocks", "span", "table", "updated"]
 
 TEMPLATE = Path(__file__).with_name("BENCHMARKS.md.in")
 _NOT_RUN = "_Not measured in this run._"
+_COMPARED = ["difference / ratio", "target", "met?"]
 _WHOLE_RUN = ("machine", "summary")  # of every part; ``updated`` keeps them
 
 
@@ -34,6 +31,10 @@ class Row:
     compared: str = ""
     target: str = "(information)"
     met: bool | None = None
+
+    def cells(self) -> list[str]:
+        met = "" if self.met is None else ("**yes**" if self.met else "**no**")
+        return [self.metric, self.baseline, self.fleet, self.compared, self.target, met]
 
 
 @dataclass
@@ -54,11 +55,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100), linear between the closest ranks."""
     if not values:
         return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
+    ordered, rank = sorted(values), (len(values) - 1) * q / 100.0
     low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    return ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (rank - low)
 
 
 def median(values: Sequence[float]) -> float:
@@ -86,20 +85,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
 
 
-def _met(value: bool | None) -> str:
-    return "" if value is None else ("**yes**" if value else "**no**")
-
-
 def outcome(o: Outcome) -> str:
     """A scenario's heading, table, notes and repetitions."""
-    header = ["metric", o.baseline_name, o.fleet_name, "difference / ratio", "target", "met?"]
-    rows = [[r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)] for r in o.rows]
+    rows = [r.cells() for r in o.rows]
     parts = [
         f"#### {o.title}",
         "",
-        table(header, rows),
-        *(part for n in o.notes for part in ("", n)),
+        table(["metric", o.baseline_name, o.fleet_name, *_COMPARED], rows),
     ]
+    parts += [p for n in o.notes for p in ("", n)]
     if o.reps:
         label = "Samples" if o.key == "4" else "Repetitions"
         reps = table(list(o.reps[0]), [list(rep.values()) for rep in o.reps])
@@ -136,9 +130,7 @@ def _pools(outcomes: Sequence[Outcome], pools: Sequence[str], default: str) -> s
 def cpu_table(columns: dict[str, dict[str, float]]) -> str:
     """CPU per job by process group (rows), one column per measured run, and their sum."""
     names = list(dict.fromkeys(n for column in columns.values() for n in column))
-    rows: list[list[Any]] = [
-        [n, *(fmt(c.get(n, math.nan)) for c in columns.values())] for n in names
-    ]
+    rows = [[n, *(fmt(c.get(n, math.nan)) for c in columns.values())] for n in names]
     rows.append(["**all of these**", *(f"**{fmt(sum(c.values()))}**" for c in columns.values())])
     return table(["process", *columns], rows)
 
@@ -149,13 +141,8 @@ def _spy(spy: dict[str, Any], worker_cpu: float) -> str:
     where = ", ".join(f"{k} {pct:.0f}%" for k, pct in spy["processes"].items())
     idle = f"; {spy['idle']} more of threads-pool threads waiting for their next job, left out"
     rows = [[n, f"{pct:.1f}%", fmt(pct / 100.0 * worker_cpu)] for n, pct in spy["shares"]]
-    return "\n".join(
-        [
-            f"{spy['jobs']} jobs, {spy['samples']} samples ({where}){idle if spy['idle'] else ''}.",
-            "",
-            table(["activity", "share of samples", "~CPU ms per job"], rows),
-        ]
-    )
+    head = f"{spy['jobs']} jobs, {spy['samples']} samples ({where}){idle if spy['idle'] else ''}."
+    return f"{head}\n\n{table(['activity', 'share of samples', '~CPU ms per job'], rows)}"
 
 
 def _wire(wire: dict[str, Any], locks: dict[str, float]) -> str:
@@ -183,21 +170,13 @@ def blocks(
     """Every generated table of the report, by placeholder name."""
     found = dict.fromkeys(("producer", "wire", "lock", "micro", "fixes"), _NOT_RUN)
     found["machine"] = "\n\n".join([table(["", ""], machine), *notices])
-    rows = [
-        [o.title, r.metric, r.baseline, r.fleet, r.compared, r.target, _met(r.met)]
-        for o in outcomes
-        for r in o.rows
-        if r.met is not None
-    ]
-    header = ["scenario", "metric", "baseline", "fleet", "difference / ratio", "target", "met?"]
+    rows = [[o.title, *r.cells()] for o in outcomes for r in o.rows if r.met is not None]
+    header = ["scenario", "metric", "baseline", "fleet", *_COMPARED]
     found["summary"] = table(header, rows) if rows else _NOT_RUN
     for key in ("1", "2", "2j", "3", "4", "5", "gateway", "1r", "2r"):
         found[key] = "\n\n".join(outcome(o) for o in outcomes if o.key == key) or _NOT_RUN
-    ran = [
-        p
-        for p in pools
-        if any(o.extra.get("pool") == p for o in outcomes if o.key in ("1", "2", "3", "4"))
-    ]
+    pooled = {o.extra.get("pool") for o in outcomes if o.key in ("1", "2", "3", "4")}
+    ran = [p for p in pools if p in pooled]
     found["pools"] = _pools(outcomes, ran, pools[0]) if ran else _NOT_RUN
     cpu = profile.get("cpu", {})
     found["cpu"] = cpu_table(cpu) if cpu else _NOT_RUN
@@ -216,8 +195,8 @@ def blocks(
             ["sequential jobs", "p50 ms"], [keyed, ["without", fmt(lock["plain"])]]
         )
     if micro := profile.get("micro"):
-        micro_rows = [[n, fmt(ms, 3), how] for n, ms, how in micro]
-        found["micro"] = table(["operation", "median ms", "how often per job"], micro_rows)
+        rows = [[n, fmt(ms, 3), how] for n, ms, how in micro]
+        found["micro"] = table(["operation", "median ms", "how often per job"], rows)
     if fixes := profile.get("fixes"):
         fixes[0][3] = fixes[0][5] = "-"  # the current fleet itself
         header = ["variant", "what changed", "p50 ms", "p50 vs current (ms, + slower)", "jobs/s"]
@@ -243,13 +222,11 @@ def read_blocks(text: str) -> dict[str, str]:
 
 
 def updated(kept: dict[str, str], fresh: dict[str, str], titles: Sequence[str]) -> dict[str, str]:
-    """``kept`` (a report's tables) with what a run of some parts measured: their tables, and
-    their rows of the summary in place of those of the same scenarios; the machine table and
-    every part not run stay as they were."""
+    """``kept`` with the tables and summary rows of the parts a run measured; the rest as kept."""
     tables = kept | {k: v for k, v in fresh.items() if v != _NOT_RUN and k not in _WHOLE_RUN}
     heads = tuple(f"| {title.split(' (')[0]}" for title in titles)
     old, new = (
-        t.splitlines() if t != _NOT_RUN else [] for t in (kept["summary"], fresh["summary"])
+        [] if t == _NOT_RUN else t.splitlines() for t in (kept["summary"], fresh["summary"])
     )
     rows = [line for line in old[2:] if not line.startswith(heads)] + new[2:]
     tables["summary"] = "\n".join((old or new)[:2] + rows) if rows else _NOT_RUN

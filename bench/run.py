@@ -1,5 +1,4 @@
-"""``python -m bench``: every scenario against its baseline, alternating, in services made for
-the run (``BenchEnv``); the tables of what it measured fill ``bench/BENCHMARKS.md.in``."""
+"""``python -m bench``: every scenario against its baseline in services made for the run."""
 
 from __future__ import annotations
 
@@ -39,11 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", help=f"pools of scenarios 1-4, comma-separated (default {default})")
     p.add_argument("--output", help="the report's file (default BENCHMARKS.md; a part: '-')")
     p.add_argument("--render", action="store_true", help="fill the template with --output's tables")
-    p.add_argument(
-        "--update",
-        action="store_true",
-        help="replace in --output (default BENCHMARKS.md) only the tables of the parts run",
-    )
+    what = "replace in --output (default BENCHMARKS.md) only the tables of the parts run"
+    p.add_argument("--update", action="store_true", help=what)
     return p
 
 
@@ -80,8 +76,7 @@ def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tupl
 
 
 def _attempt(step: Callable[[], Any], env: BenchEnv, log: Callable[[str], None]) -> Any:
-    """Run a step; when it fails (another suite restarted RabbitMQ, say), clean up and try
-    once more; ``None`` when the second try fails too."""
+    """A step's result; a failed step (RabbitMQ restarted, say) is tried once more."""
     for attempt in (1, 2):
         try:
             return step()

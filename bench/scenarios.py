@@ -86,7 +86,7 @@ def fleet(producer: Producer, **options: Any) -> Submit:
 
 
 def bare(env: BenchEnv, confirms: bool = True) -> Submit:
-    """Publishes bare Celery no-op tasks, their queue declared; closed with the scenario."""
+    """Publishes bare Celery no-op tasks to their declared queue; closed with the scenario."""
     app = env.closing(make_app(env.settings))
     if not confirms:
         app.conf.broker_transport_options = {}
@@ -157,53 +157,55 @@ def fleet_worker(
 
 def noop_worker(env: BenchEnv, cfg: Config, pool: str, wait: bool = True) -> WorkerProcess:
     """A bare Celery worker on its own quorum queue."""
-    queue = noop_queue(env.settings).name
+    queue, app = noop_queue(env.settings).name, "bench.noop_app"
     return env.start_worker(
-        app="bench.noop_app", pool=pool, concurrency=cfg.concurrency, queues=queue, wait=wait
+        app=app, pool=pool, concurrency=cfg.concurrency, queues=queue, wait=wait
     )
+
+
+def with_bare(env: BenchEnv, cfg: Config, pool: str) -> tuple[Server, WorkerProcess, WorkerProcess]:
+    """An instant simulator, a fleet worker on it and a bare Celery worker, ready and warm."""
+    sim = env.start_sim()
+    workers = fleet_worker(env, cfg, pool, sim, False), noop_worker(env, cfg, pool, False)
+    env.wait_ready(*workers)
+    warm(env.producer, cfg.concurrency)
+    return sim, *workers
 
 
 def _throughput(
     cfg: Config,
-    key: str,
-    title: str,
-    base_run: Callable[[], float],
-    mine_run: Callable[[], float],
-    *,
-    names: tuple[str, str],
-    sides: tuple[str, str],
-    target: float | None,
     pool: str,
+    made: Outcome,
+    runs: dict[str, Callable[[], float]],
+    target: float | None,
     digits: int = 2,
 ) -> Outcome:
-    """Jobs/s of the two runs in alternating repetitions, and their ratio against ``target``
-    (``None``: for information); ``names`` head the repetitions' columns, ``sides`` the table's."""
-    base: list[float] = []
-    mine: list[float] = []
+    """``made`` with jobs/s of the baseline and the fleet (``runs``, by the repetitions' names) in
+    alternating repetitions, and their ratio against ``target`` (``None``: for information)."""
+    (base_name, base_run), (mine_name, mine_run) = runs.items()
+    base, mine = list[float](), list[float]()
     alternate(cfg.reps, lambda _: mine.append(mine_run()), lambda _: base.append(base_run()))
     ratio = median(mine) / median(base)
     row = Row("throughput (jobs/s)", span(base, digits), span(mine, digits), f"x{fmt(ratio, 3)}")
     if target is not None:
         row.target, row.met = f"ratio >= {target:g}", ratio >= target
-    reps = [
-        {"rep": i + 1, f"{names[0]} jobs/s": a, f"{names[1]} jobs/s": b}
-        for i, (a, b) in enumerate(zip(base, mine, strict=True))
+    pairs, made.rows = enumerate(zip(base, mine, strict=True), 1), [row]
+    made.reps = [
+        {"rep": i, f"{base_name} jobs/s": a, f"{mine_name} jobs/s": b} for i, (a, b) in pairs
     ]
-    extra = {"pool": pool, "base": median(base), "fleet": median(mine), "ratio": ratio}
-    return Outcome(key, title, *sides, rows=[row], reps=reps, extra=extra)
+    made.extra = {"pool": pool, "base": median(base), "fleet": median(mine), "ratio": ratio}
+    return made
 
 
 def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """Sequential jobs on an instant simulator: the fleet's latency on top of a direct call."""
-    sim = env.start_sim()
-    env.wait_ready(fleet_worker(env, cfg, pool, sim, False), noop_worker(env, cfg, pool, False))
+    sim = with_bare(env, cfg, pool)[0]
     client, noop = env.closing(OllamaClient(sim.url)), bare(env)
     calls = {
         "fleet": done(fleet(env.producer)),
         "direct": lambda _: client.generate(MODEL, "bench direct"),
         "bare Celery": done(noop),
     }
-    warm(env.producer, cfg.concurrency)
     burst(noop, cfg.concurrency * 3)
     timed_ms(calls["direct"], 20)
     runs: dict[str, list[list[float]]] = {name: [] for name in calls}
@@ -241,7 +243,7 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
 
 def saturation(env: BenchEnv, cfg: Config, pool: str, jitter_ms: float = 0.0) -> Outcome:
     """A simulator with 4 slots and 200 ms per generation: can the fleet keep it busy?"""
-    sim = env.start_sim(latency_ms=200, jitter_ms=jitter_ms)
+    sim = env.start_sim(latency_ms=200, latency_jitter_ms=jitter_ms)
     fleet_worker(env, cfg, pool, sim)
     clients = [env.closing(OllamaClient(sim.url)) for _ in range(4)]
     direct = [lambda _, c=c: c.generate(MODEL, "bench direct") for c in clients]
@@ -249,38 +251,26 @@ def saturation(env: BenchEnv, cfg: Config, pool: str, jitter_ms: float = 0.0) ->
     burst(submit, cfg.concurrency * 2)
     parallel(direct, 8)
     spread = f", generations of {200 - jitter_ms:g}-{200 + jitter_ms:g} ms" if jitter_ms else ""
-    return _throughput(
-        cfg,
-        "2j" if jitter_ms else "2",
-        f"2. Saturation{spread} ({pool}, concurrency {cfg.concurrency})",
-        lambda: jobs / parallel(direct, jobs)[0],
-        lambda: jobs / burst(submit, jobs),
-        names=("direct", "fleet"),
-        sides=("direct httpx, 4 clients", f"fleet ({pool})"),
-        target=None if jitter_ms else 0.95,  # the jittered run explains scenario 2's
-        pool=pool,
-    )
+    title = f"2. Saturation{spread} ({pool}, concurrency {cfg.concurrency})"
+    made = Outcome("2j" if jitter_ms else "2", title, "direct httpx, 4 clients", f"fleet ({pool})")
+    runs = {"direct": lambda: jobs / parallel(direct, jobs)[0]}
+    runs["fleet"] = lambda: jobs / burst(submit, jobs)
+    # The jittered run explains scenario 2's figures; it has no target of its own.
+    return _throughput(cfg, pool, made, runs, target=None if jitter_ms else 0.95)
 
 
 def dispatch(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """An instant simulator: fleet jobs/s against bare Celery no-op tasks, same broker setup."""
-    sim = env.start_sim()
-    env.wait_ready(fleet_worker(env, cfg, pool, sim, False), noop_worker(env, cfg, pool, False))
+    with_bare(env, cfg, pool)
     mine, base, jobs = fleet(env.producer), bare(env), cfg.dispatch_jobs
-    warm(env.producer, cfg.concurrency)
     burst(base, cfg.concurrency * 4)
-    return _throughput(
-        cfg,
-        "3",
-        f"3. Dispatch ({pool}, concurrency {cfg.concurrency})",
-        lambda: jobs / burst(base, jobs),
-        lambda: jobs / burst(mine, jobs),
-        names=("bare no-op", "fleet"),
-        sides=("bare Celery no-op", f"fleet ({pool})"),
-        target=0.7,
-        pool=pool,
-        digits=1,
-    )
+    title = f"3. Dispatch ({pool}, concurrency {cfg.concurrency})"
+    made = Outcome("3", title, "bare Celery no-op", f"fleet ({pool})")
+    runs = {
+        "bare no-op": lambda: jobs / burst(base, jobs),
+        "fleet": lambda: jobs / burst(mine, jobs),
+    }
+    return _throughput(cfg, pool, made, runs, target=0.7, digits=1)
 
 
 def _memory_mb(worker: WorkerProcess) -> list[tuple[float, ...]]:
@@ -400,19 +390,9 @@ def scale_out(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     env.control(second, "cancel_consumer", queue="ml.generate")
 
     def two_nodes() -> float:
-        env.control(second, "add_consumer", queue="ml.generate")
-        rate = 2 * jobs / burst(submit, 2 * jobs)
-        env.control(second, "cancel_consumer", queue="ml.generate")
-        return rate
+        with env.consuming(second):
+            return 2 * jobs / burst(submit, 2 * jobs)
 
-    return _throughput(
-        cfg,
-        "5",
-        f"5. Scale-out ({pool}, concurrency {cfg.concurrency} per node)",
-        lambda: jobs / burst(submit, jobs),
-        two_nodes,
-        names=("one node", "two nodes"),
-        sides=("one node", "two nodes"),
-        target=1.8,
-        pool=pool,
-    )
+    title = f"5. Scale-out ({pool}, concurrency {cfg.concurrency} per node)"
+    runs = {"one node": lambda: jobs / burst(submit, jobs), "two nodes": two_nodes}
+    return _throughput(cfg, pool, Outcome("5", title, "one node", "two nodes"), runs, target=1.8)

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,18 +91,11 @@ class BenchEnv:
         self._children.append(child)
         return child
 
-    def start_sim(
-        self,
-        *,
-        latency_ms: float = 0.0,
-        jitter_ms: float = 0.0,
-        parallel: int = 4,
-        tokens_per_s: float | None = None,
-    ) -> procs.Server:
-        """A simulator subprocess with ``parallel`` slots; ``tokens_per_s`` paces its tokens."""
-        args = ["--latency-ms", str(latency_ms), "--latency-jitter-ms", str(jitter_ms)]
-        args += ["--parallel", str(parallel), "--max-queue", "1024", "--models", MODEL]
-        args += ["--tokens-per-s", str(tokens_per_s)] if tokens_per_s else []
+    def start_sim(self, parallel: int = 4, **pace: float) -> procs.Server:
+        """A simulator subprocess with ``parallel`` slots, ``pace`` its options: ``latency_ms=200``
+        is ``--latency-ms 200`` (``latency_jitter_ms``, ``tokens_per_s``)."""
+        args = ["--parallel", str(parallel), "--max-queue", "1024", "--models", MODEL]
+        args += [a for k, v in pace.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         log = self.tmp / f"sim-{uuid.uuid4().hex[:6]}.log"
         return self._started(procs.start_simulator(*args, log=log, cwd=self.tmp))
 
@@ -113,8 +106,7 @@ class BenchEnv:
         )
 
     def start_gateway(self) -> tuple[procs.Server, str]:
-        """``avocado-infer`` on a free port of this run's vhost and key prefix, once ready, and
-        the secret of an API key made for it (no limits), as deployed: keys required."""
+        """``avocado-infer`` on this run's vhost, once ready, and a secret for it: keys required."""
         port = str(procs.free_port())
         env = procs.service_env(
             self.broker_url,
@@ -124,13 +116,9 @@ class BenchEnv:
             AVOCADO_INFER_PORT=port,
             AVOCADO_INFER_LOG_LEVEL="warning",
         )
-        log = self.tmp / f"gateway-{port}.log"
-        args = [str(procs.VENV_BIN / "avocado-infer")]
-        server = self._started(
-            procs.Server(
-                procs.spawn(args, log, env=env, cwd=self.tmp), log, f"http://127.0.0.1:{port}"
-            )
-        )
+        log, args = self.tmp / f"gateway-{port}.log", [str(procs.VENV_BIN / "avocado-infer")]
+        process = procs.spawn(args, log, env=env, cwd=self.tmp)
+        server = self._started(procs.Server(process, log, f"http://127.0.0.1:{port}"))
 
         def ready() -> bool:
             server.check_running("avocado-infer")
@@ -153,8 +141,8 @@ class BenchEnv:
         wait: bool = True,
         variables: dict[str, str] | None = None,
     ) -> procs.WorkerProcess:
-        """``celery -A APP worker``, ``variables`` added to its environment. The pool goes into
-        ``AVOCADO_WORKER_POOL`` too: the fleet's app sets ``worker_pool`` from it."""
+        """``celery -A APP worker`` with ``variables``; the fleet's app reads the pool from
+        ``AVOCADO_WORKER_POOL``."""
         defaults = {
             "AVOCADO_SQLITE_PATH": str(self.tmp / "results.sqlite3"),
             "AVOCADO_OLLAMA_URL": ollama_url,
@@ -193,14 +181,21 @@ class BenchEnv:
             time.sleep(1)
         raise RuntimeError(f"{worker.name} did not answer {command}")
 
+    @contextlib.contextmanager
+    def consuming(self, worker: procs.WorkerProcess) -> Iterator[None]:
+        """``worker`` consumes ``ml.generate`` while the block runs, and not after."""
+        self.control(worker, "add_consumer", queue="ml.generate")
+        yield
+        self.control(worker, "cancel_consumer", queue="ml.generate")
+
     def stop(self, *children: procs.Child) -> None:
         for child in children:
             child.stop()
             self._children.remove(child)
 
     def tidy(self) -> None:
-        """After each scenario: stop what it started, close its clients, and drop the producer
-        (the broker drops connections that miss heartbeats while idle for minutes)."""
+        """After each scenario: stop and close what it made, and drop the producer (the broker drops
+        connections idle for minutes)."""
         for child in reversed(self._children):
             with contextlib.suppress(Exception):
                 child.stop()
