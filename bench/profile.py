@@ -61,17 +61,13 @@ _POOL_THREAD_WAIT = re.compile(r"^_worker \(.*concurrent/futures/thread\.py:\d+\
 
 
 def servers() -> dict[str, list[psutil.Process]]:
-    """The RabbitMQ and Redis servers of this run (the processes listening on their ports; not
-    ``rabbitmqctl`` runs nor other nodes), by the name the CPU tables give them."""
-    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    """The processes listening on the RabbitMQ and Redis ports, by their CPU tables' names."""
+    pids: dict[int, set[int]] = collections.defaultdict(set)
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid and c.laddr:
+            pids[c.laddr.port].add(c.pid)
     ports = {"RabbitMQ (whole server)": RABBIT_PORT, "Redis (whole server)": REDIS_PORT}
-    return {
-        name: [
-            psutil.Process(pid)
-            for pid in {c.pid for c in listening if c.laddr.port == port and c.pid}
-        ]
-        for name, port in ports.items()
-    }
+    return {name: [psutil.Process(pid) for pid in pids[port]] for name, port in ports.items()}
 
 
 def cpu_ms(groups: dict[str, list[psutil.Process]], run: Callable[[], object]) -> dict[str, float]:
@@ -98,10 +94,8 @@ def _cpu_table(
     mine, noop, columns, running = fleet(env.producer), bare(env), {}, servers()
     burst(noop, cfg.concurrency * 3)
     sequential = lambda submit, jobs: timed_ms(done(submit), jobs)  # noqa: E731
-    for kind, jobs, how in (
-        ("sequential", cfg.cpu_seq, sequential),
-        ("bursts", cfg.cpu_burst, burst),
-    ):
+    kinds = (("sequential", cfg.cpu_seq, sequential), ("bursts", cfg.cpu_burst, burst))
+    for kind, jobs, how in kinds:
         for label, made, submit in (("fleet", worker, mine), ("bare Celery", bare_worker, noop)):
             groups = {"worker (main + pool)": process_tree(made)}
             groups |= {"harness: producer and result wait": [psutil.Process()], **running}
@@ -123,9 +117,7 @@ def _spy(worker: WorkerProcess, seconds: float, env: BenchEnv, step: Callable[[]
         jobs += step()
     if not out.exists():
         return {"error": f"py-spy wrote nothing: {out.with_suffix('.log').read_text()[-300:]}"}
-    categories: collections.Counter[str] = collections.Counter()
-    where: collections.Counter[str] = collections.Counter()
-    idle = 0
+    categories, where, idle = collections.Counter[str](), collections.Counter[str](), 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():

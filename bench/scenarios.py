@@ -135,10 +135,10 @@ def parallel(calls: Sequence[Callable[[int], Any]], jobs: int) -> tuple[float, l
     return time.perf_counter() - start, returned
 
 
-def warm(producer: Producer, concurrency: int) -> None:
+def warm(submit: Submit, concurrency: int) -> None:
     """Every pool process makes its clients and checks the model once, before timing."""
-    burst(fleet(producer), concurrency * 3)
-    timed_ms(done(fleet(producer)), 10)
+    burst(submit, concurrency * 3)
+    timed_ms(done(submit), 10)
 
 
 def alternate(reps: int, *runs: Callable[[int], object]) -> None:
@@ -150,9 +150,11 @@ def alternate(reps: int, *runs: Callable[[int], object]) -> None:
 
 
 def fleet_worker(
-    env: BenchEnv, cfg: Config, pool: str, sim: Server, wait: bool = True
+    env: BenchEnv, cfg: Config, pool: str, sim: Server, wait: bool = True, **options: Any
 ) -> WorkerProcess:
-    return env.start_worker(pool=pool, concurrency=cfg.concurrency, ollama_url=sim.url, wait=wait)
+    """A fleet worker on ``sim``; ``options`` go to ``BenchEnv.start_worker``."""
+    options |= {"pool": pool, "concurrency": cfg.concurrency, "ollama_url": sim.url, "wait": wait}
+    return env.start_worker(**options)
 
 
 def noop_worker(env: BenchEnv, cfg: Config, pool: str, wait: bool = True) -> WorkerProcess:
@@ -168,7 +170,7 @@ def with_bare(env: BenchEnv, cfg: Config, pool: str) -> tuple[Server, WorkerProc
     sim = env.start_sim()
     workers = fleet_worker(env, cfg, pool, sim, False), noop_worker(env, cfg, pool, False)
     env.wait_ready(*workers)
-    warm(env.producer, cfg.concurrency)
+    warm(fleet(env.producer), cfg.concurrency)
     return sim, *workers
 
 

@@ -87,6 +87,12 @@ class BenchEnv:
         self._closers.append(thing.close)
         return thing
 
+    def _env(self, **extra: str) -> dict[str, str]:
+        """A subprocess's environment: this run's broker, Redis, key prefix and model, ``extra``."""
+        return procs.service_env(
+            self.broker_url, REDIS_URL, self.key_prefix, **{"AVOCADO_DEFAULT_MODEL": MODEL, **extra}
+        )
+
     def _started(self, child: _C) -> _C:
         self._children.append(child)
         return child
@@ -101,21 +107,13 @@ class BenchEnv:
 
     def start_embedded(self, n_ctx: int) -> procs.Server:
         """The embedded real model's server; its ``/v1`` URL once it lists models."""
-        return self._started(
-            procs.start_embedded_llm(self.tmp / "embedded.log", n_ctx, cwd=self.tmp)
-        )
+        log = self.tmp / "embedded.log"
+        return self._started(procs.start_embedded_llm(log, n_ctx, cwd=self.tmp))
 
     def start_gateway(self) -> tuple[procs.Server, str]:
         """``avocado-infer`` on this run's vhost, once ready, and a secret for it: keys required."""
         port = str(procs.free_port())
-        env = procs.service_env(
-            self.broker_url,
-            REDIS_URL,
-            self.key_prefix,
-            AVOCADO_DEFAULT_MODEL=MODEL,
-            AVOCADO_INFER_PORT=port,
-            AVOCADO_INFER_LOG_LEVEL="warning",
-        )
+        env = self._env(AVOCADO_INFER_PORT=port, AVOCADO_INFER_LOG_LEVEL="warning")
         log, args = self.tmp / f"gateway-{port}.log", [str(procs.VENV_BIN / "avocado-infer")]
         process = procs.spawn(args, log, env=env, cwd=self.tmp)
         server = self._started(procs.Server(process, log, f"http://127.0.0.1:{port}"))
@@ -146,7 +144,6 @@ class BenchEnv:
         defaults = {
             "AVOCADO_SQLITE_PATH": str(self.tmp / "results.sqlite3"),
             "AVOCADO_OLLAMA_URL": ollama_url,
-            "AVOCADO_DEFAULT_MODEL": MODEL,
             "AVOCADO_WORKER_POOL": pool,
             # Each worker serves its Prometheus metrics, as deployed, on a port of its own.
             "AVOCADO_METRICS_PORT": str(procs.free_port()),
@@ -154,9 +151,7 @@ class BenchEnv:
             "TMPDIR": str(self.tmp),
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.getenv("PYTHONPATH")) if p),
         }
-        env = procs.service_env(
-            self.broker_url, REDIS_URL, self.key_prefix, **(defaults | (variables or {}))
-        )
+        env = self._env(**(defaults | (variables or {})))
         options: dict[str, Any] = {"app": app, "pool": pool, "queues": queues, "prefix": "bench"}
         worker = procs.start_worker(env, self.tmp, concurrency=concurrency, gossip=True, **options)
         self._started(worker)
