@@ -1,6 +1,5 @@
-"""The fleet's own worker app with one applied fix undone, or one candidate change made:
-``celery -A bench.fleet_app worker`` with ``BENCH_VARIANT=events,sqlite,...`` (and the
-variables ``environment`` gives) runs the real ``ollama_worker`` app changed only as listed."""
+"""``celery -A bench.fleet_app worker`` with ``BENCH_VARIANT=events,sqlite,...``: the fleet's own
+worker app with the listed fixes undone or candidate changes made, and nothing else changed."""
 
 from __future__ import annotations
 
@@ -50,8 +49,7 @@ def _started_row_on_retry_only() -> None:
 
 
 def sqlite_full() -> Callable[[], None]:
-    """From now on every SQLite connection commits with ``synchronous=FULL`` (an fsync at each
-    commit), whatever the result store asks for; returns the undo."""
+    """Every SQLite connection from now on commits with ``synchronous=FULL``; returns the undo."""
 
     class Full(sqlite3.Connection):
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:

@@ -38,8 +38,9 @@ class Answer(NamedTuple):
     first_at: float
 
 
-def _streamed(client: httpx.Client, url: str, prompt: str) -> Answer:
-    """One streamed ``/api/generate``."""
+def _streamed(client: httpx.Client, url: str, i: int, texts: dict[int, str]) -> Answer:
+    """Job ``i``, a streamed ``/api/generate``; its text must be every side's (``texts``)."""
+    prompt = f"bench gateway {i % 64}"
     body = {"model": MODEL, "prompt": prompt}
     start, sent_at, first, first_at = time.perf_counter(), 1000 * time.time(), 0.0, 0.0
     text: list[str] = []
@@ -58,40 +59,25 @@ def _streamed(client: httpx.Client, url: str, prompt: str) -> Answer:
         raise RuntimeError(f"{url}: an answer without text")
     total = 1000.0 * (time.perf_counter() - start)
     job = response.headers.get("x-avocado-job-id", "")
-    return Answer(1000.0 * (first - start), total, "".join(text), job, sent_at, first_at)
+    answer = Answer(1000.0 * (first - start), total, "".join(text), job, sent_at, first_at)
+    if texts.setdefault(i % 64, answer.text) != answer.text:
+        raise RuntimeError(f"{url} answered {answer.text!r} to {prompt!r}")
+    return answer
 
 
-def _caller(client: httpx.Client, urls: dict[str, str]) -> Callable[[str, int], Answer]:
-    """Job ``i`` of a side; the gateway's answer must be the simulator's, token for token."""
-    direct: dict[int, str] = {}
-
-    def call(side: str, i: int) -> Answer:
-        prompt = f"bench gateway {i % 64}"
-        answer = _streamed(client, urls[side], prompt)
-        if direct.setdefault(i % 64, answer.text) != answer.text:
-            raise RuntimeError(f"{side} answered {answer.text!r} to {prompt!r}")
-        return answer
-
-    return call
-
-
-def _split(env: BenchEnv, answers: list[Answer]) -> dict[str, float]:
-    """p50 of the gateway's TTFT in two, at the first stream entry (its id is Redis's clock, ms)."""
+def _figures(env: BenchEnv, answers: list[Answer], split: bool) -> dict[str, float]:
+    """p50 and p99 of TTFT and total; with ``split`` also p50 of the gateway's TTFT in two, at
+    the first stream entry (its id is Redis's clock, in ms)."""
+    values = {w: [getattr(a, w.lower()) for a in answers] for w in ("TTFT", "total")}
+    found = {f"{w} p{q}": percentile(v, q) for w, v in values.items() for q in (50, 99)}
+    if not split:
+        return found
     with contextlib.closing(env.redis()) as client, client.pipeline(transaction=False) as pipe:
         for answer in answers:
             pipe.xrange(stream_key(env.key_prefix, answer.job), count=1)
         written = [int(entries[0][0].split(b"-")[0]) for entries in pipe.execute()]
     parts = [(at - a.sent_at, a.first_at - at) for a, at in zip(answers, written, strict=True)]
-    return {f"{name} p50": percentile([p[k] for p in parts], 50) for k, name in enumerate(_SPLIT)}
-
-
-def _figures(answers: list[Answer]) -> dict[str, float]:
-    """p50 and p99 of one repetition's TTFT and total."""
-    return {
-        f"{what} p{q}": percentile([getattr(a, what.lower()) for a in answers], q)
-        for what in ("TTFT", "total")
-        for q in (50, 99)
-    }
+    return found | {f"{n} p50": percentile([p[k] for p in parts], 50) for k, n in enumerate(_SPLIT)}
 
 
 def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
@@ -109,7 +95,8 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     }
     limits, auth = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
     client = env.closing(httpx.Client(timeout=120, limits=limits, headers=auth))
-    sides = {side: partial(_caller(client, urls), side) for side in urls}
+    texts: dict[int, str] = {}  # the gateway's answer must be the simulator's, token for token
+    sides = {side: partial(_streamed, client, url, texts=texts) for side, url in urls.items()}
     modes = {
         "sequential": (1, cfg.gateway_jobs),
         f"{STREAMS} concurrent": (STREAMS, cfg.gateway_burst),
@@ -124,11 +111,9 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         each, used = got.setdefault((mode, side), []), cpu.setdefault(f"{side}, {mode}", {})
 
         def one(_: int) -> None:
-            answers: list[Answer] = []
-            spent = cpu_ms(
-                groups, lambda: answers.extend(parallel([sides[side]] * streams, jobs)[1])
-            )
-            each.append(_figures(answers) | (_split(env, answers) if side == "gateway" else {}))
+            calls, answers = [sides[side]] * streams, list[Answer]()
+            spent = cpu_ms(groups, lambda: answers.extend(parallel(calls, jobs)[1]))
+            each.append(_figures(env, answers, split=side == "gateway"))
             for name, ms in spent.items():
                 used[name] = used.get(name, 0.0) + ms / jobs / cfg.reps
 

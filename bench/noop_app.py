@@ -1,11 +1,6 @@
-"""Bare Celery, the dispatch baseline: a no-op task on the fleet's broker, queue type and backend.
-
-It keeps what every job queue on this stack pays for (publisher confirms, persistent delivery to
-a quorum queue, late acks and prefetch 1, JSON, the Redis result backend under a key prefix) and
-drops what the fleet adds: locks, leases, ``ml_results``, the model call. Task events, the
-STARTED state and extended results are off here whatever the fleet's configuration turns on.
-``celery -A bench.noop_app worker`` reads the ``AVOCADO_*`` variables, like the fleet's worker.
-"""
+"""Bare Celery, the dispatch baseline (``celery -A bench.noop_app worker``): a no-op task with
+what every job on this stack pays for (confirms, a quorum queue, late acks, the Redis backend)
+and nothing the fleet adds (locks, leases, ``ml_results``, the model; no events or STARTED)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from avocado_shared.contracts import validate_request
 from avocado_shared.store import JobStatus
 from bench.fleet_app import sqlite_full
 from bench.report import median, percentile
-from bench.scenarios import Config, alternate, bare, burst, done, fleet, timed_ms, with_bare
+from bench.scenarios import Config, alternate, burst, done, fleet, timed_ms, with_bare
 from bench.services import RABBIT_HOST, REDIS_URL, BenchEnv, process_tree
 from ollama_worker.testing.processes import VENV_BIN, WorkerProcess, rabbitmqctl, spawn, stop_group
 
@@ -87,21 +87,21 @@ def cpu_ms(groups: dict[str, list[psutil.Process]], run: Callable[[], object]) -
     return used
 
 
-def _cpu_table(
-    env: BenchEnv, cfg: Config, worker: WorkerProcess, bare_worker: WorkerProcess, sim: int
-) -> dict[str, dict[str, float]]:
-    """CPU ms per job of each group of processes, fleet and bare Celery, sequential and bursts."""
-    mine, noop, columns, running = fleet(env.producer), bare(env), {}, servers()
-    burst(noop, cfg.concurrency * 3)
+def _cpu_table(env: BenchEnv, cfg: Config, started: Any) -> dict[str, dict[str, float]]:
+    """CPU ms per job of each group of processes, fleet and bare Celery, sequential and bursts;
+    ``started`` is what ``with_bare`` made."""
+    sim, worker, bare_worker, noop = started
+    mine, columns, running = fleet(env.producer), {}, servers()
     sequential = lambda submit, jobs: timed_ms(done(submit), jobs)  # noqa: E731
     kinds = (("sequential", cfg.cpu_seq, sequential), ("bursts", cfg.cpu_burst, burst))
     for kind, jobs, how in kinds:
         for label, made, submit in (("fleet", worker, mine), ("bare Celery", bare_worker, noop)):
             groups = {"worker (main + pool)": process_tree(made)}
             groups |= {"harness: producer and result wait": [psutil.Process()], **running}
-            groups |= {"simulator": [psutil.Process(sim)]} if label == "fleet" else {}
+            groups |= {"simulator": [psutil.Process(sim.pid)]} if label == "fleet" else {}
             used = cpu_ms(groups, partial(how, submit, jobs))
             columns[f"{label}, {kind}"] = {name: ms / jobs for name, ms in used.items()}
+    env.stop(bare_worker)
     return columns
 
 
@@ -321,13 +321,13 @@ def _wire(env: BenchEnv, worker: WorkerProcess, sim_port: int, jobs: int) -> dic
 
 
 def _locks(env: BenchEnv, cfg: Config, worker: WorkerProcess) -> dict[str, Any]:
-    """Redis commands of a keyed generation (``idempotency_key``: a singleton lock), and p50 of
-    sequential jobs with and without a key, alternating."""
+    """Redis commands of a keyed job (a singleton lock), and p50 with and without a key."""
     run = uuid.uuid4().hex[:6]
 
     def keyed(prefix: str | None) -> Callable[[int], Any]:
-        key = (lambda i: f"{prefix}-{i}") if prefix else (lambda i: None)
-        return lambda i: env.producer.generate(f"lock {i}", idempotency_key=key(i)).get(timeout=60)
+        return done(
+            lambda i: env.producer.generate(f"lock {i}", idempotency_key=prefix and f"{prefix}-{i}")
+        )
 
     with _redis_traffic(worker) as commands:
         timed_ms(keyed(f"bench-{run}"), cfg.lock_jobs)
@@ -337,13 +337,12 @@ def _locks(env: BenchEnv, cfg: Config, worker: WorkerProcess) -> dict[str, Any]:
         if ":lock:" in key or command in ("EVAL", "EVALSHA")
     )
     p50: dict[str, list[float]] = {"plain": [], "keyed": []}
-    alternate(
-        cfg.reps,
-        lambda _: p50["plain"].append(percentile(timed_ms(keyed(None), cfg.lock_latency_jobs), 50)),
-        lambda rep: p50["keyed"].append(
-            percentile(timed_ms(keyed(f"lat-{run}-{rep}"), cfg.lock_latency_jobs), 50)
-        ),
-    )
+
+    def latency(name: str, rep: int) -> None:
+        call = keyed(f"lat-{run}-{rep}" if name == "keyed" else None)
+        p50[name].append(percentile(timed_ms(call, cfg.lock_latency_jobs), 50))
+
+    alternate(cfg.reps, partial(latency, "plain"), partial(latency, "keyed"))
     return {
         "lock_commands": {k: v / cfg.lock_jobs for k, v in sorted(counts.items())},
         "lock_latency": {name: median(values) for name, values in p50.items()},
@@ -406,10 +405,10 @@ def _micro(env: BenchEnv, count: int) -> list[tuple[str, float, str]]:
 def profile(env: BenchEnv, cfg: Config, pool: str) -> dict[str, Any]:
     """CPU per job, py-spy of scenarios 1 (sequential) and 3 (bursts), the producer, wire
     counts, the singleton lock and micro costs, on the default pool."""
-    sim, worker, bare_worker = with_bare(env, cfg, pool)
+    started = with_bare(env, cfg, pool)
+    sim, worker = started[:2]
     cfg.log("  CPU per job")
-    found: dict[str, Any] = {"cpu": _cpu_table(env, cfg, worker, bare_worker, sim.pid)}
-    env.stop(bare_worker)
+    found: dict[str, Any] = {"cpu": _cpu_table(env, cfg, started)}
     mine, size = fleet(env.producer), min(cfg.dispatch_jobs, 200)
     cfg.log("  py-spy")
     found["spy_sequential"] = _spy(worker, cfg.profile_s, env, lambda: len(timed_ms(done(mine), 1)))

@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     cfg.log = log
-    outcomes: list[report.Outcome] = []
-    profiled: dict[str, Any] = {}
-    failures: list[str] = []
+    outcomes, profiled, failures = list[report.Outcome](), dict[str, Any](), list[str]()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleans up as Ctrl-C does
     with LoadMonitor() as load, BenchEnv() as env:
         log(f"vhost {env.vhost}, key prefix {env.key_prefix}, files in {env.tmp}")
@@ -127,13 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     log(f"done in {elapsed:.0f}s; {load.summary()}")
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = describe_machine(REDIS_URL)
-    machine += [("command", f"`{command}`"), ("run", f"{when}, {elapsed / 60:.1f} min")]
+    machine = [*describe_machine(REDIS_URL), ("command", f"`{command}`")]
+    machine += [("run", f"{when}, {elapsed / 60:.1f} min"), ("load", load.summary())]
     notices = [f"> Failed twice, not reported: {', '.join(failures)}."] if failures else []
     if load.foreign_mean() >= 0.1:
         notices.append(f"> Other processes used {load.foreign_mean():.2f} cores: figures noisy.")
     ordered = list(dict.fromkeys((scenarios.DEFAULT_POOL, *cfg.pools)))  # the default first
-    machine.append(("load", load.summary()))
     if args.update:  # the machine table stays the full run's; this run's goes with its parts
         for found in outcomes:
             found.notes += [f"Measured by `{command}`, {when}; {load.summary()}.", *notices]

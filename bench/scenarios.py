@@ -81,8 +81,8 @@ _QUICK: dict[str, Any] = {
 }
 
 
-def fleet(producer: Producer, **options: Any) -> Submit:
-    return lambda i: producer.generate(f"bench job {i}", **options)
+def fleet(producer: Producer) -> Submit:
+    return lambda i: producer.generate(f"bench job {i}")
 
 
 def bare(env: BenchEnv, confirms: bool = True) -> Submit:
@@ -165,13 +165,15 @@ def noop_worker(env: BenchEnv, cfg: Config, pool: str, wait: bool = True) -> Wor
     )
 
 
-def with_bare(env: BenchEnv, cfg: Config, pool: str) -> tuple[Server, WorkerProcess, WorkerProcess]:
-    """An instant simulator, a fleet worker on it and a bare Celery worker, ready and warm."""
-    sim = env.start_sim()
+def with_bare(env: BenchEnv, cfg: Config, pool: str) -> tuple[Server, Any, Any, Submit]:
+    """An instant simulator, a fleet worker on it and a bare Celery worker, both warm, and what
+    publishes bare no-op tasks."""
+    sim, noop = env.start_sim(), bare(env)
     workers = fleet_worker(env, cfg, pool, sim, False), noop_worker(env, cfg, pool, False)
     env.wait_ready(*workers)
     warm(fleet(env.producer), cfg.concurrency)
-    return sim, *workers
+    burst(noop, cfg.concurrency * 3)
+    return sim, *workers, noop
 
 
 def _throughput(
@@ -201,14 +203,13 @@ def _throughput(
 
 def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """Sequential jobs on an instant simulator: the fleet's latency on top of a direct call."""
-    sim = with_bare(env, cfg, pool)[0]
-    client, noop = env.closing(OllamaClient(sim.url)), bare(env)
+    sim, _, _, noop = with_bare(env, cfg, pool)
+    client = env.closing(OllamaClient(sim.url))
     calls = {
         "fleet": done(fleet(env.producer)),
         "direct": lambda _: client.generate(MODEL, "bench direct"),
         "bare Celery": done(noop),
     }
-    burst(noop, cfg.concurrency * 3)
     timed_ms(calls["direct"], 20)
     runs: dict[str, list[list[float]]] = {name: [] for name in calls}
     alternate(
@@ -263,9 +264,8 @@ def saturation(env: BenchEnv, cfg: Config, pool: str, jitter_ms: float = 0.0) ->
 
 def dispatch(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """An instant simulator: fleet jobs/s against bare Celery no-op tasks, same broker setup."""
-    with_bare(env, cfg, pool)
-    mine, base, jobs = fleet(env.producer), bare(env), cfg.dispatch_jobs
-    burst(base, cfg.concurrency * 4)
+    base = with_bare(env, cfg, pool)[3]
+    mine, jobs = fleet(env.producer), cfg.dispatch_jobs
     title = f"3. Dispatch ({pool}, concurrency {cfg.concurrency})"
     made = Outcome("3", title, "bare Celery no-op", f"fleet ({pool})")
     runs = {
@@ -297,9 +297,7 @@ def _drain(
     start = time.perf_counter()
     handles = parallel(submits, backlog)[1]
     wait_for(lambda: env.queue_depth(queue) >= backlog, 120, f"{backlog} messages in {queue}")
-    filled = time.perf_counter() - start
-    worker = start_worker()
-    start = time.perf_counter()
+    filled, worker, start = time.perf_counter() - start, start_worker(), time.perf_counter()
     samples: list[tuple[float, ...]] = []
     while True:
         depth = env.queue_depth(queue)
@@ -312,22 +310,13 @@ def _drain(
             break
         worker.check_running("the worker")
         time.sleep(0.5)
-    seconds = samples[-1][0]
     env.stop(worker)
+    (seconds, _, rss, pss, uss), peak = samples[-1], max(s[2] for s in samples)
     warm_at = next((s for s in samples if s[1] >= max(1, backlog // 20)), samples[-1])
-    peak = max(s[2] for s in samples if s[0] >= warm_at[0])
-    return {
-        "end_rss": samples[-1][2],
-        "peak_rss": max(s[2] for s in samples),
-        "growth_pct": 100.0 * (peak - warm_at[2]) / warm_at[2],
-        "end_pss": samples[-1][3],
-        "end_uss": samples[-1][4],
-        "rate": backlog / seconds,
-        "filled_s": filled,
-        "seconds": seconds,
-        "samples": samples,
-        "processes": mem,
-    }
+    growth = 100.0 * (max(s[2] for s in samples if s[0] >= warm_at[0]) - warm_at[2]) / warm_at[2]
+    found = {"end_rss": rss, "peak_rss": peak, "growth_pct": growth, "end_pss": pss, "end_uss": uss}
+    found |= {"rate": backlog / seconds, "filled_s": filled, "seconds": seconds}
+    return {**found, "samples": samples, "processes": mem}
 
 
 def memory(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
