@@ -53,9 +53,8 @@ def sqlite_full() -> Callable[[], None]:
 
     class Full(sqlite3.Connection):
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-            return super().execute(
-                "PRAGMA synchronous=FULL" if "synchronous" in sql else sql, *args
-            )
+            sql = "PRAGMA synchronous=FULL" if "synchronous" in sql else sql
+            return super().execute(sql, *args)
 
     connect = sqlite3.dbapi2.connect
     full = functools.partial(connect, factory=Full)

@@ -66,8 +66,7 @@ def _streamed(client: httpx.Client, url: str, i: int, texts: dict[int, str]) -> 
 
 
 def _figures(env: BenchEnv, answers: list[Answer], split: bool) -> dict[str, float]:
-    """p50 and p99 of TTFT and total; with ``split`` also p50 of the gateway's TTFT in two, at
-    the first stream entry (its id is Redis's clock, in ms)."""
+    """TTFT and total p50/p99; ``split``: TTFT p50 in two at the first stream entry (Redis's ms)."""
     values = {w: [getattr(a, w.lower()) for a in answers] for w in ("TTFT", "total")}
     found = {f"{w} p{q}": percentile(v, q) for w, v in values.items() for q in (50, 99)}
     if not split:

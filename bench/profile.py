@@ -1,6 +1,5 @@
-"""Where the fleet's time goes: CPU per job of every process involved, py-spy samples of the
-worker under sequential and burst load, pyinstrument of the producer, per-job wire counts
-(connections, Redis commands, AMQP socket operations, syscalls) and each piece timed alone."""
+"""Where the fleet's time goes: CPU per job of every process, py-spy of the worker, pyinstrument
+of the producer, per-job wire counts and syscalls, and each piece timed alone."""
 
 from __future__ import annotations
 
@@ -88,8 +87,7 @@ def cpu_ms(groups: dict[str, list[psutil.Process]], run: Callable[[], object]) -
 
 
 def _cpu_table(env: BenchEnv, cfg: Config, started: Any) -> dict[str, dict[str, float]]:
-    """CPU ms per job of each group of processes, fleet and bare Celery, sequential and bursts;
-    ``started`` is what ``with_bare`` made."""
+    """CPU ms per job of each group of processes, fleet and bare Celery (``started``)."""
     sim, worker, bare_worker, noop = started
     mine, columns, running = fleet(env.producer), {}, servers()
     sequential = lambda submit, jobs: timed_ms(done(submit), jobs)  # noqa: E731
@@ -207,8 +205,7 @@ def _sides(worker: WorkerProcess, remote: int) -> dict[int, str]:
 
 @contextlib.contextmanager
 def _redis_traffic(worker: WorkerProcess) -> Iterator[list[tuple[str, str, str]]]:
-    """Every Redis command of the worker or the harness while the block runs: (side, command,
-    first key), filled in when the block ends."""
+    """(side, command, first key) of every Redis command in the block, filled in at its end."""
     seen: list[tuple[int, str, str]] = []
     found: list[tuple[str, str, str]] = []
     stop, sides = threading.Event(), _sides(worker, REDIS_PORT)
@@ -403,8 +400,7 @@ def _micro(env: BenchEnv, count: int) -> list[tuple[str, float, str]]:
 
 
 def profile(env: BenchEnv, cfg: Config, pool: str) -> dict[str, Any]:
-    """CPU per job, py-spy of scenarios 1 (sequential) and 3 (bursts), the producer, wire
-    counts, the singleton lock and micro costs, on the default pool."""
+    """CPU, py-spy, the producer, wire counts, the singleton lock and micro costs, one pool."""
     started = with_bare(env, cfg, pool)
     sim, worker = started[:2]
     cfg.log("  CPU per job")

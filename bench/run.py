@@ -26,14 +26,10 @@ SCENARIOS = ("1", "2", "3", "4", "5", "gateway", "real", "profile", "fixes")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the fleet.")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    p.add_argument(
-        "--scenario",
-        action="append",
-        choices=SCENARIOS,
-        help="run only this part (repeatable): 1-5, gateway (avocado-infer against direct "
-        "streams), real (1 and 2 on the embedded real model), profile (where the time goes), "
-        "fixes (each applied fix undone); --quick: 1-5",
-    )
+    what = "run only this part (repeatable): 1-5, gateway (avocado-infer against direct streams), "
+    what += "real (1 and 2 on the embedded real model), profile (where the time goes), "
+    what += "fixes (each applied fix undone); --quick: 1-5"
+    p.add_argument("--scenario", action="append", choices=SCENARIOS, help=what)
     default = ",".join(scenarios.POOLS)
     p.add_argument("--pools", help=f"pools of scenarios 1-4, comma-separated (default {default})")
     p.add_argument("--output", help="the report's file (default BENCHMARKS.md; a part: '-')")

@@ -120,8 +120,7 @@ def burst(submit: Submit, jobs: int) -> float:
 
 
 def parallel(calls: Sequence[Callable[[int], Any]], jobs: int) -> tuple[float, list[Any]]:
-    """Jobs ``0..jobs-1`` shared by one thread per entry of ``calls``: the seconds from the first
-    to the last, and what each call returned, by job."""
+    """Jobs ``0..jobs-1`` shared by a thread per call: the seconds taken, what each returned."""
     counter, returned = itertools.count(), [None] * jobs
 
     def run(call: Callable[[int], Any]) -> None:
@@ -153,21 +152,17 @@ def fleet_worker(
     env: BenchEnv, cfg: Config, pool: str, sim: Server, wait: bool = True, **options: Any
 ) -> WorkerProcess:
     """A fleet worker on ``sim``; ``options`` go to ``BenchEnv.start_worker``."""
-    options |= {"pool": pool, "concurrency": cfg.concurrency, "ollama_url": sim.url, "wait": wait}
-    return env.start_worker(**options)
+    return env.start_worker(pool, cfg.concurrency, sim.url, wait, **options)
 
 
 def noop_worker(env: BenchEnv, cfg: Config, pool: str, wait: bool = True) -> WorkerProcess:
     """A bare Celery worker on its own quorum queue."""
-    queue, app = noop_queue(env.settings).name, "bench.noop_app"
-    return env.start_worker(
-        app=app, pool=pool, concurrency=cfg.concurrency, queues=queue, wait=wait
-    )
+    queue = noop_queue(env.settings).name
+    return env.start_worker(pool, cfg.concurrency, wait=wait, app="bench.noop_app", queues=queue)
 
 
 def with_bare(env: BenchEnv, cfg: Config, pool: str) -> tuple[Server, Any, Any, Submit]:
-    """An instant simulator, a fleet worker on it and a bare Celery worker, both warm, and what
-    publishes bare no-op tasks."""
+    """An instant simulator, fleet and bare Celery workers, warm, and a bare task publisher."""
     sim, noop = env.start_sim(), bare(env)
     workers = fleet_worker(env, cfg, pool, sim, False), noop_worker(env, cfg, pool, False)
     env.wait_ready(*workers)
@@ -184,8 +179,7 @@ def _throughput(
     target: float | None,
     digits: int = 2,
 ) -> Outcome:
-    """``made`` with jobs/s of the baseline and the fleet (``runs``, by the repetitions' names) in
-    alternating repetitions, and their ratio against ``target`` (``None``: for information)."""
+    """``made`` with jobs/s of baseline and fleet (``runs``), their ratio against ``target``."""
     (base_name, base_run), (mine_name, mine_run) = runs.items()
     base, mine = list[float](), list[float]()
     alternate(cfg.reps, lambda _: mine.append(mine_run()), lambda _: base.append(base_run()))
@@ -292,8 +286,7 @@ def _drain(
     backlog: int,
     start_worker: Callable[[], WorkerProcess],
 ) -> dict[str, Any]:
-    """Fill ``queue`` with a backlog, then start the worker and sample its memory every 0.5 s
-    until the queue is empty and the last jobs' results are in."""
+    """Fill ``queue``, then start the worker and sample its memory every 0.5 s until it drained."""
     start = time.perf_counter()
     handles = parallel(submits, backlog)[1]
     wait_for(lambda: env.queue_depth(queue) >= backlog, 120, f"{backlog} messages in {queue}")

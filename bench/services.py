@@ -98,8 +98,7 @@ class BenchEnv:
         return child
 
     def start_sim(self, parallel: int = 4, **pace: float) -> procs.Server:
-        """A simulator subprocess with ``parallel`` slots, ``pace`` its options: ``latency_ms=200``
-        is ``--latency-ms 200`` (``latency_jitter_ms``, ``tokens_per_s``)."""
+        """A simulator with ``parallel`` slots; ``pace``: ``latency_ms=2`` is ``--latency-ms 2``."""
         args = ["--parallel", str(parallel), "--max-queue", "1024", "--models", MODEL]
         args += [a for k, v in pace.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         log = self.tmp / f"sim-{uuid.uuid4().hex[:6]}.log"
@@ -130,17 +129,15 @@ class BenchEnv:
 
     def start_worker(
         self,
-        *,
-        app: str = "ollama_worker",
-        pool: str = "prefork",
-        concurrency: int = 4,
+        pool: str,
+        concurrency: int,
         ollama_url: str = "http://127.0.0.1:9",
-        queues: str | None = None,
         wait: bool = True,
         variables: dict[str, str] | None = None,
+        **options: Any,
     ) -> procs.WorkerProcess:
-        """``celery -A APP worker`` with ``variables``; the fleet's app reads the pool from
-        ``AVOCADO_WORKER_POOL``."""
+        """``celery -A APP worker`` (``options``: ``app``, ``queues``); the fleet's app reads the
+        pool from ``AVOCADO_WORKER_POOL``."""
         defaults = {
             "AVOCADO_SQLITE_PATH": str(self.tmp / "results.sqlite3"),
             "AVOCADO_OLLAMA_URL": ollama_url,
@@ -152,8 +149,8 @@ class BenchEnv:
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.getenv("PYTHONPATH")) if p),
         }
         env = self._env(**(defaults | (variables or {})))
-        options: dict[str, Any] = {"app": app, "pool": pool, "queues": queues, "prefix": "bench"}
-        worker = procs.start_worker(env, self.tmp, concurrency=concurrency, gossip=True, **options)
+        options |= {"pool": pool, "concurrency": concurrency, "gossip": True, "prefix": "bench"}
+        worker = procs.start_worker(env, self.tmp, **options)
         self._started(worker)
         if wait:
             self.wait_ready(worker)
@@ -189,8 +186,7 @@ class BenchEnv:
             self._children.remove(child)
 
     def tidy(self) -> None:
-        """After each scenario: stop and close what it made, and drop the producer (the broker drops
-        connections idle for minutes)."""
+        """After a scenario: stop and close what it made, drop the producer (idle, it times out)."""
         for child in reversed(self._children):
             with contextlib.suppress(Exception):
                 child.stop()
