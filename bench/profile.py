@@ -322,17 +322,13 @@ def _locks(env: BenchEnv, cfg: Config, worker: WorkerProcess) -> dict[str, Any]:
     run = uuid.uuid4().hex[:6]
 
     def keyed(prefix: str | None) -> Callable[[int], Any]:
-        return done(
-            lambda i: env.producer.generate(f"lock {i}", idempotency_key=prefix and f"{prefix}-{i}")
-        )
+        key: Callable[[int], str | None] = lambda i: prefix and f"{prefix}-{i}"  # noqa: E731
+        return done(lambda i: env.producer.generate(f"lock {i}", idempotency_key=key(i)))
 
     with _redis_traffic(worker) as commands:
         timed_ms(keyed(f"bench-{run}"), cfg.lock_jobs)
-    counts = collections.Counter(
-        f"{side}: {command} lock"
-        for side, command, key in commands
-        if ":lock:" in key or command in ("EVAL", "EVALSHA")
-    )
+    lock = [(side, c) for side, c, key in commands if ":lock:" in key or c in ("EVAL", "EVALSHA")]
+    counts = collections.Counter(f"{side}: {command} lock" for side, command in lock)
     p50: dict[str, list[float]] = {"plain": [], "keyed": []}
 
     def latency(name: str, rep: int) -> None:

@@ -87,12 +87,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def outcome(o: Outcome) -> str:
     """A scenario's heading, table, notes and repetitions."""
-    rows = [r.cells() for r in o.rows]
-    parts = [
-        f"#### {o.title}",
-        "",
-        table(["metric", o.baseline_name, o.fleet_name, *_COMPARED], rows),
-    ]
+    header = ["metric", o.baseline_name, o.fleet_name, *_COMPARED]
+    parts = [f"#### {o.title}", "", table(header, [r.cells() for r in o.rows])]
     parts += [p for n in o.notes for p in ("", n)]
     if o.reps:
         label = "Samples" if o.key == "4" else "Repetitions"
@@ -190,10 +186,9 @@ def blocks(
     if wire := profile.get("wire"):
         found["wire"] = f"{wire['jobs']} jobs.\n\n" + _wire(wire, profile.get("lock_commands", {}))
     if lock := profile.get("lock_latency"):
-        keyed = ["with an idempotency key (a singleton lock)", fmt(lock["keyed"])]
-        found["lock"] = table(
-            ["sequential jobs", "p50 ms"], [keyed, ["without", fmt(lock["plain"])]]
-        )
+        rows = [["with an idempotency key (a singleton lock)", fmt(lock["keyed"])]]
+        rows += [["without", fmt(lock["plain"])]]
+        found["lock"] = table(["sequential jobs", "p50 ms"], rows)
     if micro := profile.get("micro"):
         rows = [[n, fmt(ms, 3), how] for n, ms, how in micro]
         found["micro"] = table(["operation", "median ms", "how often per job"], rows)
@@ -225,9 +220,8 @@ def updated(kept: dict[str, str], fresh: dict[str, str], titles: Sequence[str]) 
     """``kept`` with the tables and summary rows of the parts a run measured; the rest as kept."""
     tables = kept | {k: v for k, v in fresh.items() if v != _NOT_RUN and k not in _WHOLE_RUN}
     heads = tuple(f"| {title.split(' (')[0]}" for title in titles)
-    old, new = (
-        [] if t == _NOT_RUN else t.splitlines() for t in (kept["summary"], fresh["summary"])
-    )
+    summaries = (kept["summary"], fresh["summary"])
+    old, new = ([] if t == _NOT_RUN else t.splitlines() for t in summaries)
     rows = [line for line in old[2:] if not line.startswith(heads)] + new[2:]
     tables["summary"] = "\n".join((old or new)[:2] + rows) if rows else _NOT_RUN
     return tables

@@ -188,9 +188,8 @@ def _throughput(
     if target is not None:
         row.target, row.met = f"ratio >= {target:g}", ratio >= target
     pairs, made.rows = enumerate(zip(base, mine, strict=True), 1), [row]
-    made.reps = [
-        {"rep": i, f"{base_name} jobs/s": a, f"{mine_name} jobs/s": b} for i, (a, b) in pairs
-    ]
+    names = ("rep", f"{base_name} jobs/s", f"{mine_name} jobs/s")
+    made.reps = [dict(zip(names, (i, a, b), strict=True)) for i, (a, b) in pairs]
     made.extra = {"pool": pool, "base": median(base), "fleet": median(mine), "ratio": ratio}
     return made
 
@@ -262,10 +261,8 @@ def dispatch(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     mine, jobs = fleet(env.producer), cfg.dispatch_jobs
     title = f"3. Dispatch ({pool}, concurrency {cfg.concurrency})"
     made = Outcome("3", title, "bare Celery no-op", f"fleet ({pool})")
-    runs = {
-        "bare no-op": lambda: jobs / burst(base, jobs),
-        "fleet": lambda: jobs / burst(mine, jobs),
-    }
+    runs = {"bare no-op": lambda: jobs / burst(base, jobs)}
+    runs["fleet"] = lambda: jobs / burst(mine, jobs)
     return _throughput(cfg, pool, made, runs, target=0.7, digits=1)
 
 
