@@ -96,10 +96,8 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     client = env.closing(httpx.Client(timeout=120, limits=limits, headers=auth))
     texts: dict[int, str] = {}  # the gateway's answer must be the simulator's, token for token
     sides = {side: partial(_streamed, client, url, texts=texts) for side, url in urls.items()}
-    modes = {
-        "sequential": (1, cfg.gateway_jobs),
-        f"{STREAMS} concurrent": (STREAMS, cfg.gateway_burst),
-    }
+    together = (STREAMS, cfg.gateway_burst)
+    modes = {"sequential": (1, cfg.gateway_jobs), f"{STREAMS} concurrent": together}
     for side in sides.values():  # warm: clients, connections, the worker's threads
         parallel([side] * STREAMS, 2 * STREAMS)
     got: dict[tuple[str, str], list[dict[str, float]]] = {}

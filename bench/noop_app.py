@@ -27,17 +27,15 @@ def noop_queue(settings: Settings) -> Queue:
 def make_app(settings: Settings) -> Celery:
     """The no-op app: the fleet's broker and backend settings with its own queue and task."""
     config, queue = celery_config(settings), noop_queue(settings)
-    config.update(
-        task_queues=(queue,),
-        task_routes={NOOP_TASK: {"queue": queue.name}},
-        task_default_exchange=BENCH_EXCHANGE.name,
-        task_default_queue=queue.name,
-        task_annotations={},
-        task_track_started=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
-        result_extended=False,
+    config.update(task_queues=(queue,), task_routes={NOOP_TASK: {"queue": queue.name}})
+    config.update(task_default_exchange=BENCH_EXCHANGE.name, task_default_queue=queue.name)
+    off = (
+        "task_track_started",
+        "worker_send_task_events",
+        "task_send_sent_event",
+        "result_extended",
     )
+    config.update(task_annotations={}, **dict.fromkeys(off, False))
     app = Celery("bench-noop", set_as_current=False)
     app.config_from_object(config)
 

@@ -34,6 +34,7 @@ __all__ = ["cpu_ms", "profile", "servers"]
 
 REDIS_PORT = urlsplit(REDIS_URL).port or 6379
 RABBIT_PORT = int(RABBIT_HOST.rsplit(":", 1)[1])
+_AMQP = ("(amqp/", "kombu/message.py", "kombu/transport/", "kombu/serialization.py")
 # A sample goes to the first category one of whose patterns is in its stack.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("logging", ("(logging/", "celery/app/log.py", "celery/utils/log.py")),
@@ -47,10 +48,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("job contracts (pydantic)", ("pydantic", "validate_request")),
     # Library frames only: every main-process stack holds kombu's hub loop and every
     # child's holds billiard's pool loop, so those alone say nothing.
-    (
-        "AMQP: receive, decode, ack",
-        ("(amqp/", "kombu/message.py", "kombu/transport/", "kombu/serialization.py"),
-    ),
+    ("AMQP: receive, decode, ack", _AMQP),
     ("pool IPC (billiard pipes)", ("billiard/connection.py", "billiard/queues.py", "asynpool.py")),
     ("Celery task tracing and dispatch, rest", ("celery/app/trace.py", "celery/worker/")),
 ]

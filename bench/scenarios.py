@@ -26,6 +26,7 @@ __all__ += ["scale_out"]
 
 Submit = Callable[[int], Any]
 """Publishes job ``i``; what it returns has ``.get(timeout=...)``."""
+_Runs = dict[str, Callable[[], float]]  # jobs/s of one repetition, by side
 _GET_TIMEOUT_S = 300.0
 _POOL_FIELD = WorkerSettings.model_fields["worker_pool"]
 DEFAULT_POOL: str = _POOL_FIELD.default
@@ -172,12 +173,7 @@ def with_bare(env: BenchEnv, cfg: Config, pool: str) -> tuple[Server, Any, Any, 
 
 
 def _throughput(
-    cfg: Config,
-    pool: str,
-    made: Outcome,
-    runs: dict[str, Callable[[], float]],
-    target: float | None,
-    digits: int = 2,
+    cfg: Config, pool: str, made: Outcome, runs: _Runs, target: float | None, digits: int = 2
 ) -> Outcome:
     """``made`` with jobs/s of baseline and fleet (``runs``), their ratio against ``target``."""
     (base_name, base_run), (mine_name, mine_run) = runs.items()
@@ -205,16 +201,12 @@ def overhead(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     }
     timed_ms(calls["direct"], 20)
     runs: dict[str, list[list[float]]] = {name: [] for name in calls}
-    alternate(
-        cfg.reps,
-        *(lambda _, n=n: runs[n].append(timed_ms(calls[n], cfg.overhead_jobs)) for n in calls),
-    )
-    names = ("direct", "fleet", "bare Celery")
-    reps = [
-        {"rep": rep + 1}
-        | {f"{n} p{q} ms": percentile(runs[n][rep], q) for q in (50, 99) for n in names}
-        for rep in range(cfg.reps)
-    ]
+    timed = (lambda _, n=n: runs[n].append(timed_ms(calls[n], cfg.overhead_jobs)) for n in calls)
+    alternate(cfg.reps, *timed)
+    names, reps = ("direct", "fleet", "bare Celery"), list[dict[str, float]]()
+    for rep in range(cfg.reps):
+        figures = {f"{n} p{q} ms": percentile(runs[n][rep], q) for q in (50, 99) for n in names}
+        reps.append({"rep": rep + 1} | figures)
     med = {k: median([r[k] for r in reps]) for k in reps[0] if k != "rep"}
 
     def added(metric: str, base: float, mine: float, limit: float = 0.0) -> Row:
@@ -277,24 +269,20 @@ def _memory_mb(worker: WorkerProcess) -> list[tuple[float, ...]]:
 
 
 def _drain(
-    env: BenchEnv,
-    submits: list[Submit],
-    queue: str,
-    backlog: int,
-    start_worker: Callable[[], WorkerProcess],
+    env: BenchEnv, sends: list[Submit], queue: str, backlog: int, start: Callable[[], WorkerProcess]
 ) -> dict[str, Any]:
     """Fill ``queue``, then start the worker and sample its memory every 0.5 s until it drained."""
-    start = time.perf_counter()
-    handles = parallel(submits, backlog)[1]
+    began = time.perf_counter()
+    handles = parallel(sends, backlog)[1]
     wait_for(lambda: env.queue_depth(queue) >= backlog, 120, f"{backlog} messages in {queue}")
-    filled, worker, start = time.perf_counter() - start, start_worker(), time.perf_counter()
+    filled, worker, began = time.perf_counter() - began, start(), time.perf_counter()
     samples: list[tuple[float, ...]] = []
     while True:
         depth = env.queue_depth(queue)
         for handle in handles[-8:] if depth == 0 else ():  # the last jobs' results are in
             handle.get(timeout=_GET_TIMEOUT_S)
         if mem := _memory_mb(worker):
-            at = time.perf_counter() - start
+            at = time.perf_counter() - began
             samples.append((at, backlog - depth, *map(sum, zip(*mem, strict=True))))
         if depth == 0:
             break

@@ -89,9 +89,8 @@ class BenchEnv:
 
     def _env(self, **extra: str) -> dict[str, str]:
         """A subprocess's environment: this run's broker, Redis, key prefix and model, ``extra``."""
-        return procs.service_env(
-            self.broker_url, REDIS_URL, self.key_prefix, **{"AVOCADO_DEFAULT_MODEL": MODEL, **extra}
-        )
+        extra = {"AVOCADO_DEFAULT_MODEL": MODEL, **extra}
+        return procs.service_env(self.broker_url, REDIS_URL, self.key_prefix, **extra)
 
     def _started(self, child: _C) -> _C:
         self._children.append(child)
