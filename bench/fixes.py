@@ -61,10 +61,8 @@ def fixes(env: BenchEnv, cfg: Config, pool: str) -> dict[str, Any]:
     runs, workers = [], []
     for label, names, _ in VARIANTS:
         idle = f"bench.idle.{uuid.uuid4().hex[:6]}"
-        variables = environment(list(names))
-        worker = fleet_worker(
-            env, cfg, pool, sim, False, app="bench.fleet_app", queues=idle, variables=variables
-        )
+        options = {"app": "bench.fleet_app", "queues": idle, "variables": environment(list(names))}
+        worker = fleet_worker(env, cfg, pool, sim, False, **options)
         # The producer's side of a setting the variant changes (task-sent events).
         producer = env.closing(Producer(env.make_settings(task_events="events" in names)))
         runs.append(measure(label, fleet(producer), worker))

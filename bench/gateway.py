@@ -85,13 +85,9 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     worker = env.start_worker(pool=pool, concurrency=STREAMS, ollama_url=sim.url)
     gateway, secret = env.start_gateway()
     urls = {"direct": sim.url, "gateway": gateway.url}
-    groups = {
-        "gateway (avocado-infer)": [psutil.Process(gateway.pid)],
-        "worker (main + pool)": process_tree(worker),
-        "simulator": [psutil.Process(sim.pid)],
-        "harness: the client": [psutil.Process()],
-        **servers(),
-    }
+    groups = {"gateway (avocado-infer)": [psutil.Process(gateway.pid)]}
+    groups |= {"worker (main + pool)": process_tree(worker), "simulator": [psutil.Process(sim.pid)]}
+    groups |= {"harness: the client": [psutil.Process()], **servers()}
     limits, auth = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
     client = env.closing(httpx.Client(timeout=120, limits=limits, headers=auth))
     texts: dict[int, str] = {}  # the gateway's answer must be the simulator's, token for token

@@ -105,8 +105,6 @@ class LoadMonitor(threading.Thread):
         text = f"load average {start} at start, {end} at the end"
         if not self.foreign:
             return text
-        return (
-            f"{text}; CPU used by other processes (not this harness, RabbitMQ, Redis or "
-            f"PostgreSQL): mean {self.foreign_mean():.2f} cores, highest {max(self.foreign):.2f} "
-            "cores (2 s samples)"
-        )
+        who = "other processes (not this harness, RabbitMQ, Redis or PostgreSQL)"
+        cores = f"mean {self.foreign_mean():.2f} cores, highest {max(self.foreign):.2f} cores"
+        return f"{text}; CPU used by {who}: {cores} (2 s samples)"

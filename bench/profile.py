@@ -128,13 +128,9 @@ def _spy(worker: WorkerProcess, seconds: float, env: BenchEnv, step: Callable[[]
         found = (name for name, pats in CATEGORIES if any(p in f for f in body for p in pats))
         categories[next(found, "other")] += n
     total = sum(where.values())
-    return {
-        "jobs": jobs,
-        "samples": total,
-        "idle": idle,
-        "processes": {k: 100.0 * v / total for k, v in where.items()},
-        "shares": [(name, 100.0 * n / total) for name, n in categories.most_common()],
-    }
+    shares = [(name, 100.0 * n / total) for name, n in categories.most_common()]
+    processes = {k: 100.0 * v / total for k, v in where.items()}
+    return {"jobs": jobs, "samples": total, "idle": idle, "processes": processes, "shares": shares}
 
 
 # name -> (function, class or "", file fragment): wall time inside, per job.
@@ -204,8 +200,7 @@ def _sides(worker: WorkerProcess, remote: int) -> dict[int, str]:
 @contextlib.contextmanager
 def _redis_traffic(worker: WorkerProcess) -> Iterator[list[tuple[str, str, str]]]:
     """(side, command, first key) of every Redis command in the block, filled in at its end."""
-    seen: list[tuple[int, str, str]] = []
-    found: list[tuple[str, str, str]] = []
+    seen, found = list[tuple[int, str, str]](), list[tuple[str, str, str]]()
     stop, sides = threading.Event(), _sides(worker, REDIS_PORT)
     sock = socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=5)
     sock.sendall(b"MONITOR\r\n")
@@ -256,8 +251,7 @@ def _syscalls(text: str, worker: WorkerProcess, peers: dict[int, str]) -> Any:
             for conn in proc.net_connections("tcp"):
                 if conn.raddr and conn.fd >= 0:
                     fds[(proc.pid, conn.fd)] = conn.raddr.port
-    calls: collections.Counter[str] = collections.Counter()
-    connects: collections.Counter[str] = collections.Counter()
+    calls, connects = collections.Counter[str](), collections.Counter[str]()
     for line in text.splitlines():
         match = _STRACE_LINE.match(line)
         if not match or ("resumed>" in line and "<..." not in line):
@@ -304,15 +298,12 @@ def _wire(env: BenchEnv, worker: WorkerProcess, sim_port: int, jobs: int) -> dic
     peers = {5672: "RabbitMQ", REDIS_PORT: "Redis", sim_port: "Ollama"}
     text = trace.read_text(errors="replace") if trace.exists() else ""
     calls, connects = _syscalls(text, worker, peers)
-    return {
-        "jobs": jobs,
-        "new_amqp": len(set(after) - set(before)) / jobs,
-        "strace": tracer is not None,
-        "connects": {k: v / jobs for k, v in connects.items()},
-        "syscalls": {k: v / jobs for k, v in sorted(calls.items())},
-        "redis": {k: v / jobs for k, v in sorted(redis.items())},
-        "amqp": {side: (r / jobs, s / jobs) for side, (r, s) in amqp.items()},
-    }
+    found: dict[str, Any] = {"jobs": jobs, "new_amqp": len(set(after) - set(before)) / jobs}
+    found["amqp"] = {side: (r / jobs, s / jobs) for side, (r, s) in amqp.items()}
+    found |= {"strace": tracer is not None, "connects": {k: v / jobs for k, v in connects.items()}}
+    for name, counted in (("syscalls", calls), ("redis", redis)):
+        found[name] = {k: v / jobs for k, v in sorted(counted.items())}
+    return found
 
 
 def _locks(env: BenchEnv, cfg: Config, worker: WorkerProcess) -> dict[str, Any]:

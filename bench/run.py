@@ -63,11 +63,9 @@ def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tupl
         ("profile", "profile", profile.profile, one),
         ("fixes", "fixes", fixes.fixes, one),
     ]
+    parts = [part for part in parts if part[0] in chosen]
     return [
-        (f"{name}, {pool}", partial(run, env, cfg, pool))
-        for key, name, run, pools in parts
-        if key in chosen
-        for pool in pools
+        (f"{name}, {p}", partial(run, env, cfg, p)) for _, name, run, pools in parts for p in pools
     ]
 
 

@@ -130,8 +130,7 @@ def parallel(calls: Sequence[Callable[[int], Any]], jobs: int) -> tuple[float, l
 
     start = time.perf_counter()
     with ThreadPoolExecutor(len(calls)) as pool:
-        for future in [pool.submit(run, call) for call in calls]:
-            future.result()
+        list(pool.map(run, calls))  # raises what a thread raised
     return time.perf_counter() - start, returned
 
 

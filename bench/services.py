@@ -66,15 +66,9 @@ class BenchEnv:
 
     def make_settings(self, **overrides: Any) -> Settings:
         """Producer settings of this run; no ``.env`` is read, nothing of the user's."""
-        return Settings(
-            _env_file=None,
-            broker_url=self.broker_url,
-            redis_url=REDIS_URL,
-            key_prefix=self.key_prefix,
-            sqlite_path=str(self.tmp / "results.sqlite3"),
-            default_model=MODEL,
-            **overrides,
-        )
+        run: dict[str, Any] = {"broker_url": self.broker_url, "redis_url": REDIS_URL}
+        run |= {"key_prefix": self.key_prefix, "sqlite_path": str(self.tmp / "results.sqlite3")}
+        return Settings(_env_file=None, default_model=MODEL, **run, **overrides)
 
     @property
     def producer(self) -> Producer:
