@@ -28,6 +28,7 @@ __all__ = [
     "alarm_raised",
     "isolated_vhost",
     "machine_broker",
+    "new_vhost",
     "queue_depth",
     "rabbitmq4",
 ]
@@ -227,15 +228,22 @@ def rabbitmq4() -> Broker:
     return RabbitNode(4, "avocado4", port).start().broker()
 
 
+def new_vhost(broker: Broker) -> str:
+    """A fresh vhost, left in place: for a private node, whose data goes when it is wiped (a
+    ``delete_vhost`` would only cost another rabbitmqctl VM). Its broker URL."""
+    vhost = f"avocado-test-{uuid.uuid4().hex[:8]}"
+    broker.add_vhosts(vhost)
+    return broker.url(vhost)
+
+
 @contextmanager
 def isolated_vhost(broker: Broker) -> Iterator[str]:
     """A fresh vhost for one test session, removed afterwards; yields its broker URL."""
-    vhost = f"avocado-test-{uuid.uuid4().hex[:8]}"
-    broker.add_vhosts(vhost)
+    url = new_vhost(broker)
     try:
-        yield broker.url(vhost)
+        yield url
     finally:
-        broker.ctl("delete_vhost", vhost)
+        broker.ctl("delete_vhost", url.rsplit("/", 1)[1])
 
 
 def _alarmed(node: RabbitNode) -> bool:

@@ -24,7 +24,7 @@ from avocado_shared.topology import declare_topology
 from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
 from tests.proxy import OneWayProxy
-from tests.rabbit import ALARMS, RabbitNode, alarm_raised, isolated_vhost, queue_depth
+from tests.rabbit import ALARMS, RabbitNode, alarm_raised, new_vhost, queue_depth
 from tests.services import REDIS_URL, RedisServer, free_port, run_cli, service_env, wait_for
 
 WAIT = 90
@@ -40,10 +40,9 @@ def node() -> Iterator[RabbitNode]:
 
 
 @pytest.fixture
-def url(node: RabbitNode) -> Iterator[str]:
-    """A vhost of this test on the module's node."""
-    with isolated_vhost(node.broker()) as url:
-        yield url
+def url(node: RabbitNode) -> str:
+    """A vhost of this test on the module's node (which goes with the node)."""
+    return new_vhost(node.broker())
 
 
 def _uid(prefix: str) -> str:

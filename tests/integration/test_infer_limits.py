@@ -40,7 +40,7 @@ from tests.infer_http import (
     retry_after,
     unique,
 )
-from tests.rabbit import Broker, RabbitNode, alarm_raised, isolated_vhost
+from tests.rabbit import Broker, RabbitNode, alarm_raised, isolated_vhost, new_vhost
 from tests.services import REDIS_URL, free_port, service_env, wait_for
 
 
@@ -276,9 +276,8 @@ def node() -> Iterator[RabbitNode]:
 
 
 @pytest.fixture
-def alarmed_vhost(node: RabbitNode) -> Iterator[str]:
-    with isolated_vhost(node.broker()) as url:
-        yield url
+def alarmed_vhost(node: RabbitNode) -> str:
+    return new_vhost(node.broker())
 
 
 def test_a_broker_that_blocks_publishing_is_a_503_with_retry_after(
