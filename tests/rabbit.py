@@ -181,7 +181,7 @@ class RabbitNode:
 
     @contextmanager
     def running(self, conf: str | None = None) -> Iterator[RabbitNode]:
-        """Started (``conf`` as for ``start``), then stopped and its data deleted."""
+        """Started (``conf`` as for ``start``), then killed and its data deleted."""
         try:
             yield self.start(conf)
         finally:
@@ -192,7 +192,7 @@ class RabbitNode:
         self._script("kill")
 
     def wipe(self) -> None:
-        """Stop it and delete its data."""
+        """Kill it and delete its data (a clean stop would only cost time)."""
         self._script("wipe")
 
     def data_dir(self) -> Path:

@@ -65,10 +65,16 @@ def _events(seen: list[Announcement], sid: str) -> list[EndpointEvent]:
 
 
 @contextmanager
-def _up(env: dict[str, str], *args: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """``avocado-worker up ARGS`` as a user starts it, its output collected line by line."""
+def _up(
+    env: dict[str, str], *args: str, sigint_ignored: bool = False
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``avocado-worker up ARGS`` as a user starts it, its output collected line by line;
+    ``sigint_ignored``: as a script's background job starts, SIGINT ignored (``trap '' INT``)."""
+    command = [str(VENV_BIN / "avocado-worker"), "up", *args]
+    if sigint_ignored:
+        command = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *command]
     process = subprocess.Popen(
-        [str(VENV_BIN / "avocado-worker"), "up", *args],
+        command,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -104,7 +110,9 @@ def _refused(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 
 @pytest.fixture
 def up_process(up_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    with _up(up_env, "--model", MODEL, "--tunnel", "--beat") as started:
+    """Started with SIGINT ignored, as from a script's ``&``: an interrupt must still stop it
+    (seen: a suite run from such a job waited 60 s on each ``up``)."""
+    with _up(up_env, "--model", MODEL, "--tunnel", "--beat", sigint_ignored=True) as started:
         yield started
 
 

@@ -313,10 +313,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``avocado-worker``: SIGTERM is treated as Ctrl-C, so both leave the fleet cleanly."""
+    """``avocado-worker``: SIGTERM is treated as Ctrl-C, so both leave the fleet cleanly;
+    SIGINT too when it was started ignoring it (a script's ``&``), which it would inherit."""
     parser = _parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         node = NotebookWorker(
             args.model,
