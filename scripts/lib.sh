@@ -27,6 +27,13 @@ alive() {
   [ "${stat%% *}" != Z ]
 }
 
+# Wait until process $1 is gone; fails after $2 tenths of a second.
+await_exit() {
+  local i
+  for ((i = 0; i < $2; i++)); do alive "$1" || return 0; sleep 0.1; done
+  return 1
+}
+
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"
   elif command -v sudo >/dev/null; then sudo "$@"

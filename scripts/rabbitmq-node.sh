@@ -180,13 +180,6 @@ start_node() {
   die "RabbitMQ node $NODE did not serve AMQP on 127.0.0.1:$PORT within 90 s (log: $HOST_DATA/log)"
 }
 
-# Wait until process $1 is gone; fails after $2 tenths of a second.
-await_exit() {
-  local i
-  for ((i = 0; i < $2; i++)); do alive "$1" || return 0; sleep 0.1; done
-  return 1
-}
-
 stop_node() {
   running || return 0
   local pid

@@ -89,13 +89,12 @@ grace() {
 }
 
 stop_one() {
-  local name=$1 pidfile="$RUN/$1.pid" pid i
+  local name=$1 pidfile="$RUN/$1.pid" pid
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
   if alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < $(grace "$name") * 10; i++)); do alive "$pid" || break; sleep 0.1; done
-    if alive "$pid" && [ "$name" != flower ]; then
+    if ! await_exit "$pid" $(($(grace "$name") * 10)) && [ "$name" != flower ]; then
       say "$name did not stop within $(grace "$name")s: killing it"
     fi
   fi
