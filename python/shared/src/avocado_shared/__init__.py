@@ -15,6 +15,7 @@ from avocado_shared.contracts import (
     SummarizeOptions,
     SummarizeRequest,
     SummarizeResult,
+    Usage,
     parse_result,
 )
 from avocado_shared.producer import (
@@ -51,6 +52,7 @@ __all__ = [
     "SummarizeOptions",
     "SummarizeRequest",
     "SummarizeResult",
+    "Usage",
     "celery_config",
     "declare_topology",
     "generate",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -29,6 +30,7 @@ __all__ = [
     "SummarizeOptions",
     "SummarizeRequest",
     "SummarizeResult",
+    "Usage",
     "parse_result",
     "validate_request",
 ]
@@ -141,13 +143,14 @@ class SummarizeRequest(_Contract):
     options: SummarizeOptions = Field(default_factory=SummarizeOptions)
 
 
-class JobResult(BaseModel):
-    """What every finished job reports: the model's answer plus its cost."""
+class Usage(BaseModel):
+    """What an answer cost: its model, why it ended, its token counts and its durations, all
+    in milliseconds. One shape from the worker's server call to the token stream, the result,
+    ``ml_results`` and the gateway's metrics; an API that counts in other units (Ollama's
+    nanoseconds) converts at its own edge."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    kind: JobKind
-    job_id: str
     model: str
     done_reason: str | None = None
     prompt_tokens: int = 0
@@ -156,15 +159,47 @@ class JobResult(BaseModel):
     load_duration_ms: float = 0.0
     prompt_eval_duration_ms: float = 0.0
     eval_duration_ms: float = 0.0
-    worker: str
-    finished_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @property
     def tokens_per_s(self) -> float:
-        """Generation speed as Ollama measured it."""
+        """Generation speed as the server measured it; 0 when it did not."""
         if self.eval_duration_ms <= 0:
             return 0.0
         return self.completion_tokens / (self.eval_duration_ms / 1000)
+
+    @classmethod
+    def total(cls, parts: Sequence[Usage]) -> Usage:
+        """One usage standing for several calls (a chunked summary): counts and durations add
+        up; the model and the reason are the last call's."""
+        last = parts[-1]
+        return cls(
+            model=last.model,
+            done_reason=last.done_reason,
+            **{name: sum(getattr(p, name) for p in parts) for name in _ADDED},
+        )
+
+    def usage(self) -> Usage:
+        """Only the usage (of a result, which is one and more)."""
+        return Usage.model_validate(self.model_dump(include=set(Usage.model_fields)))
+
+
+_ADDED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_duration_ms",
+    "load_duration_ms",
+    "prompt_eval_duration_ms",
+    "eval_duration_ms",
+)
+
+
+class JobResult(Usage):
+    """What every finished job reports: the model's answer plus its ``Usage``."""
+
+    kind: JobKind
+    job_id: str
+    worker: str
+    finished_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 class GenerateResult(JobResult):
