@@ -42,7 +42,7 @@ def _fleet(producer: Producer, index: int) -> int:
 
 
 def _direct(client: OpenAIClient, index: int) -> int:
-    return client.generate(MODEL, _prompt(index), options=_OPTIONS).completion_tokens
+    return client.generate(MODEL, _prompt(index), options=_OPTIONS).usage.completion_tokens
 
 
 def _compared(metric: str, base: list[float], mine: list[float], digits: int) -> Row:

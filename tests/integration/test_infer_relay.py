@@ -14,7 +14,9 @@ import redis
 import redis.asyncio
 
 from avocado_infer.errors import AnswerRestarted
-from avocado_infer.relay import Usage, encoded, pieces, sse, whole
+from avocado_infer.ollama_api import ollama_counts
+from avocado_infer.relay import encoded, pieces, sse, whole
+from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.streams import (
     AsyncJobStream,
@@ -29,16 +31,16 @@ from avocado_shared.streams import (
 from tests.services import REDIS_URL
 
 MODEL = "llama3.2:1b"
-USAGE = {
-    "model": MODEL,
-    "done_reason": "length",
-    "prompt_tokens": 7,
-    "completion_tokens": 3,
-    "total_duration_ms": 12.5,
-    "load_duration_ms": 0.25,
-    "prompt_eval_duration_ms": 1.0,
-    "eval_duration_ms": 10.000001,
-}
+USAGE = Usage(
+    model=MODEL,
+    done_reason="length",
+    prompt_tokens=7,
+    completion_tokens=3,
+    total_duration_ms=12.5,
+    load_duration_ms=0.25,
+    prompt_eval_duration_ms=1.0,
+    eval_duration_ms=10.000001,
+)
 _T = TypeVar("_T")
 
 
@@ -89,7 +91,7 @@ def _chunks(stream: Stream) -> list[dict[str, Any]]:
             encoded(
                 pieces(reader, MODEL, timeout_s=5),
                 lambda text: {"text": text},
-                lambda usage: [{"done": usage.eval_count}],
+                lambda usage: [{"done": usage.completion_tokens}],
                 failed,
             )
         )
@@ -112,16 +114,17 @@ def test_pieces_then_the_counts_in_ollamas_units(stream: Stream) -> None:
     *texts, usage = stream.read(lambda reader: _all(pieces(reader, MODEL, timeout_s=5)))
 
     assert texts == ["Avo", "ca", "do"]
-    assert usage == Usage(
-        model=MODEL,
-        done_reason="length",
-        total_duration=12_500_000,
-        load_duration=250_000,
-        prompt_eval_count=7,
-        prompt_eval_duration=1_000_000,
-        eval_count=3,
-        eval_duration=10_000_001,
-    )
+    assert usage == USAGE
+    assert isinstance(usage, Usage)
+    assert ollama_counts(usage) == {
+        "done_reason": "length",
+        "total_duration": 12_500_000,
+        "load_duration": 250_000,
+        "prompt_eval_count": 7,
+        "prompt_eval_duration": 1_000_000,
+        "eval_count": 3,
+        "eval_duration": 10_000_001,
+    }
 
 
 def test_a_restart_before_any_text_is_invisible(stream: Stream) -> None:

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from avocado_shared.contracts import GenerateResult, JobKind, parse_result
+from avocado_shared.contracts import GenerateResult, JobKind, Usage, parse_result
 from avocado_shared.settings import Settings
 from avocado_shared.store import (
     SCHEMA_VERSION,
@@ -79,11 +79,13 @@ def _success(store: ResultStore, job_id: str, text: str = "hello") -> str:
         job_id,
         JobStatus.SUCCESS,
         result={"text": text},
-        model="llama3.2:1b",
-        prompt_tokens=12,
-        completion_tokens=34,
-        total_duration_ms=1500.5,
-        eval_duration_ms=900.25,
+        usage=Usage(
+            model="llama3.2:1b",
+            prompt_tokens=12,
+            completion_tokens=34,
+            total_duration_ms=1500.5,
+            eval_duration_ms=900.25,
+        ),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from avocado_shared import JobFailed, Producer, ResultStore
+from avocado_shared import JobFailed, Producer, ResultStore, Usage
 from avocado_shared.streams import (
     EntryKind,
     JobStream,
@@ -112,7 +112,7 @@ def test_chunks_are_readable_while_the_job_runs_and_make_the_stored_result(rig: 
     assert rig.stored_text(handle.id) == text
     assert rest[-1].kind is EntryKind.DONE
     assert rest[-1].usage is not None
-    assert rest[-1].usage["completion_tokens"] == result.completion_tokens == TOKENS
+    assert rest[-1].usage.completion_tokens == result.completion_tokens == TOKENS
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ def test_a_stream_that_ended_whole_is_the_result_without_asking_the_server_again
 ) -> None:
     # Its worker wrote the last entry and died before storing the result.
     job_id = uuid.uuid4().hex
-    usage = {"model": MODEL, "done_reason": "stop", "prompt_tokens": 4, "completion_tokens": 2}
+    usage = Usage(model=MODEL, done_reason="stop", prompt_tokens=4, completion_tokens=2)
     rig.write(job_id, text_fields("Whole"), text_fields(" answer."), done_fields(usage))
     rig.workers(rig.sim.url)
 

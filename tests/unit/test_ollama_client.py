@@ -37,17 +37,17 @@ def test_generate_accumulates_the_stream_and_keeps_the_counts(client: OllamaClie
     done = client.generate("llama3.2:1b", "Say something", options={"num_predict": 9})
 
     assert len(done.text.split()) == 9
-    assert done.completion_tokens == 9
-    assert done.done_reason == "length"
-    assert done.prompt_tokens > 0
-    assert done.total_duration_ns >= done.eval_duration_ns > 0
+    assert done.usage.completion_tokens == 9
+    assert done.usage.done_reason == "length"
+    assert done.usage.prompt_tokens > 0
+    assert done.usage.total_duration_ms >= done.usage.eval_duration_ms > 0
 
 
 def test_chat_returns_the_assistant_text(client: OllamaClient) -> None:
     done = client.chat("llama3.2:1b", [{"role": "user", "content": "Hello"}])
 
     assert done.text.strip()
-    assert done.model == "llama3.2:1b"
+    assert done.usage.model == "llama3.2:1b"
 
 
 def test_models_and_context_length(client: OllamaClient) -> None:

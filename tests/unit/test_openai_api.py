@@ -61,16 +61,16 @@ def test_a_prompt_is_one_user_message_after_the_system_and_usage_is_the_servers(
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True}
     usage = _reported_usage(sim, sent)
-    assert (done.prompt_tokens, done.completion_tokens) == (
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (
         usage["prompt_tokens"],
         usage["completion_tokens"],
     )
-    assert done.completion_tokens == 9
+    assert done.usage.completion_tokens == 9
     assert len(done.text.split()) == 9
-    assert done.done_reason == "length"
-    assert done.model == MODEL
+    assert done.usage.done_reason == "length"
+    assert done.usage.model == MODEL
     # llama.cpp-style timings carry the durations.
-    assert done.total_duration_ns >= done.eval_duration_ns > 0
+    assert done.usage.total_duration_ms >= done.usage.eval_duration_ms > 0
 
 
 def test_chat_maps_ollama_options_and_drops_what_only_ollama_knows(
@@ -89,7 +89,7 @@ def test_chat_maps_ollama_options_and_drops_what_only_ollama_knows(
     assert "num_ctx" not in sent
     assert "keep_alive" not in sent
     assert "options" not in sent
-    assert done.completion_tokens == 5
+    assert done.usage.completion_tokens == 5
     assert done.text.strip()
 
 
@@ -171,7 +171,7 @@ def test_a_summary_is_chunked_by_the_servers_context(
     assert chunks > 1
     assert len(calls) > chunks, "each part, then the combining; none refused as too long"
     assert all(call.body["max_tokens"] == options.max_words * 2 for call in calls)
-    assert done.prompt_tokens == sum(
+    assert done.usage.prompt_tokens == sum(
         _reported_usage(sim, call.body)["prompt_tokens"] for call in calls
     ), "the summary's cost is the sum of what the server reported"
     assert done.text.strip()
@@ -275,7 +275,7 @@ def test_a_stream_ended_without_a_finish_reason_is_cut_short_and_transient(
         client.generate(MODEL, "hi")
 
     assert isinstance(caught.value, TransientError)
-    assert client.generate(MODEL, "hi").done_reason, "the next answer ends with its reason"
+    assert client.generate(MODEL, "hi").usage.done_reason, "the next answer ends with its reason"
 
 
 def test_connection_refused_is_transient() -> None:

@@ -122,7 +122,7 @@ def test_the_ollama_client_continues_and_hands_on_only_the_new_text(
 
     assert done.text == whole
     assert "".join(chunks) == rest
-    assert done.completion_tokens == len(chunks)
+    assert done.usage.completion_tokens == len(chunks)
     last = sim.requests.last("/api/chat").body
     assert last["messages"][-1] == {"role": "assistant", "content": begun}
     assert not sim.requests.to("/api/generate")

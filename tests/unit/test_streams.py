@@ -11,6 +11,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from avocado_shared.contracts import Usage
 from avocado_shared.streams import (
     EntryKind,
     JobStream,
@@ -48,19 +49,24 @@ def _write(stream: JobStream, *entries: dict[str, str]) -> None:
 
 
 def test_the_reader_ends_at_the_final_entry_with_its_usage(stream: JobStream) -> None:
-    _write(stream, text_fields("Hello"), text_fields(", world"), done_fields({"eval": 2}))
+    _write(
+        stream,
+        text_fields("Hello"),
+        text_fields(", world"),
+        done_fields(Usage(model="m", completion_tokens=2)),
+    )
     _write(stream, text_fields("after the end"))
 
     entries = list(stream.entries(timeout_s=5))
 
     assert [e.kind for e in entries] == [EntryKind.TEXT, EntryKind.TEXT, EntryKind.DONE]
-    assert entries[-1].usage == {"eval": 2}
+    assert entries[-1].usage == Usage(model="m", completion_tokens=2)
     assert stream.text(timeout_s=5) == "Hello, world"
 
 
 def test_the_reader_resumes_after_an_entry_id(stream: JobStream) -> None:
     _write(stream, text_fields("one "), text_fields("two "), text_fields("three"))
-    _write(stream, done_fields({}))
+    _write(stream, done_fields(Usage(model="m")))
     first, second, *_ = stream.entries(timeout_s=5)
 
     rest = list(stream.entries(after=first.id, timeout_s=5))
@@ -86,7 +92,7 @@ def test_the_reader_blocks_until_the_writer_appends(stream: JobStream) -> None:
     assert first.wait(30)  # read while the stream is still open
     assert got == [StreamEntry(got[0].id, EntryKind.TEXT, text="first", chunks=1)]
     writer.append(" second")
-    writer.close(done_fields({"n": 2}))
+    writer.close(done_fields(Usage(model="m", completion_tokens=2)))
     reader.join(30)
     assert [e.text for e in got] == ["first", " second", ""]
     assert got[-1].kind is EntryKind.DONE
@@ -98,7 +104,7 @@ def test_the_writer_sets_the_ttl_and_keeps_every_chunk_in_order(stream: JobStrea
     for piece in pieces:
         writer.append(piece)
     writer.append("")  # nothing to send: left out
-    writer.close(done_fields({}))
+    writer.close(done_fields(Usage(model="m")))
 
     snapshot = stream.snapshot()
     assert snapshot.text == "".join(pieces)
@@ -115,7 +121,7 @@ def test_the_writer_keeps_other_entries_in_their_place_among_chunks(stream: JobS
     writer.add(restart_fields("cannot continue"))
     for i in range(100):
         writer.append(f" new{i}")
-    writer.close(done_fields({}))
+    writer.close(done_fields(Usage(model="m")))
 
     snapshot = stream.snapshot()
     assert snapshot.text == "".join(f" new{i}" for i in range(100))
@@ -123,7 +129,9 @@ def test_the_writer_keeps_other_entries_in_their_place_among_chunks(stream: JobS
 
 
 def test_an_entry_may_join_several_chunks_and_counts_them(stream: JobStream) -> None:
-    _write(stream, text_fields("One"), text_fields(" two three four", 3), done_fields({}))
+    _write(
+        stream, text_fields("One"), text_fields(" two three four", 3), done_fields(Usage(model="m"))
+    )
 
     first, second, _ = stream.entries(timeout_s=5)
 
@@ -134,7 +142,7 @@ def test_an_entry_may_join_several_chunks_and_counts_them(stream: JobStream) -> 
 
 def test_a_restart_voids_the_text_before_it(stream: JobStream) -> None:
     _write(stream, text_fields("Half an ans"), restart_fields("cannot continue"))
-    _write(stream, text_fields("A whole answer."), done_fields({}))
+    _write(stream, text_fields("A whole answer."), done_fields(Usage(model="m")))
 
     assert stream.text(timeout_s=5) == "A whole answer."
     snapshot = stream.snapshot()
@@ -174,4 +182,4 @@ def test_redis_down_is_unavailable_to_readers_and_harmless_to_the_writer() -> No
         list(stream.entries(timeout_s=5))
     writer = TokenStream(down, stream.key, ttl_s=60)
     writer.append("lost")
-    writer.close(done_fields({}))  # returns: the job goes on
+    writer.close(done_fields(Usage(model="m")))  # returns: the job goes on

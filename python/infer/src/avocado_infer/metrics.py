@@ -11,8 +11,7 @@ more gateways as more processes (or containers), each scraped on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 import redis.asyncio
 from fastapi import FastAPI, Response
@@ -27,7 +26,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from avocado_shared.streams import AsyncJobStream, EntryKind, StreamEntry
+from avocado_shared.contracts import Usage
+from avocado_shared.streams import AsyncJobStream, StreamEntry
 
 __all__ = ["GatewayMetrics", "MeteredStream", "instrument"]
 
@@ -75,12 +75,10 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
-    def finished(self, usage: Mapping[str, Any]) -> None:
-        """An answer ended with these counts (a job result's fields)."""
-        tokens, eval_ms = usage.get("completion_tokens"), usage.get("eval_duration_ms")
-        if isinstance(tokens, int | float) and isinstance(eval_ms, int | float) and eval_ms > 0:
-            model = str(usage.get("model") or "unknown")
-            self.tokens_per_second.labels(model).observe(tokens / (eval_ms / 1000))
+    def finished(self, usage: Usage) -> None:
+        """An answer ended, having cost ``usage``."""
+        if usage.eval_duration_ms > 0:
+            self.tokens_per_second.labels(usage.model or "unknown").observe(usage.tokens_per_s)
 
     def exposition(self) -> Response:
         """The registry in Prometheus' text format."""
@@ -107,8 +105,8 @@ class MeteredStream(AsyncJobStream):
             if began is not None:
                 self.metrics.queue_wait.observe(time.perf_counter() - began)
                 began = None
-            if entry.kind is EntryKind.DONE:
-                self.metrics.finished(entry.usage or {})
+            if entry.usage is not None:
+                self.metrics.finished(entry.usage)
             yield entry
 
 

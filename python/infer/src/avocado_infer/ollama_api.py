@@ -5,7 +5,6 @@ Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/ap
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
@@ -31,7 +30,7 @@ from avocado_infer.relay import (
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import JobHandle
 
-__all__ = ["router"]
+__all__ = ["ollama_counts", "router"]
 
 
 router = APIRouter(
@@ -89,9 +88,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _counts(usage: Usage) -> dict[str, Any]:
-    """The final chunk's done reason, counts and durations."""
-    return {k: v for k, v in asdict(usage).items() if k != "model"}
+def ollama_counts(usage: Usage) -> dict[str, Any]:
+    """The final chunk's done reason, counts and durations (Ollama's are in ns)."""
+
+    def ns(ms: float) -> int:
+        return round(ms * 1e6)
+
+    return {
+        "done_reason": usage.done_reason or "stop",
+        "total_duration": ns(usage.total_duration_ms),
+        "load_duration": ns(usage.load_duration_ms),
+        "prompt_eval_count": usage.prompt_tokens,
+        "prompt_eval_duration": ns(usage.prompt_eval_duration_ms),
+        "eval_count": usage.completion_tokens,
+        "eval_duration": ns(usage.eval_duration_ms),
+    }
 
 
 def _chunk(model: str, key: str, value: Any, done: bool) -> dict[str, Any]:
@@ -124,7 +135,7 @@ async def _answer(
         if got is None:
             return left()
         text, usage = got
-        done = _chunk(usage.model, key, value(text), True) | _counts(usage)
+        done = _chunk(usage.model, key, value(text), True) | ollama_counts(usage)
         return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
     answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
     if answer is None:
@@ -132,7 +143,7 @@ async def _answer(
     chunks = encoded(
         answer,
         lambda text: _chunk(body.model, key, value(text), False),
-        lambda usage: [_chunk(usage.model, key, value(""), True) | _counts(usage)],
+        lambda usage: [_chunk(usage.model, key, value(""), True) | ollama_counts(usage)],
         _failed,
     )
     return ndjson(chunks, handle.id, cancel)

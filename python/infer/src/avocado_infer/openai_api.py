@@ -172,9 +172,9 @@ def _finish_reason(usage: Usage) -> str:
 
 def _usage(usage: Usage) -> dict[str, int]:
     return {
-        "prompt_tokens": usage.prompt_eval_count,
-        "completion_tokens": usage.eval_count,
-        "total_tokens": usage.prompt_eval_count + usage.eval_count,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import anyio
@@ -18,6 +17,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import AnswerRestarted
+from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.streams import AsyncJobStream, EntryKind, StreamEntry, StreamFailed, joined
 
@@ -46,39 +46,6 @@ _CLIENT_LEFT = 499
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Usage:
-    """An answer's model, why it ended, its token counts and its durations, in Ollama's
-    names and units (ns)."""
-
-    model: str
-    done_reason: str
-    total_duration: int
-    load_duration: int
-    prompt_eval_count: int
-    prompt_eval_duration: int
-    eval_count: int
-    eval_duration: int
-
-    @classmethod
-    def of(cls, usage: Mapping[str, Any], model: str) -> Usage:
-        """From a stream's final entry: the job result's fields, durations in ms."""
-
-        def ns(name: str) -> int:
-            return round(float(usage.get(f"{name}_ms") or 0) * 1e6)
-
-        return cls(
-            model=str(usage.get("model") or model),
-            done_reason=str(usage.get("done_reason") or "stop"),
-            total_duration=ns("total_duration"),
-            load_duration=ns("load_duration"),
-            prompt_eval_count=int(usage.get("prompt_tokens") or 0),
-            prompt_eval_duration=ns("prompt_eval_duration"),
-            eval_count=int(usage.get("completion_tokens") or 0),
-            eval_duration=ns("eval_duration"),
-        )
-
-
 Piece = str | Usage
 """A piece of the answer's text, or, last, its usage."""
 
@@ -102,7 +69,7 @@ async def pieces(stream: AsyncJobStream, model: str, timeout_s: float) -> AsyncI
                 f"({entry.reason}); its stored result is the new answer"
             )
         elif entry.kind is EntryKind.DONE:
-            yield Usage.of(entry.usage or {}, model)
+            yield entry.usage or Usage(model=model)
         elif entry.kind is EntryKind.ERROR:
             raise _failed(stream, entry)
 
@@ -114,7 +81,7 @@ async def whole(stream: AsyncJobStream, model: str, timeout_s: float) -> tuple[s
         if entry.kind is EntryKind.ERROR:
             raise _failed(stream, entry)
         seen.append(entry)
-    return joined(seen), Usage.of(seen[-1].usage or {}, model)
+    return joined(seen), seen[-1].usage or Usage(model=model)
 
 
 async def _cancel(cancel: Callable[[], None], job_id: str) -> None:

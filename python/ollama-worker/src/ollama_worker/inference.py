@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from avocado_shared.contracts import Usage
 from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 
 __all__ = [
@@ -108,33 +109,15 @@ def retry_after(response: httpx.Response) -> float | None:
 
 @dataclass(frozen=True)
 class Completion:
-    """One finished generation: the text and what the server measured (durations in ns)."""
+    """One finished generation: the text and what it cost, as the server measured it."""
 
     text: str
-    model: str
-    done_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_duration_ns: int = 0
-    load_duration_ns: int = 0
-    prompt_eval_duration_ns: int = 0
-    eval_duration_ns: int = 0
+    usage: Usage
 
     @classmethod
     def combine(cls, text: str, parts: Sequence[Completion]) -> Completion:
         """One completion standing for several calls (a chunked summary): costs add up."""
-        last = parts[-1]
-        return cls(
-            text=text,
-            model=last.model,
-            done_reason=last.done_reason,
-            prompt_tokens=sum(p.prompt_tokens for p in parts),
-            completion_tokens=sum(p.completion_tokens for p in parts),
-            total_duration_ns=sum(p.total_duration_ns for p in parts),
-            load_duration_ns=sum(p.load_duration_ns for p in parts),
-            prompt_eval_duration_ns=sum(p.prompt_eval_duration_ns for p in parts),
-            eval_duration_ns=sum(p.eval_duration_ns for p in parts),
-        )
+        return cls(text, Usage.total([p.usage for p in parts]))
 
 
 class HTTPBackend:

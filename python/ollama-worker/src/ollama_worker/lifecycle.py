@@ -21,6 +21,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from avocado_shared.contracts import Usage
 from ollama_worker.metrics import JobMetrics, job_kind, retry_reason
 from ollama_worker.resources import Resources, held_by
 
@@ -85,7 +86,8 @@ def _job_started(task: Any = None, **_: Any) -> None:
 def _job_succeeded(sender: Any = None, result: Any = None, **_: Any) -> None:
     if (found := _metrics(sender)) is not None:
         jobs, kind = found
-        jobs.succeeded(kind, result)
+        # Every job returns its result's JSON: a Usage and more.
+        jobs.succeeded(kind, Usage.model_validate(result) if isinstance(result, dict) else None)
 
 
 @task_failure.connect

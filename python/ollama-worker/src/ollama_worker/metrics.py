@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from avocado_shared.contracts import JobKind
+from avocado_shared.contracts import JobKind, Usage
 from avocado_shared.errors import PermanentError
 from avocado_shared.producer import SENT_AT_HEADER
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
@@ -122,23 +122,18 @@ class JobMetrics:
         if waited is not None:
             self.queue_wait.labels(kind).observe(waited)
 
-    def succeeded(self, kind: str, result: Any) -> None:
-        """Count the success and what the result says Ollama did."""
+    def succeeded(self, kind: str, usage: Usage | None) -> None:
+        """Count the success and what it cost (None: its result said nothing of it)."""
         self.jobs.labels(kind, "succeeded").inc()
-        if not isinstance(result, dict):
+        if usage is None:
             return
-        model = str(result.get("model") or "unknown")
-        prompt, completion = _number(result, "prompt_tokens"), _number(result, "completion_tokens")
-        total_ms, eval_ms = (
-            _number(result, "total_duration_ms"),
-            _number(result, "eval_duration_ms"),
-        )
-        self.prompt_tokens.labels(kind, model).inc(prompt)
-        self.completion_tokens.labels(kind, model).inc(completion)
-        if total_ms > 0:
-            self.generation.labels(kind, model).observe(total_ms / 1000)
-        if completion > 0 and eval_ms > 0:
-            self.tokens_per_second.labels(kind, model).observe(completion / (eval_ms / 1000))
+        model = usage.model or "unknown"
+        self.prompt_tokens.labels(kind, model).inc(usage.prompt_tokens)
+        self.completion_tokens.labels(kind, model).inc(usage.completion_tokens)
+        if usage.total_duration_ms > 0:
+            self.generation.labels(kind, model).observe(usage.total_duration_ms / 1000)
+        if usage.completion_tokens > 0 and usage.eval_duration_ms > 0:
+            self.tokens_per_second.labels(kind, model).observe(usage.tokens_per_s)
 
     def failed(self, kind: str) -> None:
         self.jobs.labels(kind, "failed").inc()
@@ -154,11 +149,6 @@ def retry_reason(reason: Any) -> str:
     if error is None:
         return "BrokerConnectionLost"  # Celery cancels running jobs when the broker goes
     return type(error).__name__ if isinstance(error, BaseException) else "unknown"
-
-
-def _number(result: dict[str, Any], key: str) -> float:
-    value = result.get(key)
-    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
 
 
 def queue_wait(request: Any) -> float | None:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from avocado_shared.contracts import Usage
 from ollama_worker.inference import (
     TRANSIENT_STATUS,
     BackendRejected,
@@ -41,17 +42,21 @@ class OllamaRejected(BackendRejected):
 
 def _completion(text: str, final: Mapping[str, Any]) -> Completion:
     """Build from the accumulated text and the last (``done``) chunk of a stream."""
-    return Completion(
-        text=text,
+
+    def ms(name: str) -> float:
+        return int(final.get(name) or 0) / 1e6  # Ollama's durations are in ns
+
+    usage = Usage(
         model=str(final.get("model", "")),
         done_reason=final.get("done_reason"),
         prompt_tokens=int(final.get("prompt_eval_count") or 0),
         completion_tokens=int(final.get("eval_count") or 0),
-        total_duration_ns=int(final.get("total_duration") or 0),
-        load_duration_ns=int(final.get("load_duration") or 0),
-        prompt_eval_duration_ns=int(final.get("prompt_eval_duration") or 0),
-        eval_duration_ns=int(final.get("eval_duration") or 0),
+        total_duration_ms=ms("total_duration"),
+        load_duration_ms=ms("load_duration"),
+        prompt_eval_duration_ms=ms("prompt_eval_duration"),
+        eval_duration_ms=ms("eval_duration"),
     )
+    return Completion(text, usage)
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
+from avocado_shared.contracts import Usage
 from ollama_worker.inference import (
     TRANSIENT_STATUS,
     BackendRejected,
@@ -111,22 +112,22 @@ def _completion(
     reason: str | None,
     usage: Mapping[str, Any],
     timings: Mapping[str, Any],
-    elapsed_ns: int,
+    elapsed_ms: float,
 ) -> Completion:
     """Counts from ``usage``, else llama.cpp's ``timings``, which alone carry durations; a
     server that measures nothing gets the wall-clock time the worker waited as its total."""
-    prompt_ns = int(float(timings.get("prompt_ms") or 0) * 1e6)
-    eval_ns = int(float(timings.get("predicted_ms") or 0) * 1e6)
-    return Completion(
-        text=text,
+    prompt_ms = float(timings.get("prompt_ms") or 0)
+    eval_ms = float(timings.get("predicted_ms") or 0)
+    counted = Usage(
         model=model,
         done_reason=reason,
         prompt_tokens=int(usage.get("prompt_tokens") or timings.get("prompt_n") or 0),
         completion_tokens=int(usage.get("completion_tokens") or timings.get("predicted_n") or 0),
-        total_duration_ns=(prompt_ns + eval_ns) or elapsed_ns,
-        prompt_eval_duration_ns=prompt_ns,
-        eval_duration_ns=eval_ns,
+        total_duration_ms=(prompt_ms + eval_ms) or elapsed_ms,
+        prompt_eval_duration_ms=prompt_ms,
+        eval_duration_ms=eval_ms,
     )
+    return Completion(text, counted)
 
 
 # Tokenizer endpoints, tried in turn: llama-cpp-python's ({"input"} -> {"count"}), then
@@ -280,7 +281,7 @@ class OpenAIClient(HTTPBackend):
         served, reason = model, None
         usage: dict[str, Any] = {}
         timings: dict[str, Any] = {}
-        started = time.monotonic_ns()
+        started = time.monotonic()
         for event in self._events("/chat/completions", body):
             served = str(event.get("model") or served)
             for choice in event.get("choices") or []:
@@ -302,8 +303,8 @@ class OpenAIClient(HTTPBackend):
             # llama-cpp-python's server reports no usage in a stream; it streams a token a
             # chunk, so the chunks that carried text are the completion's tokens.
             usage = {"completion_tokens": sum(1 for part in parts if part)}
-        elapsed = time.monotonic_ns() - started
-        return _completion(partial + "".join(parts), served, reason, usage, timings, elapsed)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        return _completion(partial + "".join(parts), served, reason, usage, timings, elapsed_ms)
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was

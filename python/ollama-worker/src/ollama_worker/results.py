@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Task
 
-from avocado_shared.contracts import JobKind
+from avocado_shared.contracts import JobKind, JobResult
 from avocado_shared.store import JobStatus, StoreError, job_key
 from avocado_shared.topology import SUMMARIZE_TASK
 from ollama_worker.resources import resources_of
@@ -20,8 +20,6 @@ from ollama_worker.resources import resources_of
 __all__ = ["node_name", "record", "record_quietly"]
 
 logger = logging.getLogger(__name__)
-
-_USAGE = ("model", "prompt_tokens", "completion_tokens", "total_duration_ms", "eval_duration_ms")
 
 
 def node_name(task: Task) -> str:
@@ -41,17 +39,16 @@ def record(
     status: JobStatus,
     kwargs: Mapping[str, Any] | None,
     *,
-    result: Mapping[str, Any] | None = None,
+    result: JobResult | None = None,
     error: str | None = None,
 ) -> None:
-    """Upsert the job's row; the usage columns come from its result.
+    """Upsert the job's row, with its result and what that cost.
 
     ``job_id`` is explicit: Celery calls ``on_retry`` for a job it cancels from the main
     process, where ``task.request`` is not that job's.
     """
     kind = JobKind.SUMMARIZE if task.name == SUMMARIZE_TASK else JobKind.GENERATE
     share_id = _share_id(kwargs) if kind is JobKind.SUMMARIZE else None
-    usage = {name: (result or {}).get(name) for name in _USAGE}
     resources = resources_of(task.app)
     resources.ensure_schema()
     resources.store.record(
@@ -60,10 +57,10 @@ def record(
         task_type=kind,
         share_id=share_id,
         status=status,
-        result=result,
+        result=None if result is None else result.model_dump(mode="json"),
         error=error,
+        usage=None if result is None else result.usage(),
         worker=node_name(task),
-        **usage,
     )
 
 

@@ -17,8 +17,11 @@ from avocado_shared.contracts import (
     GenerateRequest,
     GenerateResult,
     InvalidRequest,
+    JobResult,
     SummarizeRequest,
     SummarizeResult,
+    Usage,
+    parse_result,
     validate_request,
 )
 from avocado_shared.locks import SingletonJob
@@ -82,19 +85,6 @@ def _parse(task: JobTask, model: type[_Request], payload: Any) -> _Request:
         raise InvalidPayload(str(error)) from None
 
 
-def _usage(done: Completion) -> dict[str, Any]:
-    return {
-        "model": done.model,
-        "done_reason": done.done_reason,
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_duration_ms": done.total_duration_ns / 1e6,
-        "load_duration_ms": done.load_duration_ns / 1e6,
-        "prompt_eval_duration_ms": done.prompt_eval_duration_ns / 1e6,
-        "eval_duration_ms": done.eval_duration_ns / 1e6,
-    }
-
-
 class JobTask(SingletonJob):
     """Retries transient failures with backoff; permanent ones fail at once.
 
@@ -149,7 +139,7 @@ class JobTask(SingletonJob):
             kwargs=kwargs, exc=error, countdown=countdown, max_retries=policy.max_retries
         )
 
-    def finish(self, result: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    def finish(self, result: JobResult | dict[str, Any]) -> dict[str, Any]:
         """Store the result durably, release the job's lock, then return the result.
 
         When the database cannot take the row, the job is retried with its result in the
@@ -157,9 +147,10 @@ class JobTask(SingletonJob):
         The lock goes before Celery publishes the result (it releases in ``on_success``,
         after), so a producer that resubmits the moment it sees the result runs it again.
         """
-        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        done = result if isinstance(result, JobResult) else parse_result(result)
+        data = done.model_dump(mode="json")
         try:
-            record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=data)
+            record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=done)
         except StoreUnavailable as error:
             kwargs = {**(self.request.kwargs or {}), "finished": data}
             self.retry_transient(TransientError(f"result not stored: {error}"), kwargs)
@@ -289,6 +280,13 @@ def _summarize(resources: Resources, job: SummarizeRequest, model: str) -> tuple
     )
 
 
+def _generated(task: JobTask, text: str, usage: Usage) -> GenerateResult:
+    """The result of a generation of ``text`` that cost ``usage``."""
+    return GenerateResult(
+        job_id=str(task.request.id), text=text, worker=node_name(task), **usage.model_dump()
+    )
+
+
 def generate(
     self: JobTask, request: dict[str, Any], finished: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -300,12 +298,9 @@ def generate(
     model = job.model or self.resources.settings.default_model
     job_id = str(self.request.id)
     stream, streamed = open_stream(self.resources, job_id)
-    if streamed.end is not None:  # whole, but its worker died before storing it
-        stream.close()
-        usage = dict(streamed.end.usage or {})
-        return self.finish(
-            GenerateResult(job_id=job_id, text=streamed.text, worker=node_name(self), **usage)
-        )
+    if streamed.end is not None and streamed.end.usage is not None:
+        stream.close()  # whole, but its worker died before storing it
+        return self.finish(_generated(self, streamed.text, streamed.end.usage))
     try:
         done = self.attempt(lambda: _generate(self.resources, job, model, stream.append, streamed))
     except Retry:
@@ -314,11 +309,8 @@ def generate(
     except BaseException as error:
         stream.close(error_fields(_reason(error)))
         raise
-    usage = _usage(done)
-    stream.close(done_fields(usage))
-    return self.finish(
-        GenerateResult(job_id=job_id, text=done.text, worker=node_name(self), **usage)
-    )
+    stream.close(done_fields(done.usage))
+    return self.finish(_generated(self, done.text, done.usage))
 
 
 def summarize(
@@ -338,7 +330,7 @@ def summarize(
             summary=done.text.strip(),
             chunks=chunks,
             worker=node_name(self),
-            **_usage(done),
+            **done.usage.model_dump(),
         )
     )
 

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from avocado_shared import _schema
 from avocado_shared._database import WRITES, dump_json, make_engine
 from avocado_shared._schema import SCHEMA_VERSION, ml_results
-from avocado_shared.contracts import JobKind
+from avocado_shared.contracts import JobKind, Usage
 from avocado_shared.errors import AvocadoError, PermanentError, Unavailable
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ __all__ = [
 
 # Any fixed 64-bit number: serializes migrations of every process on one PostgreSQL database.
 _MIGRATION_LOCK_KEY = 0x617663_6D6C72  # "avc" "mlr"
+# The columns a row keeps of its job's usage (the rest stays in its result).
+_USAGE = {"model", "prompt_tokens", "completion_tokens", "total_duration_ms", "eval_duration_ms"}
 _NO_SCHEMA = "ml_results has no schema yet: run `avocado db upgrade` (workers do on start)"
 
 
@@ -199,15 +201,12 @@ class ResultStore:
         status: JobStatus,
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
-        model: str | None = None,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        total_duration_ms: float | None = None,
-        eval_duration_ms: float | None = None,
+        usage: Usage | None = None,
         worker: str | None = None,
     ) -> None:
         """Upsert the job's row, never a second one; each ``STARTED`` of the same job is one more
-        attempt (a retry or a redelivery), a new job on the row starts again at one."""
+        attempt (a retry or a redelivery), a new job on the row starts again at one. The usage
+        columns come from ``usage``."""
         if result is not None:
             _check_json(result)  # here, so a bad result fails before any SQL runs
         now = datetime.now(timezone.utc)
@@ -219,11 +218,7 @@ class ResultStore:
             "status": JobStatus(status).value,
             "result": None if result is None else dict(result),
             "error": error,
-            "model": model,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_duration_ms": total_duration_ms,
-            "eval_duration_ms": eval_duration_ms,
+            **(usage.model_dump(include=_USAGE) if usage else dict.fromkeys(_USAGE)),
             "worker": worker,
             "attempts": 1,
             "created_at": now,

@@ -7,7 +7,7 @@ reads it with ``JobStream`` (redis only, nothing of the worker). Entries, oldest
   chunks of the server's, written together in a burst);
 - ``{"restart": reason}``: the answer starts over (a redelivered job whose server cannot
   continue a partial answer): the text read before it is void;
-- ``{"end": "done", "usage": json}``: the answer is whole; ``usage`` holds the result's counts;
+- ``{"end": "done", "usage": json}``: the answer is whole; ``usage`` is its ``Usage``;
 - ``{"end": "error", "error": reason}``: the job failed for good.
 
 A reader ends at the first ``end`` entry. The worker gives the key a TTL
@@ -16,7 +16,6 @@ A reader ends at the first ``end`` entry. The worker gives the key a TTL
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from avocado_shared.contracts import Usage
 from avocado_shared.errors import PermanentError, TransientError, Unavailable
 
 __all__ = [
@@ -81,7 +81,7 @@ class StreamEntry:
     kind: EntryKind
     text: str = ""
     chunks: int = 0
-    usage: Mapping[str, Any] | None = None
+    usage: Usage | None = None
     reason: str | None = None
 
     @property
@@ -116,9 +116,9 @@ def restart_fields(reason: str) -> dict[str, str]:
     return {"restart": reason}
 
 
-def done_fields(usage: Mapping[str, Any]) -> dict[str, str]:
-    """The final entry of a whole answer, with the result's counts."""
-    return {"end": EntryKind.DONE.value, "usage": json.dumps(dict(usage))}
+def done_fields(usage: Usage) -> dict[str, str]:
+    """The final entry of a whole answer, with what it cost."""
+    return {"end": EntryKind.DONE.value, "usage": usage.model_dump_json()}
 
 
 def error_fields(reason: str) -> dict[str, str]:
@@ -139,7 +139,7 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
     if "restart" in data:
         return StreamEntry(ident, EntryKind.RESTART, reason=data["restart"])
     if data.get("end") == EntryKind.DONE.value:
-        return StreamEntry(ident, EntryKind.DONE, usage=json.loads(data.get("usage") or "{}"))
+        return StreamEntry(ident, EntryKind.DONE, usage=Usage.model_validate_json(data["usage"]))
     return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
 
 
