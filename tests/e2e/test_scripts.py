@@ -1,5 +1,6 @@
-"""The README's start command, as a user runs it: fleet up, jobs through RabbitMQ, Flower
-behind basic auth, fleet down; and the Docker path, driven against a stand-in ``docker``."""
+"""The start command (README.md, docs/operations.md), as a user runs it: fleet up, jobs through
+RabbitMQ, Flower behind basic auth, fleet down; and the Docker path, driven against a stand-in
+``docker``."""
 
 from __future__ import annotations
 
@@ -319,7 +320,7 @@ def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str]) -> None:
     """No Ollama answers and none is installed: the fleet runs on SmolLM2-135M (llama.cpp),
-    and the README's first jobs print a real model's answers, as does the gateway."""
+    and README.md's first jobs print a real model's answers, as does the gateway."""
     path = f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"
     env = {
         **fleet_env,

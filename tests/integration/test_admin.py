@@ -223,8 +223,8 @@ def test_worker_user_is_refused_another_vhost(fleet: Fleet, worker_env: dict[str
 
 def test_purging_a_job_queue_is_not_refused(worker_env: dict[str, str]) -> None:
     """RabbitMQ checks purge against the read permission, the one consuming needs: no
-    permission lets a worker take its jobs yet not purge them. This states it, so the README's
-    warning is revisited if RabbitMQ ever changes it."""
+    permission lets a worker take its jobs yet not purge them. This states it, so the warning in
+    docs/configuration.md is revisited if RabbitMQ ever changes it."""
     assert "ml\\.generate" in WORKER_PERMISSIONS.read
     with Connection(worker_env["AVOCADO_BROKER_URL"]) as connection:
         assert connection.channel().queue_purge(GENERATE_QUEUE) == 0

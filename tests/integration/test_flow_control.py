@@ -138,7 +138,7 @@ def test_a_confirm_that_never_comes_is_an_unknown_outcome_and_no_second_copy(
             wait_for(
                 lambda: queue_depth(observer, "ml.summarize") == 1, timeout=WAIT, what="a copy"
             )
-            again = producer.summarize(share, "Confirm me.")  # as the README says to
+            again = producer.summarize(share, "Confirm me.")  # as docs/reliability.md says to
             assert again.id == caught.value.job_id
             assert queue_depth(observer, "ml.summarize") == 2  # one job id; a worker runs it once
 

@@ -1,4 +1,4 @@
-"""A job published by a plain AMQP client, exactly as the README shows, is run and stored."""
+"""A job published by a plain AMQP client, exactly as docs/topology.md shows, is run and stored."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from avocado_shared import JobStatus, Producer
 from ollama_worker.testing import OllamaSimulator
 from tests.services import WorkerProcess, service_env
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "topology.md"
 
 
-def _readme_example() -> str:
-    """The Python block that follows the ``plain-amqp-example`` marker in the README."""
-    found = re.search(r"<!-- plain-amqp-example -->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert found, "README lost its plain AMQP example"
+def _page_example() -> str:
+    """The Python block that follows the ``plain-amqp-example`` marker in docs/topology.md."""
+    found = re.search(r"<!-- plain-amqp-example -->\n```python\n(.*?)```", PAGE.read_text(), re.S)
+    assert found, "docs/topology.md lost its plain AMQP example"
     return found.group(1)
 
 
@@ -31,7 +31,7 @@ def test_job_from_a_plain_amqp_client_runs_and_is_stored(
     fresh_sim: OllamaSimulator,
     worker: WorkerProcess,
 ) -> None:
-    code = _readme_example()
+    code = _page_example()
     assert "celery" not in code.lower()
 
     done = subprocess.run(

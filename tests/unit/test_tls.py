@@ -80,9 +80,9 @@ def test_plaintext_to_another_host_warns_once_without_credentials(
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == [
         "broker amqp://10.9.8.7:5672 is plaintext across the network: use amqps:// "
-        "(README.md, TLS)",
+        "(docs/configuration.md, TLS)",
         "result backend redis://10.9.8.6:6379 is plaintext across the network: use rediss:// "
-        "(README.md, TLS)",
+        "(docs/configuration.md, TLS)",
     ]
     assert "pw" not in caplog.text
 

@@ -135,7 +135,7 @@ def warn_if_plaintext(url: str, what: str) -> None:
             return
         _warned.add(where)
     logger.warning(
-        "%s %s is plaintext across the network: use %s:// (README.md, TLS)",
+        "%s %s is plaintext across the network: use %s:// (docs/configuration.md, TLS)",
         what,
         where,
         _TLS_SCHEME[parts.scheme],
