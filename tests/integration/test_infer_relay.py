@@ -1,5 +1,5 @@
-"""The gateway's relay on real Redis streams written as a worker writes them: text pieces
-then the counts, restarts, failures, and how each ends an NDJSON or SSE answer."""
+"""The gateway's reading of real Redis streams written as a worker writes them: text pieces
+then the counts, restarts, failures, and how an SSE answer ends."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 import redis
 import redis.asyncio
 
+from avocado_infer.answer import SSE
 from avocado_infer.errors import AnswerRestarted
+from avocado_infer.gateway import StoredAnswer
 from avocado_infer.ollama_api import ollama_counts
-from avocado_infer.relay import encoded, pieces, sse, whole
+from avocado_infer.reading import pieces, whole
 from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.streams import (
@@ -57,15 +59,29 @@ class Stream:
         for fields in entries:
             self.client.xadd(stream_key(self.key_prefix, self.job_id), fields)  # type: ignore[arg-type]
 
-    def read(self, how: Callable[[AsyncJobStream], Awaitable[_T]]) -> _T:
+    def read(self, how: Callable[[_Reader], Awaitable[_T]]) -> _T:
         async def run() -> _T:
             client = redis.asyncio.Redis.from_url(REDIS_URL)
             try:
-                return await how(AsyncJobStream(client, self.key_prefix, self.job_id))
+                return await how(_Reader(AsyncJobStream(client, self.key_prefix, self.job_id)))
             finally:
                 await client.aclose()
 
         return anyio.run(run)
+
+
+@dataclass
+class _Reader:
+    """What the reading asks of a gateway: the job's stream, and no stored result."""
+
+    job_stream: AsyncJobStream
+
+    def stream(self, job_id: str) -> AsyncJobStream:
+        assert job_id == self.job_stream.job_id
+        return self.job_stream
+
+    async def stored(self, job_id: str) -> StoredAnswer | None:
+        return None
 
 
 @pytest.fixture
@@ -83,23 +99,24 @@ async def _all(items: AsyncIterator[_T]) -> list[_T]:
 
 
 def _chunks(stream: Stream) -> list[dict[str, Any]]:
-    def failed(error: AvocadoError) -> dict[str, Any]:
-        return {"error": type(error).__name__}
+    async def chunks(reader: _Reader) -> list[dict[str, Any]]:
+        made: list[dict[str, Any]] = []
+        try:
+            async for piece in pieces(reader, stream.job_id, MODEL, timeout_s=5):  # type: ignore[arg-type]
+                made.append(
+                    {"done": piece.completion_tokens}
+                    if isinstance(piece, Usage)
+                    else {"text": piece}
+                )
+        except AvocadoError as error:
+            made.append({"error": type(error).__name__})
+        return made
 
-    return stream.read(
-        lambda reader: _all(
-            encoded(
-                pieces(reader, MODEL, timeout_s=5),
-                lambda text: {"text": text},
-                lambda usage: [{"done": usage.completion_tokens}],
-                failed,
-            )
-        )
-    )
+    return stream.read(chunks)
 
 
 def _whole(stream: Stream) -> tuple[str, Usage]:
-    return stream.read(lambda reader: whole(reader, MODEL, timeout_s=5))
+    return stream.read(lambda reader: whole(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
 
 
 def _whole_text(stream: Stream) -> str:
@@ -111,7 +128,9 @@ def _whole_text(stream: Stream) -> str:
 def test_pieces_then_the_counts_in_ollamas_units(stream: Stream) -> None:
     stream.write(text_fields("Avo"), text_fields("ca", 2), text_fields("do"), done_fields(USAGE))
 
-    *texts, usage = stream.read(lambda reader: _all(pieces(reader, MODEL, timeout_s=5)))
+    *texts, usage = stream.read(
+        lambda reader: _all(pieces(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
+    )
 
     assert texts == ["Avo", "ca", "do"]
     assert usage == USAGE
@@ -150,21 +169,15 @@ def test_a_failed_job_ends_the_answer_in_an_error(stream: Stream) -> None:
 
 def test_no_entry_in_time_is_a_timeout(stream: Stream) -> None:
     with pytest.raises(StreamTimedOut):
-        stream.read(lambda reader: anext(pieces(reader, MODEL, timeout_s=0.2)))
+        stream.read(lambda reader: anext(pieces(reader, stream.job_id, MODEL, timeout_s=0.2)))  # type: ignore[arg-type]
 
 
-def _no_cancel() -> None:
-    raise AssertionError("the whole answer was read: nothing to cancel")
-
-
-async def _body(chunks: list[dict[str, object]]) -> bytes:
-    async def given() -> AsyncIterator[dict[str, object]]:
+async def _body(chunks: list[dict[str, Any]]) -> bytes:
+    async def given() -> AsyncIterator[dict[str, Any]]:
         for chunk in chunks:
             yield chunk
 
-    response = sse(given(), "job-1", _no_cancel)
-    assert response.headers["x-avocado-job-id"] == "job-1"
-    return b"".join([part async for part in response.body_iterator])  # type: ignore[misc]
+    return b"".join([part async for part in SSE.frame(given())])
 
 
 @pytest.mark.parametrize(
@@ -178,6 +191,6 @@ async def _body(chunks: list[dict[str, object]]) -> bytes:
     ],
 )
 def test_server_sent_events_end_in_done_unless_an_error(
-    chunks: list[dict[str, object]], events: bytes
+    chunks: list[dict[str, Any]], events: bytes
 ) -> None:
     assert anyio.run(_body, chunks) == events

@@ -8,15 +8,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from avocado_infer import jobs_api, ollama_api, openai_api
-from avocado_infer.access import caller
-from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.deps import GatewayDep, caller
+from avocado_infer.errors import plain_error
+from avocado_infer.gateway import Gateway
 from avocado_infer.metrics import instrument
+from avocado_infer.openai_api import openai_error
 from avocado_infer.settings import InferSettings
 
 __all__ = ["create_app"]
@@ -50,10 +52,18 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
         """The process answers."""
         return {"status": "ok"}
 
+    @app.exception_handler(HTTPException)
+    async def unrouted(request: Request, error: HTTPException) -> Response:
+        """No such route (404) or method (405), in the shape of the API the path is under."""
+        render = openai_error if request.url.path.startswith("/v1/") else plain_error
+        response = render(error.status_code, str(error.detail), True, None)
+        response.headers.update(error.headers or {})
+        return response
+
     @app.get("/readyz")
-    async def readyz(fleet: Annotated[Gateway, Depends(gateway)]) -> JSONResponse:
+    async def readyz(gateway: GatewayDep) -> JSONResponse:
         """The broker and Redis answer: jobs can be published and their streams read."""
-        problems = await fleet.unready()
+        problems = await gateway.unready()
         if problems:
             return JSONResponse({"status": "unavailable", **problems}, status_code=503)
         return JSONResponse({"status": "ready"})

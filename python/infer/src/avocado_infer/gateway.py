@@ -13,29 +13,44 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.backlog import Backlog
 from avocado_infer.errors import QueueFull, RegistryUnavailable
-from avocado_infer.job_state import JobStates
-from avocado_infer.ledger import Ledger
-from avocado_infer.limits import Limiter
+from avocado_infer.job_state import JobStates, JobView
+from avocado_infer.ledger import Ledger, Noted
+from avocado_infer.limits import Limiter, Slot
 from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
-from avocado_shared.contracts import GenerateResult, JobKind, SummarizeRequest, SummarizeResult
+from avocado_shared.contracts import (
+    GenerateResult,
+    JobKind,
+    SummarizeRequest,
+    SummarizeResult,
+    Usage,
+)
 from avocado_shared.discovery import Endpoint
 from avocado_shared.errors import AvocadoError, TransientError
 from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
-from avocado_shared.keys import KeyStore
+from avocado_shared.keys import ApiKey, KeyStore
 from avocado_shared.producer import Producer
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.store import JobStatus, StoreError
+from avocado_shared.streams import StreamFailed
 from avocado_shared.tls import async_redis_client, redis_client
 
-__all__ = ["Gateway", "ServedModel", "gateway"]
+__all__ = ["Gateway", "ServedModel", "StoredAnswer"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """A generation's answer as its worker stored it."""
+
+    text: str
+    usage: Usage
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,45 @@ class Gateway:
             logger.warning("summary job %s queued but not noted: %s", handle.id, error)
         return handle
 
+    async def cancel(self, job_id: str) -> None:
+        """Cancel ``job_id``: queued, it never runs; running, it stops at its next chunk."""
+        await run_in_threadpool(self.producer.cancel, job_id)
+
+    async def stored(self, job_id: str) -> StoredAnswer | None:
+        """The generation's answer once its worker stored it; None before, or when the
+        results database cannot be read now. ``StreamFailed`` when it failed for good."""
+        try:
+            row = await run_in_threadpool(self.producer.results.get, job_id)
+        except StoreError as error:
+            logger.warning("job %s: its stored result not readable: %s", job_id, error)
+            return None
+        if row is None or row.status in (JobStatus.STARTED, JobStatus.RETRY):
+            return None
+        if row.status is not JobStatus.SUCCESS or row.result is None:
+            raise StreamFailed(f"job {job_id} failed: {row.error}")
+        result = GenerateResult.model_validate(row.result)
+        return StoredAnswer(result.text, result.usage())
+
+    async def key(self, secret: str) -> ApiKey | None:
+        """The API key of ``secret``; None when it is unknown or revoked."""
+        return await run_in_threadpool(self.keys.verify, secret)
+
+    async def admit(self, key: ApiKey) -> Slot | None:
+        """A slot of ``key``'s (None when it has no concurrency limit); ``OverLimit`` when
+        the key is over one of its limits."""
+        return await run_in_threadpool(self.limiter.admit, key)
+
+    async def release(self, slot: Slot) -> None:
+        await run_in_threadpool(self.limiter.release, slot)
+
+    async def job(self, job_id: str, noted: Noted | None = None) -> JobView:
+        """What ``GET /jobs/{id}`` says of ``job_id``."""
+        return await run_in_threadpool(self.jobs.view, job_id, noted)
+
+    async def summary(self, share_id: str) -> tuple[JobView, dict[str, Any] | None]:
+        """The newest summary job of ``share_id`` and its result once it succeeded."""
+        return await run_in_threadpool(self.jobs.summary, share_id)
+
     def stream(self, job_id: str) -> MeteredStream:
         """The token stream of ``job_id``, metered as it is read."""
         return MeteredStream(self.streams, self.settings.fleet.key_prefix, job_id, self.metrics)
@@ -178,9 +232,3 @@ class Gateway:
         self.producer.close()
         self.redis.close()
         await self.streams.aclose()
-
-
-def gateway(request: Request) -> Gateway:
-    """The app's gateway, as a FastAPI dependency."""
-    found: Gateway = request.app.state.gateway
-    return found

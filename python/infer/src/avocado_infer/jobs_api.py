@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
+from avocado_infer.deps import GatewayDep
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
-from avocado_infer.gateway import Gateway, gateway
 from avocado_infer.ledger import Noted
 from avocado_shared.contracts import JobKind, SummarizeRequest
 
@@ -20,38 +19,37 @@ __all__ = ["router"]
 router = APIRouter(
     prefix="/jobs", route_class=error_route(plain_error), responses=documented_errors(PlainError)
 )
-Fleet = Annotated[Gateway, Depends(gateway)]
 
 
 @router.post("/summarize", status_code=202)
-async def summarize(body: SummarizeRequest, fleet: Fleet) -> JSONResponse:
+async def summarize(body: SummarizeRequest, gateway: GatewayDep) -> JSONResponse:
     """Queue a summary of ``share_id``; while one of that share is queued or running, that
     job is the answer, not a second one. Its state, as ``GET /jobs/{id}`` tells it."""
-    handle = await fleet.summarize(body)
+    handle = await gateway.summarize(body)
     noted = Noted(JobKind.SUMMARIZE, body.share_id)
-    view = await run_in_threadpool(fleet.jobs.view, handle.id, noted)
+    view = await gateway.job(handle.id, noted)
     return JSONResponse(view.to_json(), status_code=202, headers={"Location": f"/jobs/{handle.id}"})
 
 
 @router.get("/summarize/{share_id}")
-async def summary(share_id: str, fleet: Fleet) -> dict[str, Any]:
+async def summary(share_id: str, gateway: GatewayDep) -> dict[str, Any]:
     """The newest summary job of ``share_id``: its state, and its result once it succeeded."""
-    view, result = await run_in_threadpool(fleet.jobs.summary, share_id)
+    view, result = await gateway.summary(share_id)
     return view.to_json() | {"result": result}
 
 
 @router.get("/{job_id}")
-async def job(job_id: str, fleet: Fleet) -> dict[str, Any]:
+async def job(job_id: str, gateway: GatewayDep) -> dict[str, Any]:
     """The job's state, its worker and attempts; while queued, its queue and how many jobs
     at most wait ahead of it (a quorum queue cannot be peeked: see ``job_state``)."""
-    view = await run_in_threadpool(fleet.jobs.view, job_id)
+    view = await gateway.job(job_id)
     return view.to_json()
 
 
 @router.delete("/{job_id}", status_code=202)
-async def cancel(job_id: str, fleet: Fleet) -> dict[str, str]:
+async def cancel(job_id: str, gateway: GatewayDep) -> dict[str, str]:
     """Cancel ``job_id``: queued, it never runs; generating, it stops at its next chunk and
     its inference stream is closed. Accepted, not done: ``ml_results`` says CANCELLED once
     its worker sees the flag (a job id no worker ever takes just leaves a flag that expires)."""
-    await run_in_threadpool(fleet.producer.cancel, job_id)
+    await gateway.cancel(job_id)
     return {"id": job_id, "status": "cancelling"}

@@ -7,28 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import version
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from avocado_infer.access import admitted
+from avocado_infer.answer import NDJSON, Framing, answer
+from avocado_infer.bodies import NOT_BLANK
+from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
-from avocado_infer.gateway import Gateway, gateway
-from avocado_infer.relay import (
-    JOB_ID_HEADER,
-    Usage,
-    encoded,
-    left,
-    ndjson,
-    opened,
-    pieces,
-    unless_left,
-    whole,
-)
+from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
-from avocado_shared.jobs import JobHandle
 
 __all__ = ["ollama_counts", "router"]
 
@@ -38,8 +27,6 @@ router = APIRouter(
     route_class=error_route(plain_error, json_bodies=True),
     responses=documented_errors(PlainError),
 )
-Fleet = Annotated[Gateway, Depends(gateway)]
-Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
 
 class _Body(BaseModel):
@@ -61,10 +48,6 @@ class _Body(BaseModel):
             "format": self.format or None,
             "keep_alive": self.keep_alive,
         }
-
-
-# In the schema only: the job contract refuses a blank prompt, in its own words.
-NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
 
 
 class GenerateBody(_Body):
@@ -105,48 +88,29 @@ def ollama_counts(usage: Usage) -> dict[str, Any]:
     }
 
 
-def _chunk(model: str, key: str, value: Any, done: bool) -> dict[str, Any]:
-    return {"model": model, "created_at": _now(), key: value, "done": done}
+class _Shapes:
+    """Ollama's chunks of one answer: every chunk holds ``value(text)`` under ``key`` (the
+    generate or the chat shape); the last one the counts."""
 
+    framing: Framing = NDJSON
 
-def _failed(error: AvocadoError) -> dict[str, Any]:
-    return {"error": str(error)}
+    def __init__(self, model: str, key: str, value: Callable[[str], Any]) -> None:
+        self.model, self.key, self.value = model, key, value
 
+    def _chunk(self, model: str, text: str, done: bool) -> dict[str, Any]:
+        return {"model": model, "created_at": _now(), self.key: self.value(text), "done": done}
 
-async def _answer(
-    request: Request,
-    fleet: Gateway,
-    handle: JobHandle[Any],
-    body: _Body,
-    key: str,
-    value: Callable[[str], Any],
-) -> Response:
-    """``value(text)`` under ``key`` in every chunk: the generate or the chat shape."""
-    stream = fleet.stream(handle.id)
-    timeout = fleet.settings.stream_timeout_s
+    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
+        return self._chunk(usage.model, text, True) | ollama_counts(usage)
 
-    def cancel() -> None:
-        fleet.producer.cancel(handle.id)
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._chunk(self.model, text, False)
 
-    if not body.stream:
-        got = await unless_left(
-            request, lambda: whole(stream, body.model, timeout), handle.id, cancel
-        )
-        if got is None:
-            return left()
-        text, usage = got
-        done = _chunk(usage.model, key, value(text), True) | ollama_counts(usage)
-        return JSONResponse(done, headers={JOB_ID_HEADER: handle.id})
-    answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
-    if answer is None:
-        return left()
-    chunks = encoded(
-        answer,
-        lambda text: _chunk(body.model, key, value(text), False),
-        lambda usage: [_chunk(usage.model, key, value(""), True) | ollama_counts(usage)],
-        _failed,
-    )
-    return ndjson(chunks, handle.id, cancel)
+    def last(self, usage: Usage) -> list[dict[str, Any]]:
+        return [self.whole("", usage)]
+
+    def failed(self, error: AvocadoError) -> dict[str, Any]:
+        return {"error": str(error)}
 
 
 def _message(text: str) -> dict[str, str]:
@@ -163,21 +127,24 @@ _ANSWER: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/generate", dependencies=Admitted, responses=_ANSWER)
-async def generate(body: GenerateBody, fleet: Fleet, request: Request) -> Response:
-    handle = await fleet.generate(prompt=body.prompt, system=body.system, **body.job_fields())
-    return await _answer(request, fleet, handle, body, "response", str)
+@router.post("/generate", dependencies=ADMITTED, responses=_ANSWER)
+async def generate(body: GenerateBody, gateway: GatewayDep, request: Request) -> Response:
+    job = {"prompt": body.prompt, "system": body.system, **body.job_fields()}
+    shapes = _Shapes(body.model, "response", str)
+    return await answer(request, gateway, job, lambda _: shapes, streamed=body.stream)
 
 
-@router.post("/chat", dependencies=Admitted, responses=_ANSWER)
-async def chat(body: ChatBody, fleet: Fleet, request: Request) -> Response:
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    handle = await fleet.generate(messages=messages, **body.job_fields())
-    return await _answer(request, fleet, handle, body, "message", _message)
+@router.post("/chat", dependencies=ADMITTED, responses=_ANSWER)
+async def chat(body: ChatBody, gateway: GatewayDep, request: Request) -> Response:
+    job = {"messages": [m.model_dump(exclude_none=True) for m in body.messages]}
+    shapes = _Shapes(body.model, "message", _message)
+    return await answer(
+        request, gateway, job | body.job_fields(), lambda _: shapes, streamed=body.stream
+    )
 
 
 @router.get("/tags")
-async def tags(fleet: Fleet) -> dict[str, Any]:
+async def tags(gateway: GatewayDep) -> dict[str, Any]:
     """The models the live fleet serves; sizes and digests are the nodes' own, unknown here."""
     models = [
         {
@@ -188,19 +155,19 @@ async def tags(fleet: Fleet) -> dict[str, Any]:
             "digest": "",
             "details": {},
         }
-        for m in await fleet.models()
+        for m in await gateway.models()
     ]
     return {"models": models}
 
 
 @router.get("/ps")
-async def ps(fleet: Fleet) -> dict[str, Any]:
+async def ps(gateway: GatewayDep) -> dict[str, Any]:
     """The models live nodes serve, as the models running; ``expires_at`` is when the last
     node that serves one stops vouching for it unless it refreshes its record. Which models
     a node's server holds in memory, and their sizes and digests, are not announced: zero
     and empty."""
     until: dict[str, datetime] = {}
-    for node in await fleet.nodes():
+    for node in await gateway.nodes():
         for name in node.models:
             until[name] = max(until.get(name, node.expires_at), node.expires_at)
     models = [

@@ -5,33 +5,21 @@ errors in OpenAI's shape."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from avocado_infer.access import admitted
+from avocado_infer.answer import SSE, Framing, answer
+from avocado_infer.bodies import NOT_BLANK
+from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import documented_errors, error_route, http_status
-from avocado_infer.gateway import Gateway, gateway
-from avocado_infer.ollama_api import NOT_BLANK
-from avocado_infer.relay import (
-    JOB_ID_HEADER,
-    Usage,
-    encoded,
-    left,
-    opened,
-    pieces,
-    sse,
-    unless_left,
-    whole,
-)
-from avocado_shared.contracts import InvalidRequest
+from avocado_shared.contracts import InvalidRequest, Usage
 from avocado_shared.errors import AvocadoError
-from avocado_shared.jobs import JobHandle
 
-__all__ = ["router"]
+__all__ = ["openai_error", "router"]
 
 
 def _error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
@@ -42,7 +30,7 @@ def _error_body(status: int, message: str, code: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def _error(status: int, message: str, permanent: bool, code: str | None) -> Response:
+def openai_error(status: int, message: str, permanent: bool, code: str | None) -> Response:
     # The SDKs retry a 5xx unless told not to, in OpenAI's own header: a job that failed
     # for good would only be queued again.
     headers = {"x-should-retry": "false"} if permanent else None
@@ -63,10 +51,8 @@ class OpenAIError(BaseModel):
 
 
 router = APIRouter(
-    prefix="/v1", route_class=error_route(_error), responses=documented_errors(OpenAIError)
+    prefix="/v1", route_class=error_route(openai_error), responses=documented_errors(OpenAIError)
 )
-Fleet = Annotated[Gateway, Depends(gateway)]
-Admitted = [Depends(admitted)]  # a generation: the queue's room and its key's limits
 
 
 class _Lenient(BaseModel):
@@ -106,9 +92,10 @@ class _Body(_Lenient):
         }
         return {k: v for k, v in options.items() if v is not None}
 
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+    def shapes(self, chat: bool) -> Callable[[str], _Shapes]:
+        """The answer's objects, given its job's id."""
+        include_usage = self.stream_options is not None and self.stream_options.include_usage
+        return lambda job_id: _Shapes(chat, job_id, self.model, include_usage)
 
 
 class ContentPart(_Lenient):
@@ -178,8 +165,11 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
-class _Shape:
-    """One API's objects: chat (``message``/``delta``) or text completion (``text``)."""
+class _Shapes:
+    """OpenAI's objects of one answer: chat (``message``/``delta``) or text completion
+    (``text``)."""
+
+    framing: Framing = SSE
 
     def __init__(self, chat: bool, job_id: str, model: str, include_usage: bool) -> None:
         self.chat = chat
@@ -193,7 +183,7 @@ class _Shape:
     def _head(self, object_: str, model: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": model}
 
-    def answer(self, text: str, usage: Usage) -> dict[str, Any]:
+    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
         """The whole answer in one object."""
         choice: dict[str, Any] = {"index": 0, "logprobs": None}
         if self.chat:
@@ -229,33 +219,8 @@ class _Shape:
             object_ = "chat.completion.chunk" if self.chat else "text_completion"
             yield self._head(object_, usage.model) | {"choices": [], "usage": _usage(usage)}
 
-
-def _failed(error: AvocadoError) -> dict[str, Any]:
-    return _error_body(http_status(error), str(error))
-
-
-async def _answer(
-    request: Request, fleet: Gateway, handle: JobHandle[Any], body: _Body, chat: bool
-) -> Response:
-    shape = _Shape(chat, handle.id, body.model, body.include_usage)
-    stream = fleet.stream(handle.id)
-    timeout = fleet.settings.stream_timeout_s
-
-    def cancel() -> None:
-        fleet.producer.cancel(handle.id)
-
-    if not body.stream:
-        got = await unless_left(
-            request, lambda: whole(stream, body.model, timeout), handle.id, cancel
-        )
-        if got is None:
-            return left()
-        return JSONResponse(shape.answer(*got), headers={JOB_ID_HEADER: handle.id})
-    answer = await opened(request, pieces(stream, body.model, timeout), handle.id, cancel)
-    if answer is None:
-        return left()
-    chunks = encoded(answer, shape.piece, shape.last, _failed)
-    return sse(chunks, handle.id, cancel)
+    def failed(self, error: AvocadoError) -> dict[str, Any]:
+        return _error_body(http_status(error), str(error))
 
 
 # What a completion answers, for the OpenAPI schema: the route builds its response itself.
@@ -268,29 +233,25 @@ _ANSWER: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/chat/completions", dependencies=Admitted, responses=_ANSWER)
-async def chat_completions(body: ChatBody, fleet: Fleet, request: Request) -> Response:
-    messages = [m.job_message() for m in body.messages]
-    response_format = body.response_format.job_format() if body.response_format else None
-    handle = await fleet.generate(
-        messages=messages,
-        model=body.model,
-        options=body.job_options(body.max_completion_tokens),
-        format=response_format,
-    )
-    return await _answer(request, fleet, handle, body, chat=True)
+@router.post("/chat/completions", dependencies=ADMITTED, responses=_ANSWER)
+async def chat_completions(body: ChatBody, gateway: GatewayDep, request: Request) -> Response:
+    job = {
+        "messages": [m.job_message() for m in body.messages],
+        "model": body.model,
+        "options": body.job_options(body.max_completion_tokens),
+        "format": body.response_format.job_format() if body.response_format else None,
+    }
+    return await answer(request, gateway, job, body.shapes(chat=True), streamed=body.stream)
 
 
-@router.post("/completions", dependencies=Admitted, responses=_ANSWER)
-async def completions(body: CompletionBody, fleet: Fleet, request: Request) -> Response:
-    handle = await fleet.generate(
-        prompt=body.job_prompt(), model=body.model, options=body.job_options()
-    )
-    return await _answer(request, fleet, handle, body, chat=False)
+@router.post("/completions", dependencies=ADMITTED, responses=_ANSWER)
+async def completions(body: CompletionBody, gateway: GatewayDep, request: Request) -> Response:
+    job = {"prompt": body.job_prompt(), "model": body.model, "options": body.job_options()}
+    return await answer(request, gateway, job, body.shapes(chat=False), streamed=body.stream)
 
 
 @router.get("/models")
-async def models(fleet: Fleet) -> dict[str, Any]:
+async def models(gateway: GatewayDep) -> dict[str, Any]:
     """The models the live fleet serves."""
     data = [
         {
@@ -299,6 +260,6 @@ async def models(fleet: Fleet) -> dict[str, Any]:
             "created": int(m.seen_at.timestamp()),
             "owned_by": "avocado",
         }
-        for m in await fleet.models()
+        for m in await gateway.models()
     ]
     return {"object": "list", "data": data}

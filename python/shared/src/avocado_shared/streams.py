@@ -143,6 +143,11 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
     return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
 
 
+def _unreadable(job_id: str, error: redis.RedisError) -> StreamUnavailable:
+    """Redis failed a read; the message names the job, not the fleet's key names."""
+    return StreamUnavailable(f"the token stream of job {job_id} is not readable: {error}")
+
+
 def _parsed(raw: Any) -> list[StreamEntry]:
     """Entries as XRANGE lists them (and as XREAD does, per stream)."""
     return [parse_entry(ident, fields) for ident, fields in raw or []]
@@ -164,8 +169,8 @@ class _Cursor:
     last one read, blocking at most a slice of the time left) and the entries an answer
     holds, up to the final one; waiting ``timeout_s`` for nothing is ``StreamTimedOut``."""
 
-    def __init__(self, key: str, after: str, timeout_s: float) -> None:
-        self.key, self.last, self.timeout_s = key, after, timeout_s
+    def __init__(self, key: str, job_id: str, after: str, timeout_s: float) -> None:
+        self.key, self.job_id, self.last, self.timeout_s = key, job_id, after, timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.done = False
 
@@ -173,7 +178,10 @@ class _Cursor:
         """The next XREAD's arguments."""
         left_ms = int((self.deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
-            raise StreamTimedOut(f"no entry in stream {self.key} for {self.timeout_s}s")
+            raise StreamTimedOut(
+                f"no entry in stream for job {self.job_id} in {self.timeout_s}s: it waits in "
+                "the queue, or for another worker"
+            )
         return {
             "streams": {self.key: self.last},
             "count": 512,
@@ -204,7 +212,7 @@ class JobStream:
         try:
             entries = _parsed(self.client.xrange(self.key))
         except redis.RedisError as error:
-            raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
+            raise _unreadable(self.job_id, error) from error
         end = next((e for e in entries if e.final), None)
         if end is not None:
             entries = entries[: entries.index(end) + 1]
@@ -221,12 +229,12 @@ class JobStream:
         """Each entry after ``after`` (an entry id; the start by default) as soon as it is
         written, up to and including the final one. ``StreamTimedOut`` when ``timeout_s``
         pass without a new entry; the key need not exist yet (the job may still be queued)."""
-        cursor = _Cursor(self.key, after, timeout_s)
+        cursor = _Cursor(self.key, self.job_id, after, timeout_s)
         while not cursor.done:
             try:
                 answer = self.client.xread(**cursor.read())
             except redis.RedisError as error:
-                raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
+                raise _unreadable(self.job_id, error) from error
             yield from cursor.take(answer)
 
     def text(self, after: str = "0-0", timeout_s: float = 60.0) -> str:
@@ -252,11 +260,11 @@ class AsyncJobStream:
         self, after: str = "0-0", timeout_s: float = 60.0
     ) -> AsyncIterator[StreamEntry]:
         """As ``JobStream.entries``."""
-        cursor = _Cursor(self.key, after, timeout_s)
+        cursor = _Cursor(self.key, self.job_id, after, timeout_s)
         while not cursor.done:
             try:
                 answer = await self.client.xread(**cursor.read())
             except redis.RedisError as error:
-                raise StreamUnavailable(f"stream {self.key} not readable: {error}") from error
+                raise _unreadable(self.job_id, error) from error
             for entry in cursor.take(answer):
                 yield entry

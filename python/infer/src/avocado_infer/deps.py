@@ -1,7 +1,8 @@
-"""Who may use the gateway and how much, as FastAPI dependencies: ``caller`` asks for an API
-key (``Authorization: Bearer``) on every route of the APIs, ``admitted`` lets a generation in
-while the queue has room and its key is within its limits, and holds the key's slot until the
-response has ended. Logs name a key, never its secret."""
+"""The dependencies every API's routes share: ``GatewayDep``, the app's ``Gateway``; ``caller``,
+which asks for an API key (``Authorization: Bearer``) on every route of the APIs; and
+``ADMITTED``, which lets a generation in while the queue has room and its key is within its
+limits, and holds the key's slot until the response has ended. Logs name a key, never its
+secret."""
 
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import anyio
 import redis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.errors import OverLimit, Unauthorized
-from avocado_infer.gateway import Gateway, gateway
+from avocado_infer.gateway import Gateway
 from avocado_shared.errors import Unavailable
 from avocado_shared.keys import ApiKey
 
-__all__ = ["admitted", "caller"]
+__all__ = ["ADMITTED", "GatewayDep", "app_gateway", "caller"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,27 +29,35 @@ _bearer = HTTPBearer(
     description="An API key made by `avocado keys create` (unless AVOCADO_INFER_REQUIRE_KEYS "
     "is false).",
 )
-Fleet = Annotated[Gateway, Depends(gateway)]
+
+
+def app_gateway(request: Request) -> Gateway:
+    """The app's gateway (made in its lifespan); tests override this dependency."""
+    found: Gateway = request.app.state.gateway
+    return found
+
+
+GatewayDep = Annotated[Gateway, Depends(app_gateway)]
 
 
 async def caller(
     request: Request,
-    fleet: Fleet,
+    gateway: GatewayDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey | None:
     """The request's API key; None when the gateway asks for none. ``Unauthorized`` without
     a key, or with one that is unknown or revoked."""
-    if not fleet.settings.require_keys:
+    if not gateway.settings.require_keys:
         return None
     if credentials is None:
         logger.info("%s %s refused: no API key", request.method, request.url.path)
         raise Unauthorized("no API key: send one as 'Authorization: Bearer <key>'")
     try:
-        key = await run_in_threadpool(fleet.keys.verify, credentials.credentials)
+        key = await gateway.key(credentials.credentials)
     except redis.RedisError as error:
         raise Unavailable(
             f"API keys cannot be checked, Redis does not answer: {error}",
-            retry_after=fleet.settings.busy_retry_after_s,
+            retry_after=gateway.settings.busy_retry_after_s,
         ) from None
     if key is None:
         logger.info(
@@ -60,28 +68,31 @@ async def caller(
 
 
 async def admitted(
-    request: Request, fleet: Fleet, key: Annotated[ApiKey | None, Depends(caller)]
+    request: Request, gateway: GatewayDep, key: Annotated[ApiKey | None, Depends(caller)]
 ) -> AsyncIterator[None]:
     """Let a generation in: ``QueueFull`` while the queue is full, ``OverLimit`` when its key
     is over a limit; the key's slot is held until the response has been sent (FastAPI ends
     this dependency then), whether it streamed, failed or its client left."""
-    await fleet.check_backlog()
+    await gateway.check_backlog()
     if key is None or not (key.rpm or key.concurrency):  # nothing to count: no thread hop
         yield
         return
     try:
-        slot = await run_in_threadpool(fleet.limiter.admit, key)
+        slot = await gateway.admit(key)
     except OverLimit as error:
         logger.info("%s %s refused: %s", request.method, request.url.path, error)
         raise
     except redis.RedisError as error:
         raise Unavailable(
             f"the key's limits cannot be counted, Redis does not answer: {error}",
-            retry_after=fleet.settings.busy_retry_after_s,
+            retry_after=gateway.settings.busy_retry_after_s,
         ) from None
     try:
         yield
     finally:
         if slot is not None:
             with anyio.CancelScope(shield=True):  # released even if the request is cancelled
-                await run_in_threadpool(fleet.limiter.release, slot)
+                await gateway.release(slot)
+
+
+ADMITTED = [Depends(admitted)]  # a generation: the queue's room and its key's limits

@@ -1,0 +1,205 @@
+"""The one answer path of every API: a generation published as a fleet job, its answer read
+from the job's token stream (``reading``) and given to the client in the API's shapes
+(an ``Encoder``), whole or streamed. A client that goes away before its answer is out cancels
+the job, whether it was waiting for the whole answer, for the first piece, or in the middle of
+the stream; the route's key slot (``deps.admitted``) is held until the response has ended."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import anyio
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from avocado_infer.gateway import Gateway
+from avocado_infer.reading import pieces, whole
+from avocado_shared.contracts import Usage
+from avocado_shared.errors import AvocadoError
+
+__all__ = ["JOB_ID_HEADER", "NDJSON", "SSE", "Encoder", "Framing", "answer"]
+
+logger = logging.getLogger(__name__)
+
+# Names the job behind a response, for ``ml_results`` and ``avocado result``.
+JOB_ID_HEADER = "X-Avocado-Job-Id"
+
+# nginx's "client closed request": the status of an answer no one was left to read.
+_CLIENT_CLOSED_REQUEST = 499
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How an API streams its chunks: its media type and the bytes of each chunk."""
+
+    media_type: str
+    frame: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]]
+
+
+class Encoder(Protocol):
+    """One API's shapes of an answer; it knows nothing of jobs, streams or clients."""
+
+    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
+        """The whole answer in one object."""
+
+    def piece(self, text: str) -> dict[str, Any]:
+        """A streamed piece of the text."""
+
+    def last(self, usage: Usage) -> Iterable[dict[str, Any]]:
+        """The chunks that end a streamed answer."""
+
+    def failed(self, error: AvocadoError) -> dict[str, Any]:
+        """The chunk that ends a streamed answer whose job failed once streaming began."""
+
+    @property
+    def framing(self) -> Framing:
+        """How the API streams its chunks (``NDJSON`` or ``SSE``)."""
+
+
+async def answer(
+    request: Request,
+    gateway: Gateway,
+    job: Mapping[str, Any],
+    encoder: Callable[[str], Encoder],
+    *,
+    streamed: bool,
+) -> Response:
+    """Publish the generation ``job`` (``Gateway.generate``'s fields) and answer with it in
+    the shapes of ``encoder(job_id)``: one object, or a stream once its first piece is there
+    (a job that fails or never starts gets an HTTP error status, as nothing was sent yet)."""
+    handle = await gateway.generate(**job)
+    job_id, model = handle.id, str(job["model"])
+    shapes = encoder(job_id)
+    timeout = gateway.settings.stream_timeout_s
+    if not streamed:
+        got = await _unless_client_leaves(
+            request, gateway, job_id, whole(gateway, job_id, model, timeout)
+        )
+        if got is None:
+            return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        return JSONResponse(shapes.whole(*got), headers={JOB_ID_HEADER: job_id})
+    answered = pieces(gateway, job_id, model, timeout)
+    first = await _unless_client_leaves(request, gateway, job_id, anext(answered))
+    if first is None:
+        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+    body = _Watched(shapes.framing.frame(_encoded(first, answered, shapes)))
+
+    async def after() -> None:
+        if not body.whole:  # the client left mid-answer
+            await _cancel(gateway, job_id)
+
+    return StreamingResponse(
+        body,
+        media_type=shapes.framing.media_type,
+        headers={JOB_ID_HEADER: job_id},
+        background=BackgroundTask(after),
+    )
+
+
+async def _encoded(
+    first: str | Usage, rest: AsyncIterator[str | Usage], shapes: Encoder
+) -> AsyncIterator[dict[str, Any]]:
+    """The API's chunks for the answer; a failure once streaming began ends it with
+    ``shapes.failed``'s chunk (the status was sent with the first)."""
+
+    async def every() -> AsyncIterator[str | Usage]:
+        yield first
+        async for piece in rest:
+            yield piece
+
+    try:
+        async for piece in every():
+            if isinstance(piece, Usage):
+                for chunk in shapes.last(piece):
+                    yield chunk
+            else:
+                yield shapes.piece(piece)
+    except AvocadoError as error:
+        yield shapes.failed(error)
+
+
+async def _cancel(gateway: Gateway, job_id: str) -> None:
+    """Cancel the job of a client that left; a failure to is logged, not raised."""
+    try:
+        await gateway.cancel(job_id)
+    except AvocadoError as error:
+        logger.warning("job %s not cancelled after its client left: %s", job_id, error)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away. Its body was read whole: the server's next
+    message is ``http.disconnect``, as Starlette's ``StreamingResponse`` listens for it."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(
+    request: Request, gateway: Gateway, job_id: str, wait: Awaitable[T]
+) -> T | None:
+    """``await wait`` unless the client leaves first: then the wait is cancelled, the job
+    too, and the answer is None."""
+    done: list[T] = []
+    failed: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            await _disconnected(request)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            done.append(await wait)
+        except Exception as error:  # raised below, not wrapped in the task group's
+            failed.append(error)
+        group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    if done:
+        return done[0]
+    await _cancel(gateway, job_id)
+    return None
+
+
+class _Watched:
+    """A response body that knows whether the client was given all of it."""
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        self._body = body
+        self.whole = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._body:
+            yield part
+        self.whole = True
+
+
+def _line(chunk: dict[str, Any]) -> bytes:
+    return json.dumps(chunk, separators=(",", ":")).encode()
+
+
+async def _ndjson(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """One JSON object a line, as Ollama streams."""
+    async for chunk in chunks:
+        yield _line(chunk) + b"\n"
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Server-sent events ending in ``data: [DONE]`` (none after an error), as OpenAI
+    streams."""
+    failed = False
+    async for chunk in chunks:
+        failed = "error" in chunk
+        yield b"data: " + _line(chunk) + b"\n\n"
+    if not failed:
+        yield b"data: [DONE]\n\n"
+
+
+NDJSON = Framing("application/x-ndjson", _ndjson)
+SSE = Framing("text/event-stream", _sse)
