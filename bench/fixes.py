@@ -26,7 +26,7 @@ from bench.scenarios import (
     warm,
 )
 from bench.services import BenchEnv
-from ollama_worker.testing.processes import WorkerProcess
+from tests.processes import WorkerProcess
 
 __all__ = ["VARIANTS", "fixes"]
 

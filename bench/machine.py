@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from ollama_worker.testing.processes import rabbitmqctl
+from tests.processes import rabbitmqctl
 
 __all__ = ["LoadMonitor", "describe_machine"]
 

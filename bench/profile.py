@@ -28,7 +28,7 @@ from bench.fleet_app import sqlite_full
 from bench.report import median, percentile
 from bench.scenarios import Config, alternate, burst, done, fleet, timed_ms, with_bare
 from bench.services import RABBIT_HOST, REDIS_URL, BenchEnv, process_tree
-from ollama_worker.testing.processes import VENV_BIN, WorkerProcess, rabbitmqctl, spawn, stop_group
+from tests.processes import VENV_BIN, WorkerProcess, rabbitmqctl, spawn, stop_group
 
 __all__ = ["cpu_ms", "profile", "servers"]
 

@@ -19,7 +19,7 @@ from bench.report import Outcome, Row, fmt, median, percentile, span
 from bench.services import MODEL, BenchEnv, process_tree
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.settings import WorkerSettings
-from ollama_worker.testing.processes import Server, WorkerProcess, wait_for
+from tests.processes import Server, WorkerProcess, wait_for
 
 __all__ = ["DEFAULT_POOL", "POOLS", "Config", "dispatch", "memory", "overhead", "saturation"]
 __all__ += ["scale_out"]

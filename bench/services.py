@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 
 from avocado_shared import Producer, Settings
 from avocado_shared.keys import KeyStore
-from ollama_worker.testing import processes as procs
+from tests import processes as procs
 
 __all__ = ["MODEL", "RABBIT_HOST", "REDIS_URL", "REPO", "BenchEnv", "process_tree"]
 

@@ -75,7 +75,10 @@ ensure_venv() {
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "could not make a virtualenv at $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U "pip>=25.1" uv \
     || die "could not upgrade pip in $VENV"
-  local packages=(-e python/shared -e python/ollama-worker -e python/infer --group dev)
+  # The worker with its simulate extra: start-ml-services.sh --simulate and the tests run
+  # avocado-ollama-sim.
+  local packages=(-e python/shared -e python/simulator -e "python/ollama-worker[simulate]"
+    -e python/infer --group dev)
   # uv installs the same in seconds instead of half a minute; pip, which reads pip.conf
   # (a private index, say), when uv cannot.
   (cd "$ROOT" && "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" \

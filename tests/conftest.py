@@ -22,8 +22,8 @@ from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Announcement, EndpointWatcher
 from avocado_shared.keys import KeyStore
+from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests import midanswer
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings

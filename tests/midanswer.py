@@ -8,8 +8,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.testing import OllamaSimulator, SimConfig
 
 __all__ = ["ASK", "MODEL", "TOKENS", "continued_from", "longest_gap", "reference", "slow"]
 

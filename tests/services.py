@@ -11,8 +11,8 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from ollama_worker.testing import processes
-from ollama_worker.testing.processes import (
+from tests import processes
+from tests.processes import (
     VENV_BIN,
     WorkerProcess,
     free_port,

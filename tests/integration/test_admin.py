@@ -23,7 +23,7 @@ from avocado_shared.discovery import EndpointEvent, EndpointWatcher
 from avocado_shared.producer import Producer
 from avocado_shared.settings import Settings
 from avocado_shared.topology import DEAD_LETTER_QUEUE, GENERATE_QUEUE, ML_EXCHANGE
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.rabbit import RabbitNode
 from tests.services import RedisServer, free_port, run_cli, service_env

@@ -18,7 +18,7 @@ import redis
 from avocado_shared import JobFailed, JobStatus, Producer
 from avocado_shared.streams import EntryKind, JobStream
 from avocado_shared.topology import GENERATE_QUEUE
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.rabbit import queue_depth

@@ -20,7 +20,7 @@ from avocado_shared import (
     Settings,
 )
 from avocado_shared.topology import GENERATE_QUEUE, SUMMARIZE_QUEUE
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import worker_processes
 from tests.rabbit import RabbitNode
 from tests.services import REDIS_URL, free_port, wait_for

@@ -16,7 +16,7 @@ from kombu.connection import Connection
 from avocado_shared.discovery import Announcement, EndpointEvent, EndpointWatcher
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.settings import Settings
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.services import WorkerProcess, run_cli, service_env
 

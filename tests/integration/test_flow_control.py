@@ -21,7 +21,7 @@ from avocado_shared import (
     Settings,
 )
 from avocado_shared.topology import declare_topology
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
 from tests.proxy import OneWayProxy
 from tests.rabbit import ALARMS, RabbitNode, alarm_raised, new_vhost, queue_depth

@@ -17,7 +17,7 @@ from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Endpoint
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.streams import EntryKind, JobStream
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import JOB_ID_HEADER, Fleet, assert_counts
 from tests.inprocess import InProcessWorker

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from ollama_worker.testing.processes import VENV_BIN, Child, spawn, wait_for
+from tests.processes import VENV_BIN, Child, spawn, wait_for
 from tests.services import free_port, service_env
 
 

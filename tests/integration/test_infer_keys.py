@@ -19,7 +19,7 @@ import pytest
 from avocado_shared import Settings
 from avocado_shared.errors import NotFound
 from avocado_shared.keys import KeyStore
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.infer_http import (
     ASK,

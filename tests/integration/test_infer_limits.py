@@ -21,8 +21,7 @@ from avocado_shared import Producer, Settings
 from avocado_shared.cancel import cancel_key
 from avocado_shared.keys import KeyStore
 from avocado_shared.topology import declare_topology
-from ollama_worker.testing import OllamaSimulator, SimConfig
-from ollama_worker.testing.processes import VENV_BIN, Child, spawn
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.infer_http import (
     ASK,
@@ -40,6 +39,7 @@ from tests.infer_http import (
     retry_after,
     unique,
 )
+from tests.processes import VENV_BIN, Child, spawn
 from tests.rabbit import Broker, RabbitNode, alarm_raised, isolated_vhost, new_vhost
 from tests.services import REDIS_URL, free_port, service_env, wait_for
 

@@ -18,7 +18,7 @@ from avocado_shared import Producer, Settings
 from avocado_shared.discovery import Endpoint
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.topology import SUMMARIZE_QUEUE, describe
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.services import REDIS_URL, wait_for

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from avocado_shared import JobStatus, Producer
+from avocado_sim import OllamaSimulator
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet, assert_counts

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from avocado_shared import GenerateResult, JobFailed, Producer, SummarizeResult
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.services import WorkerProcess
 
 pytestmark = pytest.mark.usefixtures("worker")

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from avocado_shared import GenerateResult, JobFailed, Producer
 from avocado_shared.producer import SENT_AT_HEADER
+from avocado_sim import OllamaSimulator
 from ollama_worker.metrics import MetricsExporter, MetricsUnavailable, queue_wait, retry_reason
 from ollama_worker.ollama import OllamaUnavailable
-from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.services import WorkerProcess, free_port, wait_for
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from avocado_shared import JobFailed, Producer
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 
 MODEL = "llama3.2:1b"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from avocado_shared import JobStatus, Producer
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.services import WorkerProcess, service_env
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "topology.md"

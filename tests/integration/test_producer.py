@@ -16,7 +16,7 @@ from avocado_shared.topology import (
     SUMMARIZE_QUEUE,
     declare_topology,
 )
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.rabbit import Broker
 from tests.services import REDIS_URL, WorkerProcess, run_cli, service_env
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from avocado_shared import JobFailed, JobHandle, JobStatus, Producer, ResultStore, Settings
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
 from tests.rabbit import RabbitNode
 from tests.services import REDIS_URL, RedisServer, WorkerProcess, wait_for

@@ -15,7 +15,7 @@ from psycopg import sql
 from avocado_shared import JobFailed, JobStatus, Producer, ResultRow, ResultStore
 from avocado_shared.store import SCHEMA_VERSION
 from avocado_shared.topology import GENERATE_TASK
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import PG_ADMIN_URL, PG_FAKE_PASSWORD, WorkerFactory
 from tests.services import run_cli, service_env, wait_for
 

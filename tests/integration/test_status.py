@@ -23,7 +23,7 @@ from avocado_shared.topology import (
     GENERATE_TASK,
     declare_dead_letter_queue,
 )
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.services import free_port, run_cli, service_env, wait_for
 

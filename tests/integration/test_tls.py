@@ -21,7 +21,7 @@ from avocado_shared.discovery import Announcement, EndpointEvent, EndpointWatche
 from avocado_shared.producer import PublishError
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.store import JobStatus
-from ollama_worker.testing import OllamaSimulator
+from avocado_sim import OllamaSimulator
 from tests.services import (
     VENV_BIN,
     WorkerProcess,

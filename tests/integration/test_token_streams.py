@@ -27,8 +27,8 @@ from avocado_shared.streams import (
     text_fields,
 )
 from avocado_shared.topology import GENERATE_TASK
+from avocado_sim import OllamaSimulator
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.testing import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.midanswer import ASK, MODEL, TOKENS, continued_from, longest_gap
 from tests.services import REDIS_URL

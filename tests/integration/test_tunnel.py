@@ -1,5 +1,5 @@
 """A worker exposing its Ollama through an ngrok tunnel: pyngrok drives the fake agent from
-``ollama_worker.testing`` as it drives the real one, and the announced URL really works."""
+``tests.fake_ngrok`` as it drives the real one, and the announced URL really works."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import redis
 
 from avocado_shared import Producer
 from avocado_shared.discovery import Announcement, EndpointEvent, EndpointWatcher
-from ollama_worker.testing import OllamaSimulator, fake_ngrok_path
+from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
+from tests.fake_ngrok import fake_ngrok_path
 from tests.services import REDIS_URL, WorkerProcess, wait_for
 
 WAIT = 30

@@ -18,7 +18,8 @@ from nbclient import NotebookClient
 
 from avocado_shared import Producer
 from avocado_shared.discovery import Announcement, EndpointEvent, EndpointWatcher
-from ollama_worker.testing import OllamaSimulator, SimConfig, fake_ngrok_path
+from avocado_sim import OllamaSimulator, SimConfig
+from tests.fake_ngrok import fake_ngrok_path
 from tests.services import VENV_BIN, free_port, service_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,8 +25,7 @@ from pyngrok import ngrok, process
 from pyngrok.conf import PyngrokConfig
 from pyngrok.exception import PyngrokNgrokError, PyngrokNgrokHTTPError
 
-from ollama_worker.testing import fake_ngrok_path
-from ollama_worker.testing.fake_ngrok import VERSION
+from tests.fake_ngrok import VERSION, fake_ngrok_path
 from tests.services import free_port
 
 TOKEN = "test-token-5e1f0c"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 from ollama_worker.ollama import (
     DeadlinePassed,
@@ -17,7 +18,6 @@ from ollama_worker.ollama import (
     OllamaRejected,
     OllamaUnavailable,
 )
-from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.services import free_port
 
 

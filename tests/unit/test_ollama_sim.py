@@ -20,7 +20,7 @@ import ollama
 import pytest
 from pydantic import BaseModel
 
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 
 MODEL = "llama3.2:1b"
 # Plain http only; sharing one context spares every client ~0.1 s of CA loading.
@@ -575,7 +575,7 @@ def _command() -> list[str]:
     script = Path(sys.executable).with_name("avocado-ollama-sim")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "ollama_worker.testing.ollama_sim"]
+    return [sys.executable, "-m", "avocado_sim.simulator"]
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:

@@ -12,6 +12,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from avocado_shared.contracts import SummarizeOptions
+from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import DeadlinePassed, ModelNotFound
 from ollama_worker.ollama import OllamaClient
@@ -19,7 +20,6 @@ from ollama_worker.openai_api import OpenAIClient, OpenAIRejected, OpenAIUnavail
 from ollama_worker.retry import RetryPolicy
 from ollama_worker.settings import WorkerSettings
 from ollama_worker.summary import summarize_text
-from ollama_worker.testing import OllamaSimulator, SimConfig
 from tests.services import free_port
 
 MODEL = "llama3.2:1b"

@@ -14,7 +14,7 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ollama_worker.testing import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, SimConfig
 
 MODEL = "llama3.2:1b"
 HELLO = [{"role": "user", "content": "Hello there"}]

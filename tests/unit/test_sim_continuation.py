@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.openai_api import OpenAIClient
-from ollama_worker.testing import OllamaSimulator, SimConfig
 
 MODEL = "llama3.2:1b"
 ASK = [{"role": "user", "content": "Tell me about avocados."}]

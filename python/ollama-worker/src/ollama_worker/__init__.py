@@ -1,8 +1,8 @@
 """Spicy Avocado's Ollama worker: ``celery -A ollama_worker worker`` runs it.
 
 ``ollama_worker.app`` is made on first access from the environment's settings
-(``celery_app.create_app``); importing the package makes nothing, so the simulator and
-``ollama_worker.testing`` start without Celery or the worker's settings.
+(``celery_app.create_app``); importing the package makes nothing, so its commands
+(``avocado-worker``, ``avocado-embedded-llm``) start without the Celery app or its settings.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Sequence
 from types import FrameType, TracebackType
 
-from ollama_worker.testing._sim_http import SimServer
-from ollama_worker.testing._sim_state import RecordedRequest, RequestLog, SimConfig, SimState
+from avocado_sim._http import SimServer
+from avocado_sim._state import RecordedRequest, RequestLog, SimConfig, SimState
 
 __all__ = ["OllamaSimulator", "RecordedRequest", "RequestLog", "SimConfig", "main"]
 

@@ -2,7 +2,7 @@
 
 Handlers answer with the bodies, status codes and error texts of Ollama's
 server/routes.go, so client code meets the same shapes it will meet in prod;
-``_sim_openai`` adds the OpenAI-compatible routes on the same server.
+``_openai`` adds the OpenAI-compatible routes on the same server.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ollama_worker.testing import _sim_catalog as catalog
-from ollama_worker.testing import _sim_openai
-from ollama_worker.testing._sim_state import RecordedRequest, SimState
-from ollama_worker.testing._sim_text import Reply, count_words, plan_chat
+from avocado_sim import _catalog as catalog
+from avocado_sim import _openai
+from avocado_sim._state import RecordedRequest, SimState
+from avocado_sim._text import Reply, count_words, plan_chat
 
 __all__ = ["SimServer", "host_is_loopback"]
 
@@ -570,7 +570,7 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/api/delete": {"DELETE": _Handler._delete},
     "/api/generate": {"POST": _Handler._generate},
     "/api/chat": {"POST": _Handler._chat},
-    **_sim_openai.ROUTES,
+    **_openai.ROUTES,
 }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal, overload
 
-from ollama_worker.testing._sim_catalog import normalize
+from avocado_sim._catalog import normalize
 
 __all__ = ["RecordedRequest", "RequestLog", "SimConfig", "SimState", "SlotGate"]
 

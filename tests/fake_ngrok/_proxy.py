@@ -19,8 +19,8 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ollama_worker.testing._ngrok_log import AgentLog
-from ollama_worker.testing._ngrok_options import TunnelSpec
+from tests.fake_ngrok._log import AgentLog
+from tests.fake_ngrok._options import TunnelSpec
 
 __all__ = ["TunnelProxy"]
 

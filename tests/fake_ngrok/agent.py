@@ -1,6 +1,6 @@
 """A fake ngrok v3 agent that pyngrok starts and drives like the real one, with no internet.
 
-``avocado-fake-ngrok start --none --log stdout --config ngrok.yml`` prints the agent's
+``<fake_ngrok_path()> start --none --log stdout --config ngrok.yml`` prints the agent's
 start-up log lines, serves its local API (/api/tunnels, /api/endpoints, /api/status) and
 runs each tunnel as a loopback HTTP proxy whose "public" URL is ``http://127.0.0.1:<port>``.
 Without an authtoken it fails as ngrok does (ERR_NGROK_4018); ``FAKE_NGROK_OFFLINE=1``
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ollama_worker.testing._ngrok_api import ApiServer, Tunnels
-from ollama_worker.testing._ngrok_config import AgentConfig, ConfigError, default_path, load, save
-from ollama_worker.testing._ngrok_log import AgentLog
+from tests.fake_ngrok._api import ApiServer, Tunnels
+from tests.fake_ngrok._config import AgentConfig, ConfigError, default_path, load, save
+from tests.fake_ngrok._log import AgentLog
 
-__all__ = ["SCRIPT", "VERSION", "fake_ngrok_path", "main"]
+__all__ = ["VERSION", "main"]
 
-SCRIPT = "avocado-fake-ngrok"
 VERSION = "3.24.0"
 _VALUE_FLAGS = frozenset(
     {"config", "log", "log-format", "log-level", "authtoken", "region", "api-key", "channel"}
@@ -45,7 +43,7 @@ _DIAL_FAILED = (
     'failed to dial ngrok server with address "connect.ngrok-agent.com:443": '
     "dial tcp: lookup connect.ngrok-agent.com: no such host"
 )
-_USAGE = f"""ngrok (fake, {SCRIPT}) {VERSION}
+_USAGE = f"""ngrok (fake, tests/fake_ngrok) {VERSION}
 
 Commands:
   start --none         run the agent; tunnels are started through its API
@@ -221,7 +219,7 @@ def _config_command(cli: _Cli, words: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: the ngrok commands pyngrok runs, and ``start`` until SIGTERM."""
+    """The launcher's entry point: the ngrok commands pyngrok runs, and ``start`` until SIGTERM."""
     try:
         cli = _parse(sys.argv[1:] if argv is None else argv)
     except _UsageError as exc:
@@ -241,14 +239,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "start":
         return _start(cli, rest)
     return _error(f'unknown command "{command}" for "ngrok"')
-
-
-def fake_ngrok_path() -> str:
-    """The installed fake agent, to pass as ``PyngrokConfig(ngrok_path=...)``."""
-    found = shutil.which(SCRIPT, path=os.path.dirname(sys.executable)) or shutil.which(SCRIPT)
-    if found is None:
-        raise FileNotFoundError(f"{SCRIPT} is not installed: pip install -e python/ollama-worker")
-    return os.path.abspath(found)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
-from ollama_worker.testing._sim_text import Reply, count_words, plan_chat, plan_reply, reply_key
+from avocado_sim._text import Reply, count_words, plan_chat, plan_reply, reply_key
 
 if TYPE_CHECKING:
-    from ollama_worker.testing._sim_http import _Handler
+    from avocado_sim._http import _Handler
 
 __all__ = ["ROUTES"]
 

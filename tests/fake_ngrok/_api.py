@@ -19,9 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from ollama_worker.testing._ngrok_log import AgentLog
-from ollama_worker.testing._ngrok_options import OptionsError, TunnelSpec, parse_options
-from ollama_worker.testing._ngrok_proxy import TunnelProxy
+from tests.fake_ngrok._log import AgentLog
+from tests.fake_ngrok._options import OptionsError, TunnelSpec, parse_options
+from tests.fake_ngrok._proxy import TunnelProxy
 
 __all__ = ["ApiServer", "Tunnels"]
 
