@@ -121,6 +121,13 @@ class RedisServer:
             self._process.wait(timeout=30)
             self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL it, as a crash or an OOM kill does; its append-only file stays."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=30)
+            self._process = None
+
     def __enter__(self) -> RedisServer:
         return self.start()
 

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 # at again, and the wait before reading again after Redis failed.
 _SLICE_S = 1.0
 _BACKOFF_S = 0.5
+# How often, and how long, a reader looks for a stored answer its worker is about to write.
+_STORED_POLL_S = 0.1
+_STORED_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,14 @@ async def _read(
                     given.clear()
                     yield _Restart(entry.reason or "")
                 elif entry.kind is EntryKind.DONE:
-                    yield entry.usage or Usage(model=model)
+                    # After a Redis failure the stream may miss what its writer could not
+                    # write: the stored answer, written next, is the whole one.
+                    stored = await _stored_soon(gateway, job_id) if recovering else None
+                    if stored is not None:
+                        async for read in _rest(stored, "".join(given), job_id):
+                            yield read
+                    else:
+                        yield entry.usage or Usage(model=model)
                     return
                 elif entry.kind is EntryKind.ERROR:
                     raise StreamFailed(f"job {job_id} failed: {entry.reason}")
@@ -76,10 +86,8 @@ async def _read(
         if recovering:
             stored = await gateway.stored(job_id)
             if stored is not None:
-                rest = _rest(stored, "".join(given), job_id)
-                if rest:
-                    yield rest
-                yield stored.usage
+                async for read in _rest(stored, "".join(given), job_id):
+                    yield read
                 return
         if time.monotonic() > deadline:
             raise StreamTimedOut(
@@ -87,11 +95,22 @@ async def _read(
             )
 
 
-def _rest(stored: StoredAnswer, given: str, job_id: str) -> str:
-    """What the stored answer holds beyond the text already given out."""
+async def _rest(stored: StoredAnswer, given: str, job_id: str) -> AsyncIterator[_Read]:
+    """What the stored answer holds beyond the text already given out, then its usage."""
     if not stored.text.startswith(given):  # cannot be: the result is what was streamed
         logger.warning("job %s: its stored answer does not begin with what was read", job_id)
-    return stored.text[len(given) :]
+    if len(stored.text) > len(given):
+        yield stored.text[len(given) :]
+    yield stored.usage
+
+
+async def _stored_soon(gateway: Gateway, job_id: str) -> StoredAnswer | None:
+    """The stored answer of a job whose stream just ended whole: its worker stores it right
+    after; None if it is not there soon (the stream's answer is then the one given)."""
+    deadline = time.monotonic() + _STORED_WAIT_S
+    while (stored := await gateway.stored(job_id)) is None and time.monotonic() < deadline:
+        await anyio.sleep(_STORED_POLL_S)
+    return stored
 
 
 async def pieces(
