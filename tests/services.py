@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -121,12 +122,18 @@ class RedisServer:
             self._process.wait(timeout=30)
             self._process = None
 
-    def kill(self) -> None:
-        """SIGKILL it, as a crash or an OOM kill does; its append-only file stays."""
-        if self._process is not None:
+    def down_until(
+        self, back: Callable[[], bool], what: str, *, kill: bool = False, timeout: float = 90
+    ) -> None:
+        """Stop it (SIGTERM), or with ``kill`` SIGKILL it as a crash does, until ``back()``
+        holds; then start it again from its append-only file."""
+        if kill and self._process is not None:
             self._process.kill()
             self._process.wait(timeout=30)
             self._process = None
+        self.stop()
+        wait_for(back, timeout=timeout, what=what)
+        self.start()
 
     def __enter__(self) -> RedisServer:
         return self.start()

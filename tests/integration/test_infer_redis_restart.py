@@ -19,7 +19,6 @@ from avocado_shared import JobStatus, Producer, Settings
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
-from tests.processes import wait_for
 from tests.services import RedisServer
 
 MODEL = "llama3.2:1b"
@@ -72,13 +71,12 @@ def test_a_streamed_answer_rides_out_a_redis_restart(
                 for chunk in _lines(response):
                     chunks.append(chunk)
                     if len(chunks) == BEFORE_KILL:
-                        redis_server.kill()
-                        wait_for(
+                        redis_server.down_until(
                             lambda: "not written, the job goes on" in worker.log_text(),
+                            "the worker to go on without its stream",
+                            kill=True,
                             timeout=WAIT,
-                            what="the worker to go on without its stream",
                         )
-                        redis_server.start()
         finally:
             gateway.stop()
 

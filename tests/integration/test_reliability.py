@@ -279,13 +279,11 @@ def test_redis_restart_loses_no_job_and_runs_none_twice(
             slow_sim.config.latency_ms = 1000
             handles = [producer.summarize(f"{tag}-{i}", f"Item {i}.") for i in range(10)]
             wait_for(lambda: handles[0].ready(), timeout=WAIT, what="a first job done")
-            private_redis.stop()
-            wait_for(
+            private_redis.down_until(
                 lambda: "Failed operation" in worker.log_text(),
+                "the worker to hold a result while Redis is down",
                 timeout=WAIT,
-                what="the worker to hold a result while Redis is down",
             )
-            private_redis.start()
             results = [h.get(timeout=WAIT) for h in handles]
 
             assert {r.share_id for r in results} == {f"{tag}-{i}" for i in range(10)}
