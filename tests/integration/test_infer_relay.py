@@ -17,7 +17,7 @@ from avocado_infer.answer import SSE
 from avocado_infer.errors import AnswerRestarted
 from avocado_infer.gateway import StoredAnswer
 from avocado_infer.ollama_api import ollama_counts
-from avocado_infer.reading import pieces, whole
+from avocado_infer.reading import answer_pieces, whole_answer
 from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.streams import (
@@ -102,7 +102,7 @@ def _chunks(stream: Stream) -> list[dict[str, Any]]:
     async def chunks(reader: _Reader) -> list[dict[str, Any]]:
         made: list[dict[str, Any]] = []
         try:
-            async for piece in pieces(reader, stream.job_id, MODEL, timeout_s=5):  # type: ignore[arg-type]
+            async for piece in answer_pieces(reader, stream.job_id, MODEL, timeout_s=5):  # type: ignore[arg-type]
                 made.append(
                     {"done": piece.completion_tokens}
                     if isinstance(piece, Usage)
@@ -116,7 +116,7 @@ def _chunks(stream: Stream) -> list[dict[str, Any]]:
 
 
 def _whole(stream: Stream) -> tuple[str, Usage]:
-    return stream.read(lambda reader: whole(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
+    return stream.read(lambda reader: whole_answer(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
 
 
 def _whole_text(stream: Stream) -> str:
@@ -129,7 +129,7 @@ def test_pieces_then_the_counts_in_ollamas_units(stream: Stream) -> None:
     stream.write(text_fields("Avo"), text_fields("ca", 2), text_fields("do"), done_fields(USAGE))
 
     *texts, usage = stream.read(
-        lambda reader: _all(pieces(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
+        lambda reader: _all(answer_pieces(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
     )
 
     assert texts == ["Avo", "ca", "do"]
@@ -169,7 +169,9 @@ def test_a_failed_job_ends_the_answer_in_an_error(stream: Stream) -> None:
 
 def test_no_entry_in_time_is_a_timeout(stream: Stream) -> None:
     with pytest.raises(StreamTimedOut):
-        stream.read(lambda reader: anext(pieces(reader, stream.job_id, MODEL, timeout_s=0.2)))  # type: ignore[arg-type]
+        stream.read(
+            lambda reader: anext(answer_pieces(reader, stream.job_id, MODEL, timeout_s=0.2))
+        )  # type: ignore[arg-type]
 
 
 async def _body(chunks: list[dict[str, Any]]) -> bytes:

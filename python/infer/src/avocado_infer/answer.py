@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from avocado_infer.gateway import Gateway
-from avocado_infer.reading import pieces, whole
+from avocado_infer.reading import answer_pieces, whole_answer
 from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
 
@@ -80,12 +80,12 @@ async def answer(
     timeout = gateway.settings.stream_timeout_s
     if not streamed:
         got = await _unless_client_leaves(
-            request, gateway, job_id, whole(gateway, job_id, model, timeout)
+            request, gateway, job_id, whole_answer(gateway, job_id, model, timeout)
         )
         if got is None:
             return Response(status_code=_CLIENT_CLOSED_REQUEST)
         return JSONResponse(shapes.whole(*got), headers={JOB_ID_HEADER: job_id})
-    answered = pieces(gateway, job_id, model, timeout)
+    answered = answer_pieces(gateway, job_id, model, timeout)
     first = await _unless_client_leaves(request, gateway, job_id, anext(answered))
     if first is None:
         return Response(status_code=_CLIENT_CLOSED_REQUEST)

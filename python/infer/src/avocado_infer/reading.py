@@ -19,7 +19,7 @@ from avocado_infer.gateway import Gateway, StoredAnswer
 from avocado_shared.contracts import Usage
 from avocado_shared.streams import EntryKind, StreamFailed, StreamTimedOut, StreamUnavailable
 
-__all__ = ["pieces", "whole"]
+__all__ = ["answer_pieces", "whole_answer"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ async def _stored_soon(gateway: Gateway, job_id: str) -> StoredAnswer | None:
     return stored
 
 
-async def pieces(
+async def answer_pieces(
     gateway: Gateway, job_id: str, model: str, timeout_s: float
 ) -> AsyncIterator[str | Usage]:
     """The answer's text pieces as they are written, then its ``Usage``. Raises
@@ -132,7 +132,9 @@ async def pieces(
         yield read
 
 
-async def whole(gateway: Gateway, job_id: str, model: str, timeout_s: float) -> tuple[str, Usage]:
+async def whole_answer(
+    gateway: Gateway, job_id: str, model: str, timeout_s: float
+) -> tuple[str, Usage]:
     """The whole answer as stored (a restart drops what came before it) and its usage."""
     parts: list[str] = []
     async for read in _read(gateway, job_id, model, timeout_s):
