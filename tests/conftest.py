@@ -25,6 +25,7 @@ from avocado_shared.keys import KeyStore
 from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.ollama import OllamaClient
 from tests import midanswer
+from tests.fake_gateway import Served, serve
 from tests.gateway import InProcessGateway
 from tests.inprocess import InProcessWorker, given_settings
 from tests.placement import place
@@ -311,3 +312,18 @@ def gateway_factory(settings: Settings) -> Iterator[Callable[..., InProcessGatew
     yield make
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture
+def served() -> Iterator[Callable[..., Served]]:
+    """Gateway apps on a fake gateway (``tests/fake_gateway.py``): no broker, Redis or worker;
+    ``fields`` set InferSettings. Their test clients are closed when the test ends."""
+    made: list[Served] = []
+
+    def make(**fields: Any) -> Served:
+        made.append(serve(**fields))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.client.close()
