@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.openai_api import OpenAIClient
+from ollama_worker.openai_backend import OpenAIClient
 from ollama_worker.testing import OllamaSimulator, SimConfig
 
 MODEL = "llama3.2:1b"
