@@ -11,7 +11,7 @@ from bench.report import Outcome, Row, fmt, median, percentile
 from bench.scenarios import Config, alternate, parallel
 from bench.services import BenchEnv
 from ollama_worker.embedded import MODEL
-from ollama_worker.openai_api import OpenAIClient
+from ollama_worker.openai_backend import OpenAIClient
 
 __all__ = ["N_CTX", "TOKENS", "real_overhead", "real_saturation"]
 

@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from avocado_shared import GenerateResult, JobStatus, Producer, Settings
 from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.embedded import MODEL
-from ollama_worker.openai_api import OpenAIClient
+from ollama_worker.openai_backend import OpenAIClient
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet, assert_counts

@@ -17,7 +17,7 @@ from avocado_shared.contracts import InvalidRequest
 from avocado_shared.dlq import DeadLetterNotFound
 from avocado_shared.errors import AvocadoError, PermanentError, TransientError, Unavailable
 from avocado_shared.jobs import JobFailed, NotFinished, PublishError, PublishOutcomeUnknown
-from ollama_worker.once import AlreadyRunning
+from ollama_worker.leases import AlreadyRunning
 
 
 def _exception_classes() -> list[type[BaseException]]:

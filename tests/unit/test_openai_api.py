@@ -16,7 +16,7 @@ from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import DeadlinePassed, ModelNotFound
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.openai_api import OpenAIClient, OpenAIRejected, OpenAIUnavailable
+from ollama_worker.openai_backend import OpenAIClient, OpenAIRejected, OpenAIUnavailable
 from ollama_worker.retry import RetryPolicy
 from ollama_worker.settings import WorkerSettings
 from ollama_worker.summary import summarize_text

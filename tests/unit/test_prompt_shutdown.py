@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from celery.signals import worker_shutting_down
 from kombu.asynchronous import Hub
 
-from ollama_worker.prompt_shutdown import PromptShutdown
+from ollama_worker.overrides.prompt_shutdown import PromptShutdown
 
 
 def _ready(hub: Hub) -> set[int]:

@@ -11,7 +11,7 @@ import pytest
 
 from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.openai_api import OpenAIClient
+from ollama_worker.openai_backend import OpenAIClient
 
 MODEL = "llama3.2:1b"
 ASK = [{"role": "user", "content": "Tell me about avocados."}]

@@ -35,10 +35,10 @@ from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
 from avocado_shared.keys import ApiKey, KeyStore
 from avocado_shared.producer import Producer
+from avocado_shared.redis_clients import async_redis_client, redis_client
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.store import JobStatus, StoreError
 from avocado_shared.streams import StreamFailed
-from avocado_shared.tls import async_redis_client, redis_client
 
 __all__ = ["Gateway", "ServedModel", "StoredAnswer"]
 

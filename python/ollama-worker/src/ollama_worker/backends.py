@@ -1,15 +1,72 @@
-"""The one place the settings pick the inference client: Ollama's or an OpenAI-compatible."""
+"""What the worker asks of an inference server (``Backend``), and the one place the settings
+pick the client that serves it: Ollama's or an OpenAI-compatible one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+
+from ollama_worker.inference import ChunkSink, Completion
 from ollama_worker.ollama import OllamaClient
-from ollama_worker.openai_api import OpenAIClient
+from ollama_worker.openai_backend import OpenAIClient
 from ollama_worker.settings import WorkerSettings
 
-__all__ = ["Backend", "make_backend"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11
 
-Backend = OllamaClient | OpenAIClient
-"""The inference clients the settings choose between."""
+__all__ = ["Answer", "Backend", "make_backend"]
+
+
+class Answer(TypedDict, total=False):
+    """How to answer: the server's options, the answer's format, how long the model stays
+    loaded (Ollama), where each piece goes as it comes, and the start to continue."""
+
+    options: Mapping[str, Any] | None
+    format: str | Mapping[str, Any] | None
+    keep_alive: str | int | None
+    on_chunk: ChunkSink | None
+    partial: str
+
+
+class Backend(Protocol):
+    """An inference client: failures raised as ``BackendUnavailable`` (transient),
+    ``BackendRejected`` or ``ModelNotFound`` (permanent), every call of a job within its
+    ``deadline``."""
+
+    @property
+    def can_pull(self) -> bool:
+        """Whether ``pull`` can fetch a missing model (else it raises ``ModelNotFound``)."""
+
+    def models(self) -> list[str]: ...
+
+    def has_model(self, model: str) -> bool: ...
+
+    def pull(
+        self, model: str, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> None: ...
+
+    def summary_context(self, model: str, configured: int) -> int: ...
+
+    def count_tokens(self, model: str, text: str) -> int | None: ...
+
+    def generate(
+        self, model: str, prompt: str, *, system: str | None = None, **answer: Unpack[Answer]
+    ) -> Completion:
+        """Answer ``prompt`` (after ``system``)."""
+
+    def chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **answer: Unpack[Answer]
+    ) -> Completion:
+        """Answer the last of ``messages``."""
+
+    def deadline(self, seconds: float | None) -> AbstractContextManager[None]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Backend: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 def make_backend(settings: WorkerSettings) -> Backend:

@@ -1,6 +1,8 @@
 """The worker's Celery app, made by ``create_app`` from the settings it is given (or the
-environment's, read then): the shared configuration, the fleet's tasks, the bootstep
-that holds the worker's resources and the one that starts a warm shutdown at once."""
+environment's, read then): the shared configuration, the fleet's tasks, and everything wired
+into Celery's worker: the consumer, the bootstep that holds the worker's resources, the one
+that starts a warm shutdown at once and the one that sets up delayed delivery. What each
+override of Celery's internals changes is listed in ``ollama_worker.overrides``."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from avocado_shared.celery_config import make_celery
 from avocado_shared.topology import ANNOUNCE_TASK
 from ollama_worker import announce, tasks
 from ollama_worker.lifecycle import Lifecycle
-from ollama_worker.prompt_shutdown import PromptShutdown
+from ollama_worker.overrides.consumer import DeadLetteringConsumer
+from ollama_worker.overrides.delayed_delivery import DelayedDelivery
+from ollama_worker.overrides.prompt_shutdown import PromptShutdown
 from ollama_worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -43,13 +47,18 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     }
     app.conf.worker_pool = settings.worker_pool
     # Poison messages go to ml.dlx with their reason instead of being dropped or crashing.
-    app.conf.worker_consumer = (
-        "ollama_worker.deadletter:DeadLetteringConsumer"
-        if settings.declare_topology
-        else "ollama_worker.deadletter:UndeclaringConsumer"
-    )
+    app.conf.worker_consumer = _path(DeadLetteringConsumer)
     tasks.register(app)
     announce.register(app)
     app.steps["worker"].add(Lifecycle)
     app.steps["consumer"].add(PromptShutdown)
+    # The consumer has no delayed-delivery step of Celery's: this one, declaring on the live
+    # broker only; none for a broker user that may not declare (the admin declared it all).
+    if settings.declare_topology:
+        app.steps["consumer"].add(DelayedDelivery)
     return app
+
+
+def _path(cls: type) -> str:
+    """Where Celery finds ``cls`` by name (its settings hold names, not classes)."""
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -1,36 +1,25 @@
-"""Poison messages go to ``ml.dlx`` with the reason they died, and the worker keeps serving.
-
-Stock Celery 5.7 acks a message it cannot decode (it is lost), rejects other poison
-without saying why, and dies ("Unrecoverable error") on a task message without an ``id``
-header or whose body is not ``[args, kwargs, embed]``. Here each is copied to the
-dead-letter exchange, body untouched and reason in its headers, publisher-confirmed,
-then acked; when the broker does not take the copy, the original is rejected without
-requeue and RabbitMQ dead-letters it itself (``x-death`` reason ``rejected``).
+"""Poison goes to ``ml.dlx`` with the reason it died: a copy, body untouched and reason in
+its headers, publisher-confirmed, then the original acked; when the broker does not take the
+copy, the original is rejected without requeue and RabbitMQ dead-letters it itself
+(``x-death`` reason ``rejected``). The consumer that sends received poison here is
+``overrides.consumer``; a job whose payload breaks its contract sends itself.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
-from celery import Celery, Task, signals
-from celery.exceptions import InvalidTaskError, NotRegistered, Reject
-from celery.utils.objects import Bunch
-from celery.worker.consumer.consumer import Consumer
-from celery.worker.state import requests as active_requests
+from celery import Celery, Task
+from celery.exceptions import Reject
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps
 
 from avocado_shared.dlq import copy_properties, dead_letter_headers, raw_body
 from avocado_shared.topology import DEAD_LETTER_EXCHANGE
 
-__all__ = [
-    "DeadLetteringConsumer",
-    "dead_letter_message",
-    "dead_letter_task",
-    "publish_dead_letter",
-]
+__all__ = ["dead_letter_message", "dead_letter_task", "decode_reason", "publish_dead_letter"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,114 +192,7 @@ def _task_message(task: Task) -> tuple[dict[str, Any], tuple[Any, ...]]:
     return {**original, **message.headers}, tuple(message.body)
 
 
-class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, except that poison is dead-lettered with its reason, never fatal,
-    and delayed delivery is set up on the live broker only (``ollama_worker.delayed_delivery``).
-
-    Wired in with ``worker_consumer = "ollama_worker.deadletter:DeadLetteringConsumer"``.
-    """
-
-    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
-        default_steps: ClassVar[list[str]] = [
-            "ollama_worker.delayed_delivery:DelayedDelivery"
-            if step.endswith(":DelayedDelivery")
-            else step
-            for step in Consumer.Blueprint.default_steps
-        ]
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        """Celery acks these, and the message is gone."""
-        self._dead_letter(message, _decode_reason(message, exc))
-
-    def on_unknown_message(self, body: Any, message: Any) -> None:
-        self._dead_letter(message, "not a Celery task message: no 'task' header")
-        signals.task_rejected.send(sender=self, message=message, exc=None)
-
-    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        """Dead-letter, then fail the job in the result backend as Celery does."""
-        headers = message.headers or {}
-        name, task_id = headers.get("task"), headers.get("id")
-        self._dead_letter(message, f"unknown task {name!r}: not registered on this worker")
-        if task_id:
-            self._fail_unknown(message, str(name), str(task_id))
-        signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=task_id)
-
-    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if isinstance(exc, ContentDisallowed):
-            reason = _decode_reason(message, exc)
-        else:
-            reason = f"invalid task message: {exc}"
-        self._dead_letter(message, reason)
-        signals.task_rejected.send(sender=self, message=message, exc=exc)
-
-    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
-        """Celery's handler, guarded against the malformed messages that crash it."""
-        handle = super().create_task_handler(*args, **kwargs)
-
-        def on_task_received(message: Any) -> Any:
-            headers = message.headers if isinstance(message.headers, Mapping) else {}
-            task_id = headers.get("id")
-            if "task" in headers and not (isinstance(task_id, str) and task_id):
-                error = InvalidTaskError("task message without an 'id' header")
-                return self.on_invalid_task(None, message, error)
-            try:
-                return handle(message)
-            except Exception as exc:
-                if (
-                    isinstance(exc, self.connection_errors + self.channel_errors)
-                    or message.acknowledged
-                    or (isinstance(task_id, str) and task_id in active_requests)
-                ):
-                    raise  # not a malformed message: Celery's own handling applies
-                error = InvalidTaskError(
-                    f"malformed task message, {type(exc).__name__}: {exc} "
-                    "(a task body is [args, kwargs, embed])"
-                )
-                return self.on_invalid_task(None, message, error)
-
-        return on_task_received
-
-    def _dead_letter(self, message: Any, reason: str) -> None:
-        dead_letter_message(
-            self.app,
-            message,
-            reason,
-            worker=self.hostname,
-            connection_errors=self.connection_errors,
-        )
-
-    def _fail_unknown(self, message: Any, name: str, task_id: str) -> None:
-        """Store NotRegistered, so a client waiting on the job fails now rather than never."""
-        request = Bunch(
-            name=name,
-            chord=None,
-            root_id=(message.headers or {}).get("root_id"),
-            correlation_id=(message.properties or {}).get("correlation_id"),
-            reply_to=(message.properties or {}).get("reply_to"),
-            errbacks=None,
-        )
-        try:
-            self.app.backend.mark_as_failure(task_id, NotRegistered(name), request=request)
-        except Exception:
-            logger.exception("could not store the failure of unknown task %s[%s]", name, task_id)
-        if self.event_dispatcher:
-            self.event_dispatcher.send(
-                "task-failed", uuid=task_id, exception=f"NotRegistered({name!r})"
-            )
-
-
-class UndeclaringConsumer(DeadLetteringConsumer):
-    """For a broker user that may not declare: without Celery's delayed-delivery step, which
-    declares 28 exchanges and queues at every start (the admin declared them)."""
-
-    class Blueprint(DeadLetteringConsumer.Blueprint):
-        default_steps: ClassVar[list[str]] = [
-            step
-            for step in DeadLetteringConsumer.Blueprint.default_steps
-            if not step.endswith(":DelayedDelivery")
-        ]
-
-
-def _decode_reason(message: Any, exc: Exception) -> str:
+def decode_reason(message: Any, exc: Exception) -> str:
+    """Why a message could not be taken in: its content type refused, or its body unreadable."""
     kind = "content type not accepted" if isinstance(exc, ContentDisallowed) else "undecodable body"
     return f"{kind} ({message.content_type or 'no content type'}): {exc}"

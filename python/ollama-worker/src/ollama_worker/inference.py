@@ -1,15 +1,15 @@
 """What every inference backend shares: its error kinds, the job deadline and the HTTP plumbing.
 
-Ollama's native API (``ollama.py``) and the OpenAI-compatible one (``openai_api.py``) differ
+Ollama's native API (``ollama.py``) and the OpenAI-compatible one (``openai_backend.py``) differ
 in paths and bodies only; both fail the same two ways and both must end within the job's time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,9 +35,6 @@ TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 ChunkSink = Callable[[str], None]
 """Called with each piece of an answer as the server streams it (the job's token stream)."""
 
-# When the running job must be done (time.monotonic()), per thread: a pool thread runs one job.
-_DEADLINE: ContextVar[float | None] = ContextVar("inference_deadline", default=None)
-
 # A timeout cut to the deadline may fire a hair before it (clock granularity): still the limit.
 _TIMEOUT_SLACK_S = 0.05
 
@@ -59,9 +56,8 @@ class DeadlinePassed(JobTimedOut):
     """The job's time limit came while it waited on its server (see ``HTTPBackend.deadline``)."""
 
 
-def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
-    """``timeout`` cut down to what is left of this thread's deadline, if it has one."""
-    deadline = _DEADLINE.get()
+def _bounded(timeout: httpx.Timeout, deadline: float | None) -> httpx.Timeout:
+    """``timeout`` cut down to what is left until ``deadline``, if there is one."""
     if deadline is None:
         return timeout
     left = deadline - time.monotonic()
@@ -79,8 +75,7 @@ def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
     )
 
 
-def _check_deadline(slack: float = 0.0) -> None:
-    deadline = _DEADLINE.get()
+def _check_deadline(deadline: float | None, slack: float = 0.0) -> None:
     if deadline is not None and time.monotonic() >= deadline - slack:
         raise DeadlinePassed("the time limit came while the inference server was still answering")
 
@@ -146,6 +141,8 @@ class HTTPBackend:
             headers={"User-Agent": "avocado-ollama-worker", **(headers or {})},
             transport=transport,
         )
+        # Per thread: a pool thread runs one job at a time, and the threads pool shares a client.
+        self._job = threading.local()
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -156,11 +153,17 @@ class HTTPBackend:
         """Make every call in this block, in this thread, end within ``seconds`` or raise
         ``DeadlinePassed``: a job's time limit that holds in any pool, including the threads
         pool, where Celery enforces none, and a stalled stream cannot hold its slot."""
-        token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+        outer = self._deadline()
+        self._job.deadline = None if seconds is None else time.monotonic() + seconds
         try:
             yield
         finally:
-            _DEADLINE.reset(token)
+            self._job.deadline = outer
+
+    def _deadline(self) -> float | None:
+        """When this thread's job must be done (``time.monotonic()``), if it has a limit."""
+        deadline: float | None = getattr(self._job, "deadline", None)
+        return deadline
 
     def __enter__(self) -> HTTPBackend:
         return self
@@ -172,12 +175,12 @@ class HTTPBackend:
         raise NotImplementedError
 
     def _transport_failed(self, error: httpx.TransportError) -> BackendUnavailable:
-        _check_deadline(_TIMEOUT_SLACK_S)
+        _check_deadline(self._deadline(), _TIMEOUT_SLACK_S)
         return self.unavailable(f"{self.label} at {self.base_url}: {error!r}")
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            timeout = _bounded(self._http.timeout)
+            timeout = _bounded(self._http.timeout, self._deadline())
             response = self._http.request(method, path, json=body, timeout=timeout)
         except httpx.TransportError as error:
             raise self._transport_failed(error) from error
@@ -190,13 +193,14 @@ class HTTPBackend:
     ) -> Iterator[str]:
         """POST and yield each non-blank line of the streamed answer, within the deadline."""
         try:
-            bounded = _bounded(timeout or self._http.timeout)
+            deadline = self._deadline()
+            bounded = _bounded(timeout or self._http.timeout, deadline)
             with self._http.stream("POST", path, json=body, timeout=bounded) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for_status(response, body.get("model"))
                 for line in response.iter_lines():
-                    _check_deadline()
+                    _check_deadline(deadline)
                     if line.strip():
                         yield line
         except httpx.TransportError as error:

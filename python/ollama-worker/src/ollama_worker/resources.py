@@ -1,9 +1,10 @@
 """What a running worker holds, made when it starts and closed when it stops.
 
 One object per worker, kept on its app (``resources_of(app)``): the settings, the result
-store, the job leases, the metrics, the node that announces this host and, per process,
-the inference and registry clients (made on first use in each process, so a prefork child
-never shares its parent's sockets). Nothing here is made on import.
+store, the job leases, the token streams, the metrics, the node that announces this host
+and, per process, every client: the inference server's, the registry's, the token streams'
+Redis and celery-singleton's lock store (made on first use in each process, so a prefork
+child never shares its parent's sockets, and closed here). Nothing here is made on import.
 """
 
 from __future__ import annotations
@@ -11,22 +12,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery
 from celery.exceptions import WorkerShutdown
+from celery_singleton.backends import RedisBackend
 from kombu.exceptions import OperationalError
 from redis import Redis
 
+from avocado_shared.overrides.singleton import close_lock_store, new_lock_store
+from avocado_shared.redis_clients import redis_client
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.store import ResultStore, StoreError
 from avocado_shared.tls import CertificateError, refuse_untrusted
 from avocado_shared.topology import declare_topology
 from ollama_worker.backends import Backend, make_backend
+from ollama_worker.leases import Leases
 from ollama_worker.metrics import MetricsExporter, MetricsUnavailable
-from ollama_worker.once import Leases
 from ollama_worker.retry import RetryPolicy
 from ollama_worker.settings import WorkerSettings
+from ollama_worker.token_stream import TokenStreams
 
 if TYPE_CHECKING:
     from ollama_worker.node import Node
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Resources", "held_by", "resources_of"]
 
 logger = logging.getLogger(__name__)
+_C = TypeVar("_C")
 
 
 class Resources:
@@ -47,14 +54,17 @@ class Resources:
         self.store = ResultStore.from_settings(settings)
         self.leases = Leases(settings.key_prefix, settings.job_lease_s)
         self.retry = RetryPolicy(settings.retry_max, settings.retry_backoff_max_s)
+        self.streams = TokenStreams(
+            self.redis, settings.key_prefix, settings.stream_ttl_s, settings.stream_resume
+        )
         self.present_models: set[str] = set()
         self.metrics: MetricsExporter | None = None
         self.node: Node | None = None
         self._schema_ready = False
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._backend: Backend | None = None
-        self._registry: NodeRegistry | None = None
+        # name -> (client, how to close it), this process's only
+        self._clients: dict[str, tuple[Any, Callable[[Any], None]]] = {}
 
     def open(self) -> None:
         """Before the pool forks: reach the broker (exit at once when its certificate does
@@ -124,40 +134,46 @@ class Resources:
 
     def backend(self) -> Backend:
         """This process's inference client."""
-        with self._lock:
-            self._forget_parent()
-            if self._backend is None:
-                self._backend = make_backend(self.settings)
-            return self._backend
+        return self._client("backend", lambda: make_backend(self.settings), _close)
 
     def registry(self) -> NodeRegistry:
         """This process's client of the node registry (Redis)."""
-        with self._lock:
-            self._forget_parent()
-            if self._registry is None:
-                self._registry = NodeRegistry.from_settings(self.settings)
-            return self._registry
+        return self._client("registry", lambda: NodeRegistry.from_settings(self.settings), _close)
 
     def redis(self) -> Redis:
-        """This process's Redis client (the registry's, so no second pool): job streams."""
-        return self.registry().client
+        """This process's Redis client for the jobs' token streams and cancel flags."""
+        return self._client("redis", lambda: redis_client(self.settings), _close)
+
+    def lock_store(self) -> RedisBackend:
+        """This process's celery-singleton lock store (its jobs' locks and leases)."""
+        return self._client("lock store", lambda: new_lock_store(self.app), close_lock_store)
 
     def close_clients(self) -> None:
         """Close this process's clients (a pool child does at exit, the worker at stop)."""
         with self._lock:
             self._forget_parent()
-            backend, self._backend = self._backend, None
-            registry, self._registry = self._registry, None
-        if backend is not None:
-            backend.close()
-        if registry is not None:
-            registry.close()
+            clients, self._clients = self._clients, {}
+        for client, close in clients.values():
+            close(client)
+
+    def _client(self, name: str, make: Callable[[], _C], close: Callable[[_C], None]) -> _C:
+        """This process's client ``name``, made on first use; ``close`` closes it."""
+        with self._lock:
+            self._forget_parent()
+            if name not in self._clients:
+                self._clients[name] = (make(), close)
+            client: _C = self._clients[name][0]
+            return client
 
     def _forget_parent(self) -> None:
         """In a forked child the parent's clients are not ours to use or to close."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._backend = self._registry = None
+            self._clients = {}
+
+
+def _close(client: Backend | NodeRegistry | Redis) -> None:
+    client.close()
 
 
 def held_by(app: object) -> Resources | None:

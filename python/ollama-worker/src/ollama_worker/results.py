@@ -13,11 +13,11 @@ from typing import Any
 from celery import Task
 
 from avocado_shared.contracts import JobKind, JobResult
-from avocado_shared.store import JobStatus, StoreError, job_key
+from avocado_shared.store import JobStatus, ResultStore, StoreError, job_key
 from avocado_shared.topology import SUMMARIZE_TASK
 from ollama_worker.resources import resources_of
 
-__all__ = ["node_name", "record", "record_quietly"]
+__all__ = ["node_name", "record", "record_quietly", "stored_success"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +76,18 @@ def record_quietly(
         record(task, job_id, status, kwargs, error=error)
     except StoreError as failure:
         logger.warning("%s[%s]: %s not stored: %s", task.name, job_id, status.value, failure)
+
+
+def stored_success(store: ResultStore, job_id: str) -> dict[str, Any] | None:
+    """The stored result of ``job_id`` if it already succeeded; None otherwise, or when the
+    database cannot say (the job then runs: at least once beats never)."""
+    try:
+        row = store.get(job_id)
+    except StoreError as error:
+        logger.warning(
+            "job %s: ml_results not readable, not checked for a result: %s", job_id, error
+        )
+        return None
+    if row is None or row.status is not JobStatus.SUCCESS or row.result is None:
+        return None
+    return row.result

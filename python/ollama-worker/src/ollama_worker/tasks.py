@@ -8,7 +8,7 @@ from typing import Any, NoReturn, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from celery import Celery
-from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
@@ -24,19 +24,19 @@ from avocado_shared.contracts import (
     parse_result,
     validate_request,
 )
-from avocado_shared.locks import SingletonJob
 from avocado_shared.store import JobStatus, StoreUnavailable
-from avocado_shared.streams import StreamSnapshot, done_fields, error_fields
+from avocado_shared.streams import StreamSnapshot
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.backends import Backend
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
-from ollama_worker.inference import ChunkSink, Completion, DeadlinePassed, ModelNotFound
-from ollama_worker.once import AlreadyRunning, stored_success
+from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
+from ollama_worker.leases import AlreadyRunning
+from ollama_worker.overrides.job_task import TracedJob
 from ollama_worker.resources import Resources, resources_of
-from ollama_worker.results import node_name, record, record_quietly
-from ollama_worker.resume import end_unended, open_stream, options_left
+from ollama_worker.results import node_name, record, record_quietly, stored_success
 from ollama_worker.summary import summarize_text
+from ollama_worker.token_stream import TokenStream, failure_reason
 
 __all__ = ["JobTask", "register"]
 
@@ -57,12 +57,11 @@ def _log_pull(model: str) -> Callable[[dict[str, Any]], None]:
     return progress
 
 
-def ensure_model(resources: Resources, model: str) -> Backend:
-    """This process's client, with ``model`` on this host: pulled when allowed (a backend
-    that cannot pull raises ``ModelNotFound`` from ``pull`` at once)."""
-    client = resources.backend()
+def ensure_model(resources: Resources, client: Backend, model: str) -> None:
+    """Have ``model`` on this host: pulled when allowed (a backend that cannot pull raises
+    ``ModelNotFound`` from ``pull`` at once)."""
     if model in resources.present_models:
-        return client
+        return
     if not client.has_model(model):
         if client.can_pull:
             if not resources.settings.allow_pull:
@@ -73,7 +72,15 @@ def ensure_model(resources: Resources, model: str) -> Backend:
             logger.info("model %s is missing: pulling it", model)
         client.pull(model, progress=_log_pull(model))
     resources.present_models.add(model)
-    return client
+
+
+def options_left(options: dict[str, Any], streamed: StreamSnapshot) -> dict[str, Any]:
+    """A continued answer's ``num_predict`` less what was streamed (a chunk is a token on
+    Ollama and llama.cpp, nearly always on vLLM), so the whole stays within the limit."""
+    limit = options.get("num_predict")
+    if not streamed.text or not isinstance(limit, int) or limit < 0:
+        return options
+    return {**options, "num_predict": max(1, limit - streamed.chunks)}
 
 
 def _parse(task: JobTask, model: type[_Request], payload: Any) -> _Request:
@@ -85,11 +92,9 @@ def _parse(task: JobTask, model: type[_Request], payload: Any) -> _Request:
         raise InvalidPayload(str(error)) from None
 
 
-class JobTask(SingletonJob):
-    """Retries transient failures with backoff; permanent ones fail at once.
-
-    As a ``SingletonJob`` it holds the job's lock until it succeeds or fails for good.
-    """
+class JobTask(TracedJob):
+    """Runs once per job id; retries transient failures with backoff, permanent ones fail at
+    once. It holds the job's lock (``SingletonJob``) until it succeeds or fails for good."""
 
     throws = (PermanentError,)
     acks_late = True
@@ -100,15 +105,37 @@ class JobTask(SingletonJob):
         """What the worker running this job holds."""
         return resources_of(self.app)
 
-    def attempt(self, call: Callable[[], _T]) -> _T:
-        """Run one attempt: a transient failure schedules a retry, an overrun fails for good.
+    def run_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Under the job's lease: a copy of a job that succeeded returns its stored result, a
+        copy of one that is running elsewhere comes back later, a cancelled one is refused."""
+        job_id = str(self.request.id)
+        resources = self.resources
+        try:
+            with resources.leases.hold(self.singleton_backend.redis, job_id):
+                # Under the lease: a copy that finished just before cannot be missed.
+                stored = stored_success(resources.store, job_id)
+                if stored is not None:
+                    logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)
+                    return stored
+                if _cancelled(resources, job_id):
+                    raise JobCancelled("cancelled on request before it ran")
+                record_quietly(self, job_id, JobStatus.STARTED, kwargs)
+                return self.run(*args, **kwargs)
+        except AlreadyRunning as running:
+            logger.info("%s[%s]: %s", self.name, job_id, running)
+            raise self.retry(exc=running, countdown=running.retry_in, max_retries=None) from None
+
+    def attempt(self, call: Callable[[Backend], _T]) -> _T:
+        """Run one attempt on this process's inference client: a transient failure schedules
+        a retry, an overrun fails for good.
 
         The soft time limit is enforced twice: by Celery in the prefork pool, and in every
         pool by the inference client's deadline, the only place a job waits for long.
         """
+        client = self.resources.backend()
         try:
-            with self.resources.backend().deadline(self.soft_time_limit):
-                return call()
+            with client.deadline(self.soft_time_limit):
+                return call(client)
         except TransientError as error:
             self.retry_transient(error)
         except (SoftTimeLimitExceeded, DeadlinePassed):
@@ -144,8 +171,8 @@ class JobTask(SingletonJob):
 
         When the database cannot take the row, the job is retried with its result in the
         message (``finished``): the retry writes it, it does not run the model again.
-        The lock goes before Celery publishes the result (it releases in ``on_success``,
-        after), so a producer that resubmits the moment it sees the result runs it again.
+        The lock goes before Celery publishes the result, so a producer that resubmits the
+        moment it sees the result runs it again.
         """
         done = result if isinstance(result, JobResult) else parse_result(result)
         data = done.model_dump(mode="json")
@@ -155,71 +182,24 @@ class JobTask(SingletonJob):
             kwargs = {**(self.request.kwargs or {}), "finished": data}
             self.retry_transient(TransientError(f"result not stored: {error}"), kwargs)
         released = self.release_lock(task_args=self.request.args, task_kwargs=self.request.kwargs)
-        self.request.lock_release_pending = not released
+        self.job_run.lock_release_pending = not released
         return data
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the job once per job id (``once``): a copy of a job that succeeded returns its
-        stored result, a copy of one that is running comes back later."""
-        job_id = str(self.request.id)
-        try:
-            resources = self.resources
-            with resources.leases.hold(self.singleton_backend.redis, job_id):
-                # Under the lease: a copy that finished just before cannot be missed.
-                stored = stored_success(resources.store, job_id)
-                if stored is not None:
-                    logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)
-                    return stored
-                if _cancelled(resources, job_id):
-                    raise JobCancelled("cancelled on request before it ran")
-                record_quietly(self, job_id, JobStatus.STARTED, kwargs)
-                # Not Task.__call__: it would push a request without the job's id on top of
-                # the one Celery's tracer pushed.
-                return self.run(*args, **kwargs)
-        except AlreadyRunning as running:
-            logger.info("%s[%s]: %s", self.name, job_id, running)
-            raise self.retry(exc=running, countdown=running.retry_in, max_retries=None) from None
-        except (Retry, Ignore, Reject):
-            raise
-        except Exception as error:
-            # Celery publishes the failure before it calls on_failure: a producer that
-            # resubmits the moment it sees it must find the lock free and the row written.
-            self._failed(error, job_id, kwargs)
-            raise
-
-    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        """Release the lock again only if ``finish`` could not (Redis was down): the result
-        is stored by now, so Redis is back. Otherwise nothing to do, one Redis round trip
-        fewer per keyed job than celery-singleton's unconditional second release."""
-        if getattr(self.request, "lock_release_pending", False):
-            self.release_lock(task_args=args, task_kwargs=kwargs)
 
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
     ) -> None:
         if not isinstance(exc, AlreadyRunning):  # the running copy's row says what it does
-            record_quietly(self, task_id, JobStatus.RETRY, kwargs, _reason(exc))
+            record_quietly(self, task_id, JobStatus.RETRY, kwargs, failure_reason(exc))
 
-    def _failed(self, error: BaseException, task_id: str, kwargs: Any) -> None:
+    def job_failed(self, error: BaseException, task_id: str, kwargs: Any) -> None:
         """Store why the job failed (or that it was cancelled), then let the next submission
         of it take the lock."""
         status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILURE
-        record_quietly(self, task_id, status, kwargs, _reason(error))
+        reason = failure_reason(error)
+        record_quietly(self, task_id, status, kwargs, reason)
         if self.name == GENERATE_TASK:  # its reader must not wait for an answer to come
-            end_unended(self.resources, task_id, _reason(error))
+            self.resources.streams.end_if_open(task_id, reason)
         self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
-        self.request.failure_recorded = True
-
-    def on_failure(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
-    ) -> None:
-        """A failure the job's own call did not see (it never started): record it now."""
-        if not getattr(self.request, "failure_recorded", False):
-            self._failed(exc, task_id, kwargs)
-
-
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 def _cancelled(resources: Resources, job_id: str) -> bool:
@@ -233,14 +213,11 @@ def _cancelled(resources: Resources, job_id: str) -> bool:
 
 
 def _generate(
-    resources: Resources,
-    job: GenerateRequest,
-    model: str,
-    on_chunk: ChunkSink,
-    streamed: StreamSnapshot,
+    resources: Resources, client: Backend, job: GenerateRequest, model: str, stream: TokenStream
 ) -> Completion:
-    """Run the job on the server, each chunk to ``on_chunk``, continuing ``streamed.text``."""
-    client = ensure_model(resources, model)
+    """Run the job on the server, each chunk to ``stream``, continuing what it holds."""
+    ensure_model(resources, client, model)
+    streamed = stream.streamed
     options = options_left(job.options, streamed)
     if job.messages is None:
         assert job.prompt is not None
@@ -251,7 +228,7 @@ def _generate(
             options=options,
             format=job.format,
             keep_alive=job.keep_alive,
-            on_chunk=on_chunk,
+            on_chunk=stream.append,
             partial=streamed.text,
         )
     messages = [m.model_dump(exclude_none=True) for m in job.messages]
@@ -263,13 +240,15 @@ def _generate(
         options=options,
         format=job.format,
         keep_alive=job.keep_alive,
-        on_chunk=on_chunk,
+        on_chunk=stream.append,
         partial=streamed.text,
     )
 
 
-def _summarize(resources: Resources, job: SummarizeRequest, model: str) -> tuple[Completion, int]:
-    client = ensure_model(resources, model)
+def _summarize(
+    resources: Resources, client: Backend, job: SummarizeRequest, model: str
+) -> tuple[Completion, int]:
+    ensure_model(resources, client, model)
     return summarize_text(
         client,
         model,
@@ -296,20 +275,12 @@ def generate(
         return self.finish(finished)
     job = _parse(self, GenerateRequest, request)
     model = job.model or self.resources.settings.default_model
-    job_id = str(self.request.id)
-    stream, streamed = open_stream(self.resources, job_id)
-    if streamed.end is not None and streamed.end.usage is not None:
-        stream.close()  # whole, but its worker died before storing it
-        return self.finish(_generated(self, streamed.text, streamed.end.usage))
-    try:
-        done = self.attempt(lambda: _generate(self.resources, job, model, stream.append, streamed))
-    except Retry:
-        stream.close()  # the next attempt continues it
-        raise
-    except BaseException as error:
-        stream.close(error_fields(_reason(error)))
-        raise
-    stream.close(done_fields(done.usage))
+    resources = self.resources
+    with resources.streams.open(str(self.request.id)) as stream:
+        done = stream.earlier_answer()
+        if done is None:
+            done = self.attempt(lambda client: _generate(resources, client, job, model, stream))
+            stream.finish(done.usage)
     return self.finish(_generated(self, done.text, done.usage))
 
 
@@ -322,7 +293,8 @@ def summarize(
         return self.finish(finished)
     job = _parse(self, SummarizeRequest, request)
     model = job.options.model or self.resources.settings.default_model
-    done, chunks = self.attempt(lambda: _summarize(self.resources, job, model))
+    resources = self.resources
+    done, chunks = self.attempt(lambda client: _summarize(resources, client, job, model))
     return self.finish(
         SummarizeResult(
             job_id=str(self.request.id),

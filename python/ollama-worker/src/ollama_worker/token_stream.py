@@ -1,4 +1,10 @@
-"""A generation's chunks appended to its job's token stream (``avocado_shared.streams``).
+"""A generation's chunks appended to its job's token stream (``avocado_shared.streams``), from
+where earlier attempts left it to its end.
+
+A job redelivered after its worker died, or retried after a cut connection, continues the
+answer its stream already holds, so a reader sees neither a repeat nor a gap. The stream is
+a context manager that writes its own end: ``done`` with the usage, an error with the reason
+the job failed, or none when the job will be retried (the next attempt continues it).
 
 A chunk that comes when the stream is idle is written at once by the job's own thread (one
 round trip, no wait for another thread to get the GIL), so the first token is never held
@@ -15,14 +21,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
+from celery.exceptions import Retry
 from redis import Redis
 from redis.exceptions import RedisError
 
-from avocado_shared.cancel import JobCancelled
-from avocado_shared.streams import text_fields
+from avocado_shared.cancel import JobCancelled, cancel_key
+from avocado_shared.contracts import Usage
+from avocado_shared.streams import (
+    EntryKind,
+    JobStream,
+    StreamSnapshot,
+    StreamUnavailable,
+    done_fields,
+    error_fields,
+    restart_fields,
+    text_fields,
+)
+from ollama_worker.inference import Completion
 
-__all__ = ["TokenStream"]
+__all__ = ["TokenStream", "TokenStreams", "failure_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +55,75 @@ _BURST_S = 0.001
 _CLOSE_WAIT_S = 30.0
 
 
+def failure_reason(error: BaseException) -> str:
+    """How a job's failure reads in its stream's end and its row."""
+    return f"{type(error).__name__}: {error}"
+
+
+class TokenStreams:
+    """The token streams of one worker's jobs: where they are, how long they live, and
+    whether this server can continue a partial answer."""
+
+    def __init__(
+        self, client: Callable[[], Redis], key_prefix: str, ttl_s: int, resume: str
+    ) -> None:
+        """``client``: this process's Redis client for streams, looked up at each open."""
+        self._client = client
+        self._key_prefix = key_prefix
+        self._ttl_s = ttl_s
+        self._resume = resume
+
+    def open(self, job_id: str) -> TokenStream:
+        """The job's stream writer, holding in ``streamed`` what earlier attempts streamed.
+
+        A stream that ended in an error belonged to a run that is over (the job is run
+        again): it starts afresh. One that cannot be read, or that this server cannot
+        continue (``stream_resume=restart``), gets a restart entry: readers drop what came
+        before it.
+        """
+        reader = JobStream(self._client(), self._key_prefix, job_id)
+        cancel = cancel_key(self._key_prefix, job_id)
+        stream = TokenStream(reader.client, reader.key, self._ttl_s, cancel)
+        try:
+            streamed = reader.snapshot()
+            if streamed.end is not None and streamed.end.kind is EntryKind.ERROR:
+                reader.client.delete(reader.key)
+                streamed = StreamSnapshot()
+        except (StreamUnavailable, RedisError) as error:
+            logger.warning("job %s: stream not readable, the answer starts over: %s", job_id, error)
+            stream.add(restart_fields(f"stream not readable: {error}"))
+            return stream
+        if streamed.text and self._resume == "restart":
+            stream.add(restart_fields("the inference server cannot continue a partial answer"))
+            return stream
+        if streamed.text:
+            logger.info("job %s continues its streamed answer (%d chunks)", job_id, streamed.chunks)
+        stream.streamed = streamed
+        return stream
+
+    def end_if_open(self, job_id: str, reason: str) -> None:
+        """End the job's stream with ``reason`` unless a run of it did: a job refused before
+        it ran (cancelled while queued) or failed outside its generation, so that a reader
+        (the gateway) stops waiting now instead of at its timeout. Best effort: Redis may be
+        down."""
+        reader = JobStream(self._client(), self._key_prefix, job_id)
+        try:
+            if reader.snapshot().end is None:
+                TokenStream(reader.client, reader.key, self._ttl_s).close(error_fields(reason))
+        except (StreamUnavailable, RedisError) as error:
+            logger.warning("job %s: its stream not ended (%s): %s", job_id, reason, error)
+
+
 class TokenStream:
-    """The writer of one job's stream, used from the job's thread; ``close`` it once, with
-    the final entry or none."""
+    """The writer of one job's stream, used from the job's thread: ``close`` it once, with
+    the final entry or none, or use it as a context manager, which ends it as the block
+    ends (``done`` if ``finish`` was given the usage, the error the block raised, or nothing
+    for a retry)."""
 
     def __init__(self, client: Redis, key: str, ttl_s: int, cancel_key: str | None = None) -> None:
         self.key = key
+        self.streamed = StreamSnapshot()  # what earlier attempts wrote, to continue
+        self._usage: Usage | None = None
         self._cancel_key = cancel_key
         self._cancelled = False  # the job's cancel flag was seen set
         self._client = client
@@ -66,6 +148,29 @@ class TokenStream:
     def add(self, fields: _Fields) -> None:
         """An entry of another kind (a restart marker)."""
         self._put(fields)
+
+    def earlier_answer(self) -> Completion | None:
+        """The answer an earlier attempt streamed to its end, when its worker died before
+        storing it; None when there is more to generate."""
+        end = self.streamed.end
+        if end is None or end.usage is None:
+            return None
+        return Completion(self.streamed.text, end.usage)
+
+    def finish(self, usage: Usage) -> None:
+        """The answer is whole: the stream ends ``done`` with ``usage`` as the block ends."""
+        self._usage = usage
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if error is None:
+            self.close(None if self._usage is None else done_fields(self._usage))
+        elif isinstance(error, Retry):
+            self.close()  # the next attempt continues it
+        else:
+            self.close(error_fields(failure_reason(error)))
 
     def close(self, final: _Fields | None = None) -> None:
         """Write ``final`` (the ``end`` entry; none when the job will be retried) after all

@@ -7,8 +7,9 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
+from avocado_shared.overrides.failover import FailoverAMQP
 from avocado_shared.settings import Settings
-from avocado_shared.tls import FailoverAMQP, broker_ssl, redis_ssl, warn_if_plaintext
+from avocado_shared.tls import broker_ssl, redis_ssl, warn_if_plaintext
 from avocado_shared.topology import (
     GENERATE_TASK,
     ML_EXCHANGE,

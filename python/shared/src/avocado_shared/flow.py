@@ -20,41 +20,35 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
 
 import amqp
-from amqp import spec
 from kombu.connection import Connection
-from kombu.transport import pyamqp
 from redis.exceptions import RedisError
 
-from avocado_shared.errors import AvocadoError, TransientError
+from avocado_shared.errors import AvocadoError
+from avocado_shared.overrides.flow_transport import (
+    BrokerBlocked,
+    FlowConnection,
+    FlowSSLTransport,
+    FlowTransport,
+)
 
 __all__ = [
     "BrokerBlocked",
-    "FlowConnection",
     "FlowGate",
     "FlowSSLTransport",
     "FlowTransport",
     "SentUnconfirmed",
+    "blocked_reason",
     "causes",
     "flow_transport_path",
     "maybe_sent",
-    "take_in",
 ]
 
 logger = logging.getLogger(__name__)
 
 _PROBE_QUEUE = "avocado.flow-probe"  # bound to nothing: the probe is dropped once taken
 _PROBE_WAIT_S = 1.0
-
-
-class BrokerBlocked(TransientError):  # not an OSError: kombu would rewrap it, reason lost
-    """RabbitMQ blocked this connection's publishing; ``reason`` is the broker's words."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"the broker blocks publishing ({reason})")
-        self.reason = reason
 
 
 class SentUnconfirmed(AvocadoError):
@@ -93,34 +87,7 @@ def maybe_sent(error: BaseException) -> bool:
     )
 
 
-class FlowConnection(pyamqp.Connection):
-    """py-amqp's connection, keeping the reason of ``connection.blocked`` (py-amqp drops the
-    argument) and, while ``abort_on_blocked`` is set, raising ``BrokerBlocked`` from the
-    wait the notice arrives in."""
-
-    _METHODS: ClassVar[dict[Any, Any]] = {
-        **pyamqp.Connection._METHODS,
-        spec.Connection.Blocked: spec.method(spec.Connection.Blocked, "s"),
-    }
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.blocked_reason: str | None = None
-        self.abort_on_blocked = False
-        super().__init__(*args, **kwargs)
-
-    def _on_blocked(self, reason: str = "") -> None:
-        self.blocked_reason = reason or "no reason given"
-        # Info: a producer raises it to its caller; a worker's publishes wait it out.
-        logger.info("RabbitMQ blocks publishing on this connection: %s", self.blocked_reason)
-        if self.abort_on_blocked:
-            raise BrokerBlocked(self.blocked_reason)
-
-    def _on_unblocked(self) -> None:
-        self.blocked_reason = None
-        logger.info("RabbitMQ unblocked publishing on this connection")
-
-
-def take_in(connection: Connection, wait: float = 0.0) -> str | None:
+def blocked_reason(connection: Connection, wait: float = 0.0) -> str | None:
     """Read what the broker sent on a connection since its last use, sending nothing: a close
     (the broker restarted: raises the connection error), a block or an unblock; ``wait``:
     how long to wait for the first of it. Returns the reason when the broker blocks
@@ -136,21 +103,10 @@ def take_in(connection: Connection, wait: float = 0.0) -> str | None:
     return amqp_connection.blocked_reason
 
 
-class FlowTransport(pyamqp.Transport):
-    """kombu's ``amqp://`` transport on ``FlowConnection``."""
-
-    Connection = FlowConnection
-
-
-class FlowSSLTransport(pyamqp.SSLTransport):
-    """kombu's ``amqps://`` transport on ``FlowConnection``."""
-
-    Connection = FlowConnection
-
-
 def flow_transport_path(url: str) -> str | None:
     """Celery's ``broker_transport`` for a broker URL: the flow-aware transport for
-    ``amqp://`` and ``amqps://``, kombu's own choice for anything else."""
+    ``amqp://`` and ``amqps://`` (``overrides.flow_transport``, named here where flow control
+    is), kombu's own choice for anything else."""
     scheme = url.split("://", 1)[0]
     if scheme in ("amqp", "pyamqp"):
         return f"{__name__}:FlowTransport"
@@ -183,7 +139,7 @@ class FlowGate:
             if watcher is None:
                 return None
             try:
-                reason = take_in(watcher)
+                reason = blocked_reason(watcher)
             except (OSError, amqp.exceptions.AMQPError) as error:
                 logger.warning("flow control watcher lost: %s", error)
                 reason = None
@@ -204,7 +160,7 @@ class FlowGate:
                 )
                 self._watcher = watcher
                 deadline = time.monotonic() + _PROBE_WAIT_S
-                while take_in(watcher, 0.05) is None and time.monotonic() < deadline:
+                while blocked_reason(watcher, 0.05) is None and time.monotonic() < deadline:
                     pass
                 if watcher.connection.blocked_reason is None:  # the alarm cleared already
                     self._close()

@@ -22,8 +22,8 @@ import redis
 
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import NotFound, PermanentError
+from avocado_shared.redis_clients import redis_client
 from avocado_shared.settings import Settings
-from avocado_shared.tls import redis_client
 
 __all__ = ["ApiKey", "KeyExists", "KeyStore"]
 

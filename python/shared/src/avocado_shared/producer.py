@@ -30,10 +30,10 @@ from avocado_shared.flow import (
     BrokerBlocked,
     FlowGate,
     SentUnconfirmed,
+    blocked_reason,
     causes,
     flow_transport_path,
     maybe_sent,
-    take_in,
 )
 from avocado_shared.jobs import (
     JobFailed,
@@ -42,7 +42,7 @@ from avocado_shared.jobs import (
     PublishError,
     PublishOutcomeUnknown,
 )
-from avocado_shared.locks import register_job_tasks
+from avocado_shared.overrides.singleton import register_job_tasks
 from avocado_shared.settings import Settings
 from avocado_shared.store import ResultStore
 from avocado_shared.tls import refuse_untrusted
@@ -199,14 +199,14 @@ class Producer:
         connection = publisher.connection
         connection.ensure_connection(max_retries=2, interval_start=0.2, errback=refuse_untrusted)
         try:
-            reason = take_in(connection)
+            reason = blocked_reason(connection)
         except connection.connection_errors:  # the broker closed it since its last use
             connection.collect()
             publisher.revive(connection)
             connection.ensure_connection(
                 max_retries=2, interval_start=0.2, errback=refuse_untrusted
             )
-            reason = take_in(connection)
+            reason = blocked_reason(connection)
         if reason is not None:
             raise BrokerBlocked(reason)
         connection.connection.abort_on_blocked = True
@@ -255,8 +255,10 @@ class Producer:
         return JobHandle(AsyncResult(job_id, app=self.app))
 
     def close(self) -> None:
-        """Release broker, backend and database connections."""
+        """Release broker, backend, lock and database connections."""
         self._flow.close()
+        for name in (GENERATE_TASK, SUMMARIZE_TASK):
+            self.app.tasks[name].close_lock_store()
         self.app.close()
         if self._results is not None:
             self._results.close()

@@ -11,8 +11,8 @@ import redis
 from pydantic import ValidationError
 
 from avocado_shared.discovery import Endpoint
+from avocado_shared.redis_clients import redis_client
 from avocado_shared.settings import Settings
-from avocado_shared.tls import redis_client
 
 __all__ = ["NodeRegistry"]
 

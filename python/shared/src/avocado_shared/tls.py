@@ -12,21 +12,12 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis
-import redis.asyncio
-from celery.app.amqp import AMQP
-from kombu.connection import Connection
-
 from avocado_shared.errors import PermanentError
 from avocado_shared.settings import Settings
 
 __all__ = [
     "CertificateError",
-    "FailoverAMQP",
-    "FailoverConnection",
-    "async_redis_client",
     "broker_ssl",
-    "redis_client",
     "redis_ssl",
     "refuse_untrusted",
     "warn_if_plaintext",
@@ -41,28 +32,6 @@ _warned_lock = threading.Lock()
 
 class CertificateError(PermanentError, ConnectionError):
     """A server's TLS certificate did not verify; a retry would meet the same certificate."""
-
-
-class FailoverConnection(Connection):
-    """kombu's connection, checking each node it fails over to against that node's host name.
-
-    kombu fills ``server_hostname: None`` with the host it connects to by writing into the
-    TLS options, which every connection of an app shares: after a failover, the next node
-    would be checked against the first node's name. Each connection, at each switch of
-    node, gets its own copy to write into.
-    """
-
-    def _init_params(self, **params: Any) -> None:  # type: ignore[override]  # kombu passes keywords
-        options = params.get("ssl")
-        if isinstance(options, dict) and "server_hostname" in options:
-            params["ssl"] = {**options, "server_hostname": None}
-        super()._init_params(**params)
-
-
-class FailoverAMQP(AMQP):  # type: ignore[misc]
-    """Celery's AMQP part, making its connections ``FailoverConnection``s."""
-
-    Connection = FailoverConnection
 
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | bool:
@@ -84,24 +53,6 @@ def redis_ssl(settings: Settings, url: str) -> dict[str, Any]:
         return {}
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
     return options | _files(settings, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    """A client of the fleet's Redis (``AVOCADO_REDIS_URL``), verified over ``rediss://``."""
-    url, options = _redis_options(settings)
-    return redis.Redis.from_url(url, **options)
-
-
-def async_redis_client(settings: Settings) -> redis.asyncio.Redis:
-    """``redis_client`` for an event loop (redis-py's asyncio client)."""
-    url, options = _redis_options(settings)
-    return redis.asyncio.Redis.from_url(url, **options)
-
-
-def _redis_options(settings: Settings) -> tuple[str, dict[str, Any]]:
-    url = settings.redis_url.get_secret_value()
-    warn_if_plaintext(url, "Redis")
-    return url, {"socket_timeout": 10, "socket_connect_timeout": 5, **redis_ssl(settings, url)}
 
 
 def _files(settings: Settings, ca: str, cert: str, key: str) -> dict[str, str]:

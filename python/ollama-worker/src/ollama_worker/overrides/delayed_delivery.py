@@ -19,7 +19,8 @@ __all__ = ["DelayedDelivery"]
 
 
 class DelayedDelivery(CeleryDelayedDelivery):  # type: ignore[misc]
-    """Celery's step (included where it would be), declaring on the consumer's broker only."""
+    """Celery's step (after the same step, included where it would be), declaring on the
+    consumer's broker only; in place of Celery's, which ``overrides.consumer`` leaves out."""
 
     def start(self, c: Consumer) -> None:
         # A connection of its own to the same broker: its channels close with it.

@@ -1,14 +1,12 @@
-"""One execution per job id, whatever reaches the queue.
+"""Leases on job ids in Redis, so two copies of one job never run at once.
 
 A job id can arrive more than once: a producer in another language may publish a job again
 after a timed-out confirm, and RabbitMQ redelivers a job whose ack was lost with its
-connection (the threads pool acks on the connection that may just have dropped). Two guards:
-
-- a job whose row in ``ml_results`` already says SUCCESS is acknowledged with that stored
-  result, without calling the model;
-- a job runs only under a lease on its id in Redis, refreshed while it runs, so two copies
-  never run at once. A copy that finds the lease taken comes back after it would expire; a
-  worker that died holding one delays its job's redelivery by at most ``job_lease_s``.
+connection (the threads pool acks on the connection that may just have dropped). A job runs
+only under a lease on its id, refreshed while it runs; a copy that finds the lease taken comes
+back after it would expire; a worker that died holding one delays its job's redelivery by at
+most ``job_lease_s``. (A copy of a job that already succeeded is answered from its row:
+``results.stored_success``.)
 
 Celery's ``worker_deduplicate_successful_tasks`` does neither: it looks only at redelivered
 messages, not at copies, and in the result backend, which expires.
@@ -22,16 +20,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from avocado_shared.errors import TransientError
 from avocado_shared.locks import REFRESH_SCRIPT, RELEASE_SCRIPT
-from avocado_shared.store import JobStatus, ResultStore, StoreError
 
-__all__ = ["AlreadyRunning", "Leases", "stored_success"]
+__all__ = ["AlreadyRunning", "Leases"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +46,6 @@ class AlreadyRunning(TransientError):
         """Pickled as itself: Celery's retry keeps only exceptions that survive pickling, and
         would hand ``on_retry`` a plain TransientError in its place."""
         return AlreadyRunning, (self.job_id, self.retry_in)
-
-
-def stored_success(store: ResultStore, job_id: str) -> dict[str, Any] | None:
-    """The stored result of ``job_id`` if it already succeeded; None otherwise, or when the
-    database cannot say (the job then runs: at least once beats never)."""
-    try:
-        row = store.get(job_id)
-    except StoreError as error:
-        logger.warning(
-            "job %s: ml_results not readable, not checked for a result: %s", job_id, error
-        )
-        return None
-    if row is None or row.status is not JobStatus.SUCCESS or row.result is None:
-        return None
-    return row.result
 
 
 class Leases:
