@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +26,7 @@ from avocado_shared.streams import (
     text_fields,
 )
 from ollama_worker.token_stream import TokenStream
-from tests.services import REDIS_URL, free_port
+from tests.services import REDIS_URL, RedisServer, free_port
 
 
 @pytest.fixture(params=[False, True], ids=["bytes", "str"])
@@ -183,3 +184,22 @@ def test_redis_down_is_unavailable_to_readers_and_harmless_to_the_writer() -> No
     writer = TokenStream(down, stream.key, ttl_s=60)
     writer.append("lost")
     writer.close(done_fields(Usage(model="m")))  # returns: the job goes on
+
+
+def test_what_a_writer_could_not_write_goes_with_its_end(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        client = redis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))
+        writer = TokenStream(client, "avocado-test:stream:job", ttl_s=60)
+        writer.append("one")
+        server.stop()
+        writer.append(" two")  # fails: kept
+        writer.append(" three")
+        server.start()  # from its append-only file
+        writer.close(done_fields(Usage(model="m", completion_tokens=3)))
+
+        snapshot = JobStream(client, "avocado-test:", "job").snapshot()
+        client.close()
+    assert snapshot.text == "one two three"  # no gap before the end
+    assert snapshot.chunks == 3
+    assert snapshot.end is not None
+    assert snapshot.end.usage == Usage(model="m", completion_tokens=3)

@@ -12,8 +12,9 @@ back. Chunks that come in a burst (within a millisecond of the last write, or wh
 on the wire) go to a writer thread, which sends all that waits in one pipeline, consecutive
 chunks joined in one entry: with a distant Redis (a notebook's ``rediss://``) the job never
 spends a round trip per token, and a fast server costs one entry per burst. A
-stream is best effort: when Redis fails, the job goes on and its result is stored as ever; a
-reader then times out and reads the result.
+stream is best effort: when a write fails, the job goes on and its result is stored as ever;
+what could not be written is kept and written once more with the stream's end, so a Redis
+that came back in the meantime gets the whole answer, never an end after a gap.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class TokenStream:
         self._pending: list[_Item] = []
         self._sending = False  # the writer thread has a batch on the wire
         self._closing = False
-        self._broken = False
+        self._broken = False  # a write failed: what follows waits in _missed for the end
+        self._missed: list[_Item] = []
         self._written = 0
         self._last_write = 0.0
         self._cond = threading.Condition()
@@ -178,7 +180,9 @@ class TokenStream:
         with self._cond:
             self._closing = True  # set with ``final`` queued, so the thread cannot miss it
             inline = final is not None and not self._broken and self._idle()
-            if final is not None and not inline:
+            if final is not None and self._broken:
+                self._missed.append(final)
+            elif final is not None and not inline:
                 self._queue(final)
             self._cond.notify()
             thread = self._thread
@@ -189,10 +193,19 @@ class TokenStream:
             thread.join(_CLOSE_WAIT_S)
             if thread.is_alive():
                 logger.warning("stream %s: writes pending after %ss", self.key, _CLOSE_WAIT_S)
+        if self._missed:
+            self._write_missed()
+
+    def _write_missed(self) -> None:
+        """One more try at what failed to be written, in order, with the stream's end."""
+        missed, self._missed = self._missed, []
+        if self._write(missed):
+            logger.info("stream %s: the %d entries it missed are written", self.key, len(missed))
 
     def _put(self, item: _Item) -> None:
         with self._cond:
             if self._broken:
+                self._missed.append(item)
                 return
             if not self._idle() or time.monotonic() - self._last_write < _BURST_S:
                 self._queue(item)
@@ -225,8 +238,9 @@ class TokenStream:
             with self._cond:
                 self._sending = False
 
-    def _write(self, batch: list[_Item]) -> None:
-        """One round trip for the batch; the TTL set with the first write and the last."""
+    def _write(self, batch: list[_Item]) -> bool:
+        """One round trip for the batch; the TTL set with the first write and the last. A
+        batch that fails, and all queued after it, are kept for the end."""
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 for fields in _entries(batch):
@@ -240,12 +254,14 @@ class TokenStream:
             logger.warning("stream %s not written, the job goes on: %s", self.key, error)
             with self._cond:
                 self._broken = True
+                self._missed += [*batch, *self._pending]
                 self._pending.clear()
-            return
+            return False
         self._written += len(batch)
         self._last_write = time.monotonic()
         if self._cancel_key is not None and replies[-1]:
             self._cancelled = True
+        return True
 
 
 def _entries(batch: list[_Item]) -> list[_Fields]:
