@@ -54,6 +54,7 @@ class Stream:
     client: redis.Redis
     key_prefix: str
     job_id: str
+    stored: StoredAnswer | None = None  # what the job's worker stored
 
     def write(self, *entries: dict[str, str]) -> None:
         for fields in entries:
@@ -63,7 +64,8 @@ class Stream:
         async def run() -> _T:
             client = redis.asyncio.Redis.from_url(REDIS_URL)
             try:
-                return await how(_Reader(AsyncJobStream(client, self.key_prefix, self.job_id)))
+                job_stream = AsyncJobStream(client, self.key_prefix, self.job_id)
+                return await how(_Reader(job_stream, self.stored))
             finally:
                 await client.aclose()
 
@@ -72,16 +74,17 @@ class Stream:
 
 @dataclass
 class _Reader:
-    """What the reading asks of a gateway: the job's stream, and no stored result."""
+    """What the reading asks of a gateway: the job's stream and its stored answer."""
 
     job_stream: AsyncJobStream
+    answer: StoredAnswer | None
 
     def stream(self, job_id: str) -> AsyncJobStream:
         assert job_id == self.job_stream.job_id
         return self.job_stream
 
     async def stored(self, job_id: str) -> StoredAnswer | None:
-        return None
+        return self.answer
 
 
 @pytest.fixture
@@ -165,6 +168,22 @@ def test_a_failed_job_ends_the_answer_in_an_error(stream: Stream) -> None:
     assert _chunks(stream) == [{"text": "Par"}, {"error": StreamFailed.__name__}]
     with pytest.raises(StreamFailed, match="OllamaRejected: no"):
         _whole(stream)
+
+
+def test_a_stream_that_lost_entries_ends_from_the_stored_answer(stream: Stream) -> None:
+    # Redis lost " lost" (its last writes before it died); the end says 13 characters.
+    stream.write(text_fields("Avo"), text_fields("cado"), done_fields(USAGE, length=13))
+    stream.stored = StoredAnswer("Avocado lost.", USAGE)
+
+    assert _chunks(stream) == [{"text": "Avo"}, {"text": "cado"}, {"text": " lost."}, {"done": 3}]
+    assert _whole(stream) == ("Avocado lost.", USAGE)
+
+
+def test_a_stream_as_long_as_its_end_says_is_whole(stream: Stream) -> None:
+    stream.write(text_fields("Avo"), text_fields("cado"), done_fields(USAGE, length=7))
+    stream.stored = StoredAnswer("not read: the stream is whole", USAGE)
+
+    assert _chunks(stream) == [{"text": "Avo"}, {"text": "cado"}, {"done": 3}]
 
 
 def test_no_entry_in_time_is_a_timeout(stream: Stream) -> None:

@@ -113,6 +113,7 @@ def test_chunks_are_readable_while_the_job_runs_and_make_the_stored_result(rig: 
     assert rest[-1].kind is EntryKind.DONE
     assert rest[-1].usage is not None
     assert rest[-1].usage.completion_tokens == result.completion_tokens == TOKENS
+    assert rest[-1].length == len(text)  # the end says how much text the stream holds
 
 
 @pytest.mark.parametrize(
@@ -151,6 +152,7 @@ def test_a_sigkilled_worker_s_answer_is_continued_by_another_with_nothing_repeat
     expected = rig.reference.chat(MODEL, messages).text
     assert [e.kind for e in seen[:-1]] == [EntryKind.TEXT] * (len(seen) - 1)
     assert seen[-1].kind is EntryKind.DONE
+    assert seen[-1].length == len(expected)  # the continued answer's whole, not its part
     assert joined(seen) == expected  # nothing repeated, nothing missing
     assert result.text == expected
     assert rig.stored_text(handle.id) == expected

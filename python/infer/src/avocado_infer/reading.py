@@ -3,7 +3,9 @@
 and goes on after the last entry it read; while it waits, and until the stream moves again,
 it also looks at the job's stored result, and once the job has one, gives the rest of the
 answer from it (a worker whose stream writes failed goes on and stores its whole answer).
-The client sees a pause, not an error."""
+A stream whose end says it holds more text than was read lost entries (Redis can lose its
+last writes when it dies): the rest comes from the stored answer too. The client sees a
+pause, not an error."""
 
 from __future__ import annotations
 
@@ -64,9 +66,10 @@ async def _read(
                     given.clear()
                     yield _Restart(entry.reason or "")
                 elif entry.kind is EntryKind.DONE:
-                    # After a Redis failure the stream may miss what its writer could not
-                    # write: the stored answer, written next, is the whole one.
-                    stored = await _stored_soon(gateway, job_id) if recovering else None
+                    # A stream shorter than its writer says lost entries (Redis can lose its
+                    # last writes when it dies): the stored answer, written next, is whole.
+                    gap = entry.length is not None and entry.length != sum(map(len, given))
+                    stored = await _stored_soon(gateway, job_id) if gap else None
                     if stored is not None:
                         async for read in _rest(stored, "".join(given), job_id):
                             yield read

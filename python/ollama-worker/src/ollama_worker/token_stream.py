@@ -125,6 +125,7 @@ class TokenStream:
         self.key = key
         self.streamed = StreamSnapshot()  # what earlier attempts wrote, to continue
         self._usage: Usage | None = None
+        self._appended = 0  # characters of text appended by this attempt
         self._cancel_key = cancel_key
         self._cancelled = False  # the job's cancel flag was seen set
         self._client = client
@@ -143,6 +144,7 @@ class TokenStream:
         """The next piece of the answer (empty pieces are left out); ``JobCancelled`` once a
         write found the job's cancel flag set, which ends the generation's HTTP stream."""
         if text:
+            self._appended += len(text)
             self._put(text)
         if self._cancelled:
             raise JobCancelled("cancelled on request while it generated")
@@ -168,7 +170,8 @@ class TokenStream:
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         if error is None:
-            self.close(None if self._usage is None else done_fields(self._usage))
+            length = len(self.streamed.text) + self._appended
+            self.close(None if self._usage is None else done_fields(self._usage, length))
         elif isinstance(error, Retry):
             self.close()  # the next attempt continues it
         else:

@@ -7,7 +7,9 @@ reads it with ``JobStream`` (redis only, nothing of the worker). Entries, oldest
   chunks of the server's, written together in a burst);
 - ``{"restart": reason}``: the answer starts over (a redelivered job whose server cannot
   continue a partial answer): the text read before it is void;
-- ``{"end": "done", "usage": json}``: the answer is whole; ``usage`` is its ``Usage``;
+- ``{"end": "done", "usage": json, "length": n}``: the answer is whole; ``usage`` is its
+  ``Usage``, ``length`` how many characters of text the stream holds after its last restart
+  (a reader that counts fewer knows the stream lost some: Redis can lose its last writes);
 - ``{"end": "error", "error": reason}``: the job failed for good.
 
 A reader ends at the first ``end`` entry. The worker gives the key a TTL
@@ -75,13 +77,15 @@ class StreamUnavailable(Unavailable):
 @dataclass(frozen=True)
 class StreamEntry:
     """One entry: ``text`` for TEXT (``chunks``: how many of the server's chunks it joins),
-    ``usage`` for DONE, ``reason`` for RESTART and ERROR."""
+    ``usage`` and ``length`` (None from writers that did not say) for DONE, ``reason`` for
+    RESTART and ERROR."""
 
     id: str
     kind: EntryKind
     text: str = ""
     chunks: int = 0
     usage: Usage | None = None
+    length: int | None = None
     reason: str | None = None
 
     @property
@@ -116,9 +120,11 @@ def restart_fields(reason: str) -> dict[str, str]:
     return {"restart": reason}
 
 
-def done_fields(usage: Usage) -> dict[str, str]:
-    """The final entry of a whole answer, with what it cost."""
-    return {"end": EntryKind.DONE.value, "usage": usage.model_dump_json()}
+def done_fields(usage: Usage, length: int | None = None) -> dict[str, str]:
+    """The final entry of a whole answer: what it cost and, when known, the length of the
+    text it holds."""
+    fields = {"end": EntryKind.DONE.value, "usage": usage.model_dump_json()}
+    return fields if length is None else fields | {"length": str(length)}
 
 
 def error_fields(reason: str) -> dict[str, str]:
@@ -139,7 +145,9 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
     if "restart" in data:
         return StreamEntry(ident, EntryKind.RESTART, reason=data["restart"])
     if data.get("end") == EntryKind.DONE.value:
-        return StreamEntry(ident, EntryKind.DONE, usage=Usage.model_validate_json(data["usage"]))
+        usage = Usage.model_validate_json(data["usage"])
+        length = int(data["length"]) if "length" in data else None
+        return StreamEntry(ident, EntryKind.DONE, usage=usage, length=length)
     return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
 
 
