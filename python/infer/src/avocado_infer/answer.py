@@ -42,6 +42,11 @@ class Framing:
     media_type: str
     frame: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]]
 
+    def documented(self, description: str) -> dict[int | str, dict[str, Any]]:
+        """A generation route's answer, for the OpenAPI schema: the route builds its
+        response itself, so FastAPI cannot tell."""
+        return {200: {"description": description, "content": {self.media_type: {}}}}
+
 
 class Encoder(Protocol):
     """One API's shapes of an answer; it knows nothing of jobs, streams or clients."""

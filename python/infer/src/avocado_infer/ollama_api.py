@@ -117,14 +117,9 @@ def _message(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-# What a generation answers, for the OpenAPI schema: the route builds its response itself.
-_ANSWER: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "Chunks as NDJSON, the last with done true and the counts; one such "
-        "object with stream false.",
-        "content": {"application/x-ndjson": {}},
-    }
-}
+_ANSWER = NDJSON.documented(
+    "Chunks as NDJSON, the last with done true and the counts; one such object with stream false."
+)
 
 
 @router.post("/generate", dependencies=ADMITTED, responses=_ANSWER)

@@ -223,14 +223,9 @@ class _Shapes:
         return _error_body(http_status(error), str(error))
 
 
-# What a completion answers, for the OpenAPI schema: the route builds its response itself.
-_ANSWER: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "Server-sent events ending in data: [DONE] when streamed, else one "
-        "JSON object.",
-        "content": {"text/event-stream": {}},
-    }
-}
+_ANSWER = SSE.documented(
+    "Server-sent events ending in data: [DONE] when streamed, else one JSON object."
+)
 
 
 @router.post("/chat/completions", dependencies=ADMITTED, responses=_ANSWER)
