@@ -82,15 +82,17 @@ class Gateway:
         self.started_at = datetime.now(timezone.utc)
 
     async def check_backlog(self) -> None:
-        """``QueueFull`` while the generate queue holds ``max_queue`` jobs or more."""
+        """``QueueFull`` while the generate queue holds ``max_queue`` jobs or more, as the
+        broker counts them (``Backlog``)."""
         limit = self.settings.max_queue
         if not limit:
             return
         # A thread only to ask the broker (once a second): a hop fewer on most first tokens.
-        fresh = self.backlog.fresh()
-        depth = (
-            self.backlog.depth(read=False) if fresh else await run_in_threadpool(self.backlog.depth)
-        )
+        backlog = self.backlog
+        fresh = backlog.fresh()
+        depth = backlog.estimate(read=False) if fresh else await run_in_threadpool(backlog.estimate)
+        if depth is not None and depth >= limit:
+            depth = await run_in_threadpool(backlog.confirmed)
         if depth is not None and depth >= limit:
             raise QueueFull(
                 f"{depth} jobs wait in the queue, as many as this gateway lets wait "
