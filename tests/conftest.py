@@ -116,6 +116,14 @@ def broker_url(rabbit: Broker) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def idle_vhost(rabbit: Broker) -> Iterator[str]:
+    """A vhost of this test only, with no worker consuming; set up before the test's
+    gateways, so deleted after they stop."""
+    with isolated_vhost(rabbit) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def key_prefix() -> str:
     """The Redis key prefix of this test session only."""

@@ -4,17 +4,14 @@ one that does not is refused once the broker itself counts the limit."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
 from avocado_shared import Settings
 from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.infer_http import GENERATE, WAIT, Gateways, depth
-from tests.rabbit import Broker, isolated_vhost
 from tests.services import REDIS_URL
 
 
@@ -43,13 +40,6 @@ def test_a_fleet_that_keeps_up_is_never_refused(
     refused = [a.json()["error"] for a in answers if a.status_code == 503]
     assert refused == []
     assert {a.status_code for a in answers} == {200}
-
-
-@pytest.fixture
-def idle_vhost(rabbit: Broker) -> Iterator[str]:
-    """A vhost of this test only, with no worker consuming."""
-    with isolated_vhost(rabbit) as url:
-        yield url
 
 
 def test_a_fleet_that_does_not_keep_up_is_refused_once_the_broker_counts_the_limit(

@@ -40,7 +40,7 @@ from tests.infer_http import (
     unique,
 )
 from tests.processes import VENV_BIN, Child, spawn
-from tests.rabbit import Broker, RabbitNode, alarm_raised, isolated_vhost, new_vhost
+from tests.rabbit import RabbitNode, alarm_raised, new_vhost
 from tests.services import REDIS_URL, free_port, service_env, wait_for
 
 
@@ -232,18 +232,10 @@ def _answers(port: int, child: Child) -> bool:
         return False
 
 
-@pytest.fixture
-def vhost(rabbit: Broker) -> Iterator[str]:
-    """A vhost of this test only, with no worker consuming; set up before the test's
-    gateways, so deleted after they stop."""
-    with isolated_vhost(rabbit) as url:
-        yield url
-
-
 def test_a_queue_at_its_limit_is_a_503_with_retry_after(
-    vhost: str, key_prefix: str, gateway_factory: Gateways
+    idle_vhost: str, key_prefix: str, gateway_factory: Gateways
 ) -> None:
-    fleet = Settings(broker_url=vhost, redis_url=REDIS_URL, key_prefix=key_prefix)
+    fleet = Settings(broker_url=idle_vhost, redis_url=REDIS_URL, key_prefix=key_prefix)
     with Producer(fleet) as producer:
         for n in range(2):
             producer.generate(f"Waiting {n}.")
