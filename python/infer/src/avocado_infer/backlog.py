@@ -3,8 +3,8 @@ passive declare's ``message_count``: jobs not yet delivered to a worker) read at
 second, plus the jobs this gateway published since, as an estimate that lets a job in without
 asking the broker; a job is refused only on the broker's own count, read again for it (unless
 a read a quarter of a second old at most follows this gateway's last publish), so a fleet that
-keeps up is never refused for the jobs its workers already took. Approximate: other producers' jobs of the last second are missed, and so are
-jobs delivered but not yet acknowledged."""
+keeps up is never refused for the jobs its workers already took. Approximate: other producers'
+jobs of the last second are missed, and so are jobs delivered but not yet acknowledged."""
 
 from __future__ import annotations
 
