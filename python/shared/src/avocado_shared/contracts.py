@@ -172,10 +172,11 @@ class Usage(BaseModel):
         """One usage standing for several calls (a chunked summary): counts and durations add
         up; the model and the reason are the last call's."""
         last = parts[-1]
+        added = (name for name in Usage.model_fields if name not in _FROM_LAST)
         return cls(
             model=last.model,
             done_reason=last.done_reason,
-            **{name: sum(getattr(p, name) for p in parts) for name in _ADDED},
+            **{name: sum(getattr(p, name) for p in parts) for name in added},
         )
 
     def usage(self) -> Usage:
@@ -183,14 +184,8 @@ class Usage(BaseModel):
         return Usage.model_validate(self.model_dump(include=set(Usage.model_fields)))
 
 
-_ADDED = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_duration_ms",
-    "load_duration_ms",
-    "prompt_eval_duration_ms",
-    "eval_duration_ms",
-)
+# What a total takes from the last call; every other field of a usage adds up.
+_FROM_LAST = ("model", "done_reason")
 
 
 class JobResult(Usage):
