@@ -26,7 +26,16 @@ from avocado_infer.metrics import GatewayMetrics
 from avocado_shared.contracts import GenerateRequest, SummarizeRequest, Usage, validate_request
 from avocado_shared.discovery import Endpoint
 from avocado_shared.keys import ApiKey
-from avocado_shared.streams import EntryKind, StreamEntry, StreamTimedOut, StreamUnavailable
+from avocado_shared.streams import (
+    StreamEntry,
+    StreamTimedOut,
+    StreamUnavailable,
+    done_fields,
+    error_fields,
+    parse_entry,
+    restart_fields,
+    text_fields,
+)
 
 __all__ = [
     "MODEL",
@@ -136,13 +145,16 @@ class _ScriptedStream:
 
 
 def _entry(entry_id: str, step: str | Restart | Usage | Failure) -> StreamEntry:
+    """``step`` as a worker writes it to Redis and a reader parses it back."""
     if isinstance(step, str):
-        return StreamEntry(entry_id, EntryKind.TEXT, text=step, chunks=1)
-    if isinstance(step, Restart):
-        return StreamEntry(entry_id, EntryKind.RESTART, reason=step.reason)
-    if isinstance(step, Usage):
-        return StreamEntry(entry_id, EntryKind.DONE, usage=step)
-    return StreamEntry(entry_id, EntryKind.ERROR, reason=step.reason)
+        fields = text_fields(step)
+    elif isinstance(step, Restart):
+        fields = restart_fields(step.reason)
+    elif isinstance(step, Usage):
+        fields = done_fields(step)
+    else:
+        fields = error_fields(step.reason)
+    return parse_entry(entry_id, fields)
 
 
 class FakeGateway:
