@@ -16,7 +16,7 @@ import psutil
 from avocado_shared import Producer
 from bench.noop_app import NOOP_TASK, make_app, noop_queue
 from bench.report import Outcome, Row, fmt, median, percentile, span
-from bench.services import MODEL, BenchEnv, process_tree
+from bench.services import JOB_QUEUE, MODEL, BenchEnv, process_tree
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.settings import WorkerSettings
 from tests.processes import Server, WorkerProcess, wait_for
@@ -64,6 +64,9 @@ class Config:
     gateway_rate: float = 50.0
     gateway_jobs: int = 40
     gateway_burst: int = 160
+    mix_jobs: int = 60
+    lane_backlog: int = 200
+    lane_jobs: int = 10
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
 
     @classmethod
@@ -79,6 +82,7 @@ _QUICK: dict[str, Any] = {
     **{"real_burst": 4, "profile_s": 1.0, "cpu_seq": 30, "cpu_burst": 60, "wire_jobs": 15},
     **{"producer_jobs": 40, "lock_jobs": 10, "lock_latency_jobs": 15, "micro_calls": 30},
     **{"fix_seq": 30, "fix_burst": 60, "gateway_jobs": 10, "gateway_burst": 32},
+    **{"mix_jobs": 15, "lane_backlog": 60, "lane_jobs": 5},
 }
 
 
@@ -308,7 +312,7 @@ def memory(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
 
     cfg.log(f"  {cfg.backlog} jobs to queue, then the {pool} worker")
     start = lambda: fleet_worker(env, cfg, pool, sim, False)  # noqa: E731
-    mine = _drain(env, [unconfirmed(), unconfirmed()], "ml.generate", cfg.backlog, start)
+    mine = _drain(env, [unconfirmed(), unconfirmed()], JOB_QUEUE, cfg.backlog, start)
     base: dict[str, Any] = {}
     if cfg.memory_baseline:
         submits = [bare(env, confirms=False), bare(env, confirms=False)]
@@ -355,7 +359,7 @@ def scale_out(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     env.wait_ready(first, second)
     submit, jobs = fleet(env.producer), cfg.scale_jobs
     burst(submit, cfg.concurrency * 4)
-    env.control(second, "cancel_consumer", queue="ml.generate")
+    env.control(second, "cancel_consumer", queue=JOB_QUEUE)
 
     def two_nodes() -> float:
         with env.consuming(second):

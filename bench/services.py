@@ -21,6 +21,7 @@ from kombu.exceptions import OperationalError
 
 from avocado_shared import Producer, Settings
 from avocado_shared.keys import KeyStore
+from avocado_shared.routing import Lane, lane_queue_name
 from tests import processes as procs
 
 __all__ = ["MODEL", "RABBIT_HOST", "REDIS_URL", "REPO", "BenchEnv", "process_tree"]
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 RABBIT_HOST = os.environ.get("BENCH_RABBIT_HOST", "127.0.0.1:5672")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "llama3.2:1b"
+# Where the fleet's jobs for MODEL wait: the producer publishes to the batch lane.
+JOB_QUEUE = lane_queue_name(MODEL, Lane.BATCH)
 _C = TypeVar("_C", bound=procs.Child)
 
 
@@ -90,9 +93,12 @@ class BenchEnv:
         self._children.append(child)
         return child
 
-    def start_sim(self, parallel: int = 4, **pace: float) -> procs.Server:
-        """A simulator with ``parallel`` slots; ``pace``: ``latency_ms=2`` is ``--latency-ms 2``."""
-        args = ["--parallel", str(parallel), "--max-queue", "1024", "--models", MODEL]
+    def start_sim(
+        self, parallel: int = 4, models: tuple[str, ...] = (MODEL,), **pace: float
+    ) -> procs.Server:
+        """A simulator with ``parallel`` slots holding ``models``; ``pace``: ``latency_ms=2`` is
+        ``--latency-ms 2``."""
+        args = ["--parallel", str(parallel), "--max-queue", "1024", "--models", ",".join(models)]
         args += [a for k, v in pace.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         log = self.tmp / f"sim-{uuid.uuid4().hex[:6]}.log"
         return self._started(procs.start_simulator(*args, log=log, cwd=self.tmp))
@@ -168,10 +174,10 @@ class BenchEnv:
 
     @contextlib.contextmanager
     def consuming(self, worker: procs.WorkerProcess) -> Iterator[None]:
-        """``worker`` consumes ``ml.generate`` while the block runs, and not after."""
-        self.control(worker, "add_consumer", queue="ml.generate")
+        """``worker`` consumes the fleet's job queue while the block runs, and not after."""
+        self.control(worker, "add_consumer", queue=JOB_QUEUE)
         yield
-        self.control(worker, "cancel_consumer", queue="ml.generate")
+        self.control(worker, "cancel_consumer", queue=JOB_QUEUE)
 
     def stop(self, *children: procs.Child) -> None:
         for child in children:
@@ -195,7 +201,7 @@ class BenchEnv:
         """After a failed scenario: tidy up, empty the queues and this run's Redis keys."""
         self.tidy()
         with contextlib.suppress(Exception), self.producer.app.connection_for_write() as conn:
-            for queue in ("ml.generate", "bench.noop"):
+            for queue in (JOB_QUEUE, "bench.noop"):
                 with contextlib.suppress(Exception):
                     conn.default_channel.queue_purge(queue)
         with contextlib.suppress(Exception):

@@ -18,7 +18,7 @@ usage: scripts/start-ml-services.sh [--native | --docker] [--simulate] [--worker
   --native         processes on this machine (the default without a Docker engine)
   --simulate       run the built-in Ollama simulator instead of a real Ollama (native only)
   --workers N      worker nodes (native) or worker containers (Docker); default 1
-  --concurrency N  processes per worker (default 1: one LLM job at a time per GPU)
+  --concurrency N  jobs at once per worker (default AVOCADO_SLOTS, else what its server runs at once)
   --only PARTS     start only these parts, a comma list of $ALL_PARTS
                    (in Docker, what they depend on starts too)
 
@@ -33,14 +33,14 @@ USAGE
 }
 
 load_env_file AVOCADO_RUN_DIR AVOCADO_OLLAMA_URL AVOCADO_DEFAULT_MODEL AVOCADO_FLOWER_PORT \
-  AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_WORKER_CONCURRENCY \
+  AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_SLOTS \
   AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS AVOCADO_INFER AVOCADO_INFER_HOST AVOCADO_INFER_PORT \
   AVOCADO_EMBEDDED_PORT AVOCADO_EMBEDDED_THREADS
 
 MODE=auto
 SIMULATE=0
 WORKERS="${AVOCADO_WORKERS:-1}"
-CONCURRENCY="${AVOCADO_WORKER_CONCURRENCY:-1}"
+CONCURRENCY="${AVOCADO_SLOTS:-}"
 ONLY=$ALL_PARTS
 ONLY_GIVEN=0
 while [ $# -gt 0 ]; do
@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers needs a whole number of at least 1, not '$WORKERS'"
-[[ $CONCURRENCY =~ ^[1-9][0-9]*$ ]] || die "--concurrency needs a whole number of at least 1, not '$CONCURRENCY'"
+[[ -z $CONCURRENCY || $CONCURRENCY =~ ^[1-9][0-9]*$ ]] || die "--concurrency needs a whole number of at least 1, not '$CONCURRENCY'"
 for part in ${ONLY//,/ }; do compose_services "$part" >/dev/null; done
 case "${AVOCADO_INFER:-true}" in
   true | 1 | yes | on) ;;
@@ -94,7 +94,7 @@ start_docker() {
     esac
   done
   set_compose
-  export AVOCADO_WORKER_CONCURRENCY="$CONCURRENCY"
+  [ -z "$CONCURRENCY" ] || export AVOCADO_SLOTS="$CONCURRENCY"
 
   local services=() names=() part up=(up -d --build --remove-orphans)
   for part in ${ONLY//,/ }; do
@@ -121,7 +121,7 @@ start_docker() {
   fi
   if has_part ollama || has_part worker; then say "  Ollama:     http://$host:11434"; fi
   if has_part worker; then
-    say "  workers:    $WORKERS container(s) x concurrency $CONCURRENCY; Prometheus /metrics on port $METRICS_PORT inside the stack's network"
+    say "  workers:    $WORKERS container(s) x ${CONCURRENCY:-4} jobs at once; Prometheus /metrics on port $METRICS_PORT inside the stack's network"
   fi
   if has_part flower; then
     say "  Flower:     http://$host:$FLOWER_PORT  (user ${AVOCADO_FLOWER_USER:-avocado}, password AVOCADO_FLOWER_PASSWORD); Prometheus /metrics"
@@ -360,7 +360,7 @@ start_native() {
       # One metrics port per node: they share this host.
       local port=$((METRICS_PORT == 0 ? 0 : METRICS_PORT + i - 1))
       AVOCADO_METRICS_PORT=$port start_bg "worker$i" celery -A ollama_worker worker \
-        --loglevel INFO --hostname "$node" --concurrency "$CONCURRENCY"
+        --loglevel INFO --hostname "$node" ${CONCURRENCY:+--concurrency "$CONCURRENCY"}
     done
   fi
   if has_part beat; then
@@ -398,7 +398,7 @@ start_native() {
     local metrics="Prometheus /metrics on 127.0.0.1:$METRICS_PORT"
     [ "$WORKERS" = 1 ] || metrics="$metrics-$((METRICS_PORT + WORKERS - 1)), one port per worker"
     [ "$METRICS_PORT" != 0 ] || metrics="metrics off"
-    say "  workers: ${nodes[*]}, concurrency $CONCURRENCY; $metrics"
+    say "  workers: ${nodes[*]}, ${CONCURRENCY:-as many jobs at once as their server runs}; $metrics"
   fi
   if has_part beat; then say "  beat:    re-announces endpoints"; fi
   if has_part flower; then

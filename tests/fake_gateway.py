@@ -24,7 +24,6 @@ from avocado_infer.ledger import Noted
 from avocado_infer.limits import Slot
 from avocado_infer.metrics import GatewayMetrics
 from avocado_shared.contracts import GenerateRequest, SummarizeRequest, Usage, validate_request
-from avocado_shared.discovery import Endpoint
 from avocado_shared.keys import ApiKey
 from avocado_shared.streams import (
     StreamEntry,
@@ -160,7 +159,7 @@ def _entry(entry_id: str, step: str | Restart | Usage | Failure) -> StreamEntry:
 class FakeGateway:
     """``Gateway``'s public methods in memory. Each generation takes the next of ``answers``
     (jobs ``job-1``, ``job-2``, ...); ``failing`` names a method and what it raises
-    (``generate``: a ``PublishError``, ``check_backlog``: ``QueueFull``, ``admit``:
+    (``generate``: a ``PublishError``, ``QueueFull`` or ``ModelNotServed``, ``admit``:
     ``OverLimit``, ``key``: a ``RedisError``, ...)."""
 
     def __init__(self, settings: InferSettings) -> None:
@@ -169,7 +168,6 @@ class FakeGateway:
         self.answers: list[Script] = []
         self.failing: dict[str, Exception] = {}
         self.keys: dict[str, ApiKey] = {}  # by secret
-        self.node_records: list[Endpoint] = []
         self.served: list[ServedModel] = []
         self.views: dict[str, JobView] = {}
         self.summaries: dict[str, tuple[JobView, dict[str, Any] | None]] = {}
@@ -197,14 +195,12 @@ class FakeGateway:
         """Answer the next generation with ``steps`` (and ``stored`` as its stored result)."""
         self.answers.append(Script(steps, stored))
 
-    async def check_backlog(self) -> None:
-        self._fail("check_backlog")
-
     async def generate(self, **fields: Any) -> Handle:
         """Validate as the producer does (``InvalidRequest``), then publish: record the fields
         and take the next scripted answer."""
         self._fail("generate")
-        validate_request(GenerateRequest, {**fields, "options": dict(fields.get("options") or {})})
+        job = {k: v for k, v in fields.items() if k != "lane"}
+        validate_request(GenerateRequest, {**job, "options": dict(job.get("options") or {})})
         if not self.answers:
             raise AssertionError(f"a generation was published with no answer scripted: {fields}")
         job_id = self._new_id()
@@ -261,10 +257,6 @@ class FakeGateway:
         if share_id not in self.summaries:
             raise JobUnknown(f"no summary job of share id {share_id!r} is known")
         return self.summaries[share_id]
-
-    async def nodes(self) -> list[Endpoint]:
-        self._fail("nodes")
-        return list(self.node_records)
 
     async def models(self) -> list[ServedModel]:
         self._fail("models")

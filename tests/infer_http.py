@@ -10,8 +10,10 @@ import httpx
 import redis
 
 from avocado_shared import Producer, Settings
-from avocado_shared.topology import GENERATE_QUEUE, declare_topology
+from avocado_shared.routing import Lane
+from avocado_shared.topology import declare_lane_queues
 from tests.gateway import InProcessGateway
+from tests.rabbit import DEFAULT_MODEL, lane_queue
 from tests.services import REDIS_URL
 
 __all__ = [
@@ -57,10 +59,11 @@ def redis_client() -> redis.Redis:
 
 
 def depth(fleet: Settings) -> int:
-    """The jobs waiting in the generate queue of ``fleet``'s vhost."""
+    """The jobs the gateway queued for the default model that wait, in ``fleet``'s vhost."""
     with Producer(fleet) as producer, producer.app.connection_for_write() as connection:
-        declare_topology(connection, fleet)
-        declared = connection.default_channel.queue_declare(GENERATE_QUEUE, passive=True)
+        queue = lane_queue(Lane.INTERACTIVE)
+        declare_lane_queues(connection, DEFAULT_MODEL, fleet)
+        declared = connection.default_channel.queue_declare(queue, passive=True)
         return int(declared.message_count)
 
 

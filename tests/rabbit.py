@@ -18,17 +18,24 @@ from typing import Any
 from kombu.connection import Connection
 
 from avocado_shared import Producer
+from avocado_shared.routing import Lane, lane_queue_name
 from tests.services import free_port, wait_for
+
+# What a job names when it names no model (Settings.default_model).
+DEFAULT_MODEL = "llama3.2:1b"
 
 __all__ = [
     "ALARMS",
+    "DEFAULT_MODEL",
     "NODE_SCRIPT",
     "Broker",
     "RabbitNode",
     "alarm_raised",
     "isolated_vhost",
+    "lane_queue",
     "machine_broker",
     "new_vhost",
+    "purge",
     "queue_depth",
     "rabbitmq4",
 ]
@@ -268,3 +275,17 @@ def queue_depth(producer: Producer, queue: str) -> int:
     """How many messages ``queue`` holds ready, on ``producer``'s broker and vhost."""
     with producer.app.connection_for_write() as connection:
         return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
+
+
+def lane_queue(lane: Lane = Lane.BATCH, model: str = DEFAULT_MODEL) -> str:
+    """The lane queue a job for ``model`` (the tests' default model) is published to: batch
+    from the Python producer, interactive from the gateway."""
+    return lane_queue_name(model, lane)
+
+
+def purge(producer: Producer, *queues: str) -> None:
+    """Empty ``queues``: jobs a test left for a model no node serves would make a later
+    test's node that may pull take that model on."""
+    with producer.app.connection_for_write() as connection:
+        for queue in queues:
+            connection.default_channel.queue_purge(queue)

@@ -42,8 +42,11 @@ REDIS_URL = os.environ.get("AVOCADO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def service_env(broker_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
-    """The environment a worker or CLI subprocess of this test session runs with."""
-    return processes.service_env(broker_url, REDIS_URL, key_prefix, **extra)
+    """The environment a worker or CLI subprocess of this test session runs with: workers
+    follow their server's models every half second (5 s by default), so a test that needs a
+    node to take another model on waits that long at most."""
+    fast = {"AVOCADO_MODELS_REFRESH_S": "0.5"}
+    return processes.service_env(broker_url, REDIS_URL, key_prefix, **{**fast, **extra})
 
 
 def start_worker(

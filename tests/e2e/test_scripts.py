@@ -143,7 +143,9 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
     assert up.returncode == 0, up.stderr + up.stdout
     assert "fleet is up" in up.stdout
     assert f"http://127.0.0.1:{fleet_env['AVOCADO_FLOWER_PORT']}" in up.stdout
-    assert re.search(r"workers: worker1@\S+ worker2@\S+, concurrency 1", up.stdout), up.stdout
+    assert re.search(r"workers: worker1@\S+ worker2@\S+, as many jobs at once as", up.stdout), (
+        up.stdout
+    )
     assert re.search(rf"gateway: {gateway_url} .*ready in \d+\.\d s\)", up.stdout), up.stdout
     assert f"curl {gateway_url}/api/generate" in up.stdout
     assert again.returncode == 0, again.stderr
@@ -453,7 +455,7 @@ def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str,
 
     assert up.returncode == 0, up.stderr + up.stdout
     assert "stack is up (Docker, project spicy-avocado)" in up.stdout
-    assert "3 container(s) x concurrency 2" in up.stdout
+    assert "3 container(s) x 2 jobs at once" in up.stdout
     assert "Flower:     http://127.0.0.1:5555" in up.stdout
     assert "gateway:    http://127.0.0.1:11435" in up.stdout
     [call] = _compose_calls(env, "up")
@@ -467,7 +469,7 @@ def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str,
     assert args[-2:] == ["flower", "infer"]
     assert "--scale" in args
     assert args[args.index("--scale") + 1] == "worker=3"
-    assert call["env"]["AVOCADO_WORKER_CONCURRENCY"] == "2"
+    assert call["env"]["AVOCADO_SLOTS"] == "2"
     for secret in DOCKER_SECRETS.values():
         assert secret not in up.stdout + up.stderr
 

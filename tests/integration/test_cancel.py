@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from avocado_shared import JobFailed, JobStatus, Producer
+from avocado_shared.routing import Lane
 from avocado_shared.streams import EntryKind, JobStream
-from avocado_shared.topology import GENERATE_QUEUE
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
-from tests.rabbit import queue_depth
+from tests.rabbit import lane_queue, queue_depth
 from tests.services import REDIS_URL, wait_for
 
 WAIT = 60
@@ -240,13 +240,14 @@ def test_a_client_that_leaves_while_its_job_is_queued_cancels_it_before_it_runs(
     stream: bool,
 ) -> None:
     # No worker yet: the job waits in the queue, a streamed answer for its first piece.
-    gateway = gateway_factory()
-    before, queued = _cancel_flags(key_prefix), queue_depth(producer, GENERATE_QUEUE)
+    gateway = gateway_factory(hold_unserved=True)
+    queue = lane_queue(Lane.INTERACTIVE)
+    before, queued = _cancel_flags(key_prefix), queue_depth(producer, queue)
     question = f"Never mind ({uuid.uuid4().hex[:8]})."
 
     client = _ask(gateway, path, _request(path, question, stream))
     wait_for(
-        lambda: queue_depth(producer, GENERATE_QUEUE) == queued + 1,
+        lambda: queue_depth(producer, queue) == queued + 1,
         timeout=WAIT,
         what="the gateway to queue the job",
     )

@@ -1,4 +1,5 @@
-"""A three-node RabbitMQ 4 cluster: one node SIGKILLed mid-run loses no job, and rejoins."""
+"""A three-node RabbitMQ 4 cluster: one node SIGKILLed mid-run loses no job, and rejoins; a
+job dead-lettered while its queue's leader dies is kept."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import amqp
 import pytest
+from kombu import Connection
 
 from avocado_shared import (
     JobHandle,
@@ -19,13 +22,25 @@ from avocado_shared import (
     ResultStore,
     Settings,
 )
-from avocado_shared.topology import GENERATE_QUEUE, SUMMARIZE_QUEUE
+from avocado_shared.redeclare import raw_body
+from avocado_shared.routing import Lane
+from avocado_shared.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    ML_EXCHANGE,
+    declare_lane_queues,
+    declare_topology,
+    job_queue,
+)
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import worker_processes
-from tests.rabbit import RabbitNode
+from tests.rabbit import DEFAULT_MODEL, RabbitNode, lane_queue
 from tests.services import REDIS_URL, free_port, wait_for
 
 JOBS = 50
+# Where the test's jobs wait: the default model's lanes.
+JOB_QUEUES = (lane_queue(Lane.BATCH), lane_queue(Lane.INTERACTIVE))
+STRATEGY = ("x-dead-letter-strategy", "x-overflow")
 WAIT = 120
 
 
@@ -102,7 +117,7 @@ def test_a_node_killed_while_jobs_run_loses_none_and_rejoins(
             workers.process(sim.url, concurrency=2, AVOCADO_SQLITE_PATH=str(database))
             for _ in range(2)
         ]
-        for queue in (GENERATE_QUEUE, SUMMARIZE_QUEUE):
+        for queue in JOB_QUEUES:
             assert _online_members(survivor, queue) == names
         publisher = threading.Thread(target=publish, args=(producer,), daemon=True)
         publisher.start()
@@ -133,9 +148,75 @@ def test_a_node_killed_while_jobs_run_loses_none_and_rejoins(
 
     doomed.start()
     wait_for(lambda: _running_nodes(survivor) == names, timeout=60, what="the node to rejoin")
-    for queue in (GENERATE_QUEUE, SUMMARIZE_QUEUE):
+    for queue in JOB_QUEUES:
         wait_for(
             lambda q=queue: _online_members(survivor, q) == names,
             timeout=60,
             what=f"{queue} to have three members again",
         )
+
+
+def _leader(node: RabbitNode, queue: str) -> str:
+    listing = json.loads(node.ctl("list_queues", "name", "leader", "--formatter", "json"))
+    return str(next(q["leader"] for q in listing if q["name"] == queue))
+
+
+def _dead_letter(connection: Connection, queue: str) -> None:
+    """Hand the head of ``queue`` back until its delivery limit dead-letters it."""
+    channel = connection.channel()
+    while (message := channel.basic_get(queue, no_ack=False)) is not None:
+        channel.basic_reject(message.delivery_tag, requeue=True)
+    channel.close()
+
+
+def test_a_job_dead_lettered_while_its_queues_leader_dies_is_kept(
+    cluster: list[RabbitNode],
+) -> None:
+    """The job queues dead-letter at least once: a letter whose move is under way when the
+    queue's leader is SIGKILLed (here: no route yet to ml.dead-letter, restored just before)
+    reaches ml.dead-letter from the new leader. A queue left at RabbitMQ's default (at most
+    once) dropped its letter at once, beside it."""
+    settings = Settings(
+        broker_url=";".join(node.broker().url("") for node in cluster),
+        redis_url=REDIS_URL,
+        delivery_limit=1,
+    )
+    kept = lane_queue(Lane.BATCH)
+    dropped = job_queue("ml.at-most-once", ML_EXCHANGE, settings)
+    dropped.queue_arguments = {
+        k: v for k, v in dropped.queue_arguments.items() if k not in STRATEGY
+    }
+    with Connection(settings.broker_urls[0]) as connection:
+        declare_topology(connection, settings)
+        declare_lane_queues(connection, DEFAULT_MODEL, settings)
+        dropped(connection.default_channel).declare()
+        channel = connection.channel()
+        channel.queue_unbind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE.name, "#")
+        for queue in (kept, dropped.name):
+            channel.basic_publish(
+                amqp.Message(f"a job of {queue}", delivery_mode=2), exchange="", routing_key=queue
+            )
+            _dead_letter(connection, queue)
+        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE.name, "#")
+        leader = _leader(cluster[0], kept)
+    doomed = next(node for node in cluster if node.node_name == leader)
+    doomed.kill()
+    survivor = next(node for node in cluster if node is not doomed)
+
+    with Connection(survivor.broker().url("")) as connection:
+        channel = connection.channel()
+        wait_for(
+            lambda: channel.queue_declare(DEAD_LETTER_QUEUE, passive=True).message_count >= 1,
+            timeout=WAIT,
+            what="the letter from the new leader",
+        )
+        letter = channel.basic_get(DEAD_LETTER_QUEUE, no_ack=True)
+        rest = channel.queue_declare(DEAD_LETTER_QUEUE, passive=True).message_count
+        depths = [
+            channel.queue_declare(q, passive=True).message_count for q in (kept, dropped.name)
+        ]
+    assert _leader(survivor, kept) != leader
+    assert letter is not None
+    assert raw_body(letter) == f"a job of {kept}".encode()
+    assert rest == 0, "the queue at RabbitMQ's default strategy kept its letter too"
+    assert depths == [0, 0]

@@ -1,5 +1,5 @@
 """Reading dead letters never loses one, on RabbitMQ 3.x and 4.x, and an ``ml.dead-letter``
-declared with other arguments is migrated with every letter it holds.
+(or a job queue) declared with other arguments is migrated with every message it holds.
 
 The tests share a vhost of their own, and each starts without ``ml.dead-letter``: the
 migration deletes and redeclares it.
@@ -22,8 +22,11 @@ from avocado_shared.redeclare import HOLDING_SUFFIX
 from avocado_shared.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    GENERATE_QUEUE,
+    ML_EXCHANGE,
     declare_dead_letter_queue,
     declare_topology,
+    job_queues,
 )
 from tests.rabbit import Broker, isolated_vhost
 
@@ -159,3 +162,50 @@ def test_a_migration_cut_short_is_finished_by_the_next_declare(
 
     assert _ids(connection) == idents
     assert _arguments(rabbit, vhost_url, holding.name) is None
+
+
+def test_a_job_queue_of_an_earlier_release_is_migrated_with_its_jobs(
+    connection: Connection, vhost_url: str, rabbit: Broker
+) -> None:
+    """``ml.generate`` declared without a dead-letter strategy (at most once) is declared
+    anew to dead-letter at least once, its jobs kept in order."""
+    settings = Settings(broker_url=vhost_url)
+    (new,) = [q for q in job_queues(settings) if q.name == GENERATE_QUEUE]
+    old_arguments = {
+        k: v
+        for k, v in new.queue_arguments.items()
+        if k not in ("x-dead-letter-strategy", "x-overflow")
+    }
+    channel = connection.default_channel
+    channel.queue_delete(GENERATE_QUEUE)
+    Queue(
+        GENERATE_QUEUE,
+        ML_EXCHANGE,
+        routing_key=GENERATE_QUEUE,
+        durable=True,
+        queue_arguments=old_arguments,
+    )(channel).declare()
+    jobs = [f"job-{i}" for i in range(LETTERS)]
+    producer = KombuProducer(channel)
+    for job in jobs:
+        producer.publish(
+            job,
+            exchange=ML_EXCHANGE.name,
+            routing_key=GENERATE_QUEUE,
+            delivery_mode=2,
+            mandatory=True,
+        )
+
+    declare_topology(connection, settings)
+
+    arguments = _arguments(rabbit, vhost_url, GENERATE_QUEUE)
+    assert arguments is not None
+    assert (arguments["x-dead-letter-strategy"], arguments["x-overflow"]) == (
+        "at-least-once",
+        "reject-publish",
+    )
+    kept = []
+    while (message := channel.basic_get(GENERATE_QUEUE, no_ack=True)) is not None:
+        kept.append(message.body.decode() if isinstance(message.body, bytes) else message.body)
+    assert kept == jobs
+    assert _arguments(rabbit, vhost_url, GENERATE_QUEUE + HOLDING_SUFFIX) is None

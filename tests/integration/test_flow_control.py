@@ -20,14 +20,17 @@ from avocado_shared import (
     ResultStore,
     Settings,
 )
+from avocado_shared.routing import Lane
 from avocado_shared.topology import declare_topology
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
 from tests.proxy import OneWayProxy
-from tests.rabbit import ALARMS, RabbitNode, alarm_raised, new_vhost, queue_depth
+from tests.rabbit import ALARMS, RabbitNode, alarm_raised, lane_queue, new_vhost, queue_depth
 from tests.services import REDIS_URL, RedisServer, free_port, run_cli, service_env, wait_for
 
 WAIT = 90
+# Where the default model's jobs from the Python API wait, summaries and generations alike.
+BATCH = lane_queue(Lane.BATCH)
 NODE_MAX_MESSAGE = 1024 * 1024
 
 
@@ -99,8 +102,8 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
 
         # The blocked job was sent once: RabbitMQ queues it when it reads that connection
         # again, unless it found the connection closed first. Never more than that copy.
-        assert queue_depth(producer, "ml.summarize") <= 1
-        assert queue_depth(producer, "ml.generate") <= 1  # the CLI's job, the same
+        # One lane queue holds both: the summary, and the CLI's job (the same for it).
+        assert queue_depth(producer, BATCH) <= 2
         handles = [producer.summarize(share, texts[share]) for share in shares]
         assert handles[0].id == first.job_id  # published again under its own id
         workers(sim.url)
@@ -108,7 +111,7 @@ def test_an_alarm_fails_publishers_fast_and_each_job_runs_once(
         results = [h.get(timeout=WAIT) for h in handles]
 
         assert [r.share_id for r in results] == shares
-        wait_for(lambda: queue_depth(producer, "ml.summarize") == 0, timeout=WAIT, what="a drain")
+        wait_for(lambda: queue_depth(producer, BATCH) == 0, timeout=WAIT, what="a drain")
         assert {share: _summary_calls(sim, texts[share]) for share in shares} == dict.fromkeys(
             shares, 1
         )
@@ -125,6 +128,7 @@ def test_a_confirm_that_never_comes_is_an_unknown_outcome_and_no_second_copy(
             Producer(_settings(url, key_prefix)) as observer,
         ):
             producer.generate("connected, topology declared")
+            wait_for(lambda: queue_depth(observer, BATCH) == 1, timeout=WAIT, what="the first")
             share = _uid("lost-confirm")
             proxy.hold()  # the job reaches RabbitMQ; its confirm does not come back
             started = time.monotonic()
@@ -135,12 +139,10 @@ def test_a_confirm_that_never_comes_is_an_unknown_outcome_and_no_second_copy(
 
             assert "not confirmed: no confirm within the publish timeout" in str(caught.value)
             assert "not sent again" in str(caught.value)
-            wait_for(
-                lambda: queue_depth(observer, "ml.summarize") == 1, timeout=WAIT, what="a copy"
-            )
+            wait_for(lambda: queue_depth(observer, BATCH) == 2, timeout=WAIT, what="a copy")
             again = producer.summarize(share, "Confirm me.")  # as docs/reliability.md says to
             assert again.id == caught.value.job_id
-            assert queue_depth(observer, "ml.summarize") == 2  # one job id; a worker runs it once
+            assert queue_depth(observer, BATCH) == 3  # one job id twice; a worker runs it once
 
 
 def test_a_job_whose_ack_is_lost_with_its_connection_runs_once(
@@ -233,14 +235,14 @@ def test_an_oversized_summary_is_refused_before_anything_is_locked_or_sent(
         limit = producer.settings.max_request_bytes
         share = _uid("big")
         producer.generate("declare the topology")
-        before = queue_depth(producer, "ml.summarize")
+        before = queue_depth(producer, BATCH)
 
         with pytest.raises(InvalidRequest) as caught:
             producer.summarize(share, "x" * limit)
 
         print(f"oversized: {caught.value}")
         assert f"over the limit of {limit} bytes (AVOCADO_MAX_REQUEST_BYTES" in str(caught.value)
-        assert queue_depth(producer, "ml.summarize") == before
+        assert queue_depth(producer, BATCH) == before
         locks = redis.Redis.from_url(REDIS_URL, decode_responses=True)
         assert not [k for k in locks.scan_iter(f"{key_prefix}lock:*") if share in k]
 

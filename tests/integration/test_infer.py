@@ -12,10 +12,11 @@ import ollama
 import openai
 import pytest
 import redis
+from amqp.exceptions import NotFound
 
 from avocado_shared import Producer, Settings
-from avocado_shared.discovery import Endpoint
-from avocado_shared.registry import NodeRegistry
+from avocado_shared.fleet import WorkerRecord, WorkerRegistry
+from avocado_shared.routing import Lane, lane_queue_name
 from avocado_shared.streams import EntryKind, JobStream
 from avocado_sim import OllamaSimulator
 from tests.gateway import InProcessGateway
@@ -96,26 +97,45 @@ def test_ollama_chat_not_streamed_is_the_stored_result(fleet: Fleet) -> None:
 
 
 @pytest.fixture
-def announced(settings: Settings) -> Iterator[str]:
-    """A node record in the registry, as a worker exposing its Ollama keeps it; its model."""
-    registry = NodeRegistry(redis.Redis.from_url(REDIS_URL), settings.key_prefix)
-    node = Endpoint(service_id="infer-test-node", url="https://node.test", models=["qwen3:0.6b"])
-    registry.put(node)
-    yield node.models[0]
-    registry.remove(node.service_id)
+def served(settings: Settings) -> Iterator[str]:
+    """A worker's record in the fleet registry, as a running worker keeps it; its model."""
+    registry = WorkerRegistry(redis.Redis.from_url(REDIS_URL), settings.key_prefix)
+    record = WorkerRecord(worker="infer-test@node", models=["qwen3:0.6b"])
+    registry.put(record)
+    yield record.models[0]
+    registry.remove(record.worker)
     registry.close()
 
 
-def test_models_are_the_live_fleets_and_the_default(
-    gateway_factory: Callable[..., InProcessGateway], producer: Producer, announced: str
+def test_models_are_those_live_workers_serve(
+    gateway_factory: Callable[..., InProcessGateway], producer: Producer, served: str
 ) -> None:
     fleet = Fleet(gateway_factory(), producer)
 
     listed = fleet.ollama().list()
-    assert sorted(m.model or "" for m in listed.models) == sorted([MODEL, announced])
+    assert [m.model for m in listed.models] == [served]
     models = fleet.openai().models.list()
-    assert sorted(m.id for m in models.data) == sorted([MODEL, announced])
+    assert [m.id for m in models.data] == [served]
     assert all(m.object == "model" for m in models.data)
+
+
+def test_a_model_no_live_node_serves_is_a_404_and_nothing_is_queued(
+    gateway_factory: Callable[..., InProcessGateway], producer: Producer, served: str
+) -> None:
+    fleet = Fleet(gateway_factory(), producer)
+    with pytest.raises(ollama.ResponseError) as refused:
+        fleet.ollama().generate(model="nope:1b", prompt=ASK)
+    assert refused.value.status_code == 404
+    assert "no live node serves it (the fleet serves: qwen3:0.6b)" in refused.value.error
+    with pytest.raises(openai.NotFoundError) as missing:
+        fleet.openai().chat.completions.create(
+            model="nope:1b", messages=[{"role": "user", "content": ASK}]
+        )
+    assert missing.value.code == "model_not_found"
+    with producer.app.connection_for_write() as connection, pytest.raises(NotFound):
+        connection.default_channel.queue_declare(
+            lane_queue_name("nope:1b", Lane.INTERACTIVE), passive=True
+        )
 
 
 def test_openai_chat_not_streamed_is_the_stored_result(fleet: Fleet) -> None:
@@ -238,7 +258,8 @@ def test_without_broker_and_redis_not_ready_and_a_503_in_each_apis_shape(
     for answer in (models, chat):
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["type"] == "server_error"
-    assert "not published" in generate.json()["error"]
+    # Redis, which says which models live nodes serve, is asked first: nothing is published.
+    assert "the fleet registry is not readable" in generate.json()["error"]
 
 
 def test_a_body_sent_as_a_form_is_read_as_json(fleet: Fleet) -> None:

@@ -8,9 +8,11 @@ import signal
 from pathlib import Path
 
 import httpx
+import redis
 
+from avocado_shared.fleet import WorkerRecord, WorkerRegistry
 from tests.processes import VENV_BIN, Child, spawn, wait_for
-from tests.services import free_port, service_env
+from tests.services import REDIS_URL, free_port, service_env
 
 
 def test_avocado_infer_serves_on_the_port_its_settings_name(
@@ -22,9 +24,11 @@ def test_avocado_infer_serves_on_the_port_its_settings_name(
         key_prefix,
         AVOCADO_INFER_HOST="127.0.0.1",
         AVOCADO_INFER_PORT=str(port),
-        AVOCADO_DEFAULT_MODEL="tiny-test:1b",
         AVOCADO_INFER_REQUIRE_KEYS="false",
     )
+    # A worker's record under the key prefix of the environment: /api/tags lists its model.
+    registry = WorkerRegistry(redis.Redis.from_url(REDIS_URL), key_prefix)
+    registry.put(WorkerRecord(worker="command-test@node", models=["tiny-test:1b"]))
     log = tmp_path / "infer.log"
     # Run from an empty directory: no .env of the checkout's is read.
     child = Child(spawn([str(VENV_BIN / "avocado-infer")], log, env=env, cwd=tmp_path), log)
@@ -42,6 +46,8 @@ def test_avocado_infer_serves_on_the_port_its_settings_name(
         tags = httpx.get(f"{url}/api/tags", timeout=10).json()
     finally:
         code = child.stop()
+        registry.remove("command-test@node")
+        registry.close()
 
     assert answer.status_code == 200, answer.text
     assert [m["name"] for m in tags["models"]] == ["tiny-test:1b"]

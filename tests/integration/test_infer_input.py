@@ -13,27 +13,30 @@ import pytest
 from kombu.connection import Connection
 
 from avocado_shared import Settings
-from avocado_shared.topology import GENERATE_QUEUE, declare_topology
+from avocado_shared.routing import Lane
+from avocado_shared.topology import declare_lane_queues
 from tests.gateway import InProcessGateway
+from tests.rabbit import DEFAULT_MODEL, lane_queue
 
-MODEL = "llama3.2:1b"
+MODEL = DEFAULT_MODEL
+QUEUE = lane_queue(Lane.INTERACTIVE)
 USER = [{"role": "user", "content": "Hi"}]
 
 
 class Queue:
-    """``ml.generate``, declared if it was not."""
+    """The interactive lane queue of the default model, declared if it was not."""
 
     def __init__(self, connection: Connection, settings: Settings) -> None:
-        declare_topology(connection, settings)
+        declare_lane_queues(connection, DEFAULT_MODEL, settings)
         self.channel = connection.channel()
 
     def __call__(self) -> tuple[int, int]:
         """Its (messages, consumers)."""
-        _, messages, consumers = self.channel.queue_declare(GENERATE_QUEUE, passive=True)
+        _, messages, consumers = self.channel.queue_declare(QUEUE, passive=True)
         return int(messages), int(consumers)
 
     def purge(self) -> None:
-        self.channel.queue_purge(GENERATE_QUEUE)
+        self.channel.queue_purge(QUEUE)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +49,12 @@ def queue(broker_url: str, settings: Settings) -> Iterator[Queue]:
 def client(
     gateway_factory: Callable[..., InProcessGateway], queue: Queue
 ) -> Iterator[httpx.Client]:
-    """A client of a fresh gateway; after the test, ``ml.generate`` holds no more jobs
-    than before, and nothing consumes it (what another module left there stays)."""
+    """A client of a fresh gateway that queues jobs for a model no node serves; after the
+    test, the queue holds no more jobs than before, and nothing consumes it (what another
+    module left there stays)."""
     before, consumers = queue()
     assert consumers == 0
-    with httpx.Client(base_url=gateway_factory().url, timeout=30) as made:
+    with httpx.Client(base_url=gateway_factory(hold_unserved=True).url, timeout=30) as made:
         yield made
     assert queue() == (before, 0), "a bad request queued a job"
 
@@ -146,7 +150,7 @@ def test_a_good_request_is_queued_and_waits_for_its_answer(
 ) -> None:
     """What the bad requests above are measured against: a good one queues one job, and
     with no worker to take it the gateway gives up after ``stream_timeout_s``."""
-    gateway = gateway_factory(stream_timeout_s=1)
+    gateway = gateway_factory(stream_timeout_s=1, hold_unserved=True)
     before, _ = queue()
     try:
         with httpx.Client(base_url=gateway.url, timeout=30) as http:

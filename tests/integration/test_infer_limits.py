@@ -20,6 +20,7 @@ from avocado_infer.limits import requests_key, slots_key
 from avocado_shared import Producer, Settings
 from avocado_shared.cancel import cancel_key
 from avocado_shared.keys import KeyStore
+from avocado_shared.routing import Lane
 from avocado_shared.topology import declare_topology
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
@@ -238,9 +239,11 @@ def test_a_queue_at_its_limit_is_a_503_with_retry_after(
     fleet = Settings(broker_url=idle_vhost, redis_url=REDIS_URL, key_prefix=key_prefix)
     with Producer(fleet) as producer:
         for n in range(2):
-            producer.generate(f"Waiting {n}.")
-    full = gateway_factory(fleet=fleet, max_queue=2, busy_retry_after_s=7, stream_timeout_s=1)
-    roomy = gateway_factory(fleet=fleet, max_queue=3, stream_timeout_s=1)
+            producer.generate(f"Waiting {n}.", lane=Lane.INTERACTIVE)
+    # No node takes them: the requests are held for one to come (a fleet that scales from zero).
+    held = {"fleet": fleet, "stream_timeout_s": 1, "hold_unserved": True}
+    full = gateway_factory(max_queue=2, busy_retry_after_s=7, **held)
+    roomy = gateway_factory(max_queue=3, **held)
     with httpx.Client(timeout=WAIT) as client:
         refused = client.post(f"{full.url}{GENERATE[0]}", json=GENERATE[1])
         refused_openai = client.post(f"{full.url}{CHAT[0]}", json=CHAT[1])
@@ -248,7 +251,7 @@ def test_a_queue_at_its_limit_is_a_503_with_retry_after(
         queued = client.post(f"{roomy.url}{GENERATE[0]}", json=GENERATE[1])
 
     message = assert_ollama_error(refused, 503)
-    assert "2 jobs wait in the queue" in message
+    assert "2 interactive jobs for llama3.2:1b wait in the queue" in message
     assert "AVOCADO_INFER_MAX_QUEUE=2" in message
     assert retry_after(refused) == 7
     assert_openai_error(refused_openai, 503, "server_error", None)
@@ -281,7 +284,7 @@ def test_a_broker_that_blocks_publishing_is_a_503_with_retry_after(
     )
     with Producer(fleet) as producer, producer.app.connection_for_write() as connection:
         declare_topology(connection, fleet)
-    gateway = gateway_factory(fleet=fleet, busy_retry_after_s=7)
+    gateway = gateway_factory(fleet=fleet, busy_retry_after_s=7, hold_unserved=True)
     with httpx.Client(base_url=gateway.url, timeout=WAIT) as client:
         assert client.get("/readyz").status_code == 200
         with alarm_raised(node, "memory") as reason:

@@ -15,16 +15,19 @@ import pytest
 import redis
 
 from avocado_shared import Producer, Settings
-from avocado_shared.discovery import Endpoint
-from avocado_shared.registry import NodeRegistry
-from avocado_shared.topology import SUMMARIZE_QUEUE, describe
+from avocado_shared.fleet import WorkerRecord, WorkerRegistry
+from avocado_shared.routing import Lane
+from avocado_shared.topology import describe
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
+from tests.rabbit import lane_queue
 from tests.services import REDIS_URL, wait_for
 
 WAIT = 60
 MODEL = "llama3.2:1b"
+# Where the gateway's summaries of the default model wait.
+SUMMARY_QUEUE = lane_queue(Lane.BATCH)
 TEXT = "RabbitMQ quorum queues replicate messages with Raft."
 # 20 tokens (max_words 10) at 10 a second: each summary runs for two seconds.
 SHORT = {"max_words": 10}
@@ -52,7 +55,7 @@ def _ready(producer: Producer, name: str) -> int:
     """The ready messages of a queue, as RabbitMQ counts them (declared first, as a fresh
     vhost has none)."""
     with producer.app.connection_for_write() as connection:
-        infos = describe(connection, producer.settings)
+        infos = describe(connection, producer.settings, [MODEL])
     return next(info.messages for info in infos if info.name == name)
 
 
@@ -82,7 +85,7 @@ def test_a_summary_job_reads_queued_then_started_then_success(
     shares = [_share() for _ in range(3)]
     posted = [_summarize(client, share) for share in shares]  # no worker yet: all wait
     ids = [p["id"] for p in posted]
-    ready = _ready(producer, SUMMARIZE_QUEUE)
+    ready = _ready(producer, SUMMARY_QUEUE)
 
     assert ready >= 3
     for job_id, share in zip(ids, shares, strict=True):
@@ -95,7 +98,7 @@ def test_a_summary_job_reads_queued_then_started_then_success(
             "attempts": 0,
             "error": None,
             "updated_at": None,
-            "queue": SUMMARIZE_QUEUE,
+            "queue": SUMMARY_QUEUE,
             "jobs_ahead_at_most": ready - 1,  # the ready messages besides its own
         }
     assert posted[0]["state"] == "queued"
@@ -173,14 +176,14 @@ def test_a_bad_summary_body_is_a_400_and_nothing_is_queued(
     share = _share()
     if isinstance(body, dict) and body.get("share_id") == "SHARE":
         body = {**body, "share_id": share}
-    before = _ready(producer, SUMMARIZE_QUEUE)
+    before = _ready(producer, SUMMARY_QUEUE)
 
     answer = client.post("/jobs/summarize", json=body)
 
     assert answer.status_code == 400, answer.text
     assert list(answer.json()) == ["error"]
     assert answer.json()["error"].startswith("invalid request: ")
-    assert _ready(producer, SUMMARIZE_QUEUE) == before
+    assert _ready(producer, SUMMARY_QUEUE) == before
     unknown = client.get(f"/jobs/summarize/{share}")
     assert unknown.status_code == 404
     assert list(unknown.json()) == ["error"]
@@ -231,32 +234,37 @@ def test_a_retried_generation_reads_its_worker_and_attempts(
 
 
 @pytest.fixture
-def nodes(settings: Settings) -> Iterator[list[Endpoint]]:
-    """Two live node records, as workers exposing their servers keep them."""
-    registry = NodeRegistry(redis.Redis.from_url(REDIS_URL), settings.key_prefix)
+def nodes(settings: Settings) -> Iterator[list[WorkerRecord]]:
+    """Two live workers' records, as they keep them: both serve MODEL, one holds it in memory,
+    the other holds qwen3 and drains."""
+    registry = WorkerRegistry(redis.Redis.from_url(REDIS_URL), settings.key_prefix)
     now = datetime.now(timezone.utc)
     made = [
-        Endpoint(service_id="ps-a", url="https://a.test", models=["qwen3:0.6b", MODEL]),
-        Endpoint(
-            service_id="ps-b",
-            url="https://b.test",
+        WorkerRecord(worker="ps-a@node", models=["qwen3:0.6b", MODEL], loaded=["qwen3:0.6b"]),
+        WorkerRecord(
+            worker="ps-b@node",
             models=[MODEL],
+            loaded=[MODEL],
             updated_at=now + timedelta(seconds=5),
             ttl_s=60,
+            draining=True,
+            cutoff=now + timedelta(minutes=10),
         ),
     ]
     for node in made:
         registry.put(node)
     yield made
     for node in made:
-        registry.remove(node.service_id)
+        registry.remove(node.worker)
     registry.close()
 
 
-def test_ps_lists_the_live_nodes_models_for_the_ollama_client(
-    gateway_factory: Callable[..., InProcessGateway], nodes: list[Endpoint]
+def test_ps_lists_the_loaded_models_and_their_nodes_for_the_ollama_client(
+    gateway_factory: Callable[..., InProcessGateway], nodes: list[WorkerRecord]
 ) -> None:
-    running = ollama.Client(host=gateway_factory().url, timeout=WAIT).ps()
+    url = gateway_factory().url
+    running = ollama.Client(host=url, timeout=WAIT).ps()
+    raw = {m["model"]: m for m in httpx.get(f"{url}/api/ps", timeout=WAIT).json()["models"]}
 
     by_name = {m.model: m for m in running.models}
     assert sorted(by_name) == [MODEL, "qwen3:0.6b"]
@@ -266,3 +274,10 @@ def test_ps_lists_the_live_nodes_models_for_the_ollama_client(
     assert by_name[MODEL].expires_at == b.expires_at
     assert by_name["qwen3:0.6b"].expires_at == a.expires_at
     assert all(m.size == 0 and m.size_vram == 0 and m.digest == "" for m in running.models)
+    view = raw[MODEL]["avocado"]
+    assert [(n["worker"], n["loaded"], n["draining"]) for n in view["nodes"]] == [
+        ("ps-a@node", False, False),
+        ("ps-b@node", True, True),
+    ]
+    assert 500 < view["nodes"][1]["time_left_s"] <= 600
+    assert set(view["backlog"]) == {"interactive", "batch"}

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from datetime import datetime, timezone
 
 import pytest
 
-from avocado_shared import GenerateResult, JobFailed, Producer, SummarizeResult
+from avocado_shared import GenerateResult, Producer, SummarizeResult
+from avocado_shared.fleet import WorkerRegistry
+from avocado_shared.redis_clients import redis_client
+from avocado_shared.routing import Lane, lane_queue_name
 from avocado_sim import OllamaSimulator
+from tests.inprocess import InProcessWorker
+from tests.processes import wait_for
+from tests.rabbit import purge, queue_depth
 from tests.services import WorkerProcess
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -17,6 +25,21 @@ WAIT = 60
 
 def _bodies(sim: OllamaSimulator, path: str) -> list[dict[str, object]]:
     return [r.body for r in sim.requests if r.path == path and isinstance(r.body, dict)]
+
+
+def _rounds_after(
+    registry: WorkerRegistry, worker: str, since: datetime, rounds: int
+) -> Callable[[], bool]:
+    """A condition: worker ``worker`` refreshed its fleet record ``rounds`` times since."""
+    seen: set[datetime] = set()
+
+    def done() -> bool:
+        record = registry.get(worker)
+        if record is not None and record.updated_at > since:
+            seen.add(record.updated_at)
+        return len(seen) >= rounds
+
+    return done
 
 
 def test_prompt_generation_returns_text_tokens_and_durations(
@@ -107,19 +130,28 @@ def test_missing_model_is_pulled_first(producer: Producer, fresh_sim: OllamaSimu
     assert _bodies(fresh_sim, "/api/pull")[0]["model"] == "qwen2.5:0.5b"
 
 
-def test_model_absent_from_the_hub_fails_clearly_without_retry(
-    producer: Producer, fresh_sim: OllamaSimulator
+def test_a_model_absent_from_the_hub_is_tried_once_and_its_job_waits_queued(
+    producer: Producer, fresh_sim: OllamaSimulator, worker: InProcessWorker
 ) -> None:
     fresh_sim.config.hub = ["llama3.2:1b", "qwen2.5:0.5b"]
+    registry = WorkerRegistry(redis_client(producer.settings), producer.settings.key_prefix)
     try:
         handle = producer.generate("Hello", model="no-such-model:7b")
-        with pytest.raises(JobFailed, match="no-such-model:7b"):
-            handle.get(timeout=WAIT)
+        wait_for(lambda: _bodies(fresh_sim, "/api/pull"), timeout=WAIT, what="a pull")
+        # Two more rounds of the worker's model follower after the failed pull.
+        pulled_at = datetime.now(timezone.utc)
+        wait_for(
+            _rounds_after(registry, worker.name, pulled_at, 2),
+            timeout=WAIT,
+            what="two rounds of the model follower",
+        )
     finally:
         fresh_sim.config.hub = None
-    assert handle.state == "FAILURE"
-    assert len(_bodies(fresh_sim, "/api/pull")) == 1
+    assert [b["model"] for b in _bodies(fresh_sim, "/api/pull")] == ["no-such-model:7b"]
     assert not _bodies(fresh_sim, "/api/generate")
+    assert handle.state == "PENDING"
+    assert queue_depth(producer, lane_queue_name("no-such-model:7b", Lane.BATCH)) == 1
+    purge(producer, lane_queue_name("no-such-model:7b", Lane.BATCH))
 
 
 def test_busy_ollama_is_retried_until_it_answers(

@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 
 from avocado_shared import InvalidRequest, Producer, PublishError, Settings
+from avocado_shared.routing import Lane
 from avocado_shared.topology import (
     DEAD_LETTER_QUEUE,
     GENERATE_QUEUE,
     SUMMARIZE_QUEUE,
+    declare_lane_queues,
     declare_topology,
 )
 from avocado_sim import OllamaSimulator
-from tests.rabbit import Broker
+from tests.rabbit import DEFAULT_MODEL, Broker, lane_queue
 from tests.services import REDIS_URL, WorkerProcess, run_cli, service_env
 
 
@@ -51,30 +53,38 @@ def test_invalid_requests_are_refused_before_publishing(
 ) -> None:
     with producer.app.connection_for_write() as connection:
         declare_topology(connection, producer.settings)
-    before = (_depth(producer, GENERATE_QUEUE), _depth(producer, SUMMARIZE_QUEUE))
+        declare_lane_queues(connection, DEFAULT_MODEL, producer.settings)
+    queues = (GENERATE_QUEUE, SUMMARIZE_QUEUE, *(lane_queue(lane) for lane in Lane))
+    before = [_depth(producer, queue) for queue in queues]
 
     with pytest.raises(InvalidRequest, match=r"invalid (generate|summarize) request") as caught:
         call(producer)
 
     assert message in str(caught.value)
-    assert (_depth(producer, GENERATE_QUEUE), _depth(producer, SUMMARIZE_QUEUE)) == before
+    assert [_depth(producer, queue) for queue in queues] == before
 
 
 @pytest.mark.both_brokers
 def test_queues_are_quorum_with_delivery_limit_and_dead_lettering(
     producer: Producer, broker_url: str, rabbit: Broker
 ) -> None:
+    lanes = [lane_queue(lane) for lane in Lane]
     with producer.app.connection_for_write() as connection:
         declare_topology(connection, producer.settings)
+        declare_lane_queues(connection, DEFAULT_MODEL, producer.settings)
     vhost = broker_url.rsplit("/", 1)[1]
 
     queues = rabbit.queues(vhost)
 
-    for name in (GENERATE_QUEUE, SUMMARIZE_QUEUE, "infra.announce"):
+    for name in (GENERATE_QUEUE, SUMMARIZE_QUEUE, "infra.announce", *lanes):
         args = queues[name]["arguments"]
         assert queues[name]["type"] == "quorum"
         assert args["x-delivery-limit"] == producer.settings.delivery_limit
         assert args["x-dead-letter-exchange"] == "ml.dlx"
+        assert (args["x-dead-letter-strategy"], args["x-overflow"]) == (
+            "at-least-once",
+            "reject-publish",
+        )
     assert queues[DEAD_LETTER_QUEUE]["type"] == "quorum"
     # No delivery limit on the dead letters: RabbitMQ 4's -1, RabbitMQ 3's none (its -1 drops).
     dead = queues[DEAD_LETTER_QUEUE]["arguments"]
@@ -160,7 +170,8 @@ def test_unreachable_redis_refuses_jobs_that_need_a_lock(
     settings = Settings(broker_url=broker_url, redis_url=dead, key_prefix=key_prefix)
     with producer.app.connection_for_write() as connection:
         declare_topology(connection, producer.settings)
-    before = _depth(producer, SUMMARIZE_QUEUE)
+    summaries = lane_queue(Lane.BATCH)
+    before = _depth(producer, summaries)
     with Producer(settings) as p:
         with pytest.raises(PublishError, match=r"avocado\.summarize not published") as raised:
             p.summarize("no-lock", "Without Redis this could run twice.")
@@ -169,4 +180,4 @@ def test_unreachable_redis_refuses_jobs_that_need_a_lock(
         with pytest.raises(PublishError, match=r"avocado\.generate not published"):
             p.generate("Not even a plain one: its result could not be waited for.")
     assert "s3cret-redis" not in str(raised.value)
-    assert _depth(producer, SUMMARIZE_QUEUE) == before
+    assert _depth(producer, summaries) == before

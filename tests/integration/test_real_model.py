@@ -96,14 +96,17 @@ def test_prompt_chat_and_json_jobs_on_the_real_model(
     _worker(worker_factory, model_url)
     options = {"num_predict": 32, **GREEDY}
 
-    prompt = producer.generate("Why is the sky blue?", options=options).get(timeout=WAIT)
+    prompt = producer.generate("Why is the sky blue?", model=MODEL, options=options).get(
+        timeout=WAIT
+    )
     messages = [
         {"role": "system", "content": "You are a helpful gardener."},
         {"role": "user", "content": "Name one vegetable that grows in spring."},
     ]
-    chat = producer.generate(messages=messages, options=options).get(timeout=WAIT)
+    chat = producer.generate(messages=messages, model=MODEL, options=options).get(timeout=WAIT)
     data = producer.generate(
         "Give a JSON object with the keys name and color for a ripe tomato.",
+        model=MODEL,
         format="json",
         options={"num_predict": 48, **GREEDY},
     ).get(timeout=WAIT)
@@ -127,7 +130,8 @@ def test_jobs_sent_to_the_server_at_once_each_get_their_whole_answer_first_time(
     _worker(worker_factory, model_url, concurrency=2)
     prompts = ["Why is the sky blue?", "Name one vegetable that grows in spring."]
 
-    handles = [producer.generate(p, options={"num_predict": 32, **GREEDY}) for p in prompts]
+    options = {"num_predict": 32, **GREEDY}
+    handles = [producer.generate(p, model=MODEL, options=options) for p in prompts]
     results = [h.get(timeout=WAIT) for h in handles]
 
     # Not compared with a later answer of the server's: it reuses its prompt cache across
@@ -152,7 +156,7 @@ def test_a_summary_longer_than_the_context_is_chunked(
     text = "\n\n".join(paragraph * 6 for _ in range(7))  # about 1.5 times the context
 
     summary = producer.summarize(
-        f"garden-{uuid.uuid4().hex[:6]}", text, options={"max_words": 30}
+        f"garden-{uuid.uuid4().hex[:6]}", text, options={"max_words": 30, "model": MODEL}
     ).get(timeout=WAIT)
 
     assert summary.chunks > 1
@@ -174,7 +178,7 @@ def test_a_worker_killed_mid_generation_leaves_the_job_to_another(
     assert isinstance(doomed, WorkerProcess)
     # LONG tokens: seconds of answer still to come after the first, when the kill lands.
     handle = producer.generate(
-        "Write a long story about a garden.", options={"num_predict": LONG, **GREEDY}
+        "Write a long story about a garden.", model=MODEL, options={"num_predict": LONG, **GREEDY}
     )
     stream = JobStream(redis.Redis.from_url(REDIS_URL), key_prefix, handle.id)
     first = next(stream.entries(timeout_s=WAIT))  # the answer has begun

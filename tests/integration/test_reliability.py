@@ -11,9 +11,10 @@ import pytest
 import redis
 
 from avocado_shared import JobFailed, JobHandle, JobStatus, Producer, ResultStore, Settings
+from avocado_shared.routing import Lane, lane_queue_name
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory, worker_processes
-from tests.rabbit import RabbitNode
+from tests.rabbit import RabbitNode, purge, queue_depth
 from tests.services import REDIS_URL, RedisServer, WorkerProcess, wait_for
 
 WAIT = 90
@@ -121,17 +122,26 @@ def test_bad_request_fails_once_with_a_clear_reason(
     assert not [k for k in _locks(key_prefix) if share_id in k]
 
 
-def test_model_that_may_not_be_pulled_fails_at_once(
+def test_a_node_that_may_not_pull_leaves_a_job_of_a_model_it_lacks_queued(
     producer: Producer, slow_sim: OllamaSimulator, worker_factory: WorkerFactory
 ) -> None:
     worker_factory(slow_sim.url, AVOCADO_ALLOW_PULL="false")
+    queue = lane_queue_name("mistral:7b", Lane.BATCH)
 
     handle = producer.generate("Hi", model="mistral:7b")
+    # Rounds of the node's model follower (every half second here) see the job waiting.
+    asked = len(slow_sim.requests.to("/api/tags"))
+    wait_for(
+        lambda: len(slow_sim.requests.to("/api/tags")) >= asked + 3,
+        timeout=WAIT,
+        what="three rounds of the node's model follower",
+    )
 
-    with pytest.raises(JobFailed, match="pulling is disabled"):
-        handle.get(timeout=WAIT)
+    assert queue_depth(producer, queue) == 1
+    assert handle.state == "PENDING"
     assert not slow_sim.requests.to("/api/pull")
     assert slow_sim.generation_calls == 0
+    purge(producer, queue)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])

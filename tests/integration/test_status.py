@@ -16,6 +16,7 @@ from avocado_shared import JobFailed, Producer, Settings
 from avocado_shared.discovery import Endpoint
 from avocado_shared.dlq import dead_letter_headers
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.routing import Lane, lane_queue_name
 from avocado_shared.store import JobStatus
 from avocado_shared.topology import (
     DEAD_LETTER_EXCHANGE,
@@ -28,7 +29,13 @@ from tests.conftest import WorkerFactory
 from tests.services import free_port, run_cli, service_env, wait_for
 
 WAIT = 60
-JOB_QUEUES = ("ml.generate", "ml.summarize", "infra.announce")
+# The entry queues, beat's, and the default model's lanes, which its node consumes.
+JOB_QUEUES = (
+    "ml.generate",
+    "ml.summarize",
+    "infra.announce",
+    *(lane_queue_name("llama3.2:1b", lane) for lane in Lane),
+)
 
 
 @pytest.fixture
@@ -130,7 +137,8 @@ def test_status_shows_queues_workers_dead_letters_endpoints_and_failures(
     assert re.search(rf"^  {re.escape(DEAD_LETTER_QUEUE)} +\d+ +- +0$", text, re.MULTILINE)
     assert "workers: 1 online" in text
     worker_line = _line_with(text, worker.name, "running=")
-    assert worker_line.endswith("queues=infra.announce,ml.generate,ml.summarize")
+    assert worker_line.endswith(f"queues={','.join(sorted(JOB_QUEUES))}")
+    assert re.search(r" slots=2  models=llama3\.2:1b\*?  queues=", worker_line), worker_line
     assert "ml.dead-letter, newest" in text
     _line_with(text, letter_id, GENERATE_TASK, reason)
     _line_with(text, endpoint.service_id, endpoint.url, "llama3.2:1b")
@@ -142,11 +150,14 @@ def test_status_shows_queues_workers_dead_letters_endpoints_and_failures(
     data: dict[str, Any] = json.loads(as_json.stdout)
     assert data["ok"] is True
     consumers = {q["name"]: q["consumers"] for q in data["queues"]["items"]}
-    assert consumers == {**dict.fromkeys(JOB_QUEUES, 1), DEAD_LETTER_QUEUE: 0}
+    # Other models' lanes are listed too (jobs queued for them in this session): no node.
+    assert {k: v for k, v in consumers.items() if v} == dict.fromkeys(JOB_QUEUES, 1)
+    assert consumers[DEAD_LETTER_QUEUE] == 0
     assert all(q["unacked"] == 0 for q in data["queues"]["items"] if q["name"] in JOB_QUEUES)
     (seen,) = data["workers"]["items"]
     assert seen["name"] == worker.name
     assert set(seen["queues"]) == set(JOB_QUEUES)
+    assert (seen["models"], seen["slots"], seen["draining"]) == (["llama3.2:1b"], 2, False)
     letters = data["dead_letters"]
     assert letters["count"] >= 1
     assert letters["items"][0]["id"] == letter_id, "newest first"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from avocado_shared.admin import WORKER_PERMISSIONS, redis_worker_rules
+from avocado_shared.admin import WORKER_ML_BINDINGS, WORKER_PERMISSIONS, redis_worker_rules
 
 
 @pytest.mark.parametrize(
@@ -21,6 +21,10 @@ from avocado_shared.admin import WORKER_PERMISSIONS, redis_worker_rules
         ("configure", "service-discovery", False),
         ("configure", "celery_delayed_3", False),
         ("configure", "ml.generate.celery.pidbox.x", False),
+        ("configure", "ml.model.llama3.2:1b.batch", True),
+        ("configure", "ml.model.", False),
+        ("configure", "ml.dead-letter", False),
+        ("read", "ml.model.qwen2.5:0.5b.interactive", True),
         ("read", "ml.generate", True),
         ("read", "infra.announce", True),
         ("read", "ml.dead-letter", False),
@@ -34,6 +38,22 @@ from avocado_shared.admin import WORKER_PERMISSIONS, redis_worker_rules
 )
 def test_worker_permissions(kind: str, name: str, granted: bool) -> None:
     assert bool(re.search(getattr(WORKER_PERMISSIONS, kind), name)) is granted
+
+
+@pytest.mark.parametrize(
+    ("key", "granted"),
+    [
+        ("ml.model.llama3.2:1b.batch", True),
+        ("#.ml.model.llama3.2:1b.batch", True),
+        ("#", False),
+        ("#.ml.model.#", False),
+        ("ml.model.*.batch", False),
+        ("ml.generate", False),
+        ("*.*", False),
+    ],
+)
+def test_a_worker_binds_to_ml_only_with_lane_keys(key: str, granted: bool) -> None:
+    assert bool(re.search(WORKER_ML_BINDINGS, key)) is granted
 
 
 def test_redis_rules_keep_the_prefix_literal() -> None:

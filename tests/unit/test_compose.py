@@ -236,7 +236,9 @@ def test_worker_and_beat_talk_to_the_stack(services: dict[str, dict[str, Any]]) 
         assert "" not in env.values()
     worker = services["worker"]
     assert worker["command"][:4] == ["celery", "-A", "ollama_worker", "worker"]
-    assert "--concurrency=1" in worker["command"]
+    assert not any("concurrency" in arg for arg in worker["command"])  # AVOCADO_SLOTS says
+    assert worker["environment"]["AVOCADO_SLOTS"] == "4"
+    assert services["ollama"]["environment"]["OLLAMA_NUM_PARALLEL"] == "4"
     assert "--hostname=worker@%h" in worker["command"]
     assert [str(port) for port in worker["expose"]] == ["9808"]
     assert services["beat"]["command"][:4] == ["celery", "-A", "ollama_worker", "beat"]

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from avocado_infer.errors import ModelNotServed
 from avocado_shared.contracts import Usage
+from avocado_shared.routing import Lane
 from tests.fake_gateway import MODEL, STREAMED, USAGE, Failure, Restart, Served, ndjson
 
 Serve = Callable[..., Served]
@@ -29,6 +31,7 @@ COUNTS = {
     "eval_duration": 8_000_000,
 }
 ASK = "Why is the sky blue?"
+NOT_SERVED = "model 'nope:1b' not found: no live node serves it (the fleet serves: llama3.2:1b)"
 
 
 class Route:
@@ -238,7 +241,14 @@ def test_generate_publishes_its_fields(served: Serve) -> None:
         keep_alive="5m",
         raw=True,  # Ollama's, unused here: ignored
     )
-    plain = {"model": MODEL, "prompt": ASK, "options": None, "format": None, "keep_alive": None}
+    plain = {
+        "model": MODEL,
+        "prompt": ASK,
+        "options": None,
+        "format": None,
+        "keep_alive": None,
+        "lane": Lane.INTERACTIVE,
+    }
     assert app.fake.published == [
         plain | {"system": None},
         plain
@@ -268,8 +278,48 @@ def test_chat_publishes_its_messages_and_fields(served: Serve) -> None:
             "options": {"seed": 1},
             "format": schema,
             "keep_alive": 0,
+            "lane": Lane.INTERACTIVE,
         }
     ]
+
+
+def test_a_request_chooses_its_lane_in_a_header(served: Serve) -> None:
+    app = served()
+    app.fake.script(USAGE)
+    app.client.post(GENERATE.path, json=GENERATE.body, headers={"X-Avocado-Lane": "Batch"})
+    assert app.fake.published[0]["lane"] is Lane.BATCH
+    refused = app.client.post(GENERATE.path, json=GENERATE.body, headers={"X-Avocado-Lane": "now"})
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "error": "X-Avocado-Lane: unknown lane 'now': one of interactive, batch"
+    }
+    assert len(app.fake.published) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "answer"),
+    [
+        ("/api/generate", {"error": NOT_SERVED}),
+        (
+            "/v1/completions",
+            {
+                "error": {
+                    "message": NOT_SERVED,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "model_not_found",
+                }
+            },
+        ),
+    ],
+)
+def test_a_model_no_node_serves_is_a_404_in_the_apis_shape(
+    served: Serve, path: str, answer: dict[str, Any]
+) -> None:
+    app = served()
+    app.fake.failing["generate"] = ModelNotServed(NOT_SERVED)
+    response = app.client.post(path, json={"model": "nope:1b", "prompt": ASK})
+    assert (response.status_code, response.json()) == (404, answer)
 
 
 @pytest.mark.parametrize(

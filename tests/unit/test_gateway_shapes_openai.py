@@ -17,6 +17,7 @@ from avocado_infer.errors import OverLimit, QueueFull
 from avocado_shared.contracts import Usage
 from avocado_shared.jobs import PublishError
 from avocado_shared.keys import ApiKey
+from avocado_shared.routing import Lane
 from tests.fake_gateway import MODEL, STREAMED, USAGE, Failure, Served, events
 
 Serve = Callable[..., Served]
@@ -195,7 +196,7 @@ def test_a_job_that_never_starts_is_a_504_to_retry(served: Serve) -> None:
     ("method", "error", "status", "retry_after", "code"),
     [
         ("generate", PublishError("the broker is unreachable", retry_after=5), 503, "5", None),
-        ("check_backlog", QueueFull("100 jobs wait", retry_after=2.2), 503, "3", None),
+        ("generate", QueueFull("100 jobs wait", retry_after=2.2), 503, "3", None),
         ("admit", OverLimit("over its 1 requests a minute", 0.25), 429, "1", "rate_limit_exceeded"),
     ],
 )
@@ -338,9 +339,16 @@ def test_a_chat_publishes_its_messages_options_and_format(served: Serve) -> None
                 "frequency_penalty": 1.0,
             },
             "format": None,
+            "lane": Lane.INTERACTIVE,
         },
         *(
-            {"messages": ASK, "model": MODEL, "options": {"num_predict": 4}, "format": format_}
+            {
+                "messages": ASK,
+                "model": MODEL,
+                "options": {"num_predict": 4},
+                "format": format_,
+                "lane": Lane.INTERACTIVE,
+            }
             for format_ in ["json", schema, None]
         ),
     ]
@@ -352,7 +360,8 @@ def test_a_completion_publishes_its_prompt_and_options(served: Serve) -> None:
         app.fake.script(USAGE)
     app.client.post(COMPLETIONS, json=body(COMPLETIONS, max_tokens=5, stop=["a", "b"]))
     app.client.post(COMPLETIONS, json=body(COMPLETIONS, prompt=["One prompt"]))
+    interactive = {"model": MODEL, "lane": Lane.INTERACTIVE}
     assert app.fake.published == [
-        {"prompt": "Why?", "model": MODEL, "options": {"num_predict": 5, "stop": ["a", "b"]}},
-        {"prompt": "One prompt", "model": MODEL, "options": {}},
+        {"prompt": "Why?", "options": {"num_predict": 5, "stop": ["a", "b"]}} | interactive,
+        {"prompt": "One prompt", "options": {}} | interactive,
     ]

@@ -5,7 +5,7 @@ unknown routes and methods in each API's error shape, the models and nodes of ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib.metadata import version
 
 import pytest
@@ -14,7 +14,7 @@ from avocado_infer.errors import RegistryUnavailable
 from avocado_infer.gateway import ServedModel
 from avocado_infer.job_state import JobState, JobView
 from avocado_shared.contracts import JobKind
-from avocado_shared.discovery import Endpoint
+from avocado_shared.fleet import WorkerRecord
 from tests.fake_gateway import MODEL, Served
 
 Serve = Callable[..., Served]
@@ -57,51 +57,76 @@ def listed(name: str, **fields: object) -> dict[str, object]:
     return {"name": name, "model": name, "size": 0, "digest": "", "details": {}, **fields}
 
 
-def test_tags_and_models_list_the_served_models(served: Serve) -> None:
+def _node(worker: str, models: list[str], loaded: list[str], at: datetime) -> WorkerRecord:
+    return WorkerRecord(
+        worker=worker, models=models, loaded=loaded, slots=4, running=1, updated_at=at
+    )
+
+
+A = _node("a@gpu", [MODEL], [MODEL], EARLY)
+B = _node("b@gpu", [MODEL, "qwen3:0.6b"], [], LATE).model_copy(
+    update={"draining": True, "cutoff": datetime.now(timezone.utc) + timedelta(hours=2)}
+)
+SERVED = [
+    ServedModel(MODEL, LATE, B.expires_at, (A, B), ("a@gpu",), {"interactive": 0, "batch": 7}),
+    ServedModel("qwen3:0.6b", LATE, B.expires_at, (B,), (), {"interactive": 2, "batch": None}),
+]
+
+
+def test_tags_and_models_list_the_served_models_with_their_nodes_and_backlog(
+    served: Serve,
+) -> None:
     app = served()
-    app.fake.served = [ServedModel(MODEL, EARLY), ServedModel("qwen3:0.6b", LATE)]
+    app.fake.served = SERVED
     tags = app.client.get("/api/tags")
     assert tags.status_code == 200
-    assert tags.json() == {
-        "models": [
-            listed(name, modified_at=at.isoformat())
-            for name, at in [(MODEL, EARLY), ("qwen3:0.6b", LATE)]
-        ]
+    listing = tags.json()["models"]
+    assert [m["name"] for m in listing] == [MODEL, "qwen3:0.6b"]
+    left = listing[1]["avocado"]["nodes"][0].pop("time_left_s")
+    assert left == pytest.approx(7200, abs=60)
+    assert listing[1] == listed("qwen3:0.6b", modified_at=LATE.isoformat()) | {
+        "avocado": {
+            "nodes": [
+                {
+                    "worker": "b@gpu",
+                    "loaded": False,
+                    "slots": 4,
+                    "running": 1,
+                    "draining": True,
+                }
+            ],
+            "backlog": {"interactive": 2, "batch": None},
+        }
     }
-    assert app.client.get("/v1/models").json() == {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": int(at.timestamp()), "owned_by": "avocado"}
-            for name, at in [(MODEL, EARLY), ("qwen3:0.6b", LATE)]
-        ],
-    }
-
-
-def test_ps_lists_each_model_until_its_last_node_expires(served: Serve) -> None:
-    app = served()
-    node = Endpoint(service_id="a", url="https://a.example", models=[MODEL], updated_at=EARLY)
-    app.fake.node_records = [
-        node,
-        node.model_copy(update={"service_id": "b", "models": [MODEL, "qwen3:0.6b"]}),
-        node.model_copy(update={"service_id": "c", "updated_at": LATE}),
+    assert listing[0]["avocado"]["backlog"] == {"interactive": 0, "batch": 7}
+    assert [n["loaded"] for n in listing[0]["avocado"]["nodes"]] == [True, False]
+    models = app.client.get("/v1/models").json()
+    assert [(m["id"], m["created"], m["owned_by"]) for m in models["data"]] == [
+        (MODEL, int(LATE.timestamp()), "avocado"),
+        ("qwen3:0.6b", int(LATE.timestamp()), "avocado"),
     ]
+    assert models["data"][1]["avocado"]["nodes"][0].pop("time_left_s") == pytest.approx(left, abs=5)
+    assert models["data"][1]["avocado"] == listing[1]["avocado"]
+
+
+def test_ps_lists_the_loaded_models_until_their_last_node_expires(served: Serve) -> None:
+    app = served()
+    app.fake.served = SERVED
     response = app.client.get("/api/ps")
     assert response.status_code == 200
-    assert response.json() == {
-        "models": [
-            listed(name, expires_at=until, size_vram=0)
-            for name, until in [
-                (MODEL, "2025-01-02T03:05:30+00:00"),
-                ("qwen3:0.6b", "2025-01-02T03:04:35+00:00"),
-            ]
-        ]
+    (only,) = response.json()["models"]
+    view = SERVED[0].view()
+    for node in (view, only["avocado"]):  # the draining node's time left, as it runs out
+        assert node["nodes"][1].pop("time_left_s") == pytest.approx(7200, abs=60)
+    assert only == listed(MODEL, expires_at=B.expires_at.isoformat(), size_vram=0) | {
+        "avocado": view
     }
 
 
 @pytest.mark.parametrize("path", ["/api/tags", "/api/ps"])
 def test_an_unreadable_registry_is_a_503(served: Serve, path: str) -> None:
     app = served()
-    app.fake.failing["nodes"] = app.fake.failing["models"] = RegistryUnavailable("Redis is down")
+    app.fake.failing["models"] = RegistryUnavailable("Redis is down")
     response = app.client.get(path)
     assert (response.status_code, response.json()) == (503, {"error": "Redis is down"})
 

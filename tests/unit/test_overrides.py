@@ -21,7 +21,11 @@ from tests.inprocess import given_settings
 
 _LIBRARIES = ("celery", "kombu", "amqp", "billiard", "celery_singleton")
 # Public extension points, used as documented: no internals changed.
-_PUBLIC = {"ollama_worker.celery_app.WorkerApp", "ollama_worker.lifecycle.Lifecycle"}
+_PUBLIC = {
+    "ollama_worker.celery_app.WorkerApp",
+    "ollama_worker.lifecycle.Lifecycle",
+    "ollama_worker.serving.FollowModels",
+}
 
 
 def _library_subclasses() -> set[str]:

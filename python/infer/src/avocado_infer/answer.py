@@ -19,15 +19,27 @@ from starlette.background import BackgroundTask
 
 from avocado_infer.gateway import Gateway
 from avocado_infer.reading import answer_pieces, whole_answer
-from avocado_shared.contracts import Usage
+from avocado_shared.contracts import InvalidRequest, Usage
 from avocado_shared.errors import AvocadoError
+from avocado_shared.routing import Lane, parse_lane
 
-__all__ = ["JOB_ID_HEADER", "NDJSON", "SSE", "Encoder", "Framing", "answer"]
+__all__ = [
+    "JOB_ID_HEADER",
+    "LANE_HTTP_HEADER",
+    "NDJSON",
+    "SSE",
+    "Encoder",
+    "Framing",
+    "answer",
+    "request_lane",
+]
 
 logger = logging.getLogger(__name__)
 
 # Names the job behind a response, for ``ml_results`` and ``avocado result``.
 JOB_ID_HEADER = "X-Avocado-Job-Id"
+# A request's lane: interactive (the default) or batch, for bulk work sent through the gateway.
+LANE_HTTP_HEADER = "X-Avocado-Lane"
 
 # nginx's "client closed request": the status of an answer no one was left to read.
 _CLIENT_CLOSED_REQUEST = 499
@@ -68,6 +80,14 @@ class Encoder(Protocol):
         """How the API streams its chunks (``NDJSON`` or ``SSE``)."""
 
 
+def request_lane(request: Request) -> Lane:
+    """The lane a request asks for in ``X-Avocado-Lane``: interactive unless it says batch."""
+    try:
+        return parse_lane(request.headers.get(LANE_HTTP_HEADER), Lane.INTERACTIVE)
+    except ValueError as error:
+        raise InvalidRequest(f"{LANE_HTTP_HEADER}: {error}") from None
+
+
 async def answer(
     request: Request,
     gateway: Gateway,
@@ -79,7 +99,7 @@ async def answer(
     """Publish the generation ``job`` (``Gateway.generate``'s fields) and answer with it in
     the shapes of ``encoder(job_id)``: one object, or a stream once its first piece is there
     (a job that fails or never starts gets an HTTP error status, as nothing was sent yet)."""
-    handle = await gateway.generate(**job)
+    handle = await gateway.generate(**job, lane=request_lane(request))
     job_id, model = handle.id, str(job["model"])
     shapes = encoder(job_id)
     timeout = gateway.settings.stream_timeout_s

@@ -31,6 +31,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway(chosen, metrics)
+        metrics.watch(app.state.gateway.served_models)
         renewing = asyncio.create_task(app.state.gateway.limiter.renewing())
         try:
             yield

@@ -1,10 +1,11 @@
-"""How many jobs wait in ``ml.generate``, cheaply and never too many: the broker's count (a
-passive declare's ``message_count``: jobs not yet delivered to a worker) read at most once a
-second, plus the jobs this gateway published since, as an estimate that lets a job in without
-asking the broker; a job is refused only on the broker's own count, read again for it (unless
-a read a quarter of a second old at most follows this gateway's last publish), so a fleet that
-keeps up is never refused for the jobs its workers already took. Approximate: other producers'
-jobs of the last second are missed, and so are jobs delivered but not yet acknowledged."""
+"""How many jobs wait in one lane queue of a model, cheaply and never too many: the broker's
+count (a passive declare's ``message_count``: jobs not yet delivered to a worker) read at most
+once a second, plus the jobs this gateway published since, as an estimate that lets a job in
+without asking the broker; a job is refused only on the broker's own count, read again for it
+(unless a read a quarter of a second old at most follows this gateway's last publish), so a
+fleet that keeps up is never refused for the jobs its workers already took. Approximate: other
+producers' jobs of the last second are missed, and so are jobs delivered but not yet
+acknowledged."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import time
 from amqp.exceptions import NotFound
 
 from avocado_shared.producer import Producer
-from avocado_shared.topology import GENERATE_QUEUE
 
 __all__ = ["Backlog"]
 
@@ -27,9 +27,10 @@ _REFUSING_S = 0.25
 
 
 class Backlog:
-    """The generate queue's depth as this gateway last learnt it."""
+    """A queue's depth as this gateway last learnt it."""
 
-    def __init__(self, producer: Producer, timeout_s: float) -> None:
+    def __init__(self, producer: Producer, queue: str, timeout_s: float) -> None:
+        self.queue = queue
         self._producer = producer
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -73,10 +74,10 @@ class Backlog:
         try:
             with self._producer.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, timeout=self._timeout_s)
-                declared = connection.default_channel.queue_declare(GENERATE_QUEUE, passive=True)
+                declared = connection.default_channel.queue_declare(self.queue, passive=True)
                 return int(declared.message_count)
         except NotFound:  # not declared yet: the first job declares it
             return 0
         except Exception as error:  # kombu wraps socket, AMQP and auth errors alike
-            logger.debug("the generate queue's depth is unknown: %s", error)
+            logger.debug("the depth of %s is unknown: %s", self.queue, error)
             return None

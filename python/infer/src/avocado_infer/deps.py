@@ -1,7 +1,7 @@
 """The dependencies every API's routes share: ``GatewayDep``, the app's ``Gateway``; ``caller``,
 which asks for an API key (``Authorization: Bearer``) on every route of the APIs; and
-``ADMITTED``, which lets a generation in while the queue has room and its key is within its
-limits, and holds the key's slot until the response has ended. Logs name a key, never its
+``ADMITTED``, which lets a generation in while its key is within its limits, and holds the
+key's slot until the response has ended. Logs name a key, never its
 secret."""
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ async def caller(
 async def admitted(
     request: Request, gateway: GatewayDep, key: Annotated[ApiKey | None, Depends(caller)]
 ) -> AsyncIterator[None]:
-    """Let a generation in: ``QueueFull`` while the queue is full, ``OverLimit`` when its key
-    is over a limit; the key's slot is held until the response has been sent (FastAPI ends
-    this dependency then), whether it streamed, failed or its client left."""
-    await gateway.check_backlog()
+    """Let a generation in: ``OverLimit`` when its key is over a limit (its model and its
+    lane's backlog are checked where it is published: ``Gateway.generate``); the key's slot is
+    held until the response has been sent (FastAPI ends this dependency then), whether it
+    streamed, failed or its client left."""
     if key is None or not (key.rpm or key.concurrency):  # nothing to count: no thread hop
         yield
         return
@@ -95,4 +95,4 @@ async def admitted(
                 await gateway.release(slot)
 
 
-ADMITTED = [Depends(admitted)]  # a generation: the queue's room and its key's limits
+ADMITTED = [Depends(admitted)]  # a generation: its key's limits

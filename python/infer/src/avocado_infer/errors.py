@@ -31,6 +31,7 @@ from avocado_shared.streams import StreamFailed, StreamTimedOut
 
 __all__ = [
     "AnswerRestarted",
+    "ModelNotServed",
     "OverLimit",
     "PlainError",
     "QueueFull",
@@ -55,7 +56,14 @@ class AnswerRestarted(PermanentError):
 
 
 class RegistryUnavailable(Unavailable):
-    """Redis, which holds the node registry, could not be read."""
+    """Redis, which holds the node and fleet registries, could not be read."""
+
+
+class ModelNotServed(NotFound):
+    """No live node serves the model a request names (404, as Ollama answers for a model it
+    lacks); nothing was queued."""
+
+    code: ClassVar[str] = "model_not_found"
 
 
 class Unauthorized(PermanentError):

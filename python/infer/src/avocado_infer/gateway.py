@@ -6,17 +6,18 @@ limits; made in the app's lifespan, closed there."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
 from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.backlog import Backlog
-from avocado_infer.errors import QueueFull, RegistryUnavailable
+from avocado_infer.errors import ModelNotServed, QueueFull, RegistryUnavailable
 from avocado_infer.job_state import JobStates, JobView
 from avocado_infer.ledger import Ledger, Noted
 from avocado_infer.limits import Limiter, Slot
@@ -29,20 +30,23 @@ from avocado_shared.contracts import (
     SummarizeResult,
     Usage,
 )
-from avocado_shared.discovery import Endpoint
 from avocado_shared.errors import AvocadoError, TransientError
+from avocado_shared.fleet import WorkerRecord, WorkerRegistry
 from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
 from avocado_shared.keys import ApiKey, KeyStore
 from avocado_shared.producer import Producer
 from avocado_shared.redis_clients import async_redis_client, redis_client
-from avocado_shared.registry import NodeRegistry
+from avocado_shared.routing import Lane, canonical_model, lane_queue_name
 from avocado_shared.store import JobStatus, StoreError
 from avocado_shared.streams import StreamFailed
 
 __all__ = ["Gateway", "ServedModel", "StoredAnswer"]
 
 logger = logging.getLogger(__name__)
+
+# How long the gateway trusts what it read of the models the fleet serves.
+_SERVED_FRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,34 @@ class StoredAnswer:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A model the fleet serves, and when a node last said so."""
+    """A model the fleet serves: when a node last said so, until when its nodes vouch for it,
+    the nodes that serve it and those that hold it loaded, and the jobs waiting per lane."""
 
     name: str
     seen_at: datetime
+    expires_at: datetime
+    nodes: tuple[WorkerRecord, ...]
+    loaded_on: tuple[str, ...]
+    backlog: dict[str, int | None]
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.loaded_on)
+
+    def view(self) -> dict[str, Any]:
+        """Its nodes and backlog as the APIs show them (under ``avocado``)."""
+        nodes = [
+            {
+                "worker": node.worker,
+                "loaded": node.worker in self.loaded_on,
+                "slots": node.slots,
+                "running": node.running,
+                "draining": node.draining,
+                "time_left_s": node.time_left_s(),
+            }
+            for node in self.nodes
+        ]
+        return {"nodes": nodes, "backlog": self.backlog}
 
 
 class Gateway:
@@ -72,55 +100,96 @@ class Gateway:
         # Each streamed answer waits in XREAD on a connection of its own: on the event loop,
         # a piece reaches its client without a hop through a thread.
         self.streams = async_redis_client(fleet)
-        self.registry = NodeRegistry(self.redis, fleet.key_prefix)
+        self.workers = WorkerRegistry(self.redis, fleet.key_prefix)
         self.keys = KeyStore(self.redis, fleet.key_prefix)
         self.limiter = Limiter(self.redis, fleet.key_prefix, settings.slot_lease_s)
         self.producer = Producer(fleet)
         self.ledger = Ledger(self.redis, fleet.key_prefix, fleet.result_expires_s)
         self.jobs = JobStates(self.producer, self.ledger, settings.ready_timeout_s)
-        self.backlog = Backlog(self.producer, settings.ready_timeout_s)
+        self._backlogs: dict[str, Backlog] = {}
+        self._served: tuple[float, set[str]] = (-_SERVED_FRESH_S, set())
         self.started_at = datetime.now(timezone.utc)
 
-    async def check_backlog(self) -> None:
-        """``QueueFull`` while the generate queue holds ``max_queue`` jobs or more, as the
-        broker counts them (``Backlog``)."""
+    def backlog(self, model: str, lane: Lane) -> Backlog:
+        """The depth of ``model``'s ``lane`` queue as this gateway knows it."""
+        queue = lane_queue_name(model, lane)
+        found = self._backlogs.get(queue)
+        if found is None:
+            found = self._backlogs[queue] = Backlog(
+                self.producer, queue, self.settings.ready_timeout_s
+            )
+        return found
+
+    async def check_backlog(self, model: str, lane: Lane) -> None:
+        """``QueueFull`` while ``model``'s ``lane`` queue holds ``max_queue`` jobs or more,
+        as the broker counts them (``Backlog``)."""
         limit = self.settings.max_queue
         if not limit:
             return
         # A thread only to ask the broker (once a second): a hop fewer on most first tokens.
-        backlog = self.backlog
+        backlog = self.backlog(model, lane)
         fresh = backlog.fresh()
         depth = backlog.estimate(read=False) if fresh else await run_in_threadpool(backlog.estimate)
         if depth is not None and depth >= limit:
             depth = await run_in_threadpool(backlog.confirmed)
         if depth is not None and depth >= limit:
             raise QueueFull(
-                f"{depth} jobs wait in the queue, as many as this gateway lets wait "
-                f"(AVOCADO_INFER_MAX_QUEUE={limit}): try again later",
+                f"{depth} {lane.value} jobs for {model} wait in the queue, as many as this "
+                f"gateway lets wait (AVOCADO_INFER_MAX_QUEUE={limit}): try again later",
                 retry_after=self.settings.busy_retry_after_s,
             )
+
+    async def check_served(self, model: str) -> None:
+        """``ModelNotServed`` when no live node serves ``model`` (read at most once a second),
+        unless the gateway holds such requests for nodes that come on demand."""
+        if self.settings.hold_unserved:
+            return
+        read_at, served = self._served
+        if time.monotonic() - read_at >= _SERVED_FRESH_S or model not in served:
+            served = await run_in_threadpool(self._read_served)
+        if model not in served:
+            listed = ", ".join(sorted(served)) or "none"
+            raise ModelNotServed(
+                f"model {model!r} not found: no live node serves it (the fleet serves: {listed})"
+            )
+
+    def _read_served(self) -> set[str]:
+        try:
+            served = self.workers.served()
+        except redis.RedisError as error:
+            raise RegistryUnavailable(f"the fleet registry is not readable: {error}") from error
+        self._served = (time.monotonic(), served)
+        return served
 
     async def generate(
         self,
         *,
         prompt: str | None = None,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        lane: Lane = Lane.INTERACTIVE,
         **fields: Any,
     ) -> JobHandle[GenerateResult]:
-        """Publish a generation job; ``InvalidRequest`` before anything is queued. A job not
-        published is a ``PublishError`` with a ``retry_after``; one whose publish has an
-        unknown outcome (the broker blocked publishing right after it was sent) is cancelled,
-        as no one would read its answer when the broker takes it later: a ``TransientError``."""
+        """Publish a generation job in ``lane``: ``InvalidRequest`` before anything is queued,
+        ``ModelNotServed`` when no live node serves its model, ``QueueFull`` when its lane's
+        backlog is at the limit. A job not published is a ``PublishError`` with a
+        ``retry_after``; one whose publish has an unknown outcome (the broker blocked
+        publishing right after it was sent) is cancelled, as no one would read its answer when
+        the broker takes it later: a ``TransientError``."""
+        request = self.producer.generate_request(prompt, messages=messages, **fields)
+        model = canonical_model(request.model or self.settings.fleet.default_model)
+        await self.check_served(model)
+        await self.check_backlog(model, lane)
         try:
-            handle = await run_in_threadpool(
-                self.producer.generate, prompt, messages=messages, **fields
+            handle = cast(
+                JobHandle[GenerateResult],
+                await run_in_threadpool(self.producer.submit, request, lane),
             )
         except PublishOutcomeUnknown as error:
             raise await self._cancelled(error) from error
         except PublishError as error:
             error.retry_after = self.settings.busy_retry_after_s
             raise
-        self.backlog.published()
+        self.backlog(model, lane).published()
         return handle
 
     async def _cancelled(self, error: PublishOutcomeUnknown) -> TransientError:
@@ -147,8 +216,10 @@ class Gateway:
             request.content.model_dump(exclude_none=True),
             options=request.options.model_dump(exclude_none=True),
         )
+        model = request.options.model or self.settings.fleet.default_model
+        queue = lane_queue_name(model, Lane.BATCH)
         try:
-            self.ledger.note(handle.id, JobKind.SUMMARIZE, request.share_id)
+            self.ledger.note(handle.id, JobKind.SUMMARIZE, request.share_id, queue)
         except redis.RedisError as error:  # it runs all the same; it reads 404 until it starts
             logger.warning("summary job %s queued but not noted: %s", handle.id, error)
         return handle
@@ -196,20 +267,31 @@ class Gateway:
         """The token stream of ``job_id``, metered as it is read."""
         return MeteredStream(self.streams, self.settings.fleet.key_prefix, job_id, self.metrics)
 
-    async def nodes(self) -> list[Endpoint]:
-        """The live nodes' records."""
-        try:
-            return await run_in_threadpool(self.registry.live)
-        except redis.RedisError as error:
-            raise RegistryUnavailable(f"the node registry is not readable: {error}") from error
-
     async def models(self) -> list[ServedModel]:
-        """The models live nodes announce, and the fleet's default model, by name."""
-        seen = {self.settings.fleet.default_model: self.started_at}
-        for node in await self.nodes():
-            for name in node.models:
-                seen[name] = max(seen.get(name, node.updated_at), node.updated_at)
-        return [ServedModel(name, seen[name]) for name in sorted(seen)]
+        """The models live nodes serve, by name, each with its nodes and backlog."""
+        return await run_in_threadpool(self.served_models)
+
+    def served_models(self) -> list[ServedModel]:
+        """``models``, read here (blocking): for a thread, as a metrics scrape is."""
+        try:
+            records = self.workers.live()
+        except redis.RedisError as error:
+            raise RegistryUnavailable(f"the fleet registry is not readable: {error}") from error
+        names = sorted({model for record in records for model in record.models})
+        served = []
+        for name in names:
+            nodes = tuple(r for r in records if name in r.models)
+            served.append(
+                ServedModel(
+                    name=name,
+                    seen_at=max(r.updated_at for r in nodes),
+                    expires_at=max(r.expires_at for r in nodes),
+                    nodes=nodes,
+                    loaded_on=tuple(r.worker for r in nodes if name in r.loaded),
+                    backlog={lane.value: self.backlog(name, lane).estimate() for lane in Lane},
+                )
+            )
+        return served
 
     async def unready(self) -> dict[str, str]:
         """What the gateway cannot reach now (broker, Redis) and why; empty when ready."""

@@ -67,6 +67,7 @@ _FROM_CELERY = {
     "FAILURE": JobState.FAILURE,
     "REVOKED": JobState.CANCELLED,
 }
+# The queue of a job noted without one (by a gateway of an earlier release).
 _QUEUES = {JobKind.GENERATE: GENERATE_QUEUE, JobKind.SUMMARIZE: SUMMARIZE_QUEUE}
 
 
@@ -150,7 +151,7 @@ class JobStates:
                 f"job {job_id} is not known: no worker has started it and no gateway queued "
                 "it (a job queued by another producer is known once a worker starts it)"
             )
-        queue = _QUEUES[kind]
+        queue = noted.queue if noted is not None and noted.queue else _QUEUES[kind]
         return JobView(
             job_id,
             JobState.QUEUED,
@@ -174,10 +175,17 @@ class JobStates:
         key = job_key(JobKind.SUMMARIZE, "", share_id)
         row = self._stored(lambda: self.producer.results.get_by_key(key))
         if holder is not None and (row is None or row.job_id != holder):
-            return self.view(holder, Noted(JobKind.SUMMARIZE, share_id)), None
+            noted = self._noted(holder) or Noted(JobKind.SUMMARIZE, share_id)
+            return self.view(holder, noted), None
         if row is None:
             raise JobUnknown(f"no summary job of share id {share_id!r} is known")
         return _from_row(row), row.result if row.status is JobStatus.SUCCESS else None
+
+    def _noted(self, job_id: str) -> Noted | None:
+        try:
+            return self.ledger.get(job_id)
+        except RedisError as error:
+            raise Unavailable(f"job {job_id}: Redis did not answer: {error}") from error
 
     def _stored(self, read: Callable[[], ResultRow | None]) -> ResultRow | None:
         """A row of ``ml_results``; none before any worker made the table."""

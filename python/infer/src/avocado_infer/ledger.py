@@ -17,10 +17,12 @@ __all__ = ["Ledger", "Noted"]
 
 @dataclass(frozen=True)
 class Noted:
-    """What the ledger knows of a job: its kind, and the share id of a summary."""
+    """What the ledger knows of a job: its kind, the share id of a summary, and the queue it
+    was published to."""
 
     kind: JobKind
     share_id: str | None = None
+    queue: str | None = None
 
 
 class Ledger:
@@ -34,9 +36,16 @@ class Ledger:
     def _key(self, job_id: str) -> str:
         return f"{self.key_prefix}infer:job:{job_id}"
 
-    def note(self, job_id: str, kind: JobKind, share_id: str | None = None) -> None:
-        """Remember a job just published (or found running under its singleton lock)."""
-        data = json.dumps({"kind": kind.value, "share_id": share_id})
+    def note(
+        self,
+        job_id: str,
+        kind: JobKind,
+        share_id: str | None = None,
+        queue: str | None = None,
+    ) -> None:
+        """Remember a job just published to ``queue`` (or found running under its singleton
+        lock)."""
+        data = json.dumps({"kind": kind.value, "share_id": share_id, "queue": queue})
         self.client.set(self._key(job_id), data, ex=self.ttl_s)
 
     def get(self, job_id: str) -> Noted | None:
@@ -45,4 +54,4 @@ class Ledger:
         if raw is None:
             return None
         data = json.loads(raw)
-        return Noted(JobKind(data["kind"]), data.get("share_id"))
+        return Noted(JobKind(data["kind"]), data.get("share_id"), data.get("queue"))

@@ -2,16 +2,19 @@
 apps in one process (tests) keep theirs apart.
 
 Each is measured in one place: an ASGI middleware around every request (requests by route
-and status, time to first token, active streams) and the reader of a job's token stream,
-which every answer, streamed or not, is read through (queue wait, tokens per second).
+and status, time to first token, active streams), the reader of a job's token stream,
+which every answer, streamed or not, is read through (queue wait, tokens per second), and the
+fleet's models, read at each scrape (backlog per model and lane, nodes, slots).
 prometheus_client's single-process mode: ``avocado-infer`` runs one uvicorn worker. Run
 more gateways as more processes (or containers), each scraped on its own.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import redis.asyncio
 from fastapi import FastAPI, Response
@@ -24,12 +27,19 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avocado_shared.contracts import Usage
 from avocado_shared.streams import AsyncJobStream, StreamEntry
 
+if TYPE_CHECKING:
+    from avocado_infer.gateway import ServedModel
+
 __all__ = ["GatewayMetrics", "MeteredStream", "instrument"]
+
+logger = logging.getLogger(__name__)
 
 _STREAM_TYPES = (b"application/x-ndjson", b"text/event-stream")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -75,6 +85,11 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+    def watch(self, models: Callable[[], Sequence[ServedModel]]) -> None:
+        """Report the fleet's backlog per model and lane, and its nodes and slots per model,
+        read from ``models`` at each scrape: the scaling signal."""
+        self.registry.register(_Fleet(models))
+
     def finished(self, usage: Usage) -> None:
         """An answer ended, having cost ``usage``."""
         if usage.eval_duration_ms > 0:
@@ -83,6 +98,42 @@ class GatewayMetrics:
     def exposition(self) -> Response:
         """The registry in Prometheus' text format."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Fleet(Collector):
+    """The fleet's models as gauges, read when scraped."""
+
+    def __init__(self, models: Callable[[], Sequence[ServedModel]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            models = self._models()
+        except Exception as error:  # a scrape reports what it can; the logs say why not
+            logger.warning("the fleet's backlog is not readable: %s", error)
+            return
+        backlog = GaugeMetricFamily(
+            "avocado_backlog_jobs",
+            "Jobs waiting in a model's lane queue (not yet delivered to a node), as this "
+            "gateway last read the broker (at most a second ago).",
+            labels=["model", "lane"],
+        )
+        nodes = GaugeMetricFamily(
+            "avocado_model_nodes",
+            "Live nodes that serve a model and take its jobs (draining ones not counted).",
+            labels=["model"],
+        )
+        slots = GaugeMetricFamily(
+            "avocado_model_slots", "Jobs those nodes run at once, in all.", labels=["model"]
+        )
+        for model in models:
+            for lane, depth in model.backlog.items():
+                if depth is not None:
+                    backlog.add_metric([model.name, lane], depth)
+            taking = [node for node in model.nodes if not node.draining]
+            nodes.add_metric([model.name], len(taking))
+            slots.add_metric([model.name], sum(node.slots for node in taking))
+        yield from (backlog, nodes, slots)
 
 
 class MeteredStream(AsyncJobStream):

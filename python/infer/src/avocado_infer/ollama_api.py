@@ -140,7 +140,8 @@ async def chat(body: ChatBody, gateway: GatewayDep, request: Request) -> Respons
 
 @router.get("/tags")
 async def tags(gateway: GatewayDep) -> dict[str, Any]:
-    """The models the live fleet serves; sizes and digests are the nodes' own, unknown here."""
+    """The models live nodes serve (jobs for any other get a 404); sizes and digests are the
+    nodes' own, unknown here. ``avocado`` says, per model, its nodes and its backlog."""
     models = [
         {
             "name": m.name,
@@ -149,6 +150,7 @@ async def tags(gateway: GatewayDep) -> dict[str, Any]:
             "size": 0,
             "digest": "",
             "details": {},
+            "avocado": m.view(),
         }
         for m in await gateway.models()
     ]
@@ -157,25 +159,23 @@ async def tags(gateway: GatewayDep) -> dict[str, Any]:
 
 @router.get("/ps")
 async def ps(gateway: GatewayDep) -> dict[str, Any]:
-    """The models live nodes serve, as the models running; ``expires_at`` is when the last
-    node that serves one stops vouching for it unless it refreshes its record. Which models
-    a node's server holds in memory, and their sizes and digests, are not announced: zero
-    and empty."""
-    until: dict[str, datetime] = {}
-    for node in await gateway.nodes():
-        for name in node.models:
-            until[name] = max(until.get(name, node.expires_at), node.expires_at)
+    """The models some live node holds in memory; ``expires_at`` is when the last node that
+    serves one stops vouching for it unless it refreshes its record. ``avocado`` says, per
+    model, its nodes (slots, jobs running, draining and the time left) and its backlog per
+    lane. Sizes and digests are the nodes' own, unknown here: zero and empty."""
     models = [
         {
-            "name": name,
-            "model": name,
+            "name": m.name,
+            "model": m.name,
             "size": 0,
             "digest": "",
             "details": {},
-            "expires_at": until[name].isoformat(),
+            "expires_at": m.expires_at.isoformat(),
             "size_vram": 0,
+            "avocado": m.view(),
         }
-        for name in sorted(until)
+        for m in await gateway.models()
+        if m.loaded
     ]
     return {"models": models}
 

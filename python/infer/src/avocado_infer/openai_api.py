@@ -247,13 +247,15 @@ async def completions(body: CompletionBody, gateway: GatewayDep, request: Reques
 
 @router.get("/models")
 async def models(gateway: GatewayDep) -> dict[str, Any]:
-    """The models the live fleet serves."""
+    """The models live nodes serve (jobs for any other get a 404); ``avocado`` says, per
+    model, its nodes and its backlog per lane."""
     data = [
         {
             "id": m.name,
             "object": "model",
             "created": int(m.seen_at.timestamp()),
             "owned_by": "avocado",
+            "avocado": m.view(),
         }
         for m in await gateway.models()
     ]

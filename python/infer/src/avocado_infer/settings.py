@@ -39,8 +39,13 @@ class InferSettings(BaseSettings):
     max_queue: int = Field(
         default=100,
         ge=0,
-        description="Refuse a new generation (503) while ml.generate holds this many jobs or "
-        "more, as the broker said at most a second ago; 0: no limit.",
+        description="Refuse a new generation (503) while its model's lane queue holds this "
+        "many jobs or more, as the broker said at most a second ago; 0: no limit.",
+    )
+    hold_unserved: bool = Field(
+        default=False,
+        description="Queue a request for a model no live node serves, for a fleet that brings "
+        "nodes up on demand; false: answer 404 at once, with nothing queued.",
     )
     busy_retry_after_s: int = Field(
         default=5,

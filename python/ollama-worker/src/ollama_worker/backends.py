@@ -3,6 +3,7 @@ pick the client that serves it: Ollama's or an OpenAI-compatible one."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
@@ -15,7 +16,9 @@ from ollama_worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11
 
-__all__ = ["Answer", "Backend", "make_backend"]
+__all__ = ["Answer", "Backend", "make_backend", "pull_progress"]
+
+logger = logging.getLogger(__name__)
 
 
 class Answer(TypedDict, total=False):
@@ -41,6 +44,12 @@ class Backend(Protocol):
     def models(self) -> list[str]: ...
 
     def has_model(self, model: str) -> bool: ...
+
+    def loaded(self) -> list[str]:
+        """The models in the server's memory now."""
+
+    def slots(self) -> int | None:
+        """How many requests the server runs at once, where it says."""
 
     def pull(
         self, model: str, progress: Callable[[dict[str, Any]], None] | None = None
@@ -85,3 +94,16 @@ def make_backend(settings: WorkerSettings) -> Backend:
         read_timeout=settings.ollama_read_timeout_s,
         pull_timeout=settings.ollama_pull_timeout_s,
     )
+
+
+def pull_progress(model: str) -> Callable[[dict[str, Any]], None]:
+    """A ``pull`` progress callback that logs each new status of ``model``'s pull once."""
+    last: dict[str, str] = {}
+
+    def progress(chunk: dict[str, Any]) -> None:
+        status = str(chunk.get("status", ""))
+        if status != last.get("status"):
+            logger.info("pulling %s: %s", model, status)
+            last["status"] = status
+
+    return progress

@@ -17,6 +17,7 @@ from ollama_worker.lifecycle import Lifecycle
 from ollama_worker.overrides.consumer import DeadLetteringConsumer
 from ollama_worker.overrides.delayed_delivery import DelayedDelivery
 from ollama_worker.overrides.prompt_shutdown import PromptShutdown
+from ollama_worker.serving import FollowModels
 from ollama_worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def create_app(settings: WorkerSettings | None = None) -> WorkerApp:
     announce.register(app)
     app.steps["worker"].add(Lifecycle)
     app.steps["consumer"].add(PromptShutdown)
+    app.steps["consumer"].add(FollowModels)
     # The consumer has no delayed-delivery step of Celery's: this one, declaring on the live
     # broker only; none for a broker user that may not declare (the admin declared it all).
     if settings.declare_topology:

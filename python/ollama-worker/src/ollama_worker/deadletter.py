@@ -19,7 +19,7 @@ from kombu.serialization import dumps
 from avocado_shared.dlq import copy_properties, dead_letter_headers, raw_body
 from avocado_shared.topology import DEAD_LETTER_EXCHANGE
 
-__all__ = ["dead_letter_message", "dead_letter_task", "decode_reason", "publish_dead_letter"]
+__all__ = ["dead_letter_message", "dead_letter_task", "decode_reason", "publish_confirmed"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _ATTEMPTS = 2
 
 
-def publish_dead_letter(
+def publish_confirmed(
     app: Celery,
     body: bytes,
     *,
@@ -36,9 +36,11 @@ def publish_dead_letter(
     headers: Mapping[str, Any],
     properties: Mapping[str, Any] | None,
     routing_key: str,
+    exchange: str = DEAD_LETTER_EXCHANGE.name,
     timeout: float | None = None,
 ) -> None:
-    """Publish to ``ml.dlx``: persistent, mandatory and confirmed, or raise."""
+    """Publish a copy of a message (to ``ml.dlx`` unless told): persistent, mandatory and
+    confirmed, or raise."""
     timeout = float(app.conf.avocado_publish_timeout_s) if timeout is None else timeout
     priority = (properties or {}).get("priority")
     failure: Exception | None = None
@@ -57,7 +59,7 @@ def publish_dead_letter(
                 )
                 channel.basic_publish_confirm(
                     message,
-                    exchange=DEAD_LETTER_EXCHANGE.name,
+                    exchange=exchange,
                     routing_key=routing_key,
                     mandatory=True,  # unroutable raises instead of being confirmed and dropped
                     confirm_timeout=timeout,
@@ -91,7 +93,7 @@ def dead_letter_message(
     headers = message.headers or {}
     ident = headers.get("id") or (message.properties or {}).get("message_id") or "-"
     try:
-        publish_dead_letter(
+        publish_confirmed(
             app,
             raw_body(message),
             content_type=message.content_type,
@@ -136,7 +138,7 @@ def dead_letter_task(task: Task, reason: str) -> None:
     headers, body = _task_message(task)
     content_type, content_encoding, data = dumps(body, serializer="json")
     try:
-        publish_dead_letter(
+        publish_confirmed(
             task.app,
             data.encode(content_encoding) if isinstance(data, str) else data,
             content_type=content_type,

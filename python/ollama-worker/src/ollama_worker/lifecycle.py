@@ -7,12 +7,15 @@ or a second worker in the same process (the tests), is left alone.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from celery import bootsteps, current_app
 from celery.signals import (
+    celeryd_init,
     task_failure,
+    task_postrun,
     task_prerun,
     task_retry,
     task_success,
@@ -24,8 +27,12 @@ from celery.signals import (
 from avocado_shared.contracts import Usage
 from ollama_worker.metrics import JobMetrics, job_kind, retry_reason
 from ollama_worker.resources import Resources, held_by
+from ollama_worker.serving import server_slots
+from ollama_worker.settings import WorkerSettings
 
 __all__ = ["Lifecycle"]
+
+logger = logging.getLogger(__name__)
 
 
 class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -36,7 +43,7 @@ class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def create(self, parent: Any) -> Resources:
         resources = Resources(parent.app, parent.app.settings)
-        resources.open()
+        resources.open(parent.hostname, parent.concurrency)
         parent.app.resources = resources
         return resources
 
@@ -48,6 +55,15 @@ def _metrics(task: Any) -> tuple[JobMetrics, str] | None:
     if resources is None or resources.metrics is None or kind is None:
         return None
     return resources.metrics.jobs, kind
+
+
+@celeryd_init.connect
+def _learn_slots(instance: Any = None, conf: Any = None, options: Any = None, **_: Any) -> None:
+    """A worker told no ``--concurrency`` runs as many jobs at once as its server can."""
+    settings = getattr(getattr(instance, "app", None), "settings", None)
+    if isinstance(settings, WorkerSettings) and not (options or {}).get("concurrency"):
+        conf.worker_concurrency = server_slots(settings)
+        logger.info("%d jobs at once, as %s can run", conf.worker_concurrency, settings.server_url)
 
 
 @worker_shutdown.connect
@@ -76,10 +92,21 @@ def _child_exited(pid: int | None = None, **_: Any) -> None:
 
 
 @task_prerun.connect
-def _job_started(task: Any = None, **_: Any) -> None:
+def _job_started(task: Any = None, task_id: str | None = None, **_: Any) -> None:
+    resources = held_by(getattr(task, "app", None))
+    if resources is not None and resources.serving.cutoff is not None and task_id:
+        resources.serving.cutoff.job_started(task_id)
     if (found := _metrics(task)) is not None:
         jobs, kind = found
         jobs.started(kind, task.request)
+
+
+@task_postrun.connect
+def _job_ended(task: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """How long the job took, for a node that drains before its cutoff."""
+    resources = held_by(getattr(task, "app", None))
+    if resources is not None and resources.serving.cutoff is not None and task_id:
+        resources.serving.cutoff.job_ended(task_id)
 
 
 @task_success.connect

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,8 +22,6 @@ from celery import Celery
 
 from avocado_shared.discovery import Endpoint, EndpointEvent, publish_announcement
 from avocado_shared.registry import NodeRegistry
-from ollama_worker.backends import make_backend
-from ollama_worker.errors import AvocadoError
 from ollama_worker.exposure import Exposure, NodeError
 from ollama_worker.settings import WorkerSettings
 
@@ -48,8 +47,10 @@ class Node:
         settings: WorkerSettings,
         exposure: Exposure,
         registry: NodeRegistry,
+        models: Callable[[], list[str]],
     ) -> None:
         self.app = app
+        self._models = models
         self.settings = settings
         self.exposure = exposure
         self.registry = registry
@@ -157,15 +158,6 @@ class Node:
             logger.info("%s does not answer: %s", url, error)
             return None
         return body if isinstance(body, dict) else None
-
-    def _models(self) -> list[str]:
-        """The models this host's server has, asked locally with the jobs' own client."""
-        try:
-            with make_backend(self.settings) as client:
-                return sorted(client.models())
-        except (AvocadoError, ValueError, KeyError) as error:
-            logger.warning("models of %s unknown: %s", self.settings.server_url, error)
-            return []
 
     def _announce(self, endpoint: Endpoint, event: EndpointEvent) -> None:
         with self.app.connection_for_write() as connection:

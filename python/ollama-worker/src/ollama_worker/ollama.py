@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import httpx
 
 from avocado_shared.contracts import Usage
+from avocado_shared.routing import canonical_model, canonical_models
 from ollama_worker.inference import (
     TRANSIENT_STATUS,
     BackendRejected,
@@ -57,15 +58,6 @@ def _completion(text: str, final: Mapping[str, Any]) -> Completion:
         eval_duration_ms=ms("eval_duration"),
     )
     return Completion(text, usage)
-
-
-def _same_model(a: str, b: str) -> bool:
-    """``llama3.2`` and ``llama3.2:latest`` name the same model."""
-
-    def norm(name: str) -> str:
-        return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-    return norm(a) == norm(b)
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -141,7 +133,15 @@ class OllamaClient(HTTPBackend):
 
     def has_model(self, model: str) -> bool:
         """True when ``model`` is already pulled."""
-        return any(_same_model(model, name) for name in self.models())
+        return canonical_model(model) in canonical_models(self.models())
+
+    def loaded(self) -> list[str]:
+        """Names of the models in memory now (``/api/ps``)."""
+        return [m["name"] for m in self._request("GET", "/api/ps").get("models", [])]
+
+    def slots(self) -> int | None:
+        """Ollama's API does not say how many requests it runs at once (``OLLAMA_NUM_PARALLEL``)."""
+        return None
 
     def summary_context(self, model: str, configured: int) -> int:
         """Ollama sizes the context per request (``num_ctx``), so the configured one holds."""

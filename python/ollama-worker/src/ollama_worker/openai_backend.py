@@ -193,6 +193,19 @@ class OpenAIClient(HTTPBackend):
         """True when the server lists ``model``."""
         return model in self.models()
 
+    def loaded(self) -> list[str]:
+        """What it serves is loaded: this API loads no model on demand."""
+        return self.models()
+
+    def slots(self) -> int | None:
+        """Requests the server runs at once, where it says: llama.cpp's ``total_slots`` in
+        ``GET /props``; None from other servers."""
+        try:
+            props = self._request("GET", f"{self.base_url.removesuffix('/v1')}/props")
+        except (BackendRejected, ModelNotFound):  # not llama.cpp's server
+            return None
+        return _int(props.get("total_slots"))
+
     def pull(self, model: str, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         """This API has no pull: a model the server does not serve fails the job at once."""
         served = ", ".join(self.models()) or "none"

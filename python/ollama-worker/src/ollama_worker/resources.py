@@ -21,6 +21,7 @@ from celery_singleton.backends import RedisBackend
 from kombu.exceptions import OperationalError
 from redis import Redis
 
+from avocado_shared.fleet import WorkerRegistry
 from avocado_shared.overrides.singleton import close_lock_store, new_lock_store
 from avocado_shared.redis_clients import redis_client
 from avocado_shared.registry import NodeRegistry
@@ -31,6 +32,7 @@ from ollama_worker.backends import Backend, make_backend
 from ollama_worker.leases import Leases
 from ollama_worker.metrics import MetricsExporter, MetricsUnavailable
 from ollama_worker.retry import RetryPolicy
+from ollama_worker.serving import Serving
 from ollama_worker.settings import WorkerSettings
 from ollama_worker.token_stream import TokenStreams
 
@@ -59,6 +61,9 @@ class Resources:
         )
         self.present_models: set[str] = set()
         self.metrics: MetricsExporter | None = None
+        self.serving = Serving(app, settings, WorkerRegistry.from_settings(settings))
+        self.name = settings.worker_id
+        self.slots = 1
         self.node: Node | None = None
         self._schema_ready = False
         self._lock = threading.Lock()
@@ -66,10 +71,13 @@ class Resources:
         # name -> (client, how to close it), this process's only
         self._clients: dict[str, tuple[Any, Callable[[Any], None]]] = {}
 
-    def open(self) -> None:
+    def open(self, name: str, slots: int) -> None:
         """Before the pool forks: reach the broker (exit at once when its certificate does
-        not verify, rather than retry forever), declare the topology, upgrade the schema,
-        make the metrics (their multiprocess directory must exist before the fork)."""
+        not verify, rather than retry forever), declare the topology, choose the lane queues
+        of the server's models, upgrade the schema, make the metrics (their multiprocess
+        directory must exist before the fork). This worker is node ``name`` and its pool
+        runs ``slots`` jobs at once."""
+        self.name, self.slots = name, slots
         with self.app.connection_for_write() as connection:
             try:
                 connection.ensure_connection(max_retries=10, errback=refuse_untrusted)
@@ -83,6 +91,7 @@ class Resources:
             if self.settings.declare_topology:
                 declare_topology(connection, self.settings)
                 logger.info("topology declared on %s", connection.as_uri())
+        self.serving.select()
         try:
             self.ensure_schema()
             logger.info("results in %r", self.store)
@@ -109,15 +118,26 @@ class Resources:
         this host joins the registry."""
         if self.metrics is not None:
             self.metrics.serve()
+        self.serving.start(self.name, self.slots)
         if self.settings.tunnel or self.settings.public_url:
             from ollama_worker.exposure import exposure
             from ollama_worker.node import Node
 
             registry = NodeRegistry.from_settings(self.settings)  # the node closes it
-            self.node = Node(self.app, self.settings, exposure(self.settings), registry).start()
+            # What its server has: a caller of the endpoint may ask for any of them.
+            models = lambda: sorted(self.serving.found.values())  # noqa: E731
+            self.node = Node(
+                self.app, self.settings, exposure(self.settings), registry, models
+            ).start()
+
+    def model_name(self, named: str | None) -> str:
+        """The model a job names (the default when it names none), as the server names it."""
+        return self.serving.server_name(named or self.settings.default_model)
 
     def stop(self) -> None:
-        """Shutdown begins: withdraw the node at once; the jobs still running keep the rest."""
+        """Shutdown begins: leave the fleet registry and withdraw the node at once; the jobs
+        still running keep the rest."""
+        self.serving.stop()
         if self.node is not None:
             self.node.stop()
             self.node = None
@@ -129,6 +149,7 @@ class Resources:
             self.metrics.close()
             self.metrics = None
         self.leases.close()
+        self.serving.registry.close()
         self.close_clients()
         self.store.close()
 

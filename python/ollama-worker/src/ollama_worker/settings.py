@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from datetime import datetime
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -64,6 +65,13 @@ class WorkerSettings(Settings):
         "restarted and answer anew.",
     )
     worker_id: str = Field(default_factory=socket.gethostname)
+    slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="Jobs this node runs at once when --concurrency does not say: unset, what "
+        "the server says (llama.cpp's slots; OLLAMA_NUM_PARALLEL of an `ollama serve` the "
+        "worker started), else 4 (Ollama's own default where memory allows).",
+    )
     worker_pool: Literal["prefork", "threads"] = Field(
         default="threads",
         description="Celery pool of the worker (Celery lets this setting override even an "
@@ -97,6 +105,35 @@ class WorkerSettings(Settings):
     )
     announce_interval_s: float = Field(
         default=15.0, gt=0, description="Beat re-announces every live endpoint this often."
+    )
+    max_models: int | None = Field(
+        default=None,
+        ge=1,
+        description="Models this node takes jobs of at once: those its server holds in memory "
+        "together. Unset: 1 on Ollama (a notebook's GPU), every model it serves on an "
+        "OpenAI-compatible server.",
+    )
+    cutoff: datetime | None = Field(
+        default=None,
+        description="When this node will be stopped (ISO 8601, with a time zone): it drains "
+        "before, taking no job it could not finish by then.",
+    )
+    cutoff_after_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="The same, as seconds after the worker starts; `avocado-worker up` sets it "
+        "from a notebook's session limit (Colab, Kaggle: 12 h from the machine's boot).",
+    )
+    drain_margin_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A draining node leaves this long before its cutoff at the latest.",
+    )
+    models_refresh_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often the worker asks its server which models it serves, and follows "
+        "them with the lane queues it consumes.",
     )
 
     # Prometheus metrics of the jobs, served by the worker's main process.

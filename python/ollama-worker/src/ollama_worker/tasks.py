@@ -27,7 +27,7 @@ from avocado_shared.contracts import (
 from avocado_shared.store import JobStatus, StoreUnavailable
 from avocado_shared.streams import StreamSnapshot
 from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
-from ollama_worker.backends import Backend
+from ollama_worker.backends import Backend, pull_progress
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
 from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
@@ -45,18 +45,6 @@ _Request = TypeVar("_Request", bound=BaseModel)
 _T = TypeVar("_T")
 
 
-def _log_pull(model: str) -> Callable[[dict[str, Any]], None]:
-    last: dict[str, str] = {}
-
-    def progress(chunk: dict[str, Any]) -> None:
-        status = str(chunk.get("status", ""))
-        if status != last.get("status"):
-            logger.info("pulling %s: %s", model, status)
-            last["status"] = status
-
-    return progress
-
-
 def ensure_model(resources: Resources, client: Backend, model: str) -> None:
     """Have ``model`` on this host: pulled when allowed (a backend that cannot pull raises
     ``ModelNotFound`` from ``pull`` at once)."""
@@ -70,7 +58,7 @@ def ensure_model(resources: Resources, client: Backend, model: str) -> None:
                     "(AVOCADO_ALLOW_PULL)"
                 )
             logger.info("model %s is missing: pulling it", model)
-        client.pull(model, progress=_log_pull(model))
+        client.pull(model, progress=pull_progress(model))
     resources.present_models.add(model)
 
 
@@ -274,8 +262,8 @@ def generate(
     if finished is not None:
         return self.finish(finished)
     job = _parse(self, GenerateRequest, request)
-    model = job.model or self.resources.settings.default_model
     resources = self.resources
+    model = resources.model_name(job.model)
     with resources.streams.open(str(self.request.id)) as stream:
         done = stream.earlier_answer()
         if done is None:
@@ -292,8 +280,8 @@ def summarize(
     if finished is not None:
         return self.finish(finished)
     job = _parse(self, SummarizeRequest, request)
-    model = job.options.model or self.resources.settings.default_model
     resources = self.resources
+    model = resources.model_name(job.options.model)
     done, chunks = self.attempt(lambda client: _summarize(resources, client, job, model))
     return self.finish(
         SummarizeResult(

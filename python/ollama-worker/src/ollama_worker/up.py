@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import urlsplit
@@ -33,12 +33,16 @@ from avocado_shared.registry import NodeRegistry
 from ollama_worker.backends import make_backend
 from ollama_worker.errors import AvocadoError
 from ollama_worker.ollama import OllamaClient
+from ollama_worker.serving import DEFAULT_SLOTS
 from ollama_worker.settings import WorkerSettings
 
-__all__ = ["NotebookWorker", "UpError", "main"]
+__all__ = ["NotebookWorker", "UpError", "main", "session_limit"]
 
 INSTALL_SCRIPT = "https://ollama.com/install.sh"
 _BAR = 30
+# Colab's and Kaggle's free sessions end 12 hours after they start at the latest.
+NOTEBOOK_SESSION_S = 12 * 3600.0
+_PLATFORMS = (("COLAB_RELEASE_TAG", "Colab"), ("KAGGLE_KERNEL_RUN_TYPE", "Kaggle"))
 
 
 class UpError(PermanentError):
@@ -103,7 +107,7 @@ class NotebookWorker:
         *,
         tunnel: bool = False,
         beat: bool = False,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         backend: Literal["ollama", "openai"] | None = None,
         backend_url: str | None = None,
         run_dir: Path | None = None,
@@ -118,6 +122,7 @@ class NotebookWorker:
         self.concurrency = concurrency
         self.out = out
         self.run_dir = run_dir or Path(self.settings.sqlite_path).parent / "up"
+        self.slots = self.settings.slots or concurrency or DEFAULT_SLOTS
         self.name = f"ollama@{self.settings.service_id}"
         self.ollama: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
@@ -170,7 +175,12 @@ class NotebookWorker:
             if binary is None:
                 raise UpError("the Ollama installer ran but no 'ollama' is on PATH")
         parts = urlsplit(url)
-        env = {**os.environ, "OLLAMA_HOST": f"{parts.hostname}:{parts.port or 11434}"}
+        env = {
+            **os.environ,
+            "OLLAMA_HOST": f"{parts.hostname}:{parts.port or 11434}",
+            # What the worker is told it may run at once (AVOCADO_SLOTS).
+            "OLLAMA_NUM_PARALLEL": os.environ.get("OLLAMA_NUM_PARALLEL", str(self.slots)),
+        }
         log = (self.run_dir / "ollama.log").open("ab")
         self.say(f"starting ollama serve on {url} (log {self.run_dir / 'ollama.log'})")
         self.ollama = subprocess.Popen(
@@ -218,12 +228,21 @@ class NotebookWorker:
             "AVOCADO_DEFAULT_MODEL": self.model,
             "AVOCADO_BACKEND": self.settings.backend,
         }
+        if self.ollama is not None:  # the ollama serve it started runs that many at once
+            env["AVOCADO_SLOTS"] = str(self.slots)
         if self.settings.backend_url:
             env["AVOCADO_BACKEND_URL"] = self.settings.backend_url
         if self.tunnel:
             env["AVOCADO_TUNNEL"] = "true"
+        limit = session_limit(os.environ)
+        if limit is not None and not (self.settings.cutoff or self.settings.cutoff_after_s):
+            platform, after_s = limit
+            env["AVOCADO_CUTOFF_AFTER_S"] = str(after_s)
+            self.say(f"{platform} ends this session in {after_s / 3600:.1f} h: drains before")
         args = [sys.executable, "-m", "celery", "-A", "ollama_worker", "worker"]
-        args += ["--hostname", self.name, "--concurrency", str(self.concurrency)]
+        args += ["--hostname", self.name]
+        if self.concurrency is not None:
+            args += ["--concurrency", str(self.concurrency)]
         args += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
         if self.beat:
             args += ["--beat", "--schedule", str(self.run_dir / "beat-schedule")]
@@ -287,6 +306,19 @@ class NotebookWorker:
         self.worker = self.ollama = None
 
 
+def session_limit(environ: Mapping[str, str]) -> tuple[str, float] | None:
+    """The notebook platform this runs on and the seconds its session has left, counted from
+    the machine's boot (a session's machine starts with it); None elsewhere."""
+    platform = next((name for marker, name in _PLATFORMS if marker in environ), None)
+    if platform is None:
+        return None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        uptime = 0.0
+    return platform, max(60.0, NOTEBOOK_SESSION_S - uptime)
+
+
 def _kill_group(pid: int) -> None:
     """Whatever the process left in its session (pool children, an ngrok agent)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -308,7 +340,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--tunnel", action="store_true", help="expose the server through ngrok")
     up.add_argument("--beat", action="store_true", help="also run the re-announce schedule")
-    up.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1)")
+    up.add_argument(
+        "--concurrency",
+        type=int,
+        help="jobs at once (default: as many as the server runs at once, AVOCADO_SLOTS)",
+    )
     return parser
 
 

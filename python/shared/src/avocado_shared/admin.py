@@ -25,7 +25,12 @@ from pydantic import SecretStr
 
 from avocado_shared.errors import PermanentError
 from avocado_shared.settings import Settings
-from avocado_shared.topology import declare_delayed_delivery, declare_topology, job_queues
+from avocado_shared.topology import (
+    ML_EXCHANGE,
+    declare_delayed_delivery,
+    declare_topology,
+    job_queues,
+)
 
 __all__ = [
     "WORKER_PERMISSIONS",
@@ -55,13 +60,25 @@ class Permissions:
     read: str
 
 
+# The lane queues of each model (ml.model.<model>.<lane>): a worker declares those of the
+# models its server serves as they come, and binds them to ml and to Celery's delayed delivery.
+_LANES = r"ml\.model\.[^#*\s]+"  # no wildcard: a model name has none
+
 WORKER_PERMISSIONS = Permissions(
-    configure=rf"^({_CELERY})$",
-    # ml: retries and the producer API; ml.dlx: poison messages; celery_delayed_27: retries
-    # with a countdown (Celery's native delayed delivery enters at its top level).
-    write=rf"^(ml|ml\.dlx|service-discovery|celery_delayed_27|{_CELERY})$",
-    read=rf"^(ml\.generate|ml\.summarize|infra\.announce|{_CELERY})$",
+    configure=rf"^({_LANES}|{_CELERY})$",
+    # ml: retries, forwarded jobs and the producer API; ml.dlx: poison messages;
+    # celery_delayed_27: retries with a countdown (Celery's native delayed delivery enters at
+    # its top level).
+    write=rf"^(ml|ml\.dlx|service-discovery|celery_delayed_27|{_LANES}|{_CELERY})$",
+    read=(
+        rf"^(ml|ml\.generate|ml\.summarize|infra\.announce|celery_delayed_delivery|{_LANES}"
+        rf"|{_CELERY})$"
+    ),
 )
+# Binding keys a worker may bind to ``ml`` (a topic permission's read, checked on
+# queue.bind): its models' lane queues only (Celery's delayed delivery adds ``#.<key>``), never
+# ``#`` (every job, copied).
+WORKER_ML_BINDINGS = rf"^(#\.)?{_LANES}$"
 WORKER_TAG = "avocado-worker"
 
 # Every command a worker and a producer on its credentials send: what Redis counted (INFO
@@ -81,6 +98,8 @@ _REDIS_COMMANDS = (
     "hset",
     "hdel",
     "hkeys",
+    "sadd",  # the models jobs were queued for (avocado_shared.routing.WANTED_MODELS)
+    "smembers",
     "xadd",  # job token streams (avocado_shared.streams)
     "xrange",
     "eval",
@@ -181,6 +200,12 @@ class Management:
         path = f"/permissions/{quote(vhost, safe='')}/{quote(name, safe='')}"
         self._call("PUT", path, permissions.__dict__)
 
+    def put_topic_permissions(
+        self, vhost: str, name: str, exchange: str, *, write: str, read: str
+    ) -> None:
+        path = f"/topic-permissions/{quote(vhost, safe='')}/{quote(name, safe='')}"
+        self._call("PUT", path, {"exchange": exchange, "write": write, "read": read})
+
     def delete_user(self, name: str) -> bool:
         """Delete the user (its connections close); False when there was none."""
         return self._call("DELETE", f"/users/{quote(name, safe='')}") is not None
@@ -225,6 +250,9 @@ def create_worker(
     password = secrets.token_urlsafe(24)
     management.put_user(name, password, WORKER_TAG)
     management.put_permissions(vhost, name, WORKER_PERMISSIONS)
+    management.put_topic_permissions(
+        vhost, name, ML_EXCHANGE.name, write=".*", read=WORKER_ML_BINDINGS
+    )
     redis_url = settings.redis_url.get_secret_value()
     client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
     try:

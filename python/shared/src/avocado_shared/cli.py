@@ -26,10 +26,12 @@ from avocado_shared.contracts import (
 from avocado_shared.discovery import Announcement, Endpoint, EndpointWatcher
 from avocado_shared.dlq_command import add_dlq_parser, run_dlq
 from avocado_shared.errors import AvocadoError, NotFound, Unavailable
+from avocado_shared.fleet import WorkerRegistry
 from avocado_shared.jobs import JobFailed
 from avocado_shared.keys_command import add_keys_parser, run_keys
 from avocado_shared.producer import JobHandle, Producer
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.routing import Lane, canonical_model
 from avocado_shared.settings import Settings
 from avocado_shared.status import collect, render
 from avocado_shared.store import JobStatus, ResultStore, job_key
@@ -58,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")
         p.add_argument("--json", action="store_true", help="print JSON")
 
+    def laned(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--lane",
+            choices=[lane.value for lane in Lane],
+            help="interactive (ahead of batch work; the default with --wait) or batch "
+            "(the default without)",
+        )
+
     gen = sub.add_parser("generate", help="enqueue a prompt (or chat) generation job")
     gen.add_argument("prompt", nargs="?", help="the prompt; omit with --messages")
     gen.add_argument("--messages", type=Path, help="a JSON file with a list of chat messages")
@@ -76,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--keep-alive")
     gen.add_argument("--idempotency-key")
     waitable(gen)
+    laned(gen)
 
     summ = sub.add_parser("summarize", help="enqueue a summary of a shared item")
     summ.add_argument("--share-id", required=True)
@@ -87,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     summ.add_argument("--language")
     summ.add_argument("--model")
     waitable(summ)
+    laned(summ)
 
     res = sub.add_parser("result", help="show a job's state and result, from ml_results")
     which = res.add_mutually_exclusive_group(required=True)
@@ -147,9 +159,10 @@ def _format_arg(raw: str | None) -> str | dict[str, Any] | None:
 
 
 def _submit(producer: Producer, args: argparse.Namespace) -> JobHandle[Any]:
+    lane = Lane(args.lane) if args.lane else Lane.INTERACTIVE if args.wait else Lane.BATCH
     if args.command == "generate":
         messages = json.loads(args.messages.read_text()) if args.messages else None
-        return producer.generate(
+        handle: JobHandle[Any] = producer.generate(
             args.prompt,
             messages=messages,
             model=args.model,
@@ -158,7 +171,10 @@ def _submit(producer: Producer, args: argparse.Namespace) -> JobHandle[Any]:
             format=_format_arg(args.format),
             keep_alive=args.keep_alive,
             idempotency_key=args.idempotency_key,
+            lane=lane,
         )
+        _warn_unserved(producer, args.model or producer.settings.default_model)
+        return handle
     text = args.text if args.text is not None else args.file.read_text()
     content = {"text": text, "title": args.title}
     options = {
@@ -170,7 +186,26 @@ def _submit(producer: Producer, args: argparse.Namespace) -> JobHandle[Any]:
         }.items()
         if value is not None
     }
-    return producer.summarize(args.share_id, content, options=options)
+    handle = producer.summarize(args.share_id, content, options=options, lane=lane)
+    _warn_unserved(producer, args.model or producer.settings.default_model)
+    return handle
+
+
+def _warn_unserved(producer: Producer, model: str) -> None:
+    """Say on stderr when no live node serves ``model``: its job waits for one that does."""
+    registry = WorkerRegistry.from_settings(producer.settings)
+    try:
+        served = registry.served()
+    except RedisError:
+        return  # the submission itself says what is wrong
+    finally:
+        registry.close()
+    if canonical_model(model) not in served:
+        print(
+            f"avocado: no live node serves {canonical_model(model)} yet: the job is queued "
+            "and runs once a node that serves it joins",
+            file=sys.stderr,
+        )
 
 
 def _show(result: JobResult, as_json: bool) -> None:

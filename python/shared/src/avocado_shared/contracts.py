@@ -39,8 +39,10 @@ NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)
 Identifier = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^\S+$")
 ]
+# A model's name is part of its queue's name and binding: no wildcard of a topic exchange.
 ModelName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^\S+$")
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\s#*]+$"),
 ]
 OptionValue = int | float | str | bool | list[str]
 _Model = TypeVar("_Model", bound=BaseModel)

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from amqp.exceptions import AMQPError, MessageNacked
 from celery.result import AsyncResult
@@ -43,10 +43,20 @@ from avocado_shared.jobs import (
     PublishOutcomeUnknown,
 )
 from avocado_shared.overrides.singleton import register_job_tasks
+from avocado_shared.routing import LANE_HEADER, WANTED_MODELS, Lane, lane_queue_name, model_of
 from avocado_shared.settings import Settings
 from avocado_shared.store import ResultStore
 from avocado_shared.tls import refuse_untrusted
-from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK, declare_topology
+from avocado_shared.topology import (
+    GENERATE_TASK,
+    ML_EXCHANGE,
+    SUMMARIZE_TASK,
+    declare_lane_queues,
+    declare_topology,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11
 
 __all__ = [
     "SENT_AT_HEADER",
@@ -59,6 +69,19 @@ __all__ = [
     "generate",
     "summarize",
 ]
+
+
+class GenerateFields(TypedDict, total=False):
+    """A generation's fields besides its prompt (``GenerateRequest``'s)."""
+
+    messages: Sequence[ChatMessage | Mapping[str, Any]] | None
+    model: str | None
+    system: str | None
+    options: Mapping[str, Any] | None
+    format: str | Mapping[str, Any] | None
+    keep_alive: str | int | None
+    idempotency_key: str | None
+
 
 # When the job was published (epoch seconds); workers measure its queue wait from it.
 SENT_AT_HEADER = "x-avocado-sent-at"
@@ -89,6 +112,7 @@ class Producer:
             self.app.conf.broker_transport = transport
         register_job_tasks(self.app)
         self._declared = False
+        self._declared_models: set[str] = set()
         self._lock = threading.Lock()
         self._results: ResultStore | None = None
         self._flow = FlowGate(
@@ -107,27 +131,27 @@ class Producer:
         self,
         prompt: str | None = None,
         *,
-        messages: Sequence[ChatMessage | Mapping[str, Any]] | None = None,
-        model: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        keep_alive: str | int | None = None,
-        idempotency_key: str | None = None,
+        lane: Lane = Lane.BATCH,
+        **fields: Unpack[GenerateFields],
     ) -> JobHandle[GenerateResult]:
-        """Enqueue a prompt or chat generation; raises ``InvalidRequest`` before publishing."""
-        fields: dict[str, Any] = {
+        """Enqueue a prompt or chat generation in ``lane``; raises ``InvalidRequest`` before
+        publishing."""
+        request = self.generate_request(prompt, **fields)
+        return cast(JobHandle[GenerateResult], self.submit(request, lane))
+
+    def generate_request(
+        self, prompt: str | None = None, **fields: Unpack[GenerateFields]
+    ) -> GenerateRequest:
+        """A generation request, validated (``InvalidRequest``), its model the fleet's default
+        when it names none; ``submit`` publishes it."""
+        model = fields.get("model")
+        given: dict[str, Any] = {
+            **fields,
             "prompt": prompt,
-            "messages": messages,
-            "model": model,  # unset: the worker's AVOCADO_DEFAULT_MODEL, what its server serves
-            "system": system,
-            "options": dict(options or {}),
-            "format": format,
-            "keep_alive": keep_alive,
-            "idempotency_key": idempotency_key,
+            "model": self.settings.default_model if model is None else model,
+            "options": dict(fields.get("options") or {}),
         }
-        request = validate_request(GenerateRequest, fields)
-        return cast(JobHandle[GenerateResult], self.submit(request))
+        return validate_request(GenerateRequest, given)
 
     def summarize(
         self,
@@ -135,15 +159,21 @@ class Producer:
         content: str | Mapping[str, Any],
         *,
         options: Mapping[str, Any] | None = None,
+        lane: Lane = Lane.BATCH,
     ) -> JobHandle[SummarizeResult]:
-        """Enqueue a summary; ``content`` is the text or a mapping with ``text``."""
+        """Enqueue a summary in ``lane``; ``content`` is the text or a mapping with ``text``."""
         body = {"text": content} if isinstance(content, str) else dict(content)
-        fields = {"share_id": share_id, "content": body, "options": dict(options or {})}
+        options = {"model": self.settings.default_model, **(options or {})}
+        fields = {"share_id": share_id, "content": body, "options": options}
         request = validate_request(SummarizeRequest, fields)
-        return cast(JobHandle[SummarizeResult], self.submit(request))
+        return cast(JobHandle[SummarizeResult], self.submit(request, lane))
 
-    def submit(self, request: GenerateRequest | SummarizeRequest) -> JobHandle[JobResult]:
-        """Publish a validated request, persistent and confirmed; duplicates share one job.
+    def submit(
+        self, request: GenerateRequest | SummarizeRequest, lane: Lane = Lane.BATCH
+    ) -> JobHandle[JobResult]:
+        """Publish a validated request to its model's ``lane`` queue, persistent and
+        confirmed; duplicates share one job. The queue is declared first, so a job for a model
+        no node serves yet waits durably for one that does.
 
         A summary with the same ``share_id``, or a generation with the same
         ``idempotency_key``, that is still queued or running is not published again.
@@ -151,9 +181,10 @@ class Producer:
         task = GENERATE_TASK if isinstance(request, GenerateRequest) else SUMMARIZE_TASK
         body = request.model_dump(mode="json", exclude_none=True)
         self._check_size(task, body)
+        model = model_of(body, self.settings.default_model)
         task_id = uuid()
         try:
-            self._ensure_topology()
+            self._ensure_topology(model)
             with self.app.producer_or_acquire() as publisher:
                 connection = self._ready(publisher)
                 try:
@@ -161,12 +192,14 @@ class Producer:
                         kwargs={"request": body},
                         task_id=task_id,
                         producer=publisher,
+                        exchange=ML_EXCHANGE.name,
+                        routing_key=lane_queue_name(model, lane),
                         retry=False,  # sent once: a retry could queue a second copy
                         # Declared once by _ensure_topology; kombu would declare again on
                         # each new connection and wait for the answer without a timeout.
                         declare=[],
                         confirm_timeout=self.settings.publish_timeout_s,
-                        headers={SENT_AT_HEADER: time.time()},
+                        headers={SENT_AT_HEADER: time.time(), LANE_HEADER: lane.value},
                         # The worker's limits apply: they are set for its hardware and
                         # consumer timeout.
                         time_limit=None,
@@ -247,8 +280,11 @@ class Producer:
     def cancel(self, job_id: str) -> None:
         """Cancel ``job_id`` (``avocado_shared.cancel``): queued, it never runs; generating,
         it stops at its next chunk. Its handle then raises ``JobFailed`` (JobCancelled)."""
-        redis = self.app.tasks[GENERATE_TASK].singleton_backend.redis
-        request_cancel(redis, self.settings.key_prefix, job_id)
+        request_cancel(self._lock_store(), self.settings.key_prefix, job_id)
+
+    def _lock_store(self) -> Any:
+        """The Redis client of the jobs' locks, also for cancel flags and wanted models."""
+        return self.app.tasks[GENERATE_TASK].singleton_backend.redis
 
     def handle(self, job_id: str) -> JobHandle[JobResult]:
         """A handle for a job submitted earlier, by its id."""
@@ -269,18 +305,24 @@ class Producer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _ensure_topology(self) -> None:
-        """Declare queues before the first publish, so no job goes to an unbound exchange."""
-        if self._declared or not self.settings.declare_topology:
+    def _ensure_topology(self, model: str) -> None:
+        """Declare the queues (unless a least-privilege user may not), and ``model``'s lane
+        queues, before the first publish to them, so no job goes to an unbound exchange."""
+        if model in self._declared_models:
             return
         with self._lock:
-            if not self._declared:
-                with self.app.connection_for_write() as connection:
-                    connection.ensure_connection(
-                        max_retries=2, interval_start=0.2, errback=refuse_untrusted
-                    )
+            if model in self._declared_models:
+                return
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(
+                    max_retries=2, interval_start=0.2, errback=refuse_untrusted
+                )
+                if not self._declared and self.settings.declare_topology:
                     declare_topology(connection, self.settings)
                 self._declared = True
+                declare_lane_queues(connection, model, self.settings)
+            self._lock_store().sadd(f"{self.settings.key_prefix}{WANTED_MODELS}", model)
+            self._declared_models.add(model)
 
 
 _default: Producer | None = None

@@ -7,6 +7,7 @@ useful exactly when something is down; ``Status.ok`` is false then.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from kombu.connection import Connection
 
 from avocado_shared.dlq import DeadLetter, list_dead_letters
+from avocado_shared.fleet import WorkerRecord, WorkerRegistry
 from avocado_shared.registry import NodeRegistry
+from avocado_shared.routing import WANTED_MODELS
 from avocado_shared.store import JobStatus, ResultRow
 from avocado_shared.topology import DEAD_LETTER_QUEUE, QueueInfo, describe
 
@@ -96,7 +99,14 @@ def collect(
     producer: Producer, *, dead_letters: int = 5, failures: int = 5, timeout: float = 1.0
 ) -> Status:
     """Read every part; ``timeout`` is how long workers get to answer a ping."""
-    queues, workers, letters = _broker_parts(producer, dead_letters, timeout)
+    fleet: list[WorkerRecord] = []
+    models: set[str] = set()
+    # Unreadable: the endpoints part, read from the same Redis, says why.
+    with contextlib.suppress(Exception):
+        fleet, models = _fleet(producer)
+    queues, workers, letters = _broker_parts(producer, dead_letters, timeout, sorted(models))
+    if workers.ok:
+        _add_records(workers, fleet)
     return Status(
         at=datetime.now(timezone.utc),
         queues=queues,
@@ -107,8 +117,35 @@ def collect(
     )
 
 
+def _fleet(producer: Producer) -> tuple[list[WorkerRecord], set[str]]:
+    """The workers' own records, and every model a worker serves or a job was queued for."""
+    registry = WorkerRegistry.from_settings(producer.settings)
+    try:
+        records = registry.live()
+        wanted = registry.client.smembers(f"{producer.settings.key_prefix}{WANTED_MODELS}")
+    finally:
+        registry.close()
+    models = {m.decode() if isinstance(m, bytes) else str(m) for m in wanted}
+    return records, models | {model for record in records for model in record.models}
+
+
+def _add_records(workers: Section, records: list[WorkerRecord]) -> None:
+    """Each worker's models, slots and cutoff, as it says of itself."""
+    by_name = {record.worker: record for record in records}
+    for item in workers.items:
+        record = by_name.get(item["name"])
+        if record is not None:
+            item.update(
+                models=record.models,
+                loaded=record.loaded,
+                slots=record.slots,
+                draining=record.draining,
+                time_left_s=record.time_left_s(),
+            )
+
+
 def _broker_parts(
-    producer: Producer, dead_letters: int, timeout: float
+    producer: Producer, dead_letters: int, timeout: float, models: Sequence[str]
 ) -> tuple[Section, Section, Section]:
     """Queues, workers and dead letters: all read from RabbitMQ on one connection."""
     with producer.app.connection_for_write() as connection:
@@ -122,7 +159,7 @@ def _broker_parts(
         infos: list[QueueInfo] = []
 
         def queues() -> Section:
-            infos.extend(describe(connection, producer.settings))
+            infos.extend(describe(connection, producer.settings, models))
             return Section()
 
         queue_part = _read(queues)
@@ -268,9 +305,10 @@ def _dash(value: object) -> str:
 
 
 def _queues_text(title: str, section: Section) -> Sequence[str]:
-    lines = [f"{title}", f"  {'name':<16} {'ready':>7} {'unacked':>8} {'consumers':>10}"]
+    width = max([16, *(len(q["name"]) for q in section.items)])
+    lines = [f"{title}", f"  {'name':<{width}} {'ready':>7} {'unacked':>8} {'consumers':>10}"]
     lines += [
-        f"  {q['name']:<16} {q['ready']:>7} {_dash(q['unacked']):>8} {q['consumers']:>10}"
+        f"  {q['name']:<{width}} {q['ready']:>7} {_dash(q['unacked']):>8} {q['consumers']:>10}"
         for q in section.items
     ]
     return lines
@@ -278,11 +316,18 @@ def _queues_text(title: str, section: Section) -> Sequence[str]:
 
 def _workers_text(title: str, section: Section) -> Sequence[str]:
     lines = [f"{title}: {section.facts.get('online', 0)} online"]
-    lines += [
-        f"  {w['name']}  running={w['running']} prefetched={w['prefetched']}  "
-        f"queues={','.join(w['queues']) or '-'}"
-        for w in section.items
-    ]
+    for w in section.items:
+        line = f"  {w['name']}  running={w['running']} prefetched={w['prefetched']}"
+        if "models" in w:
+            loaded = set(w["loaded"])
+            models = ",".join(f"{m}{'*' if m in loaded else ''}" for m in w["models"])
+            line += f" slots={w['slots']}  models={models or '-'}"
+            if w["draining"]:
+                left = w["time_left_s"]
+                line += f"  DRAINING ({_dash(None if left is None else round(left))} s left)"
+        lines.append(f"{line}  queues={','.join(w['queues']) or '-'}")
+    if any("models" in w for w in section.items):
+        lines.append("  (* loaded in its server's memory)")
     return lines
 
 

@@ -14,6 +14,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from avocado_shared.redeclare import broker_major, redeclare
+from avocado_shared.routing import Lane, lane_queue_name
 from avocado_shared.settings import Settings
 
 __all__ = [
@@ -34,10 +35,12 @@ __all__ = [
     "dead_letter_queue",
     "declare_dead_letter_queue",
     "declare_delayed_delivery",
+    "declare_lane_queues",
     "declare_topology",
     "describe",
     "job_queue",
     "job_queues",
+    "lane_queues",
     "task_routes",
 ]
 
@@ -66,7 +69,10 @@ _ROUTES = {
 
 
 def job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
-    """A quorum queue that dead-letters a message once it was delivered too often."""
+    """A quorum queue that dead-letters a message once it was delivered too often, at least
+    once: RabbitMQ's default for quorum queues (at most once) drops a letter whose move is
+    cut short, by a leader change say; at least once keeps it until ``ml.dead-letter``
+    confirmed it, and needs ``reject-publish`` overflow."""
     return Queue(
         name,
         exchange,
@@ -76,17 +82,40 @@ def job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
             "x-queue-type": "quorum",
             "x-delivery-limit": settings.delivery_limit,
             "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
         },
     )
 
 
 def job_queues(settings: Settings) -> tuple[Queue, ...]:
-    """The queues workers consume, in the order Celery should list them."""
+    """The queues every worker consumes: ``ml.generate`` and ``ml.summarize`` take jobs
+    published without a model queue (plain AMQP, earlier releases) and the worker forwards
+    each to its model's lane queue; ``infra.announce`` takes beat's job."""
     return (
         job_queue(GENERATE_QUEUE, ML_EXCHANGE, settings),
         job_queue(SUMMARIZE_QUEUE, ML_EXCHANGE, settings),
         job_queue(ANNOUNCE_QUEUE, INFRA_EXCHANGE, settings),
     )
+
+
+# ``ml`` as the lane queues name it: declared with the topology, never by declaring a lane
+# queue, which a least-privilege worker may do where it may not declare the exchange.
+_DECLARED_ML = Exchange(ML_EXCHANGE.name, type="topic", durable=True, no_declare=True)
+
+
+def lane_queues(model: str, settings: Settings) -> tuple[Queue, ...]:
+    """The queues of ``model``'s lanes, interactive first, on the ``ml`` exchange."""
+    return tuple(job_queue(lane_queue_name(model, lane), _DECLARED_ML, settings) for lane in Lane)
+
+
+def declare_lane_queues(connection: Connection, model: str, settings: Settings) -> list[Queue]:
+    """Declare ``model``'s lane queues (a job for a model no node serves yet waits in them),
+    migrating one declared with other arguments."""
+    queues = list(lane_queues(model, settings))
+    for queue in queues:
+        redeclare(connection, queue)
+    return queues
 
 
 def dead_letter_queue(major: int) -> Queue:
@@ -125,11 +154,10 @@ def task_routes() -> dict[str, dict[str, str]]:
 
 def declare_topology(connection: Connection, settings: Settings) -> list[Queue]:
     """Declare exchanges, queues and bindings; idempotent, safe on every start."""
-    channel = connection.default_channel
-    DISCOVERY_EXCHANGE(channel).declare()
+    DISCOVERY_EXCHANGE(connection.default_channel).declare()
     queues = list(job_queues(settings))
     for queue in queues:
-        queue(channel).declare()
+        redeclare(connection, queue)  # those of a release before at-least-once migrate
     return [*queues, declare_dead_letter_queue(connection)]
 
 
@@ -153,10 +181,16 @@ class QueueInfo:
     consumers: int
 
 
-def describe(connection: Connection, settings: Settings) -> list[QueueInfo]:
-    """Declare the topology and report each queue's depth and consumer count."""
+def describe(
+    connection: Connection, settings: Settings, models: Iterable[str] = ()
+) -> list[QueueInfo]:
+    """Declare the topology (and the lane queues of ``models``) and report each queue's depth
+    and consumer count."""
     infos = []
-    for queue in declare_topology(connection, settings):
+    queues = declare_topology(connection, settings)
+    for model in models:
+        queues.extend(declare_lane_queues(connection, model, settings))
+    for queue in queues:
         bound = queue(connection.default_channel)
         _, messages, consumers = bound.queue_declare(passive=True)
         infos.append(

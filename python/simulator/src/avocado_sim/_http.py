@@ -322,6 +322,12 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         self._json(200, {"models": models})
 
+    def _stats(self, raw: bytes, started: int) -> None:
+        """The simulator's own counters (not Ollama's API): for a test or a benchmark that
+        runs it as a subprocess."""
+        state = self.server.state
+        self._json(200, {"generation_calls": state.generation_calls, "loads": state.loads})
+
     def _show(self, raw: bytes, started: int) -> None:
         body, err = _json_error(raw, "ShowRequest")
         if err is not None:
@@ -448,6 +454,8 @@ class _Handler(BaseHTTPRequestHandler):
         if empty and body.get("keep_alive") is not None and keep_alive == 0:
             state.unload(model)
             return self._json(200, self._load_reply(model, chat, "unload"))
+        if state.load(model, num_ctx):
+            self._pause(config.load_ms / 1000)
         state.mark_loaded(model, max(keep_alive, 60.0), num_ctx)
         loaded_at = time.perf_counter_ns()
         if empty:
@@ -570,6 +578,7 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/api/delete": {"DELETE": _Handler._delete},
     "/api/generate": {"POST": _Handler._generate},
     "/api/chat": {"POST": _Handler._chat},
+    "/_sim/stats": {"GET": _Handler._stats},
     **_openai.ROUTES,
 }
 

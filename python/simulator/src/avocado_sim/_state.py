@@ -50,6 +50,12 @@ class SimConfig:
     to a stream when another request comes in (its ``interrupt_requests``)."""
     parallel: int = 4
     """Generation slots, like OLLAMA_NUM_PARALLEL."""
+    load_ms: float = 0.0
+    """Time to load a model that is not in memory (Ollama's ``load_duration``): what a swap
+    between models costs on a GPU."""
+    max_loaded: int = 0
+    """Models that fit in memory at once, like OLLAMA_MAX_LOADED_MODELS: loading one more
+    evicts the least recently used. 0: any number."""
     max_queue: int = 512
     """Requests that may wait for a slot, like OLLAMA_MAX_QUEUE; beyond it: 503."""
     context_length: int = 4096
@@ -204,6 +210,7 @@ class SimState:
         self.started_at = time.time()
         self.modified: dict[str, float] = {}
         self.loaded: dict[str, tuple[float, int]] = {}  # name -> (expires epoch, num_ctx)
+        self.loads = 0  # models loaded into memory so far (each swap is one)
 
     def count_generation(self) -> None:
         with self.lock:
@@ -288,6 +295,25 @@ class SimState:
             else:
                 self.loaded[norm] = (now + keep_alive_s, num_ctx)
             return fresh
+
+    def load(self, name: str, num_ctx: int) -> bool:
+        """Make ``name`` resident, evicting the least recently used model when memory is full
+        (``max_loaded``); True when it had to be loaded (the caller waits ``load_ms``)."""
+        norm = normalize(name)
+        now = time.time()
+        with self.lock:
+            for gone in [n for n, (exp, _) in self.loaded.items() if exp <= now]:
+                self.loaded.pop(gone)
+            entry = self.loaded.pop(norm, None)
+            if entry is not None:  # used now: the most recently used
+                self.loaded[norm] = entry
+                return False
+            limit = self.config.max_loaded
+            while limit > 0 and len(self.loaded) >= limit:
+                self.loaded.pop(next(iter(self.loaded)))
+            self.loaded[norm] = (now + 60.0, num_ctx)
+            self.loads += 1
+            return True
 
     def unload(self, name: str) -> None:
         with self.lock:

@@ -56,6 +56,11 @@ class OllamaSimulator:
             return self._state.generation_calls
 
     @property
+    def loads(self) -> int:
+        """Models loaded into memory so far (``load_ms`` each): every swap is one."""
+        return self._state.loads
+
+    @property
     def abandoned(self) -> int:
         """Answers the client stopped reading: it closed the connection before their end,
         as a worker does when its job is cancelled."""
@@ -156,7 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hub", type=_names, default=None, help="pullable models (default any)")
     p.add_argument("--fail-first", type=int, default=0, help="fail the first K generations")
     p.add_argument("--fail-status", type=int, default=503, help="status for those failures")
-    p.add_argument("--parallel", type=int, default=4, help="generation slots")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=int(os.environ.get("OLLAMA_NUM_PARALLEL") or 4),
+        help="generation slots (default OLLAMA_NUM_PARALLEL, else 4)",
+    )
+    p.add_argument("--load-ms", type=float, default=0.0, help="time to load a model")
+    p.add_argument("--max-loaded", type=int, default=0, help="models in memory at once (0: any)")
     p.add_argument("--max-queue", type=int, default=512, help="requests waiting for a slot")
     p.add_argument("--context-length", type=int, default=4096, help="reported context size")
     p.add_argument(
@@ -186,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail_first=args.fail_first,
             fail_status=args.fail_status,
             parallel=args.parallel,
+            load_ms=args.load_ms,
+            max_loaded=args.max_loaded,
             max_queue=args.max_queue,
             context_length=args.context_length,
             max_recorded=0,  # nobody can read them from outside the process

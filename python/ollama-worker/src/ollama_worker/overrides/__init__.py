@@ -19,6 +19,12 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     integration/test_dead_letter.py::test_poison_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
     (its cases ``task-without-id``, ``body-not-a-triple``, ``body-a-number``)
 
+``consumer.DeadLetteringConsumer.create_task_handler`` (forwarding)
+    A job that arrives on ``ml.generate`` or ``ml.summarize`` (plain AMQP, an earlier
+    release) is forwarded to its model's lane queue (``ollama_worker.forward``), not run by
+    a node that may not serve its model.
+    integration/test_plain_amqp.py::test_job_from_a_plain_amqp_client_runs_and_is_stored
+
 ``consumer.DeadLetteringConsumer.Blueprint.default_steps``
     Celery's ``DelayedDelivery`` step left out of the consumer: it declares 28 exchanges and
     queues at every start, which a least-privilege broker user may not

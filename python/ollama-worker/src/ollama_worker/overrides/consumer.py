@@ -1,4 +1,5 @@
-"""Celery's consumer, keeping poison it receives instead of losing it or dying of it.
+"""Celery's consumer, keeping poison it receives instead of losing it or dying of it, and
+forwarding what arrives on the entry queues to the model's lane queue (``ollama_worker.forward``).
 
 Celery 5.7 acks a message it cannot decode (it is lost), rejects other poison without saying
 why, and dies ("Unrecoverable error") on a task message without an ``id`` header or whose
@@ -20,6 +21,7 @@ from celery.worker.state import requests as active_requests
 from kombu.exceptions import ContentDisallowed
 
 from ollama_worker.deadletter import dead_letter_message, decode_reason
+from ollama_worker.forward import Forwarder
 
 __all__ = ["DeadLetteringConsumer"]
 
@@ -64,8 +66,10 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         signals.task_rejected.send(sender=self, message=message, exc=exc)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
-        """Celery's handler, guarded against the malformed messages that crash it."""
+        """Celery's handler, guarded against the malformed messages that crash it; a job
+        from an entry queue is forwarded to its model's lane queue instead of run here."""
         handle = super().create_task_handler(*args, **kwargs)
+        forwarder = Forwarder(self.app, self.app.settings)
 
         def on_task_received(message: Any) -> Any:
             headers = message.headers if isinstance(message.headers, Mapping) else {}
@@ -73,6 +77,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             if "task" in headers and not (isinstance(task_id, str) and task_id):
                 error = InvalidTaskError("task message without an 'id' header")
                 return self.on_invalid_task(None, message, error)
+            if "task" in headers and forwarder.forwards(message, self.connection_errors):
+                return None
             try:
                 return handle(message)
             except Exception as exc:
