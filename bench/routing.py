@@ -4,6 +4,7 @@ time, and interactive jobs behind a batch backlog."""
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -13,9 +14,9 @@ from avocado_shared.routing import Lane
 from bench.report import Outcome, Row, fmt, median, percentile
 from bench.scenarios import Config, burst, fleet, fleet_worker
 from bench.services import MODEL, BenchEnv
-from tests.processes import Server, WorkerProcess
+from tests.processes import Server, WorkerProcess, wait_for
 
-__all__ = ["lanes", "model_mix"]
+__all__ = ["drain", "lanes", "model_mix"]
 
 OTHER = "qwen2.5:0.5b"
 LOAD_MS = 3000.0
@@ -163,3 +164,71 @@ def lanes(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     extra: dict[str, Any] = {"waits": found}
     title = f"7. Lanes ({pool}, {cfg.lane_backlog} batch jobs queued)"
     return Outcome("7", title, "single FIFO", "interactive lane", rows, [], [note], extra)
+
+
+def _stats(sim: Server) -> dict[str, int]:
+    """The simulator subprocess's counters (``/_sim/stats``)."""
+    found: dict[str, int] = httpx.get(f"{sim.url}/_sim/stats", timeout=5).json()
+    return found
+
+
+def _drain_run(env: BenchEnv, cfg: Config, pool: str, cutoff: bool) -> dict[str, float]:
+    """One node of one slot on jobs of ``cfg.drain_job_s``, stopped ``cfg.cutoff_s`` after it
+    starts: told so (it drains), or not (SIGKILLed then, as a notebook's session ends); a
+    second node then runs what is left. Jobs cut, when the first node was gone, jobs it ran."""
+    sim = env.start_sim(1, latency_ms=cfg.drain_job_s * 1000)
+    at = datetime.now(timezone.utc) + timedelta(seconds=cfg.cutoff_s)
+    told = {"AVOCADO_CUTOFF": at.isoformat(), "AVOCADO_DRAIN_MARGIN_S": "2"} if cutoff else {}
+    node = env.start_worker(pool, 1, sim.url, variables=told)
+    jobs = [env.producer.generate(f"drain {i}") for i in range(cfg.drain_jobs)]
+    if cutoff:
+        wait_for(lambda: not node.alive(), cfg.cutoff_s + 30, "the node to leave")
+    else:
+        wait_for(lambda: datetime.now(timezone.utc) >= at, cfg.cutoff_s + 30, "the cutoff")
+        node.kill()
+    gone = (datetime.now(timezone.utc) - at).total_seconds() + cfg.cutoff_s
+    ran = sum(job.ready() for job in jobs)
+    env.start_worker(pool, 1, sim.url)
+    for job in jobs:
+        job.get(timeout=_GET_TIMEOUT_S)
+    rows = [env.producer.results.get(job.id) for job in jobs]
+    cut = sum(1 for row in rows if row is not None and row.attempts > 1)
+    env.tidy()
+    return {"cut": cut, "gone_s": gone, "ran": ran, "abandoned": _stats(sim)["abandoned"]}
+
+
+def drain(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
+    """A node with a known cutoff, against the same node stopped at that time unwarned."""
+    told = _drain_run(env, cfg, pool, cutoff=True)
+    unwarned = _drain_run(env, cfg, pool, cutoff=False)
+    rows = [
+        Row(
+            "jobs cut by the stop (run again elsewhere: attempts > 1)",
+            f"{unwarned['cut']:.0f}",
+            f"{told['cut']:.0f}",
+            target="0 with a cutoff",
+            met=told["cut"] == 0,
+        ),
+        Row(
+            "node gone, seconds after it started",
+            f"{unwarned['gone_s']:.1f}",
+            f"{told['gone_s']:.1f}",
+            target=f"before the cutoff ({cfg.cutoff_s:.0f} s)",
+            met=told["gone_s"] < cfg.cutoff_s,
+        ),
+        Row("jobs it finished before it was gone", f"{unwarned['ran']:.0f}", f"{told['ran']:.0f}"),
+        Row(
+            "answers the server was cut off in",
+            f"{unwarned['abandoned']:.0f}",
+            f"{told['abandoned']:.0f}",
+        ),
+    ]
+    note = (
+        f"One worker of one slot on a simulator of one slot, {cfg.drain_job_s:.0f} s per "
+        f"answer, {cfg.drain_jobs} jobs queued once it is ready; it is stopped "
+        f"{cfg.cutoff_s:.0f} s after it was started: told so (AVOCADO_CUTOFF, a margin of 2 "
+        "s), or SIGKILLed then unwarned. A second node then runs what is left; attempts from "
+        "ml_results."
+    )
+    title = f"8. Drain ({pool}, cutoff {cfg.cutoff_s:.0f} s, {cfg.drain_job_s:.0f} s jobs)"
+    return Outcome("8", title, "no cutoff (killed)", "cutoff", rows, [], [note], {})

@@ -14,13 +14,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import fixes, gateway, profile, real_model, report, routing, scenarios
+from bench import fixes, gateway, profile, real_model, report, routing, scenarios, streams
 from bench.machine import LoadMonitor, describe_machine
 from bench.services import REDIS_URL, REPO, BenchEnv
 
 __all__ = ["SCENARIOS", "main"]
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "gateway", "real", "profile", "fixes")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "gateway", "real", "profile", "fixes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +59,8 @@ def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tupl
         ("5", "5 scale-out", scenarios.scale_out, one),
         ("6", "6 model mix", routing.model_mix, one),
         ("7", "7 lanes", routing.lanes, one),
+        ("8", "8 drain", routing.drain, one),
+        ("9", "9 sixteen streams", streams.sixteen_streams, one),
         ("gateway", "gateway", gateway.gateway, one),
         ("real", "1r real overhead", real_model.real_overhead, one),
         ("real", "2r real saturation", real_model.real_saturation, one),

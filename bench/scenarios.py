@@ -67,6 +67,10 @@ class Config:
     mix_jobs: int = 60
     lane_backlog: int = 200
     lane_jobs: int = 10
+    cutoff_s: float = 60.0
+    drain_job_s: float = 20.0
+    drain_jobs: int = 6
+    streams_jobs: int = 96
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
 
     @classmethod
@@ -83,6 +87,7 @@ _QUICK: dict[str, Any] = {
     **{"producer_jobs": 40, "lock_jobs": 10, "lock_latency_jobs": 15, "micro_calls": 30},
     **{"fix_seq": 30, "fix_burst": 60, "gateway_jobs": 10, "gateway_burst": 32},
     **{"mix_jobs": 15, "lane_backlog": 60, "lane_jobs": 5},
+    **{"cutoff_s": 15.0, "drain_job_s": 4.0, "drain_jobs": 6, "streams_jobs": 32},
 }
 
 

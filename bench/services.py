@@ -89,7 +89,8 @@ class BenchEnv:
         extra = {"AVOCADO_DEFAULT_MODEL": MODEL, **extra}
         return procs.service_env(self.broker_url, REDIS_URL, self.key_prefix, **extra)
 
-    def _started(self, child: _C) -> _C:
+    def started(self, child: _C) -> _C:
+        """``child``, stopped when the scenario ends (``tidy``)."""
         self._children.append(child)
         return child
 
@@ -101,12 +102,12 @@ class BenchEnv:
         args = ["--parallel", str(parallel), "--max-queue", "1024", "--models", ",".join(models)]
         args += [a for k, v in pace.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         log = self.tmp / f"sim-{uuid.uuid4().hex[:6]}.log"
-        return self._started(procs.start_simulator(*args, log=log, cwd=self.tmp))
+        return self.started(procs.start_simulator(*args, log=log, cwd=self.tmp))
 
     def start_embedded(self, n_ctx: int) -> procs.Server:
         """The embedded real model's server; its ``/v1`` URL once it lists models."""
         log = self.tmp / "embedded.log"
-        return self._started(procs.start_embedded_llm(log, n_ctx, cwd=self.tmp))
+        return self.started(procs.start_embedded_llm(log, n_ctx, cwd=self.tmp))
 
     def start_gateway(self) -> tuple[procs.Server, str]:
         """``avocado-infer`` on this run's vhost, once ready, and a secret for it: keys required."""
@@ -114,7 +115,7 @@ class BenchEnv:
         env = self._env(AVOCADO_INFER_PORT=port, AVOCADO_INFER_LOG_LEVEL="warning")
         log, args = self.tmp / f"gateway-{port}.log", [str(procs.VENV_BIN / "avocado-infer")]
         process = procs.spawn(args, log, env=env, cwd=self.tmp)
-        server = self._started(procs.Server(process, log, f"http://127.0.0.1:{port}"))
+        server = self.started(procs.Server(process, log, f"http://127.0.0.1:{port}"))
 
         def ready() -> bool:
             server.check_running("avocado-infer")
@@ -129,7 +130,7 @@ class BenchEnv:
     def start_worker(
         self,
         pool: str,
-        concurrency: int,
+        concurrency: int | None,
         ollama_url: str = "http://127.0.0.1:9",
         wait: bool = True,
         variables: dict[str, str] | None = None,
@@ -150,7 +151,7 @@ class BenchEnv:
         env = self._env(**(defaults | (variables or {})))
         options |= {"pool": pool, "concurrency": concurrency, "gossip": True, "prefix": "bench"}
         worker = procs.start_worker(env, self.tmp, **options)
-        self._started(worker)
+        self.started(worker)
         if wait:
             self.wait_ready(worker)
         return worker

@@ -244,15 +244,17 @@ def start_worker(
     log_dir: Path,
     *,
     app: str = "ollama_worker",
-    concurrency: int = 2,
+    concurrency: int | None = 2,
     pool: str | None = None,
     queues: str | None = None,
     gossip: bool = False,
     prefix: str = "test",
 ) -> WorkerProcess:
-    """Start ``celery -A APP worker``; ``wait_ready`` waits until it answers a ping."""
+    """Start ``celery -A APP worker`` (``concurrency`` None: the worker's own default, as
+    many jobs as its server runs); ``wait_ready`` waits until it answers a ping."""
     name = f"{prefix}-{uuid.uuid4().hex[:6]}@localhost"
-    args = [str(VENV_BIN / "celery"), "-A", app, "worker", "--concurrency", str(concurrency)]
+    args = [str(VENV_BIN / "celery"), "-A", app, "worker"]
+    args += [] if concurrency is None else ["--concurrency", str(concurrency)]
     args += ["--hostname", name, "--loglevel", "INFO", "--without-mingle"]
     args += [] if gossip else ["--without-gossip"]
     args += ["--pool", pool] if pool else []

@@ -83,7 +83,7 @@ def test_tags_and_models_list_the_served_models_with_their_nodes_and_backlog(
     listing = tags.json()["models"]
     assert [m["name"] for m in listing] == [MODEL, "qwen3:0.6b"]
     left = listing[1]["avocado"]["nodes"][0].pop("time_left_s")
-    assert left == pytest.approx(7200, abs=60)
+    assert left == pytest.approx(B.time_left_s(), abs=5)
     assert listing[1] == listed("qwen3:0.6b", modified_at=LATE.isoformat()) | {
         "avocado": {
             "nodes": [
@@ -117,7 +117,7 @@ def test_ps_lists_the_loaded_models_until_their_last_node_expires(served: Serve)
     (only,) = response.json()["models"]
     view = SERVED[0].view()
     for node in (view, only["avocado"]):  # the draining node's time left, as it runs out
-        assert node["nodes"][1].pop("time_left_s") == pytest.approx(7200, abs=60)
+        assert node["nodes"][1].pop("time_left_s") == pytest.approx(B.time_left_s(), abs=5)
     assert only == listed(MODEL, expires_at=B.expires_at.isoformat(), size_vram=0) | {
         "avocado": view
     }
@@ -225,3 +225,15 @@ def test_readyz_names_what_it_cannot_reach(served: Serve) -> None:
     response = app.client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "broker": "[Errno 111] Connection refused"}
+
+
+def test_a_model_is_listed_by_its_servers_own_name(served: Serve) -> None:
+    """A server that lists ``smollm2`` (no tag, as OpenAI-compatible servers do) serves the
+    model whose canonical name is ``smollm2:latest``: clients see the server's name."""
+    app = served()
+    app.fake.served = [
+        ServedModel("smollm2:latest", LATE, B.expires_at, (A,), ("a@gpu",), {}, "smollm2")
+    ]
+    assert [m["name"] for m in app.client.get("/api/tags").json()["models"]] == ["smollm2"]
+    assert [m["id"] for m in app.client.get("/v1/models").json()["data"]] == ["smollm2"]
+    assert [m["model"] for m in app.client.get("/api/ps").json()["models"]] == ["smollm2"]

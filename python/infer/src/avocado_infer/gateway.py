@@ -68,6 +68,13 @@ class ServedModel:
     nodes: tuple[WorkerRecord, ...]
     loaded_on: tuple[str, ...]
     backlog: dict[str, int | None]
+    shown: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name to list it by: its servers' own (``smollm2`` on a server that lists no
+        tag), else the canonical one."""
+        return self.shown or self.name
 
     @property
     def loaded(self) -> bool:
@@ -289,6 +296,7 @@ class Gateway:
                     nodes=nodes,
                     loaded_on=tuple(r.worker for r in nodes if name in r.loaded),
                     backlog={lane.value: self.backlog(name, lane).estimate() for lane in Lane},
+                    shown=next((r.names[name] for r in nodes if name in r.names), None),
                 )
             )
         return served

@@ -144,8 +144,8 @@ async def tags(gateway: GatewayDep) -> dict[str, Any]:
     nodes' own, unknown here. ``avocado`` says, per model, its nodes and its backlog."""
     models = [
         {
-            "name": m.name,
-            "model": m.name,
+            "name": m.label,
+            "model": m.label,
             "modified_at": m.seen_at.isoformat(),
             "size": 0,
             "digest": "",
@@ -165,8 +165,8 @@ async def ps(gateway: GatewayDep) -> dict[str, Any]:
     lane. Sizes and digests are the nodes' own, unknown here: zero and empty."""
     models = [
         {
-            "name": m.name,
-            "model": m.name,
+            "name": m.label,
+            "model": m.label,
             "size": 0,
             "digest": "",
             "details": {},

@@ -251,7 +251,7 @@ async def models(gateway: GatewayDep) -> dict[str, Any]:
     model, its nodes and its backlog per lane."""
     data = [
         {
-            "id": m.name,
+            "id": m.label,
             "object": "model",
             "created": int(m.seen_at.timestamp()),
             "owned_by": "avocado",

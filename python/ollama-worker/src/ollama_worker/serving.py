@@ -25,6 +25,7 @@ from celery import Celery, bootsteps
 from celery.platforms import EX_OK
 from celery.worker import state as worker_state
 from celery.worker.state import active_requests
+from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.transport.native_delayed_delivery import bind_queue_to_native_delayed_delivery_exchange
 from redis.exceptions import RedisError
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SLOTS = 4
 # A model whose pull failed (not in the hub, no space) is not tried again before this.
 PULL_AGAIN_S = 600.0
+_BROKER_TIMEOUT_S = 10.0
 
 
 def server_slots(settings: WorkerSettings) -> int:
@@ -87,6 +89,8 @@ class Serving:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One broker connection for its rounds, made on first use, made again after a failure.
+        self._broker: Connection | None = None
 
     def server_name(self, model: str) -> str:
         """``model`` as this node's server names it (``llama3.2`` for ``llama3.2:latest``)."""
@@ -95,8 +99,12 @@ class Serving:
     def select(self) -> None:
         """Before the consumer starts: consume the queues of what the server serves now."""
         found = self._ask()
-        if found is not None:
-            self._follow(found)
+        try:
+            if found is not None:
+                self._follow(found)
+                self._adopt(found)
+        finally:
+            self._drop_broker()  # before the pool forks: no child inherits its socket
 
     def start(self, name: str, slots: int) -> Serving:
         """Keep following, in a daemon thread, and keep the fleet record of worker ``name``
@@ -137,6 +145,20 @@ class Serving:
                 self.tick()
             except Exception as error:
                 logger.warning("models of %s not followed: %s", self.name, error)
+                self._drop_broker()
+        self._drop_broker()
+
+    def _connection(self) -> Connection:
+        """Its broker connection, reached again if it was lost."""
+        if self._broker is None:
+            self._broker = self.app.connection_for_write()
+        self._broker.ensure_connection(max_retries=1, interval_start=0, timeout=_BROKER_TIMEOUT_S)
+        return self._broker
+
+    def _drop_broker(self) -> None:
+        if self._broker is not None:
+            self._broker.collect()
+            self._broker = None
 
     def tick(self) -> None:
         """One round: follow the server's models, take on a waiting one when idle, drain
@@ -144,10 +166,10 @@ class Serving:
         found = self._ask()
         if found is not None:
             self._follow(found)
-            if not self.draining:
-                self._adopt(found)
         self._drain()
-        self.registry.put(self.record())
+        self.registry.put(self.record())  # first: a slow broker must not let it expire
+        if found is not None and not self.draining:
+            self._adopt(found)
 
     def _drain(self) -> None:
         """Stop taking jobs once one might not end before the cutoff; leave once none runs."""
@@ -173,6 +195,7 @@ class Serving:
             worker=self.name,
             backend=self.settings.backend,
             models=sorted(self.models),
+            names={model: name for model, name in self.models.items() if model != name},
             loaded=sorted(self.loaded),
             slots=self.slots,
             running=len(active_requests),
@@ -227,13 +250,13 @@ class Serving:
     def _declare(self, model: str) -> list[Queue]:
         """Declare ``model``'s lane queues and bind them for retries with a countdown (a
         least-privilege worker may: ``avocado_shared.admin``)."""
-        with self.app.connection_for_write() as connection:
-            queues = declare_lane_queues(connection, model, self.settings)
-            for queue in queues:
-                try:
-                    bind_queue_to_native_delayed_delivery_exchange(connection, queue)
-                except NotFound:  # not declared yet: the consumer's step binds at its start
-                    logger.debug("%s bound to delayed delivery at the consumer's start", queue)
+        connection = self._connection()
+        queues = declare_lane_queues(connection, model, self.settings)
+        for queue in queues:
+            try:
+                bind_queue_to_native_delayed_delivery_exchange(connection, queue)
+            except NotFound:  # not declared yet: the consumer's step binds at its start
+                logger.debug("%s bound to delayed delivery at the consumer's start", queue)
         return queues
 
     def _change(self, added: list[Queue], removed: list[str]) -> None:
@@ -251,14 +274,18 @@ class Serving:
         one per round, claimed in Redis so that two idle nodes do not both swap to it, and
         pulled first when the server lacks it."""
         now = time.monotonic()
-        wanted = [m for m in self._wanted() if m not in self.models]
-        waiting = {
-            m: self._demand(m)
-            for m in wanted
-            if now - self._pull_failed.get(m, -PULL_AGAIN_S) >= PULL_AGAIN_S
-        }
-        own = {model: self._demand(model) for model in self.models}
         can_fetch = self.settings.backend == "ollama" and self.settings.allow_pull
+        takeable = [
+            m
+            for m in self._wanted()
+            if m not in self.models
+            and (m in found or can_fetch)
+            and now - self._pull_failed.get(m, -PULL_AGAIN_S) >= PULL_AGAIN_S
+        ]
+        waiting = {model: self._demand(model) for model in takeable}
+        if not any(d.ready and not d.consumers for d in waiting.values()):
+            return  # nothing waits for a node: the broker need not be asked more
+        own = {model: self._demand(model) for model in self.models}
         move = adoption(
             list(self.models), waiting, own, found=found, can_fetch=can_fetch, limit=self.limit
         )
@@ -303,12 +330,11 @@ class Serving:
 
     def _depth(self, name: str) -> tuple[int, int]:
         """Messages ready in queue ``name`` and its consumers; (0, 0) for no such queue."""
-        with self.app.connection_for_write() as connection:
-            try:
-                declared = connection.default_channel.queue_declare(name, passive=True)
-            except NotFound:
-                return 0, 0
-            return int(declared.message_count), int(declared.consumer_count)
+        try:
+            declared = self._connection().default_channel.queue_declare(name, passive=True)
+        except NotFound:
+            return 0, 0
+        return int(declared.message_count), int(declared.consumer_count)
 
     def _pull(self, model: str) -> None:
         with make_backend(self.settings) as client:

@@ -32,6 +32,11 @@ class WorkerRecord(BaseModel):
     worker: str = Field(min_length=1, max_length=200)
     backend: str = "ollama"
     models: list[str] = Field(default_factory=list, description="Canonical names it consumes.")
+    names: dict[str, str] = Field(
+        default_factory=dict,
+        description="Its server's own name of a model where it is not the canonical one "
+        "(``smollm2`` for ``smollm2:latest``): what its clients know it by.",
+    )
     loaded: list[str] = Field(default_factory=list, description="Models in its server's memory.")
     slots: int = Field(default=1, ge=1, description="Jobs it runs at once.")
     running: int = Field(default=0, ge=0)

@@ -326,7 +326,8 @@ class _Handler(BaseHTTPRequestHandler):
         """The simulator's own counters (not Ollama's API): for a test or a benchmark that
         runs it as a subprocess."""
         state = self.server.state
-        self._json(200, {"generation_calls": state.generation_calls, "loads": state.loads})
+        counts = {"generation_calls": state.generation_calls, "loads": state.loads}
+        self._json(200, {**counts, "abandoned": state.abandoned})
 
     def _show(self, raw: bytes, started: int) -> None:
         body, err = _json_error(raw, "ShowRequest")
