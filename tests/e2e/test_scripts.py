@@ -358,7 +358,15 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
     assert 0 < chat.json()["eval_count"] <= 24
     assert chat.json()["message"]["content"].strip()
     generated = run_cli(
-        fleet_env, "generate", "Why is the sky blue?", "-o", "num_predict=48", "--wait", "--json"
+        fleet_env,
+        "generate",
+        "Why is the sky blue?",
+        "--model",  # the fleet's model: a producer's default is its own environment's
+        "smollm2-135m-instruct",
+        "-o",
+        "num_predict=48",
+        "--wait",
+        "--json",
     )
     assert generated.returncode == 0, generated.stderr
     answer = json.loads(generated.stdout)
@@ -369,7 +377,15 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
         ["The sky looks blue because air scatters the short blue waves of sunlight"] * 6
     )
     summary = run_cli(
-        fleet_env, "summarize", "--share-id", f"sky-{free_port()}", "--text", text, "--wait"
+        fleet_env,
+        "summarize",
+        "--share-id",
+        f"sky-{free_port()}",
+        "--text",
+        text,
+        "--model",
+        "smollm2-135m-instruct",
+        "--wait",
     )
     assert summary.returncode == 0, summary.stderr
     assert summary.stdout.strip()
