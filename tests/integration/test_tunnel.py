@@ -79,7 +79,8 @@ def test_tunnel_is_announced_works_with_credentials_and_refuses_without(
     assert allowed.status_code == 200
     assert [m["name"] for m in allowed.json()["models"]] == ["llama3.2:1b"]
     assert refused.status_code == 401
-    reached = fresh_sim.requests.to("/api/tags")
+    # Through the tunnel (the worker's own rounds ask Ollama directly, without the header).
+    reached = [r for r in fresh_sim.requests.to("/api/tags") if "X-Forwarded-For" in r.headers]
     assert len(reached) == 1  # the refused request never reached Ollama
     assert reached[0].headers.get("Host") == f"localhost:{fresh_sim.port}"
 
