@@ -49,15 +49,16 @@ def test_an_interactive_job_starts_in_the_next_free_slot_ahead_of_the_batch_back
 def test_a_node_drains_before_its_cutoff_and_leaves_with_nothing_cut(
     producer: Producer, worker_factory: WorkerFactory
 ) -> None:
-    """Cutoff 14 s after start, 1 s margin, 3 s jobs, one at a time: it takes jobs while one
-    would end by 13 s, then none, and is gone before 14 s."""
+    """Cutoff 20 s after start, 5 s margin (a warm shutdown takes its time on a loaded
+    machine), 3 s jobs, one at a time: it takes jobs while one would end by 15 s, then none,
+    and is gone before 20 s."""
     registry = WorkerRegistry(redis_client(producer.settings), producer.settings.key_prefix)
     with OllamaSimulator(SimConfig(latency_ms=3000)) as sim:
         node = worker_factory.process(
             sim.url,
             concurrency=1,
-            AVOCADO_CUTOFF_AFTER_S="14",
-            AVOCADO_DRAIN_MARGIN_S="1",
+            AVOCADO_CUTOFF_AFTER_S="20",
+            AVOCADO_DRAIN_MARGIN_S="5",
             AVOCADO_MODELS_REFRESH_S="0.5",
         )
         started = time.monotonic()

@@ -108,7 +108,7 @@ def test_metrics_count_each_outcome_and_sum_over_the_pool(
             else None
         )
 
-    samples = wait_for(settled, timeout=15, what="the four jobs to be counted")
+    samples = wait_for(settled, timeout=WAIT, what="the four jobs to be counted")
 
     jobs = {
         state: _value(samples, "avocado_jobs_total", **generate, state=state)
