@@ -41,6 +41,7 @@ JOBS = 50
 # Where the test's jobs wait: the default model's lanes.
 JOB_QUEUES = (lane_queue(Lane.BATCH), lane_queue(Lane.INTERACTIVE))
 STRATEGY = ("x-dead-letter-strategy", "x-overflow")
+DLX_RETRY_S = 180  # how often a quorum queue's dead-letter worker tries a letter again
 WAIT = 120
 
 
@@ -169,6 +170,7 @@ def _dead_letter(connection: Connection, queue: str) -> None:
     channel.close()
 
 
+@pytest.mark.timeout(DLX_RETRY_S + 150)
 def test_a_job_dead_lettered_while_its_queues_leader_dies_is_kept(
     cluster: list[RabbitNode],
 ) -> None:
@@ -205,9 +207,11 @@ def test_a_job_dead_lettered_while_its_queues_leader_dies_is_kept(
 
     with Connection(survivor.broker().url("")) as connection:
         channel = connection.channel()
+        # The new leader's dead-letter worker sends it at once, or at its next retry:
+        # RabbitMQ's dead_letter_worker_publisher_confirm_timeout, 180 s by default.
         wait_for(
             lambda: channel.queue_declare(DEAD_LETTER_QUEUE, passive=True).message_count >= 1,
-            timeout=WAIT,
+            timeout=DLX_RETRY_S + 30,
             what="the letter from the new leader",
         )
         letter = channel.basic_get(DEAD_LETTER_QUEUE, no_ack=True)
