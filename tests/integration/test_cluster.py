@@ -163,10 +163,18 @@ def _leader(node: RabbitNode, queue: str) -> str:
 
 
 def _dead_letter(connection: Connection, queue: str) -> None:
-    """Hand the head of ``queue`` back until its delivery limit dead-letters it."""
+    """Hand the head of ``queue`` back until its delivery limit dead-letters it (a quorum
+    queue may answer a get with nothing while a requeued message is on its way back)."""
     channel = connection.channel()
-    while (message := channel.basic_get(queue, no_ack=False)) is not None:
-        channel.basic_reject(message.delivery_tag, requeue=True)
+
+    def gone() -> bool:
+        message = channel.basic_get(queue, no_ack=False)
+        if message is not None:
+            channel.basic_reject(message.delivery_tag, requeue=True)
+            return False
+        return int(channel.queue_declare(queue, passive=True).message_count) == 0
+
+    wait_for(gone, timeout=60, what=f"the job of {queue} dead-lettered")
     channel.close()
 
 
