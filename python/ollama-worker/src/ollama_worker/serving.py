@@ -31,7 +31,7 @@ from kombu.transport.native_delayed_delivery import bind_queue_to_native_delayed
 from redis.exceptions import RedisError
 
 from avocado_shared.fleet import WorkerRecord, WorkerRegistry
-from avocado_shared.routing import WANTED_MODELS, canonical_model
+from avocado_shared.routing import canonical_model
 from avocado_shared.topology import (
     GENERATE_QUEUE,
     SUMMARIZE_QUEUE,
@@ -277,7 +277,7 @@ class Serving:
         can_fetch = self.settings.backend == "ollama" and self.settings.allow_pull
         takeable = [
             m
-            for m in self._wanted()
+            for m in self.registry.wanted()
             if m not in self.models
             and (m in found or can_fetch)
             and now - self._pull_failed.get(m, -PULL_AGAIN_S) >= PULL_AGAIN_S
@@ -317,11 +317,6 @@ class Serving:
         key = f"{self.settings.key_prefix}adopting:{model}"
         hold = max(1, math.ceil(self.settings.models_refresh_s * 4))
         return bool(self.registry.client.set(key, self.name, nx=True, ex=hold))
-
-    def _wanted(self) -> set[str]:
-        client = self.registry.client
-        raw = client.smembers(f"{self.settings.key_prefix}{WANTED_MODELS}")
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in raw}
 
     def _demand(self, model: str) -> Demand:
         """``model``'s jobs ready in both lanes, and the most consumers of a lane."""

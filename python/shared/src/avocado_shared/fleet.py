@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from avocado_shared.redis_clients import redis_client
 from avocado_shared.registry import Records
+from avocado_shared.routing import WANTED_MODELS
 from avocado_shared.settings import Settings
 
 __all__ = ["WorkerRecord", "WorkerRegistry"]
@@ -77,6 +78,11 @@ class WorkerRegistry(Records[WorkerRecord]):
         if gone:
             self.client.hdel(self._index, *gone)
         return [record for record in read.values() if record is not None]
+
+    def wanted(self) -> set[str]:
+        """Every model a producer queued jobs for (``routing.WANTED_MODELS``)."""
+        raw = self.client.smembers(f"{self.key_prefix}{WANTED_MODELS}")
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in raw}
 
     def served(self) -> set[str]:
         """The canonical names of the models some live worker serves and does not drain."""

@@ -20,7 +20,6 @@ from kombu.connection import Connection
 from avocado_shared.dlq import DeadLetter, list_dead_letters
 from avocado_shared.fleet import WorkerRecord, WorkerRegistry
 from avocado_shared.registry import NodeRegistry
-from avocado_shared.routing import WANTED_MODELS
 from avocado_shared.store import JobStatus, ResultRow
 from avocado_shared.topology import DEAD_LETTER_QUEUE, QueueInfo, describe
 
@@ -122,11 +121,10 @@ def _fleet(producer: Producer) -> tuple[list[WorkerRecord], set[str]]:
     registry = WorkerRegistry.from_settings(producer.settings)
     try:
         records = registry.live()
-        wanted = registry.client.smembers(f"{producer.settings.key_prefix}{WANTED_MODELS}")
+        wanted = registry.wanted()
     finally:
         registry.close()
-    models = {m.decode() if isinstance(m, bytes) else str(m) for m in wanted}
-    return records, models | {model for record in records for model in record.models}
+    return records, wanted | {model for record in records for model in record.models}
 
 
 def _add_records(workers: Section, records: list[WorkerRecord]) -> None:
