@@ -11,7 +11,7 @@ import redis
 
 from avocado_shared import Producer, Settings
 from avocado_shared.routing import Lane
-from avocado_shared.topology import declare_lane_queues
+from avocado_shared.topology import declare_lane_queues, declare_topology
 from tests.gateway import InProcessGateway
 from tests.rabbit import DEFAULT_MODEL, lane_queue
 from tests.services import REDIS_URL
@@ -62,6 +62,7 @@ def depth(fleet: Settings) -> int:
     """The jobs the gateway queued for the default model that wait, in ``fleet``'s vhost."""
     with Producer(fleet) as producer, producer.app.connection_for_write() as connection:
         queue = lane_queue(Lane.INTERACTIVE)
+        declare_topology(connection, fleet)  # the exchange the lane queues bind to
         declare_lane_queues(connection, DEFAULT_MODEL, fleet)
         declared = connection.default_channel.queue_declare(queue, passive=True)
         return int(declared.message_count)

@@ -115,7 +115,9 @@ def test_the_avocado_command_makes_lists_and_revokes_a_key(
 ) -> None:
     env = service_env(broker_url, key_prefix)
     name = unique("cli")
-    made = run_cli(env, "keys", "create", name, "--rpm", "30", "--concurrency", "2")
+    made = run_cli(
+        env, "keys", "create", name, "--rpm", "30", "--concurrency", "2", "--lane", "batch"
+    )
     assert made.returncode == 0, made.stderr
     secret = made.stdout.strip()
     listed = run_cli(env, "keys", "list")
@@ -133,12 +135,12 @@ def test_the_avocado_command_makes_lists_and_revokes_a_key(
     assert secret.startswith("avk_")
     assert len(secret) > 40
     assert secret not in made.stderr
-    assert f"key {name!r} made (rpm=30/min concurrency=2)" in made.stderr
+    assert f"key {name!r} made (rpm=30/min concurrency=2 lane=batch)" in made.stderr
     assert "shown only now" in made.stderr
     [line] = [line for line in listed.stdout.splitlines() if line.startswith(name)]
-    assert "rpm=30/min concurrency=2" in line
+    assert "rpm=30/min concurrency=2 lane=batch" in line
     [entry] = [k for k in json.loads(as_json.stdout) if k["name"] == name]
-    assert (entry["rpm"], entry["concurrency"]) == (30, 2)
+    assert (entry["rpm"], entry["concurrency"], entry["lane"]) == (30, 2, "batch")
     for output in (listed, as_json, again, revoked, after):
         assert secret not in output.stdout + output.stderr
     # Redis holds the secret's SHA-256 digest, never the secret.

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from avocado_infer.errors import ModelNotServed
 from avocado_shared.contracts import Usage
+from avocado_shared.keys import ApiKey
 from avocado_shared.routing import Lane
 from tests.fake_gateway import MODEL, STREAMED, USAGE, Failure, Restart, Served, ndjson
 
@@ -294,6 +295,21 @@ def test_a_request_chooses_its_lane_in_a_header(served: Serve) -> None:
         "error": "X-Avocado-Lane: unknown lane 'now': one of interactive, batch"
     }
     assert len(app.fake.published) == 1
+
+
+def test_a_keys_lane_is_its_requests_default(served: Serve) -> None:
+    app = served(require_keys=True)
+    app.fake.keys["avk_s"] = ApiKey(
+        "bulk", rpm=0, concurrency=0, created_at=datetime.now(), lane=Lane.BATCH
+    )
+    app.fake.script(USAGE)
+    app.fake.script(USAGE)
+    auth = {"Authorization": "Bearer avk_s"}
+    app.client.post(GENERATE.path, json=GENERATE.body, headers=auth)
+    app.client.post(
+        GENERATE.path, json=GENERATE.body, headers={**auth, "X-Avocado-Lane": "interactive"}
+    )
+    assert [job["lane"] for job in app.fake.published] == [Lane.BATCH, Lane.INTERACTIVE]
 
 
 @pytest.mark.parametrize(

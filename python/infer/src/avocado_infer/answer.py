@@ -21,6 +21,7 @@ from avocado_infer.gateway import Gateway
 from avocado_infer.reading import answer_pieces, whole_answer
 from avocado_shared.contracts import InvalidRequest, Usage
 from avocado_shared.errors import AvocadoError
+from avocado_shared.keys import ApiKey
 from avocado_shared.routing import Lane, parse_lane
 
 __all__ = [
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Names the job behind a response, for ``ml_results`` and ``avocado result``.
 JOB_ID_HEADER = "X-Avocado-Job-Id"
-# A request's lane: interactive (the default) or batch, for bulk work sent through the gateway.
+# A request's lane: its key's default (interactive unless made with --lane batch) when unset.
 LANE_HTTP_HEADER = "X-Avocado-Lane"
 
 # nginx's "client closed request": the status of an answer no one was left to read.
@@ -81,9 +82,13 @@ class Encoder(Protocol):
 
 
 def request_lane(request: Request) -> Lane:
-    """The lane a request asks for in ``X-Avocado-Lane``: interactive unless it says batch."""
+    """The lane a request asks for in ``X-Avocado-Lane``; unset, its key's lane
+    (``deps.caller`` keeps the key on the request), else interactive."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
     try:
-        return parse_lane(request.headers.get(LANE_HTTP_HEADER), Lane.INTERACTIVE)
+        return parse_lane(
+            request.headers.get(LANE_HTTP_HEADER), Lane.INTERACTIVE if key is None else key.lane
+        )
     except ValueError as error:
         raise InvalidRequest(f"{LANE_HTTP_HEADER}: {error}") from None
 

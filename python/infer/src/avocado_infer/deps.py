@@ -45,8 +45,9 @@ async def caller(
     gateway: GatewayDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey | None:
-    """The request's API key; None when the gateway asks for none. ``Unauthorized`` without
-    a key, or with one that is unknown or revoked."""
+    """The request's API key, also kept as ``request.state.api_key`` for what follows from it
+    (its default lane); None when the gateway asks for none. ``Unauthorized`` without a key,
+    or with one that is unknown or revoked."""
     if not gateway.settings.require_keys:
         return None
     if credentials is None:
@@ -64,6 +65,7 @@ async def caller(
             "%s %s refused: an unknown or revoked API key", request.method, request.url.path
         )
         raise Unauthorized("the API key is unknown or revoked")
+    request.state.api_key = key
     return key
 
 

@@ -23,6 +23,7 @@ import redis
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import NotFound, PermanentError
 from avocado_shared.redis_clients import redis_client
+from avocado_shared.routing import Lane, parse_lane
 from avocado_shared.settings import Settings
 
 __all__ = ["ApiKey", "KeyExists", "KeyStore"]
@@ -35,7 +36,7 @@ _CREATE = """
 if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 redis.call('hset', KEYS[2], 'name', ARGV[1], 'rpm', ARGV[3], 'concurrency', ARGV[4],
-           'created_at', ARGV[5])
+           'created_at', ARGV[5], 'lane', ARGV[6])
 return 1
 """
 
@@ -46,13 +47,15 @@ class KeyExists(PermanentError):
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A key as the gateway knows it: its name and limits, never its secret. A limit of 0
-    is no limit."""
+    """A key as the gateway knows it: its name, limits and default lane, never its secret.
+    A limit of 0 is no limit; ``lane`` is where its requests go unless they say otherwise
+    (``X-Avocado-Lane``)."""
 
     name: str
     rpm: int
     concurrency: int
     created_at: datetime
+    lane: Lane = Lane.INTERACTIVE
 
     @classmethod
     def _of(cls, record: dict[bytes, bytes]) -> ApiKey:
@@ -61,6 +64,7 @@ class ApiKey:
             rpm=int(record[b"rpm"]),
             concurrency=int(record[b"concurrency"]),
             created_at=datetime.fromisoformat(record[b"created_at"].decode()),
+            lane=parse_lane(record.get(b"lane"), Lane.INTERACTIVE),  # keys made before lanes
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +73,7 @@ class ApiKey:
             "rpm": self.rpm,
             "concurrency": self.concurrency,
             "created_at": self.created_at.isoformat(),
+            "lane": self.lane.value,
         }
 
 
@@ -90,7 +95,9 @@ class KeyStore:
         """The keys in the fleet's Redis, under its key prefix."""
         return cls(redis_client(settings), settings.key_prefix)
 
-    def create(self, name: str, *, rpm: int = 0, concurrency: int = 0) -> tuple[ApiKey, str]:
+    def create(
+        self, name: str, *, rpm: int = 0, concurrency: int = 0, lane: Lane = Lane.INTERACTIVE
+    ) -> tuple[ApiKey, str]:
         """Make a key; returns it and its secret, which nothing keeps: show it once."""
         if not _NAME.fullmatch(name):
             raise InvalidRequest(
@@ -101,10 +108,10 @@ class KeyStore:
             raise InvalidRequest("a key's limits are 0 (none) or more")
         secret = _MARK + secrets.token_urlsafe(32)
         digest = _digest(secret)
-        key = ApiKey(name, rpm, concurrency, datetime.now(timezone.utc))
+        key = ApiKey(name, rpm, concurrency, datetime.now(timezone.utc), lane)
         made = self._create(
             keys=[self._index, self._records + digest],
-            args=[name, digest, rpm, concurrency, key.created_at.isoformat()],
+            args=[name, digest, rpm, concurrency, key.created_at.isoformat(), lane.value],
         )
         if not made:
             raise KeyExists(f"a key named {name!r} exists; revoke it to make a new one")

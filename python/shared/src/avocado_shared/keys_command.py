@@ -11,6 +11,7 @@ import json
 import sys
 
 from avocado_shared.keys import ApiKey, KeyStore
+from avocado_shared.routing import Lane
 from avocado_shared.settings import Settings
 
 __all__ = ["add_keys_parser", "run_keys"]
@@ -35,6 +36,13 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument(
         "--concurrency", type=_limit, default=0, help="requests at once (default: any)"
     )
+    create.add_argument(
+        "--lane",
+        choices=[lane.value for lane in Lane],
+        default=Lane.INTERACTIVE.value,
+        help="the lane of the key's requests unless one says X-Avocado-Lane (default: "
+        "interactive; batch for a key that feeds bulk work)",
+    )
     listing = actions.add_parser("list", help="the live keys and their limits, never secrets")
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = actions.add_parser("revoke", help="delete a key; its next request gets a 401")
@@ -44,7 +52,7 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _limits(key: ApiKey) -> str:
     rpm = f"{key.rpm}/min" if key.rpm else "any"
     concurrency = str(key.concurrency) if key.concurrency else "any"
-    return f"rpm={rpm} concurrency={concurrency}"
+    return f"rpm={rpm} concurrency={concurrency} lane={key.lane.value}"
 
 
 def _show(keys: list[ApiKey], as_json: bool) -> None:
@@ -59,7 +67,9 @@ def run_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``avocado keys ...``; a name taken (``KeyExists``) or unknown (``NotFound``) raise."""
     with KeyStore.from_settings(settings) as store:
         if args.keys_command == "create":
-            key, secret = store.create(args.name, rpm=args.rpm, concurrency=args.concurrency)
+            key, secret = store.create(
+                args.name, rpm=args.rpm, concurrency=args.concurrency, lane=Lane(args.lane)
+            )
             print(
                 f"key {key.name!r} made ({_limits(key)}); its secret, on stdout, is shown only "
                 "now: send it as 'Authorization: Bearer <secret>'",
