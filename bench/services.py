@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 
 from avocado_shared import Producer, Settings
 from avocado_shared.keys import KeyStore
-from avocado_shared.routing import Lane, lane_queue_name
+from avocado_shared.routing import WANTED_MODELS, Lane, lane_queue_name
 from tests import processes as procs
 
 __all__ = ["MODEL", "RABBIT_HOST", "REDIS_URL", "REPO", "BenchEnv", "process_tree"]
@@ -218,8 +218,14 @@ class BenchEnv:
         return redis.Redis.from_url(REDIS_URL)
 
     def purge_results(self) -> None:
-        """Delete every Redis key of this run (results, locks)."""
+        """Delete every Redis key of this run (results, locks) but the models its producer
+        marked wanted, which it marks again only a minute later."""
+        wanted = f"{self.key_prefix}{WANTED_MODELS}".encode()
         with contextlib.closing(self.redis()) as client:
-            keys = list(client.scan_iter(match=f"{self.key_prefix}*", count=2000))
+            keys = [
+                key
+                for key in client.scan_iter(match=f"{self.key_prefix}*", count=2000)
+                if key != wanted
+            ]
             for start in range(0, len(keys), 1000):
                 client.unlink(*keys[start : start + 1000])

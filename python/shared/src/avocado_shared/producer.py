@@ -86,6 +86,9 @@ class GenerateFields(TypedDict, total=False):
 # When the job was published (epoch seconds); workers measure its queue wait from it.
 SENT_AT_HEADER = "x-avocado-sent-at"
 
+# How often a producer marks a model it publishes for as wanted again.
+_WANTED_EVERY_S = 60.0
+
 # What a submission can meet on its way out; Celery's result consumer raises RuntimeError
 # when it gave up reconnecting to the result backend.
 _PUBLISH_ERRORS = (
@@ -113,6 +116,7 @@ class Producer:
         register_job_tasks(self.app)
         self._declared = False
         self._declared_models: set[str] = set()
+        self._wanted_at: dict[str, float] = {}  # when each model was last marked wanted
         self._lock = threading.Lock()
         self._results: ResultStore | None = None
         self._flow = FlowGate(
@@ -307,22 +311,33 @@ class Producer:
 
     def _ensure_topology(self, model: str) -> None:
         """Declare the queues (unless a least-privilege user may not), and ``model``'s lane
-        queues, before the first publish to them, so no job goes to an unbound exchange."""
-        if model in self._declared_models:
+        queues, before the first publish to them, so no job goes to an unbound exchange;
+        then mark ``model`` wanted, for a node with room to take it on."""
+        if model not in self._declared_models:
+            with self._lock:
+                if model not in self._declared_models:
+                    self._declare(model)
+                    self._declared_models.add(model)
+        self._mark_wanted(model)
+
+    def _declare(self, model: str) -> None:
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(
+                max_retries=2, interval_start=0.2, errback=refuse_untrusted
+            )
+            if not self._declared and self.settings.declare_topology:
+                declare_topology(connection, self.settings)
+            self._declared = True
+            declare_lane_queues(connection, model, self.settings)
+
+    def _mark_wanted(self, model: str) -> None:
+        """Add ``model`` to the wanted set once a minute at most: a set Redis lost (a restart
+        without persistence, a flush) is whole again a minute later."""
+        now = time.monotonic()
+        if now - self._wanted_at.get(model, -_WANTED_EVERY_S) < _WANTED_EVERY_S:
             return
-        with self._lock:
-            if model in self._declared_models:
-                return
-            with self.app.connection_for_write() as connection:
-                connection.ensure_connection(
-                    max_retries=2, interval_start=0.2, errback=refuse_untrusted
-                )
-                if not self._declared and self.settings.declare_topology:
-                    declare_topology(connection, self.settings)
-                self._declared = True
-                declare_lane_queues(connection, model, self.settings)
-            self._lock_store().sadd(f"{self.settings.key_prefix}{WANTED_MODELS}", model)
-            self._declared_models.add(model)
+        self._lock_store().sadd(f"{self.settings.key_prefix}{WANTED_MODELS}", model)
+        self._wanted_at[model] = now
 
 
 _default: Producer | None = None
