@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 
 from avocado_shared import Producer
-from avocado_shared.routing import Lane
+from avocado_shared.routing import Lane, canonical_model, lane_queue_name
+from avocado_shared.topology import GENERATE_TASK
 from bench.report import Outcome, Row, fmt, median, percentile
 from bench.scenarios import Config, burst, fleet, fleet_worker
 from bench.services import MODEL, BenchEnv
@@ -25,16 +26,29 @@ _MIX_TARGET = 0.95
 _GET_TIMEOUT_S = 600.0
 
 
-def _mixed(producer: Producer, jobs: int) -> float:
+def _mixed(producer: Producer, jobs: int, *, one_queue: bool = False) -> float:
     """Seconds from the first publish to the last result of ``jobs`` jobs of each model,
-    published in turn."""
+    published in turn; ``one_queue``: all into the first model's queue, as every job shared
+    one FIFO queue before jobs were routed by model (a node runs what it is given)."""
     began = time.perf_counter()
+    queue = lane_queue_name(canonical_model(MODEL), Lane.BATCH) if one_queue else None
     handles = [
-        producer.generate(f"mix {i}", model=model) for i in range(jobs) for model in (MODEL, OTHER)
+        _publish(producer, f"mix {i}", model, queue)
+        for i in range(jobs)
+        for model in (MODEL, OTHER)
     ]
     for handle in handles:
         handle.get(timeout=_GET_TIMEOUT_S)
     return time.perf_counter() - began
+
+
+def _publish(producer: Producer, prompt: str, model: str, queue: str | None) -> Any:
+    """A generation of ``model``: routed by the producer, or straight into ``queue``."""
+    if queue is None:
+        return producer.generate(prompt, model=model)
+    task = producer.app.tasks[GENERATE_TASK]
+    request = {"prompt": prompt, "model": model}
+    return task.apply_async(kwargs={"request": request}, exchange="ml", routing_key=queue)
 
 
 def _nodes(
@@ -54,12 +68,13 @@ def _nodes(
 def model_mix(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     """Two models, two nodes of one slot that hold one model in memory at a time: jobs of
     both models in turn, against the no-swap ideal (each node has one model only) and
-    against a single queue (each node takes any job: ``AVOCADO_MAX_MODELS=2``)."""
-    jobs = cfg.mix_jobs
+    against one queue for all (each node takes any job, as before routing: a swap nearly
+    per job, so that run is shorter: at most 10 jobs of each model)."""
     runs: dict[str, list[float]] = {"ideal": [], "single": [], "routed": []}
     loads: dict[str, list[int]] = {key: [] for key in runs}
     setups = {
         "ideal": ([(MODEL,), (OTHER,)], {}),
+        # Room for both: a node keeps consuming the one queue whichever model is in memory.
         "single": ([(MODEL, OTHER), (MODEL, OTHER)], {"AVOCADO_MAX_MODELS": "2"}),
         "routed": ([(MODEL, OTHER), (MODEL, OTHER)], {}),
     }
@@ -67,7 +82,9 @@ def model_mix(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         for name in list(runs)[rep % 3 :] + list(runs)[: rep % 3]:
             models, variables = setups[name]
             nodes = _nodes(env, cfg, pool, models, **variables)
-            runs[name].append(2 * jobs / _mixed(env.producer, jobs))
+            single = name == "single"
+            jobs = min(cfg.mix_jobs, 10) if single else cfg.mix_jobs
+            runs[name].append(2 * jobs / _mixed(env.producer, jobs, one_queue=single))
             loads[name].append(sum(_loads(sim) for sim, _ in nodes))
             env.stop(*(child for node in nodes for child in reversed(node)))
             env.purge_results()
@@ -76,7 +93,7 @@ def model_mix(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     rows = [
         Row("jobs/s, no-swap ideal", "", fmt(ideal)),
         Row(
-            "jobs/s, single queue (any node takes any job)",
+            "jobs/s, one queue for every model (as before routing)",
             fmt(ideal),
             fmt(single),
             f"x{fmt(single / ideal)}",
@@ -96,7 +113,8 @@ def model_mix(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         ),
     ]
     note = (
-        f"{jobs} jobs of each model ({MODEL}, {OTHER}) published in turn, all at once; each "
+        f"{cfg.mix_jobs} jobs of each model ({MODEL}, {OTHER}; {min(cfg.mix_jobs, 10)} in the "
+        "one-queue run, whose every job may swap) published in turn, all at once; each "
         f"node: a simulator with one slot, {JOB_MS:.0f} ms per answer, {LOAD_MS / 1000:.0f} s to "
         "load a model not in memory, room for one model; a worker of one slot. Medians of "
         f"{cfg.reps} repetitions."
@@ -193,8 +211,9 @@ def _drain_run(env: BenchEnv, cfg: Config, pool: str, cutoff: bool) -> dict[str,
         job.get(timeout=_GET_TIMEOUT_S)
     rows = [env.producer.results.get(job.id) for job in jobs]
     cut = sum(1 for row in rows if row is not None and row.attempts > 1)
-    env.tidy()
-    return {"cut": cut, "gone_s": gone, "ran": ran, "abandoned": _stats(sim)["abandoned"]}
+    abandoned = _stats(sim)["abandoned"]
+    env.tidy()  # stops the simulator: read first
+    return {"cut": cut, "gone_s": gone, "ran": ran, "abandoned": abandoned}
 
 
 def drain(env: BenchEnv, cfg: Config, pool: str) -> Outcome:

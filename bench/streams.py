@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -42,8 +43,9 @@ def _litellm() -> Path:
     return command
 
 
-def _start_litellm(env: BenchEnv, sim_url: str) -> procs.Server:
-    """LiteLLM's proxy on a port of its own, serving MODEL from the simulator's /v1."""
+def _start_litellm(env: BenchEnv, sim_url: str, master_key: str) -> procs.Server:
+    """LiteLLM's proxy on a port of its own, serving MODEL from the simulator's /v1, asking
+    for ``master_key`` as the gateway asks for its key (it refuses to start without one)."""
     port = procs.free_port()
     config = env.tmp / "litellm.yaml"
     entry = {
@@ -53,11 +55,17 @@ def _start_litellm(env: BenchEnv, sim_url: str) -> procs.Server:
     config.write_text(json.dumps({"model_list": [entry]}))  # YAML reads JSON
     args = [str(_litellm()), "--config", str(config), "--port", str(port), "--num_workers", "1"]
     log = env.tmp / "litellm.log"
-    quiet = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
-    server = procs.Server(
-        procs.spawn(args, log, env=quiet, cwd=env.tmp), log, f"http://127.0.0.1:{port}"
+    quiet = {
+        **os.environ,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_MASTER_KEY": master_key,
+    }
+    server = env.started(
+        procs.Server(
+            procs.spawn(args, log, env=quiet, cwd=env.tmp), log, f"http://127.0.0.1:{port}"
+        )
     )
-    env.closing(server.stop)
 
     def ready() -> bool:
         server.check_running("litellm")
@@ -97,16 +105,19 @@ def sixteen_streams(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     sim = env.start_sim(parallel=SLOTS, tokens_per_s=cfg.gateway_rate)
     env.start_worker(pool=pool, concurrency=None, ollama_url=sim.url)  # the defaults
     gateway, secret = env.start_gateway()
-    proxy = _start_litellm(env, sim.url)
+    master_key = "sk-" + secrets.token_hex(16)
+    proxy = _start_litellm(env, sim.url, master_key)
     limits = httpx.Limits(max_connections=64)
-    plain = env.closing(httpx.Client(timeout=300, limits=limits))
-    keyed = env.closing(
-        httpx.Client(timeout=300, limits=limits, headers={"Authorization": f"Bearer {secret}"})
-    )
+
+    def client(key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        made: httpx.Client = env.closing(httpx.Client(timeout=300, limits=limits, headers=headers))
+        return made
+
     paths = {
-        "direct": partial(_ttft, plain, sim.url),
-        "gateway": partial(_ttft, keyed, gateway.url),
-        "litellm": partial(_ttft, plain, proxy.url),
+        "direct": partial(_ttft, client(None), sim.url),
+        "gateway": partial(_ttft, client(secret), gateway.url),
+        "litellm": partial(_ttft, client(master_key), proxy.url),
     }
     for call in paths.values():  # warm: connections, the worker's threads, LiteLLM's router
         parallel([call] * STREAMS, 2 * STREAMS)

