@@ -24,13 +24,14 @@ from avocado_infer.limits import Limiter, Slot
 from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import (
+    GenerateRequest,
     GenerateResult,
     JobKind,
     SummarizeRequest,
     SummarizeResult,
     Usage,
 )
-from avocado_shared.errors import AvocadoError, TransientError
+from avocado_shared.errors import AvocadoError, TransientError, Unavailable
 from avocado_shared.fleet import WorkerRecord, WorkerRegistry
 from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
@@ -174,9 +175,11 @@ class Gateway:
         prompt: str | None = None,
         messages: Sequence[Mapping[str, Any]] | None = None,
         lane: Lane = Lane.INTERACTIVE,
+        owner: str | None = None,
         **fields: Any,
     ) -> JobHandle[GenerateResult]:
-        """Publish a generation job in ``lane``: ``InvalidRequest`` before anything is queued,
+        """Publish a generation job in ``lane``, noted as the job of the key named ``owner``
+        (``ownership``): ``InvalidRequest`` before anything is queued,
         ``ModelNotServed`` when no live node serves its model, ``QueueFull`` when its lane's
         backlog is at the limit. A job not published is a ``PublishError`` with a
         ``retry_after``; one whose publish has an unknown outcome (the broker blocked
@@ -187,10 +190,7 @@ class Gateway:
         await self.check_served(model)
         await self.check_backlog(model, lane)
         try:
-            handle = cast(
-                JobHandle[GenerateResult],
-                await run_in_threadpool(self.producer.submit, request, lane),
-            )
+            handle = await run_in_threadpool(self._submit, request, lane, model, owner)
         except PublishOutcomeUnknown as error:
             raise await self._cancelled(error) from error
         except PublishError as error:
@@ -198,6 +198,30 @@ class Gateway:
             raise
         self.backlog(model, lane).published()
         return handle
+
+    def _submit(
+        self, request: GenerateRequest, lane: Lane, model: str, owner: str | None
+    ) -> JobHandle[GenerateResult]:
+        handle = cast(JobHandle[GenerateResult], self.producer.submit(request, lane))
+        self._note(handle.id, JobKind.GENERATE, None, lane_queue_name(model, lane), owner)
+        return handle
+
+    def _note(
+        self, job_id: str, kind: JobKind, share_id: str | None, queue: str, owner: str | None
+    ) -> None:
+        """Note a published job in the ledger; a job not noted runs all the same, but reads
+        404 until it starts, and to admin keys only."""
+        try:
+            self.ledger.note(job_id, kind, share_id, queue, owner)
+        except redis.RedisError as error:
+            logger.warning("%s job %s queued but not noted: %s", kind.value, job_id, error)
+
+    async def owned_by(self, job_id: str, owner: str) -> bool:
+        """Whether the key named ``owner`` queued ``job_id`` through a gateway."""
+        try:
+            return await run_in_threadpool(self.ledger.owned_by, job_id, owner)
+        except redis.RedisError as error:
+            raise Unavailable(f"job {job_id}: Redis did not answer: {error}") from error
 
     async def _cancelled(self, error: PublishOutcomeUnknown) -> TransientError:
         """Cancel a job sent but not confirmed; what its client is told."""
@@ -212,12 +236,17 @@ class Gateway:
             retry_after=self.settings.busy_retry_after_s,
         )
 
-    async def summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
+    async def summarize(
+        self, request: SummarizeRequest, owner: str | None = None
+    ) -> JobHandle[SummarizeResult]:
         """Publish a summary job, or find the one of its share id that is queued or running
-        (its singleton lock), and note it in the ledger, so its state reads queued."""
-        return await run_in_threadpool(self._summarize, request)
+        (its singleton lock), and note it in the ledger, so its state reads queued and it
+        belongs to the key named ``owner`` (as well as to any key that asked before)."""
+        return await run_in_threadpool(self._summarize, request, owner)
 
-    def _summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
+    def _summarize(
+        self, request: SummarizeRequest, owner: str | None
+    ) -> JobHandle[SummarizeResult]:
         handle = self.producer.summarize(
             request.share_id,
             request.content.model_dump(exclude_none=True),
@@ -225,10 +254,7 @@ class Gateway:
         )
         model = request.options.model or self.settings.fleet.default_model
         queue = lane_queue_name(model, Lane.BATCH)
-        try:
-            self.ledger.note(handle.id, JobKind.SUMMARIZE, request.share_id, queue)
-        except redis.RedisError as error:  # it runs all the same; it reads 404 until it starts
-            logger.warning("summary job %s queued but not noted: %s", handle.id, error)
+        self._note(handle.id, JobKind.SUMMARIZE, request.share_id, queue, owner)
         return handle
 
     async def cancel(self, job_id: str) -> None:
