@@ -18,6 +18,7 @@ from starlette.types import Message
 
 from avocado_infer import InferSettings, create_app
 from avocado_infer.deps import app_gateway
+from avocado_infer.errors import ModelNotServed
 from avocado_infer.gateway import ServedModel, StoredAnswer
 from avocado_infer.job_state import JobState, JobView, unknown_job, unknown_summary
 from avocado_infer.ledger import Noted
@@ -25,6 +26,7 @@ from avocado_infer.limits import Slot
 from avocado_infer.metrics import GatewayMetrics
 from avocado_shared.contracts import GenerateRequest, SummarizeRequest, Usage, validate_request
 from avocado_shared.keys import ApiKey
+from avocado_shared.routing import canonical_model
 from avocado_shared.streams import (
     StreamEntry,
     StreamTimedOut,
@@ -272,6 +274,13 @@ class FakeGateway:
     async def models(self) -> list[ServedModel]:
         self._fail("models")
         return list(self.served)
+
+    async def model(self, name: str) -> ServedModel:
+        self._fail("models")
+        found = [m for m in self.served if m.name == canonical_model(name)]
+        if not found:
+            raise ModelNotServed(f"model {name!r} not found: no live node serves it")
+        return found[0]
 
     async def unready(self) -> dict[str, str]:
         return dict(self.problems)

@@ -32,7 +32,7 @@ from avocado_shared.contracts import (
     Usage,
 )
 from avocado_shared.errors import AvocadoError, TransientError, Unavailable
-from avocado_shared.fleet import WorkerRecord, WorkerRegistry
+from avocado_shared.fleet import ModelMeta, WorkerRecord, WorkerRegistry
 from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
 from avocado_shared.keys import ApiKey, KeyStore
@@ -61,7 +61,8 @@ class StoredAnswer:
 @dataclass(frozen=True)
 class ServedModel:
     """A model the fleet serves: when a node last said so, until when its nodes vouch for it,
-    the nodes that serve it and those that hold it loaded, and the jobs waiting per lane."""
+    the nodes that serve it and those that hold it loaded, the jobs waiting per lane, and
+    what the freshest node that described it said of it (``meta``)."""
 
     name: str
     seen_at: datetime
@@ -70,6 +71,7 @@ class ServedModel:
     loaded_on: tuple[str, ...]
     backlog: dict[str, int | None]
     shown: str | None = None
+    meta: ModelMeta | None = None
 
     @property
     def label(self) -> str:
@@ -95,6 +97,13 @@ class ServedModel:
             for node in self.nodes
         ]
         return {"nodes": nodes, "backlog": self.backlog}
+
+
+def _not_served(model: str, served: set[str]) -> ModelNotServed:
+    listed = ", ".join(sorted(served)) or "none"
+    return ModelNotServed(
+        f"model {model!r} not found: no live node serves it (the fleet serves: {listed})"
+    )
 
 
 class Gateway:
@@ -156,10 +165,7 @@ class Gateway:
         if time.monotonic() - read_at >= _SERVED_FRESH_S or model not in served:
             served = await run_in_threadpool(self._read_served)
         if model not in served:
-            listed = ", ".join(sorted(served)) or "none"
-            raise ModelNotServed(
-                f"model {model!r} not found: no live node serves it (the fleet serves: {listed})"
-            )
+            raise _not_served(model, served)
 
     def _read_served(self) -> set[str]:
         try:
@@ -304,6 +310,16 @@ class Gateway:
         """The models live nodes serve, by name, each with its nodes and backlog."""
         return await run_in_threadpool(self.served_models)
 
+    async def model(self, name: str) -> ServedModel:
+        """The model ``name`` (canonical, or as its servers name it) as live nodes serve it;
+        ``ModelNotServed`` when none does."""
+        model = canonical_model(name)
+        served = await self.models()
+        found = next((m for m in served if m.name == model), None)
+        if found is None:
+            raise _not_served(name, {m.name for m in served})
+        return found
+
     def served_models(self) -> list[ServedModel]:
         """``models``, read here (blocking): for a thread, as a metrics scrape is."""
         try:
@@ -314,6 +330,7 @@ class Gateway:
         served = []
         for name in names:
             nodes = tuple(r for r in records if name in r.models)
+            described = sorted((r for r in nodes if name in r.meta), key=lambda r: r.updated_at)
             served.append(
                 ServedModel(
                     name=name,
@@ -323,6 +340,7 @@ class Gateway:
                     loaded_on=tuple(r.worker for r in nodes if name in r.loaded),
                     backlog={lane.value: self.backlog(name, lane).estimate() for lane in Lane},
                     shown=next((r.names[name] for r in nodes if name in r.names), None),
+                    meta=described[-1].meta[name] if described else None,
                 )
             )
         return served
