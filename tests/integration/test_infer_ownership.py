@@ -6,6 +6,7 @@ the Python API queued included; a key made before admin keys existed is no admin
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -149,3 +150,21 @@ def test_a_job_the_python_api_queued_is_an_admin_keys_only(
 
     assert cancelled["state"] == "cancelled"
     assert a.get(path).status_code == 404  # known now, and still not a's
+
+
+def test_avocado_keys_list_says_which_keys_are_admin_keys(
+    broker_url: str, key_prefix: str, keys: KeyStore
+) -> None:
+    admin, plain = unique("root"), unique("app")
+    keys.create(admin, admin=True)
+    keys.create(plain)
+    env = service_env(broker_url, key_prefix)
+
+    listed = run_cli(env, "keys", "list")
+    as_json = run_cli(env, "keys", "list", "--json")
+
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()}
+    assert lines[admin].split("  created")[0].endswith(" lane=interactive admin")
+    assert " admin" not in lines[plain]
+    flags = {key["name"]: key["admin"] for key in json.loads(as_json.stdout)}
+    assert (flags[admin], flags[plain]) == (True, False)
