@@ -18,13 +18,15 @@ from starlette.types import Message
 
 from avocado_infer import InferSettings, create_app
 from avocado_infer.deps import app_gateway
+from avocado_infer.errors import ModelNotServed
 from avocado_infer.gateway import ServedModel, StoredAnswer
-from avocado_infer.job_state import JobState, JobUnknown, JobView
+from avocado_infer.job_state import JobState, JobView, unknown_job, unknown_summary
 from avocado_infer.ledger import Noted
 from avocado_infer.limits import Slot
 from avocado_infer.metrics import GatewayMetrics
 from avocado_shared.contracts import GenerateRequest, SummarizeRequest, Usage, validate_request
 from avocado_shared.keys import ApiKey
+from avocado_shared.routing import canonical_model
 from avocado_shared.streams import (
     StreamEntry,
     StreamTimedOut,
@@ -171,6 +173,8 @@ class FakeGateway:
         self.served: list[ServedModel] = []
         self.views: dict[str, JobView] = {}
         self.summaries: dict[str, tuple[JobView, dict[str, Any] | None]] = {}
+        # Job id -> the names of the keys it belongs to (``owner``, not in ``published``).
+        self.owners: dict[str, set[str]] = {}
         self.problems: dict[str, str] = {}
         # What the routes did.
         self.published: list[dict[str, Any]] = []
@@ -199,19 +203,28 @@ class FakeGateway:
         """Validate as the producer does (``InvalidRequest``), then publish: record the fields
         and take the next scripted answer."""
         self._fail("generate")
-        job = {k: v for k, v in fields.items() if k != "lane"}
+        job = {k: v for k, v in fields.items() if k not in ("lane", "owner")}
         validate_request(GenerateRequest, {**job, "options": dict(job.get("options") or {})})
         if not self.answers:
             raise AssertionError(f"a generation was published with no answer scripted: {fields}")
-        job_id = self._new_id()
-        self.published.append(dict(fields))
+        job_id = self._own(self._new_id(), fields.get("owner"))
+        self.published.append({k: v for k, v in fields.items() if k != "owner"})
         self._scripts[job_id] = self.answers.pop(0)
         return Handle(job_id)
 
-    async def summarize(self, request: SummarizeRequest) -> Handle:
+    def _own(self, job_id: str, owner: str | None) -> str:
+        if owner is not None:
+            self.owners.setdefault(job_id, set()).add(owner)
+        return job_id
+
+    async def summarize(self, request: SummarizeRequest, owner: str | None = None) -> Handle:
         self._fail("summarize")
         self.summarized.append(request)
-        return Handle(self._new_id())
+        return Handle(self._own(self._new_id(), owner))
+
+    async def owned_by(self, job_id: str, owner: str) -> bool:
+        self._fail("owned_by")
+        return owner in self.owners.get(job_id, set())
 
     async def cancel(self, job_id: str) -> None:
         self._fail("cancel")
@@ -250,17 +263,24 @@ class FakeGateway:
             return self.views[job_id]
         if noted is not None:
             return JobView(job_id, JobState.QUEUED, noted.kind, noted.share_id, attempts=0)
-        raise JobUnknown(f"job {job_id} is not known")
+        raise unknown_job(job_id)
 
     async def summary(self, share_id: str) -> tuple[JobView, dict[str, Any] | None]:
         self._fail("summary")
         if share_id not in self.summaries:
-            raise JobUnknown(f"no summary job of share id {share_id!r} is known")
+            raise unknown_summary(share_id)
         return self.summaries[share_id]
 
     async def models(self) -> list[ServedModel]:
         self._fail("models")
         return list(self.served)
+
+    async def model(self, name: str) -> ServedModel:
+        self._fail("models")
+        found = [m for m in self.served if m.name == canonical_model(name)]
+        if not found:
+            raise ModelNotServed(f"model {name!r} not found: no live node serves it")
+        return found[0]
 
     async def unready(self) -> dict[str, str]:
         return dict(self.problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import redis
@@ -14,7 +15,7 @@ from avocado_shared.routing import Lane
 from avocado_shared.topology import declare_lane_queues, declare_topology
 from tests.gateway import InProcessGateway
 from tests.rabbit import DEFAULT_MODEL, lane_queue
-from tests.services import REDIS_URL
+from tests.services import REDIS_URL, wait_for
 
 __all__ = [
     "ASK",
@@ -92,3 +93,24 @@ def retry_after(answer: httpx.Response) -> int:
     value = answer.headers["Retry-After"]
     assert value.isdigit(), value
     return int(value)
+
+
+def job_state(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    """``GET /jobs/{id}``, which must be a 200."""
+    answer = client.get(f"/jobs/{job_id}")
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def generated(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /api/generate`` ``body`` (not streamed); its job's state once its row says
+    success (the answer's end is streamed before the worker stores the result)."""
+    answer = client.post("/api/generate", json=body)
+    assert answer.status_code == 200, answer.text
+    job_id = answer.headers["x-avocado-job-id"]
+    return wait_for(
+        lambda: (s := job_state(client, job_id))["state"] == "success" and s,
+        timeout=WAIT,
+        what="the job's row",
+    )

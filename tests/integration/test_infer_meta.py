@@ -21,6 +21,7 @@ from avocado_shared.topology import describe
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
+from tests.infer_http import generated, job_state
 from tests.rabbit import lane_queue
 from tests.services import REDIS_URL, wait_for
 
@@ -59,13 +60,6 @@ def _ready(producer: Producer, name: str) -> int:
     return next(info.messages for info in infos if info.name == name)
 
 
-def _state(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    answer = client.get(f"/jobs/{job_id}")
-    assert answer.status_code == 200, answer.text
-    body: dict[str, Any] = answer.json()
-    return body
-
-
 def _summarize(client: httpx.Client, share_id: str) -> dict[str, Any]:
     """Queue a summary of an item of its own (its text names it), two seconds long."""
     body = {"share_id": share_id, "content": {"text": f"{TEXT} ({share_id})"}, "options": SHORT}
@@ -89,7 +83,7 @@ def test_a_summary_job_reads_queued_then_started_then_success(
 
     assert ready >= 3
     for job_id, share in zip(ids, shares, strict=True):
-        assert _state(client, job_id) == {
+        assert job_state(client, job_id) == {
             "id": job_id,
             "kind": "summarize",
             "share_id": share,
@@ -105,7 +99,7 @@ def test_a_summary_job_reads_queued_then_started_then_success(
 
     worker = worker_factory(paced_sim.url, concurrency=1)
     running = wait_for(
-        lambda: (s := _state(client, ids[0]))["state"] == "started" and s,
+        lambda: (s := job_state(client, ids[0]))["state"] == "started" and s,
         timeout=WAIT,
         what="the first summary to start",
     )
@@ -128,7 +122,7 @@ def test_a_summary_job_reads_queued_then_started_then_success(
         assert done["attempts"] == 1
         assert done["result"] == result.model_dump(mode="json")
         assert done["result"]["summary"]
-        assert _state(client, job_id) == {k: v for k, v in done.items() if k != "result"}
+        assert job_state(client, job_id) == {k: v for k, v in done.items() if k != "result"}
 
 
 def test_a_second_summary_of_a_share_is_the_same_job(
@@ -214,19 +208,10 @@ def test_a_retried_generation_reads_its_worker_and_attempts(
     worker = worker_factory(paced_sim.url)
     paced_sim.config.fail_first = 1  # 503: the first attempt is retried
 
-    answer = client.post(
-        "/api/generate",
-        json={"model": MODEL, "prompt": TEXT, "stream": False, "options": {"num_predict": 5}},
+    state = generated(
+        client, {"model": MODEL, "prompt": TEXT, "stream": False, "options": {"num_predict": 5}}
     )
 
-    assert answer.status_code == 200, answer.text
-    job_id = answer.headers["x-avocado-job-id"]
-    # The answer's end is streamed before the worker stores the result.
-    state = wait_for(
-        lambda: (s := _state(client, job_id))["state"] == "success" and s,
-        timeout=WAIT,
-        what="the job's row",
-    )
     assert state["kind"] == "generate"
     assert state["worker"] == worker.name
     assert state["attempts"] == 2

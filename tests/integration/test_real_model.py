@@ -17,6 +17,8 @@ import redis
 from openai.types.chat import ChatCompletionMessageParam
 
 from avocado_shared import GenerateResult, JobStatus, Producer, Settings
+from avocado_shared.fleet import ModelMeta, WorkerRegistry
+from avocado_shared.routing import canonical_model
 from avocado_shared.streams import EntryKind, JobStream
 from ollama_worker.embedded import MODEL
 from ollama_worker.openai_backend import OpenAIClient
@@ -290,3 +292,18 @@ def test_the_openai_sdk_through_the_gateway_on_the_real_model(fleet: Fleet) -> N
         assert result.text.strip()
         assert 0 < result.completion_tokens <= 16
     assert MODEL in [m.id for m in models.data]
+
+
+def test_show_and_models_retrieve_on_the_real_model(fleet: Fleet, settings: Settings) -> None:
+    """llama-cpp-python's server says nothing of a model but its name: no context, no tools."""
+    shown = fleet.ollama().show(MODEL)
+    retrieved = fleet.openai().models.retrieve(MODEL)
+    registry = WorkerRegistry(redis.Redis.from_url(REDIS_URL), settings.key_prefix)
+    (record,) = registry.live()
+    registry.close()
+
+    # It was asked (the record keys the model by its canonical name).
+    assert record.meta == {canonical_model(MODEL): ModelMeta(capabilities=["completion"])}
+    assert shown.capabilities == ["completion"]
+    assert shown.modelinfo == {}
+    assert (retrieved.id, retrieved.object, retrieved.owned_by) == (MODEL, "model", "avocado")

@@ -12,7 +12,7 @@ import pytest
 
 from avocado_infer.errors import RegistryUnavailable
 from avocado_infer.gateway import ServedModel
-from avocado_infer.job_state import JobState, JobView
+from avocado_infer.job_state import JobState, JobView, unknown_job
 from avocado_shared.contracts import JobKind
 from avocado_shared.fleet import WorkerRecord
 from tests.fake_gateway import MODEL, Served
@@ -161,7 +161,7 @@ def test_a_jobs_state(served: Serve) -> None:
         "jobs_ahead_at_most": None,
     }
     unknown = app.client.get("/jobs/job-0")
-    assert (unknown.status_code, unknown.json()) == (404, {"error": "job job-0 is not known"})
+    assert (unknown.status_code, unknown.json()) == (404, {"error": str(unknown_job("job-0"))})
 
 
 def test_delete_cancels_the_job(served: Serve) -> None:

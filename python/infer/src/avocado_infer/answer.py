@@ -101,10 +101,13 @@ async def answer(
     *,
     streamed: bool,
 ) -> Response:
-    """Publish the generation ``job`` (``Gateway.generate``'s fields) and answer with it in
+    """Publish the generation ``job`` (``Gateway.generate``'s fields), the job of the
+    request's key (``ownership``), and answer with it in
     the shapes of ``encoder(job_id)``: one object, or a stream once its first piece is there
     (a job that fails or never starts gets an HTTP error status, as nothing was sent yet)."""
-    handle = await gateway.generate(**job, lane=request_lane(request))
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    owner = None if key is None else key.name
+    handle = await gateway.generate(**job, lane=request_lane(request), owner=owner)
     job_id, model = handle.id, str(job["model"])
     shapes = encoder(job_id)
     timeout = gateway.settings.stream_timeout_s

@@ -20,7 +20,7 @@ from avocado_infer.gateway import Gateway
 from avocado_shared.errors import Unavailable
 from avocado_shared.keys import ApiKey
 
-__all__ = ["ADMITTED", "GatewayDep", "app_gateway", "caller"]
+__all__ = ["ADMITTED", "CallerDep", "GatewayDep", "app_gateway", "caller"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,11 @@ async def caller(
     return key
 
 
-async def admitted(
-    request: Request, gateway: GatewayDep, key: Annotated[ApiKey | None, Depends(caller)]
-) -> AsyncIterator[None]:
+CallerDep = Annotated[ApiKey | None, Depends(caller)]
+"""The request's API key in a route (asked once a request, however many ask for it)."""
+
+
+async def admitted(request: Request, gateway: GatewayDep, key: CallerDep) -> AsyncIterator[None]:
     """Let a generation in: ``OverLimit`` when its key is over a limit (its model and its
     lane's backlog are checked where it is published: ``Gateway.generate``); the key's slot is
     held until the response has been sent (FastAPI ends this dependency then), whether it

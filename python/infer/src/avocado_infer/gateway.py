@@ -24,14 +24,15 @@ from avocado_infer.limits import Limiter, Slot
 from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import (
+    GenerateRequest,
     GenerateResult,
     JobKind,
     SummarizeRequest,
     SummarizeResult,
     Usage,
 )
-from avocado_shared.errors import AvocadoError, TransientError
-from avocado_shared.fleet import WorkerRecord, WorkerRegistry
+from avocado_shared.errors import AvocadoError, TransientError, Unavailable
+from avocado_shared.fleet import ModelMeta, WorkerRecord, WorkerRegistry
 from avocado_shared.flow import BrokerBlocked, causes
 from avocado_shared.jobs import JobHandle, PublishError, PublishOutcomeUnknown
 from avocado_shared.keys import ApiKey, KeyStore
@@ -60,7 +61,8 @@ class StoredAnswer:
 @dataclass(frozen=True)
 class ServedModel:
     """A model the fleet serves: when a node last said so, until when its nodes vouch for it,
-    the nodes that serve it and those that hold it loaded, and the jobs waiting per lane."""
+    the nodes that serve it and those that hold it loaded, the jobs waiting per lane, and
+    what the freshest node that described it said of it (``meta``)."""
 
     name: str
     seen_at: datetime
@@ -69,6 +71,7 @@ class ServedModel:
     loaded_on: tuple[str, ...]
     backlog: dict[str, int | None]
     shown: str | None = None
+    meta: ModelMeta | None = None
 
     @property
     def label(self) -> str:
@@ -94,6 +97,13 @@ class ServedModel:
             for node in self.nodes
         ]
         return {"nodes": nodes, "backlog": self.backlog}
+
+
+def _not_served(model: str, served: set[str]) -> ModelNotServed:
+    listed = ", ".join(sorted(served)) or "none"
+    return ModelNotServed(
+        f"model {model!r} not found: no live node serves it (the fleet serves: {listed})"
+    )
 
 
 class Gateway:
@@ -155,10 +165,7 @@ class Gateway:
         if time.monotonic() - read_at >= _SERVED_FRESH_S or model not in served:
             served = await run_in_threadpool(self._read_served)
         if model not in served:
-            listed = ", ".join(sorted(served)) or "none"
-            raise ModelNotServed(
-                f"model {model!r} not found: no live node serves it (the fleet serves: {listed})"
-            )
+            raise _not_served(model, served)
 
     def _read_served(self) -> set[str]:
         try:
@@ -174,9 +181,11 @@ class Gateway:
         prompt: str | None = None,
         messages: Sequence[Mapping[str, Any]] | None = None,
         lane: Lane = Lane.INTERACTIVE,
+        owner: str | None = None,
         **fields: Any,
     ) -> JobHandle[GenerateResult]:
-        """Publish a generation job in ``lane``: ``InvalidRequest`` before anything is queued,
+        """Publish a generation job in ``lane``, noted as the job of the key named ``owner``
+        (``ownership``): ``InvalidRequest`` before anything is queued,
         ``ModelNotServed`` when no live node serves its model, ``QueueFull`` when its lane's
         backlog is at the limit. A job not published is a ``PublishError`` with a
         ``retry_after``; one whose publish has an unknown outcome (the broker blocked
@@ -187,10 +196,7 @@ class Gateway:
         await self.check_served(model)
         await self.check_backlog(model, lane)
         try:
-            handle = cast(
-                JobHandle[GenerateResult],
-                await run_in_threadpool(self.producer.submit, request, lane),
-            )
+            handle = await run_in_threadpool(self._submit, request, lane, model, owner)
         except PublishOutcomeUnknown as error:
             raise await self._cancelled(error) from error
         except PublishError as error:
@@ -198,6 +204,30 @@ class Gateway:
             raise
         self.backlog(model, lane).published()
         return handle
+
+    def _submit(
+        self, request: GenerateRequest, lane: Lane, model: str, owner: str | None
+    ) -> JobHandle[GenerateResult]:
+        handle = cast(JobHandle[GenerateResult], self.producer.submit(request, lane))
+        self._note(handle.id, JobKind.GENERATE, None, lane_queue_name(model, lane), owner)
+        return handle
+
+    def _note(
+        self, job_id: str, kind: JobKind, share_id: str | None, queue: str, owner: str | None
+    ) -> None:
+        """Note a published job in the ledger; a job not noted runs all the same, but reads
+        404 until it starts, and to admin keys only."""
+        try:
+            self.ledger.note(job_id, kind, share_id, queue, owner)
+        except redis.RedisError as error:
+            logger.warning("%s job %s queued but not noted: %s", kind.value, job_id, error)
+
+    async def owned_by(self, job_id: str, owner: str) -> bool:
+        """Whether the key named ``owner`` queued ``job_id`` through a gateway."""
+        try:
+            return await run_in_threadpool(self.ledger.owned_by, job_id, owner)
+        except redis.RedisError as error:
+            raise Unavailable(f"job {job_id}: Redis did not answer: {error}") from error
 
     async def _cancelled(self, error: PublishOutcomeUnknown) -> TransientError:
         """Cancel a job sent but not confirmed; what its client is told."""
@@ -212,12 +242,17 @@ class Gateway:
             retry_after=self.settings.busy_retry_after_s,
         )
 
-    async def summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
+    async def summarize(
+        self, request: SummarizeRequest, owner: str | None = None
+    ) -> JobHandle[SummarizeResult]:
         """Publish a summary job, or find the one of its share id that is queued or running
-        (its singleton lock), and note it in the ledger, so its state reads queued."""
-        return await run_in_threadpool(self._summarize, request)
+        (its singleton lock), and note it in the ledger, so its state reads queued and it
+        belongs to the key named ``owner`` (as well as to any key that asked before)."""
+        return await run_in_threadpool(self._summarize, request, owner)
 
-    def _summarize(self, request: SummarizeRequest) -> JobHandle[SummarizeResult]:
+    def _summarize(
+        self, request: SummarizeRequest, owner: str | None
+    ) -> JobHandle[SummarizeResult]:
         handle = self.producer.summarize(
             request.share_id,
             request.content.model_dump(exclude_none=True),
@@ -225,10 +260,7 @@ class Gateway:
         )
         model = request.options.model or self.settings.fleet.default_model
         queue = lane_queue_name(model, Lane.BATCH)
-        try:
-            self.ledger.note(handle.id, JobKind.SUMMARIZE, request.share_id, queue)
-        except redis.RedisError as error:  # it runs all the same; it reads 404 until it starts
-            logger.warning("summary job %s queued but not noted: %s", handle.id, error)
+        self._note(handle.id, JobKind.SUMMARIZE, request.share_id, queue, owner)
         return handle
 
     async def cancel(self, job_id: str) -> None:
@@ -278,6 +310,16 @@ class Gateway:
         """The models live nodes serve, by name, each with its nodes and backlog."""
         return await run_in_threadpool(self.served_models)
 
+    async def model(self, name: str) -> ServedModel:
+        """The model ``name`` (canonical, or as its servers name it) as live nodes serve it;
+        ``ModelNotServed`` when none does."""
+        model = canonical_model(name)
+        served = await self.models()
+        found = next((m for m in served if m.name == model), None)
+        if found is None:
+            raise _not_served(name, {m.name for m in served})
+        return found
+
     def served_models(self) -> list[ServedModel]:
         """``models``, read here (blocking): for a thread, as a metrics scrape is."""
         try:
@@ -288,6 +330,7 @@ class Gateway:
         served = []
         for name in names:
             nodes = tuple(r for r in records if name in r.models)
+            described = sorted((r for r in nodes if name in r.meta), key=lambda r: r.updated_at)
             served.append(
                 ServedModel(
                     name=name,
@@ -297,6 +340,7 @@ class Gateway:
                     loaded_on=tuple(r.worker for r in nodes if name in r.loaded),
                     backlog={lane.value: self.backlog(name, lane).estimate() for lane in Lane},
                     shown=next((r.names[name] for r in nodes if name in r.names), None),
+                    meta=described[-1].meta[name] if described else None,
                 )
             )
         return served

@@ -36,7 +36,7 @@ from avocado_shared.topology import (
     job_queue,
 )
 
-__all__ = ["JobState", "JobStates", "JobUnknown", "JobView"]
+__all__ = ["JobState", "JobStates", "JobUnknown", "JobView", "unknown_job", "unknown_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,20 @@ _QUEUES = {JobKind.GENERATE: GENERATE_QUEUE, JobKind.SUMMARIZE: SUMMARIZE_QUEUE}
 
 
 class JobUnknown(NotFound):
-    """No worker has started the job and no gateway queued it."""
+    """No worker has started the job and no gateway queued it, or the caller's key may not
+    see it: both read the same, so a key learns nothing of other keys' jobs."""
+
+
+def unknown_job(job_id: str) -> JobUnknown:
+    return JobUnknown(
+        f"job {job_id} is not known: no worker has started it and no gateway queued it, or "
+        "another API key did (a job another producer queued is known once a worker starts it, "
+        "to admin keys only)"
+    )
+
+
+def unknown_summary(share_id: str) -> JobUnknown:
+    return JobUnknown(f"no summary job of share id {share_id!r} is known")
 
 
 @dataclass(frozen=True)
@@ -147,10 +160,7 @@ class JobStates:
         if state is not None:
             return JobView(job_id, state, kind=kind, share_id=share_id)
         if kind is None:
-            raise JobUnknown(
-                f"job {job_id} is not known: no worker has started it and no gateway queued "
-                "it (a job queued by another producer is known once a worker starts it)"
-            )
+            raise unknown_job(job_id)
         queue = noted.queue if noted is not None and noted.queue else _QUEUES[kind]
         return JobView(
             job_id,
@@ -178,7 +188,7 @@ class JobStates:
             noted = self._noted(holder) or Noted(JobKind.SUMMARIZE, share_id)
             return self.view(holder, noted), None
         if row is None:
-            raise JobUnknown(f"no summary job of share id {share_id!r} is known")
+            raise unknown_summary(share_id)
         return _from_row(row), row.result if row.status is JobStatus.SUCCESS else None
 
     def _noted(self, job_id: str) -> Noted | None:

@@ -1,6 +1,6 @@
 """Ollama's API: ``/api/generate`` and ``/api/chat`` as fleet jobs, streamed as NDJSON in
 Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/api/ps``,
-``/api/version``."""
+``/api/show``, ``/api/version``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from importlib.metadata import version
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from avocado_infer.answer import NDJSON, Framing, answer
 from avocado_infer.bodies import NOT_BLANK
@@ -18,6 +18,7 @@ from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_shared.contracts import Usage
 from avocado_shared.errors import AvocadoError
+from avocado_shared.fleet import ModelMeta
 
 __all__ = ["ollama_counts", "router"]
 
@@ -149,7 +150,7 @@ async def tags(gateway: GatewayDep) -> dict[str, Any]:
             "modified_at": m.seen_at.isoformat(),
             "size": 0,
             "digest": "",
-            "details": {},
+            "details": _details(m.meta),
             "avocado": m.view(),
         }
         for m in await gateway.models()
@@ -169,7 +170,7 @@ async def ps(gateway: GatewayDep) -> dict[str, Any]:
             "model": m.label,
             "size": 0,
             "digest": "",
-            "details": {},
+            "details": _details(m.meta),
             "expires_at": m.expires_at.isoformat(),
             "size_vram": 0,
             "avocado": m.view(),
@@ -178,6 +179,65 @@ async def ps(gateway: GatewayDep) -> dict[str, Any]:
         if m.loaded
     ]
     return {"models": models}
+
+
+class ShowBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(
+        validation_alias=AliasChoices("model", "name"),  # ``name``: Ollama's older clients
+        json_schema_extra=NOT_BLANK,
+    )
+    verbose: bool = False
+
+
+def _details(meta: ModelMeta | None) -> dict[str, Any]:
+    """Ollama's ``details`` of a model, as its nodes' servers gave them; ``{}`` when none
+    did."""
+    if meta is None:
+        return {}
+    return {
+        "parent_model": "",
+        "format": meta.format or "",
+        "family": meta.family or "",
+        "families": meta.families,
+        "parameter_size": meta.parameter_size or "",
+        "quantization_level": meta.quantization_level or "",
+    }
+
+
+def _model_info(meta: ModelMeta) -> dict[str, Any]:
+    """Ollama's ``model_info``: the architecture and the sizes under its name
+    (``llama.context_length``); ``general.`` where no node's server named one."""
+    arch = meta.architecture or meta.family
+    sizes = {
+        "general.architecture": arch,
+        "general.parameter_count": meta.parameter_count,
+        f"{arch or 'general'}.context_length": meta.context_length,
+        f"{arch or 'general'}.embedding_length": meta.embedding_length,
+    }
+    return {key: value for key, value in sizes.items() if value is not None}
+
+
+@router.post("/show")
+async def show(body: ShowBody, gateway: GatewayDep) -> dict[str, Any]:
+    """What the nodes that serve the model said of it (details, context length,
+    capabilities); 404 when no live node serves it. The template, parameters and licence
+    are each node's own (they may differ): empty here."""
+    served = await gateway.model(body.model)
+    meta = served.meta or ModelMeta()
+    return {
+        "license": "",
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": _details(meta),
+        "model_info": _model_info(meta),
+        # A model no node described yet is one the fleet runs generations for.
+        "capabilities": meta.capabilities or ["completion"],
+        "modified_at": (meta.modified_at or served.seen_at).isoformat(),
+        "avocado": served.view(),
+    }
 
 
 @router.get("/version")

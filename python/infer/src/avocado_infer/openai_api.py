@@ -1,5 +1,6 @@
 """OpenAI's API: ``/v1/chat/completions`` and ``/v1/completions`` as fleet jobs, streamed as
-server-sent events in OpenAI's chunk shape or answered in one JSON object; ``/v1/models``;
+server-sent events in OpenAI's chunk shape or answered in one JSON object; ``/v1/models`` and
+``/v1/models/{id}``;
 errors in OpenAI's shape."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from avocado_infer.answer import SSE, Framing, answer
 from avocado_infer.bodies import NOT_BLANK
 from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import documented_errors, error_route, http_status
+from avocado_infer.gateway import ServedModel
 from avocado_shared.contracts import InvalidRequest, Usage
 from avocado_shared.errors import AvocadoError
 
@@ -245,18 +247,27 @@ async def completions(body: CompletionBody, gateway: GatewayDep, request: Reques
     return await answer(request, gateway, job, body.shapes(chat=False), streamed=body.stream)
 
 
+def _model(m: ServedModel) -> dict[str, Any]:
+    """OpenAI's Model object, with vLLM's ``max_model_len`` where a node's server gave the
+    model's context; ``avocado`` says its nodes and its backlog per lane."""
+    context = None if m.meta is None else m.meta.context_length
+    return {
+        "id": m.label,
+        "object": "model",
+        "created": int(m.seen_at.timestamp()),
+        "owned_by": "avocado",
+        **({"max_model_len": context} if context is not None else {}),
+        "avocado": m.view(),
+    }
+
+
 @router.get("/models")
 async def models(gateway: GatewayDep) -> dict[str, Any]:
-    """The models live nodes serve (jobs for any other get a 404); ``avocado`` says, per
-    model, its nodes and its backlog per lane."""
-    data = [
-        {
-            "id": m.label,
-            "object": "model",
-            "created": int(m.seen_at.timestamp()),
-            "owned_by": "avocado",
-            "avocado": m.view(),
-        }
-        for m in await gateway.models()
-    ]
-    return {"object": "list", "data": data}
+    """The models live nodes serve (jobs for any other get a 404)."""
+    return {"object": "list", "data": [_model(m) for m in await gateway.models()]}
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, gateway: GatewayDep) -> dict[str, Any]:
+    """One model live nodes serve; 404 ``model_not_found`` when none does."""
+    return _model(await gateway.model(model))

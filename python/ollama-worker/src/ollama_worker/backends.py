@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
+from avocado_shared.fleet import ModelMeta
 from ollama_worker.inference import ChunkSink, Completion
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.openai_backend import OpenAIClient
@@ -54,6 +55,9 @@ class Backend(Protocol):
     def pull(
         self, model: str, progress: Callable[[dict[str, Any]], None] | None = None
     ) -> None: ...
+
+    def describe(self, model: str) -> ModelMeta:
+        """What the server says of ``model`` (details, context, capabilities)."""
 
     def summary_context(self, model: str, configured: int) -> int: ...
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import httpx
 
 from avocado_shared.contracts import Usage
+from avocado_shared.fleet import ModelMeta
 from avocado_shared.routing import canonical_model, canonical_models
 from ollama_worker.inference import (
     TRANSIENT_STATUS,
@@ -151,13 +152,13 @@ class OllamaClient(HTTPBackend):
         """Ollama's API has no tokenizer endpoint: summaries estimate (``summary``)."""
         return None
 
+    def describe(self, model: str) -> ModelMeta:
+        """What ``/api/show`` says of ``model``: its details, its sizes and its capabilities."""
+        return _meta(self._request("POST", "/api/show", {"model": model}))
+
     def context_length(self, model: str) -> int | None:
         """The model's trained context length, from ``/api/show``, when it reports one."""
-        info = self._request("POST", "/api/show", {"model": model}).get("model_info") or {}
-        for key, value in info.items():
-            if key.endswith(".context_length") and isinstance(value, int):
-                return value
-        return None
+        return self.describe(model).context_length
 
     def pull(self, model: str, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Download ``model``; each progress line goes to ``progress``."""
@@ -248,6 +249,30 @@ class OllamaClient(HTTPBackend):
                 on_chunk(text)
             final = chunk
         return _completion("".join(parts), final)
+
+
+def _meta(shown: Mapping[str, Any]) -> ModelMeta:
+    """``/api/show``'s answer as the fleet keeps it: ``details``, ``capabilities``,
+    ``modified_at`` and, of ``model_info``, the architecture and its sizes (not the tokenizer's
+    vocabulary, which a verbose answer holds whole)."""
+    details = shown.get("details") or {}
+    info = shown.get("model_info") or {}
+
+    def sized(name: str) -> int | None:  # ``<architecture>.context_length`` and the like
+        found = (v for k, v in info.items() if k.endswith(f".{name}") and isinstance(v, int))
+        return next(found, None)
+
+    return ModelMeta.model_validate(
+        {
+            **{k: v for k, v in details.items() if v not in ("", None)},
+            "architecture": info.get("general.architecture"),
+            "parameter_count": info.get("general.parameter_count"),
+            "context_length": sized("context_length"),
+            "embedding_length": sized("embedding_length"),
+            "capabilities": shown.get("capabilities") or [],
+            "modified_at": shown.get("modified_at"),
+        }
+    )
 
 
 def _body(

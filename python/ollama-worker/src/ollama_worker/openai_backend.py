@@ -13,12 +13,14 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import httpx
 from pydantic import SecretStr
 
 from avocado_shared.contracts import Usage
+from avocado_shared.fleet import ModelMeta
 from ollama_worker.inference import (
     TRANSIENT_STATUS,
     BackendRejected,
@@ -197,38 +199,54 @@ class OpenAIClient(HTTPBackend):
         """What it serves is loaded: this API loads no model on demand."""
         return self.models()
 
-    def slots(self) -> int | None:
-        """Requests the server runs at once, where it says: llama.cpp's ``total_slots`` in
-        ``GET /props``; None from other servers."""
+    def _props(self) -> dict[str, Any]:
+        """llama.cpp's server's ``GET /props``; empty from other servers."""
         try:
             props = self._request("GET", f"{self.base_url.removesuffix('/v1')}/props")
         except (BackendRejected, ModelNotFound):  # not llama.cpp's server
-            return None
-        return _int(props.get("total_slots"))
+            return {}
+        return props if isinstance(props, dict) else {}
+
+    def slots(self) -> int | None:
+        """Requests the server runs at once, where it says: llama.cpp's ``total_slots`` in
+        ``GET /props``; None from other servers."""
+        return _int(self._props().get("total_slots"))
 
     def pull(self, model: str, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         """This API has no pull: a model the server does not serve fails the job at once."""
         served = ", ".join(self.models()) or "none"
         raise _not_served(model, self.base_url, f"it serves: {served}")
 
-    def context_length(self, model: str) -> int | None:
-        """The context the server runs ``model`` with: vLLM's ``max_model_len`` in
-        ``/v1/models``, else llama.cpp's ``n_ctx`` from ``GET /props``; None if it says none."""
-        for entry in self._model_entries():
-            if entry["id"] == model:
-                meta = entry.get("meta")
-                found = _int(entry.get("max_model_len")) or (
-                    _int(meta.get("n_ctx")) if isinstance(meta, dict) else None
-                )
-                if found:
-                    return found
-        root = self.base_url.removesuffix("/v1")
-        try:
-            props = self._request("GET", f"{root}/props")
-        except BackendRejected:  # not llama.cpp's server
-            return None
+    def describe(self, model: str) -> ModelMeta:
+        """What the server says of ``model``: vLLM's ``max_model_len`` and llama.cpp's
+        ``meta`` in ``/v1/models``, llama.cpp's context, modalities and its chat template's
+        tool support in ``GET /props``. Any model here completes (chat); an embedding model
+        is not told apart by this API."""
+        entry = next((e for e in self._model_entries() if e["id"] == model), {})
+        meta: dict[str, Any] = entry["meta"] if isinstance(entry.get("meta"), dict) else {}
+        props = self._props()
         settings = props.get("default_generation_settings") or {}
-        return _int(settings.get("n_ctx")) or _int(props.get("n_ctx"))
+        caps = props.get("chat_template_caps") or {}
+        modalities = props.get("modalities") or {}
+        created = _int(entry.get("created"))
+        return ModelMeta(
+            context_length=_int(entry.get("max_model_len"))
+            or _int(meta.get("n_ctx"))
+            or _int(settings.get("n_ctx"))
+            or _int(props.get("n_ctx")),
+            parameter_count=_int(meta.get("n_params")),
+            embedding_length=_int(meta.get("n_embd")),
+            capabilities=[
+                "completion",
+                *(["tools"] if caps.get("supports_tools") is True else []),
+                *(["vision"] if modalities.get("vision") is True else []),
+            ],
+            modified_at=None if created is None else datetime.fromtimestamp(created, timezone.utc),
+        )
+
+    def context_length(self, model: str) -> int | None:
+        """The context the server runs ``model`` with, where it says (``describe``)."""
+        return self.describe(model).context_length
 
     def summary_context(self, model: str, configured: int) -> int:
         """The server's real context, asked once per model; the configured one if it won't say."""

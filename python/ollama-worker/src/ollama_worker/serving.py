@@ -30,7 +30,7 @@ from kombu.entity import Queue
 from kombu.transport.native_delayed_delivery import bind_queue_to_native_delayed_delivery_exchange
 from redis.exceptions import RedisError
 
-from avocado_shared.fleet import WorkerRecord, WorkerRegistry
+from avocado_shared.fleet import ModelMeta, WorkerRecord, WorkerRegistry
 from avocado_shared.routing import canonical_model
 from avocado_shared.topology import (
     GENERATE_QUEUE,
@@ -41,7 +41,7 @@ from avocado_shared.topology import (
 from ollama_worker.backends import make_backend, pull_progress
 from ollama_worker.choosing import Demand, adoption, committed
 from ollama_worker.drain import Cutoff
-from ollama_worker.errors import AvocadoError
+from ollama_worker.errors import AvocadoError, TransientError
 from ollama_worker.settings import WorkerSettings
 
 __all__ = ["DEFAULT_SLOTS", "FollowModels", "Serving", "server_slots"]
@@ -78,6 +78,8 @@ class Serving:
         self.models: dict[str, str] = {}
         self.found: dict[str, str] = {}  # every model its server has, as it said last
         self.loaded: list[str] = []
+        # What its server said of each model it served: asked once per model, not per round.
+        self.meta: dict[str, ModelMeta] = {}
         # Models whose jobs it takes at once: those that fit in its server's memory together.
         self.limit = settings.max_models or (None if settings.backend == "openai" else 1)
         self.slots = 1
@@ -103,6 +105,7 @@ class Serving:
             if found is not None:
                 self._follow(found)
                 self._adopt(found)
+                self._describe()
         finally:
             self._drop_broker()  # before the pool forks: no child inherits its socket
 
@@ -166,6 +169,7 @@ class Serving:
         found = self._ask()
         if found is not None:
             self._follow(found)
+            self._describe()
         self._drain()
         self.registry.put(self.record())  # first: a slow broker must not let it expire
         if found is not None and not self.draining:
@@ -197,6 +201,7 @@ class Serving:
             models=sorted(self.models),
             names={model: name for model, name in self.models.items() if model != name},
             loaded=sorted(self.loaded),
+            meta={model: self.meta[model] for model in sorted(self.models) if model in self.meta},
             slots=self.slots,
             running=len(active_requests),
             cutoff=None if self.cutoff is None else self.cutoff.at,
@@ -219,6 +224,24 @@ class Serving:
         self.loaded = list(dict.fromkeys(loaded))
         self.found = {canonical_model(name): name for name in names if name.strip()}
         return self.found
+
+    def _describe(self) -> None:
+        """Ask the server what it says of each model it serves that it was not asked of yet.
+        A server that cannot answer now is asked again next round; one that will not say
+        (an older Ollama, a model it cannot show) leaves the model with no metadata."""
+        new = [model for model in self.models if model not in self.meta]
+        if not new:
+            return
+        with make_backend(self.settings) as client:
+            for model in new:
+                try:
+                    self.meta[model] = client.describe(self.models[model])
+                except TransientError as error:
+                    logger.warning("%s not described, asked again: %s", model, error)
+                    return
+                except (AvocadoError, ValueError, KeyError) as error:
+                    logger.warning("%s says nothing of %s: %s", self.name, model, error)
+                    self.meta[model] = ModelMeta()
 
     def _follow(self, found: dict[str, str]) -> None:
         """Take the jobs of the models ``choosing.committed`` picks of those in ``found``."""

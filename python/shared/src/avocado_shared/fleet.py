@@ -18,11 +18,34 @@ from avocado_shared.registry import Records
 from avocado_shared.routing import WANTED_MODELS
 from avocado_shared.settings import Settings
 
-__all__ = ["WorkerRecord", "WorkerRegistry"]
+__all__ = ["ModelMeta", "WorkerRecord", "WorkerRegistry"]
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class ModelMeta(BaseModel):
+    """What a node's server says of a model it serves, asked once per model: Ollama's
+    ``/api/show``, an OpenAI-compatible server's ``/v1/models`` and llama.cpp's ``/props``.
+    The gateway answers ``/api/show`` and ``/v1/models/{id}`` with it; None where the server
+    does not say."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    format: str | None = None
+    family: str | None = None
+    families: list[str] | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
+    architecture: str | None = None
+    parameter_count: int | None = None
+    context_length: int | None = Field(default=None, description="Tokens, as its server runs it.")
+    embedding_length: int | None = None
+    capabilities: list[str] = Field(
+        default_factory=list, description="Ollama's words: completion, tools, vision, embedding."
+    )
+    modified_at: datetime | None = None
 
 
 class WorkerRecord(BaseModel):
@@ -39,6 +62,9 @@ class WorkerRecord(BaseModel):
         "(``smollm2`` for ``smollm2:latest``): what its clients know it by.",
     )
     loaded: list[str] = Field(default_factory=list, description="Models in its server's memory.")
+    meta: dict[str, ModelMeta] = Field(
+        default_factory=dict, description="What its server says of each model it serves."
+    )
     slots: int = Field(default=1, ge=1, description="Jobs it runs at once.")
     running: int = Field(default=0, ge=0)
     cutoff: datetime | None = Field(default=None, description="When it will be stopped.")

@@ -36,7 +36,7 @@ _CREATE = """
 if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 redis.call('hset', KEYS[2], 'name', ARGV[1], 'rpm', ARGV[3], 'concurrency', ARGV[4],
-           'created_at', ARGV[5], 'lane', ARGV[6])
+           'created_at', ARGV[5], 'lane', ARGV[6], 'admin', ARGV[7])
 return 1
 """
 
@@ -49,13 +49,14 @@ class KeyExists(PermanentError):
 class ApiKey:
     """A key as the gateway knows it: its name, limits and default lane, never its secret.
     A limit of 0 is no limit; ``lane`` is where its requests go unless they say otherwise
-    (``X-Avocado-Lane``)."""
+    (``X-Avocado-Lane``); an ``admin`` key sees and cancels every job, not only its own."""
 
     name: str
     rpm: int
     concurrency: int
     created_at: datetime
     lane: Lane = Lane.INTERACTIVE
+    admin: bool = False
 
     @classmethod
     def _of(cls, record: dict[bytes, bytes]) -> ApiKey:
@@ -65,6 +66,7 @@ class ApiKey:
             concurrency=int(record[b"concurrency"]),
             created_at=datetime.fromisoformat(record[b"created_at"].decode()),
             lane=parse_lane(record.get(b"lane"), Lane.INTERACTIVE),  # keys made before lanes
+            admin=record.get(b"admin") == b"1",  # keys made before admin keys are not
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -74,6 +76,7 @@ class ApiKey:
             "concurrency": self.concurrency,
             "created_at": self.created_at.isoformat(),
             "lane": self.lane.value,
+            "admin": self.admin,
         }
 
 
@@ -96,7 +99,13 @@ class KeyStore:
         return cls(redis_client(settings), settings.key_prefix)
 
     def create(
-        self, name: str, *, rpm: int = 0, concurrency: int = 0, lane: Lane = Lane.INTERACTIVE
+        self,
+        name: str,
+        *,
+        rpm: int = 0,
+        concurrency: int = 0,
+        lane: Lane = Lane.INTERACTIVE,
+        admin: bool = False,
     ) -> tuple[ApiKey, str]:
         """Make a key; returns it and its secret, which nothing keeps: show it once."""
         if not _NAME.fullmatch(name):
@@ -108,10 +117,18 @@ class KeyStore:
             raise InvalidRequest("a key's limits are 0 (none) or more")
         secret = _MARK + secrets.token_urlsafe(32)
         digest = _digest(secret)
-        key = ApiKey(name, rpm, concurrency, datetime.now(timezone.utc), lane)
+        key = ApiKey(name, rpm, concurrency, datetime.now(timezone.utc), lane, admin)
         made = self._create(
             keys=[self._index, self._records + digest],
-            args=[name, digest, rpm, concurrency, key.created_at.isoformat(), lane.value],
+            args=[
+                name,
+                digest,
+                rpm,
+                concurrency,
+                key.created_at.isoformat(),
+                lane.value,
+                int(admin),
+            ],
         )
         if not made:
             raise KeyExists(f"a key named {name!r} exists; revoke it to make a new one")

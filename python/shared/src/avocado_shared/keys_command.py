@@ -43,6 +43,11 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the lane of the key's requests unless one says X-Avocado-Lane (default: "
         "interactive; batch for a key that feeds bulk work)",
     )
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the key sees and cancels every job (GET/DELETE /jobs/{id}), not only its own",
+    )
     listing = actions.add_parser("list", help="the live keys and their limits, never secrets")
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = actions.add_parser("revoke", help="delete a key; its next request gets a 401")
@@ -52,7 +57,8 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _limits(key: ApiKey) -> str:
     rpm = f"{key.rpm}/min" if key.rpm else "any"
     concurrency = str(key.concurrency) if key.concurrency else "any"
-    return f"rpm={rpm} concurrency={concurrency} lane={key.lane.value}"
+    admin = " admin" if key.admin else ""
+    return f"rpm={rpm} concurrency={concurrency} lane={key.lane.value}{admin}"
 
 
 def _show(keys: list[ApiKey], as_json: bool) -> None:
@@ -68,7 +74,11 @@ def run_keys(args: argparse.Namespace, settings: Settings) -> int:
     with KeyStore.from_settings(settings) as store:
         if args.keys_command == "create":
             key, secret = store.create(
-                args.name, rpm=args.rpm, concurrency=args.concurrency, lane=Lane(args.lane)
+                args.name,
+                rpm=args.rpm,
+                concurrency=args.concurrency,
+                lane=Lane(args.lane),
+                admin=args.admin,
             )
             print(
                 f"key {key.name!r} made ({_limits(key)}); its secret, on stdout, is shown only "

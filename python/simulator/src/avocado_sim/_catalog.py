@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_KEEP_ALIVE_S",
     "ModelCard",
+    "capabilities",
     "card_for",
     "http_date",
     "is_valid_name",
@@ -153,6 +154,21 @@ def ps_entry(card: ModelCard, expires_at: str, context_length: int) -> dict[str,
     }
 
 
+# Name parts of the models Ollama's library serves for embeddings only, and of those that see.
+_EMBEDDING = ("embed", "minilm", "bge-")
+_VISION = ("llava", "vision", "-vl", "moondream")
+
+
+def capabilities(name: str) -> list[str]:
+    """What Ollama's ``/api/show`` says a model can do, from its name alone: an embedding
+    model (``nomic-embed-text``) embeds and nothing else; a chat model completes and calls
+    tools, and a vision model (``llava``, ``llama3.2-vision``) also sees."""
+    base = name.rsplit("/", 1)[-1].lower()
+    if any(part in base for part in _EMBEDDING):
+        return ["embedding"]
+    return ["completion", "tools", *(["vision"] if any(p in base for p in _VISION) else [])]
+
+
 def show_body(card: ModelCard, context_length: int, modified_at: str) -> dict[str, Any]:
     arch = card.family
     modelfile = (
@@ -188,7 +204,7 @@ def show_body(card: ModelCard, context_length: int, modified_at: str) -> dict[st
             "tokenizer.ggml.eos_token_id": 128009,
             "tokenizer.ggml.tokens": [],
         },
-        "capabilities": ["completion", "tools"],
+        "capabilities": capabilities(card.name),
         "modified_at": modified_at,
     }
 

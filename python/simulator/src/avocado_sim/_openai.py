@@ -14,6 +14,7 @@ from collections.abc import Callable
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
+from avocado_sim import _catalog as catalog
 from avocado_sim._text import Reply, count_words, plan_chat, plan_reply, reply_key
 
 if TYPE_CHECKING:
@@ -65,12 +66,19 @@ def models(h: _Handler, raw: bytes, started: int) -> None:
 
 
 def props(h: _Handler, raw: bytes, started: int) -> None:
-    """llama.cpp's server properties, or the 404 of a server that has none (vLLM)."""
+    """llama.cpp's server properties, or the 404 of a server that has none (vLLM): its
+    first model's (llama.cpp's server serves one) modalities and chat template's tool
+    support among them."""
     config = h.server.state.config
     if config.openai_context_in != "props":
         h._send(404, b'{"detail":"Not Found"}', _JSON)
         return
-    body = {"default_generation_settings": {"n_ctx": config.context_length}}
+    can = catalog.capabilities(config.models[0]) if config.models else []
+    body = {
+        "default_generation_settings": {"n_ctx": config.context_length},
+        "modalities": {"vision": "vision" in can, "audio": False},
+        "chat_template_caps": {"supports_tools": "tools" in can},
+    }
     h._send(200, _encode({**body, "total_slots": config.parallel}).encode(), _JSON)
 
 
