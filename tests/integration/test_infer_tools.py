@@ -20,20 +20,9 @@ from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet
+from tests.tools import WEATHER
 
 MODEL = "llama3.2:1b"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-}
 ASK = [{"role": "user", "content": "What is the weather in Lima?"}]
 BACKENDS = ["ollama", "openai"]
 

@@ -20,22 +20,13 @@ from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet
 from tests.processes import wait_for
+from tests.tools import WEATHER
 
 logger = logging.getLogger(__name__)
 
 MODEL = "llama3.2:1b"
 WAIT = 90
 LEASE_S = "3"  # the dead worker's lease delays its job's redelivery by at most this
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-        },
-    },
-}
 # The backend's path, and the worker's settings for it beyond the server's URL.
 BACKENDS = {
     "ollama": ("/api/chat", {}),
@@ -71,7 +62,7 @@ def test_a_tool_call_stream_outlives_its_worker(
         stream = fleet.openai().chat.completions.create(
             model=MODEL,
             messages=messages,  # type: ignore[arg-type]
-            tools=[TOOL],  # type: ignore[list-item]
+            tools=[WEATHER],  # type: ignore[list-item]
             stream=True,
         )
         return list(stream)

@@ -33,6 +33,7 @@ from ollama_worker.ollama import OllamaClient
 from tests.conftest import WorkerFactory
 from tests.midanswer import ASK, MODEL, TOKENS, continued_from, longest_gap
 from tests.services import REDIS_URL
+from tests.tools import WEATHER
 
 logger = logging.getLogger(__name__)
 
@@ -243,19 +244,8 @@ def test_a_job_run_again_after_it_failed_streams_afresh(rig: Rig) -> None:
     assert rig.stream(job_id).text(timeout_s=WAIT) == expected
 
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
-
-
 def _send_chat_with_tools(rig: Rig, job_id: str) -> Any:
-    request = {"messages": [{"role": "user", "content": ASK}], "tools": TOOLS}
+    request = {"messages": [{"role": "user", "content": ASK}], "tools": [WEATHER]}
     return rig.producer.app.send_task(GENERATE_TASK, kwargs={"request": request}, task_id=job_id)
 
 

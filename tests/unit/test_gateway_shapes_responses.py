@@ -15,17 +15,12 @@ from pydantic import TypeAdapter
 
 from avocado_shared.contracts import FunctionCall, ToolCall, Usage
 from tests.fake_gateway import MODEL, USAGE, Called, Failure, Served
+from tests.tools import WEATHER as CHAT_WEATHER
 
 Serve = Callable[..., Served]
 
 PATH = "/v1/responses"
-WEATHER = {
-    "type": "function",
-    "name": "weather",
-    "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    "strict": None,
-}
+WEATHER = {"type": "function", **CHAT_WEATHER["function"], "strict": None}
 CALL = ToolCall(id="call_7", function=FunctionCall(name="weather", arguments='{"city":"Lima"}'))
 _EVENT = TypeAdapter(ResponseStreamEvent)
 

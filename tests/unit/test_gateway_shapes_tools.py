@@ -15,21 +15,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from avocado_shared.contracts import FunctionCall, ToolCall
 from tests.fake_gateway import MODEL, STREAMED, USAGE, Called, Served, events, ndjson
+from tests.tools import WEATHER
 
 Serve = Callable[..., Served]
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 CALL = ToolCall(id="call_7", function=FunctionCall(name="weather", arguments='{"city": "Lima"}'))
 CALLED = Called(USAGE, (CALL,))
 ASK = [{"role": "user", "content": "Weather in Lima?"}]
