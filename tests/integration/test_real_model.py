@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
@@ -25,6 +26,7 @@ from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet, assert_counts
 from tests.inprocess import InProcessWorker
 from tests.services import REDIS_URL, VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
+from tests.tools import WEATHER
 
 WAIT = 180
 CONTEXT = 1024
@@ -290,3 +292,68 @@ def test_the_openai_sdk_through_the_gateway_on_the_real_model(fleet: Fleet) -> N
         assert result.text.strip()
         assert 0 < result.completion_tokens <= 16
     assert MODEL in [m.id for m in models.data]
+
+
+def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet) -> None:
+    """SmolLM2's chat template shows the model no tools: llama-cpp-python's server makes a
+    call only for a ``tool_choice`` that names the function (a grammar from its schema),
+    answers ``auto`` in prose, as it would straight, and ignores ``required``, which the
+    fleet then fails with a reason that says so."""
+    client = fleet.openai()
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the weather in Lima?"}
+    ]
+    named: dict[str, Any] = {"type": "function", "function": {"name": "weather"}}
+    sampling: dict[str, Any] = {"max_tokens": 24, "temperature": 0, "seed": 7}
+
+    called = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice=named,
+        **sampling,  # type: ignore[list-item]
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice=named,
+            stream=True,
+            **sampling,
+        )
+    )
+    prose = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],
+        **sampling,  # type: ignore[list-item]
+    )
+    with pytest.raises(openai.APIStatusError, match="does not honour tool_choice"):
+        client.with_options(max_retries=0).chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=[WEATHER],
+            tool_choice="required",
+            **sampling,  # type: ignore[list-item]
+        )
+    asked: dict[str, Any] = {"input": "Name one vegetable.", "max_output_tokens": 16}
+    response = client.responses.create(model=MODEL, temperature=0, **asked)
+    events = list(client.responses.create(model=MODEL, temperature=0, stream=True, **asked))
+
+    assert called.choices[0].finish_reason == "tool_calls"
+    [call] = called.choices[0].message.tool_calls or []
+    assert call.function.name == "weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    [stored] = fleet.result(called.id.removeprefix("chatcmpl-")).tool_calls
+    assert (stored.id, stored.function.arguments) == (call.id, call.function.arguments)
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    streamed = "".join(d.function.arguments or "" for d in deltas if d.function)
+    assert json.loads(streamed) == json.loads(call.function.arguments)  # greedy: the same call
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert prose.choices[0].message.content
+    assert not prose.choices[0].message.tool_calls
+    assert response.output_text == fleet.result(response.id.removeprefix("resp_")).text != ""
+    ended = events[-1]
+    assert ended.type == f"response.{response.status}"  # completed, or cut: incomplete
+    assert ended.response.output_text == response.output_text  # greedy: the same answer

@@ -36,7 +36,7 @@ from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import node_name, record, record_quietly, stored_success
 from ollama_worker.summary import summarize_text
 from ollama_worker.token_stream import TokenStream, failure_reason
-from ollama_worker.tool_calls import linked_messages, tool_request
+from ollama_worker.tool_calls import honoured, linked_messages, tool_request
 
 __all__ = ["JobTask", "register"]
 
@@ -222,7 +222,7 @@ def _generate(
     messages = linked_messages(job.messages)
     if job.system:
         messages.insert(0, {"role": "system", "content": job.system})
-    return client.chat(
+    done = client.chat(
         model,
         messages,
         options=options,
@@ -232,6 +232,7 @@ def _generate(
         partial=streamed.text,
         **tool_request(job),
     )
+    return honoured(job, done)
 
 
 def _summarize(

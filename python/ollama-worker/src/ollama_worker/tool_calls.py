@@ -10,11 +10,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from avocado_shared.contracts import ChatMessage, FunctionCall, GenerateRequest, ToolCall
-from ollama_worker.inference import BackendRejected
+from ollama_worker.inference import BackendRejected, Completion
 
 __all__ = [
     "DeltaCalls",
+    "ToolChoiceIgnored",
     "ToolRequest",
+    "honoured",
     "linked_messages",
     "new_call_id",
     "ollama_calls",
@@ -39,6 +41,24 @@ def tool_request(job: GenerateRequest) -> ToolRequest:
     if job.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = job.parallel_tool_calls
     return fields
+
+
+class ToolChoiceIgnored(BackendRejected):
+    """The server answered without the tool call ``tool_choice`` demanded: it took the tools
+    and did not use them (a chat template that shows the model no tools)."""
+
+
+def honoured(job: GenerateRequest, done: Completion) -> Completion:
+    """``done``, once it is sure to keep a ``tool_choice`` that forces a call: an answer
+    without one fails the job, rather than reach the client as if it were the call."""
+    choice = job.tool_choice
+    if choice is None or choice in ("auto", "none") or done.tool_calls:
+        return done
+    wanted = choice if isinstance(choice, str) else f"the function {choice.function.name!r}"
+    raise ToolChoiceIgnored(
+        f"the inference server answered in text although tool_choice asked for {wanted}: it "
+        "does not honour tool_choice for this model (its chat template may not support tools)"
+    )
 
 
 def new_call_id() -> str:
