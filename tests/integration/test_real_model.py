@@ -326,8 +326,20 @@ def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet)
     prose = client.chat.completions.create(
         model=MODEL,
         messages=messages,
-        tools=[WEATHER],
-        **sampling,  # type: ignore[list-item]
+        tools=[WEATHER],  # type: ignore[list-item]
+        **sampling,
+    )
+    [made] = called.choices[0].message.tool_calls or []
+    history: list[Any] = [
+        *messages,
+        called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": made.id, "content": "Sunny, 24 C"},
+    ]
+    answered = client.chat.completions.create(
+        model=MODEL,
+        messages=history,
+        tools=[WEATHER],  # type: ignore[list-item]
+        **sampling,
     )
     with pytest.raises(openai.APIStatusError, match="does not honour tool_choice"):
         client.with_options(max_retries=0).chat.completions.create(
@@ -352,6 +364,8 @@ def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet)
     assert json.loads(streamed) == json.loads(call.function.arguments)  # greedy: the same call
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert prose.choices[0].message.content
+    said = fleet.result(answered.id.removeprefix("chatcmpl-"))
+    assert answered.choices[0].message.content == said.text != ""
     assert not prose.choices[0].message.tool_calls
     assert response.output_text == fleet.result(response.id.removeprefix("resp_")).text != ""
     ended = events[-1]

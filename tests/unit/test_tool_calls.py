@@ -58,7 +58,7 @@ def test_a_history_from_either_api_is_linked_for_either_server() -> None:
 
     assert linked[1]["tool_calls"][0]["id"] == "call_1_0"
     assert (linked[2]["tool_call_id"], linked[2]["tool_name"]) == ("call_1_0", "weather")
-    assert openai_message(linked[1])["content"] is None
+    assert openai_message(linked[1])["content"] == ""
     assert "tool_name" not in openai_message(linked[2])
     assert ollama_message(linked[1])["tool_calls"] == [
         {"function": {"name": "weather", "arguments": {"city": "Lima"}}}

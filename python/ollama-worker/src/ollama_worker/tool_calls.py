@@ -102,12 +102,10 @@ def _answered(calls: list[ToolCall], result: ChatMessage) -> ToolCall | None:
 
 
 def openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A linked message as OpenAI's chat takes it: no ``tool_name``; an assistant turn that
-    only called tools has null content."""
-    data = {k: v for k, v in message.items() if k != "tool_name"}
-    if data.get("tool_calls") and not data.get("content"):
-        data["content"] = None
-    return data
+    """A linked message as OpenAI's chat takes it: no ``tool_name``. An assistant turn that
+    only called tools keeps its empty content, not OpenAI's null: llama-cpp-python's server
+    refuses a null (a 500)."""
+    return {k: v for k, v in message.items() if k != "tool_name"}
 
 
 def ollama_message(message: Mapping[str, Any]) -> dict[str, Any]:
