@@ -22,6 +22,7 @@ Serve = Callable[..., Served]
 CALL = ToolCall(id="call_7", function=FunctionCall(name="weather", arguments='{"city": "Lima"}'))
 CALLED = Called(USAGE, (CALL,))
 ASK = [{"role": "user", "content": "Weather in Lima?"}]
+BROKEN_CALL = {"id": "c", "type": "function", "function": {"name": "weather", "arguments": "[1"}}
 
 
 @STREAMED
@@ -50,16 +51,20 @@ def test_ollama_chat_answers_the_models_tool_calls(served: Serve, stream: bool) 
 def test_ollama_chat_publishes_the_historys_calls_and_results(served: Serve) -> None:
     app = served()
     app.fake.script("Sunny.", USAGE)
-    called = {"function": {"name": "weather", "arguments": {"city": "Lima"}}}
-    history = [
-        *ASK,
-        {"role": "assistant", "content": "", "tool_calls": [called]},
-        {"role": "tool", "content": "sunny", "tool_name": "weather"},
-    ]
+    # The call as the answer gave it (an id; the function's index), sent back as is.
+    function = {"name": "weather", "arguments": {"city": "Lima"}}
+    called = {"id": "call_7", "function": {"index": 0, **function}}
+    result = {"role": "tool", "content": "sunny", "tool_name": "weather"}
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [called]}, result]
     client_body = {"model": MODEL, "messages": history, "tools": [WEATHER], "stream": False}
     answer = app.client.post("/api/chat", json=client_body)
     assert answer.json()["message"] == {"role": "assistant", "content": "Sunny."}
-    assert app.fake.published[0]["messages"] == history
+    kept = {"id": "call_7", "type": "function", "function": function}
+    assert app.fake.published[0]["messages"] == [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": [kept]},
+        result,
+    ]
 
 
 def test_openai_chat_answers_tool_calls_whole(served: Serve) -> None:
@@ -140,8 +145,12 @@ def test_openai_chat_publishes_the_historys_calls_and_results(served: Serve) -> 
             "tool_choice names 'x', which is not among the tools",
         ),
         ({"tool_choice": "auto"}, "tool_choice and parallel_tool_calls need tools"),
+        (
+            {"messages": [*ASK, {"role": "assistant", "tool_calls": [BROKEN_CALL]}]},
+            "the arguments of the call to 'weather' must be a JSON object",
+        ),
     ],
-    ids=["functions", "custom-tool", "unknown-choice", "choice-without-tools"],
+    ids=["functions", "custom-tool", "unknown-choice", "choice-without-tools", "bad-arguments"],
 )
 def test_openai_chat_refuses_tools_it_cannot_honour(
     served: Serve, fields: dict[str, Any], says: str

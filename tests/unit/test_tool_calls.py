@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from avocado_shared.contracts import ChatMessage, GenerateRequest, Usage
-from ollama_worker.inference import BackendRejected, Completion
+from avocado_shared.contracts import (
+    ChatMessage,
+    GenerateRequest,
+    InvalidRequest,
+    Usage,
+    validate_request,
+)
+from ollama_worker.inference import Completion
 from ollama_worker.tool_calls import (
     DeltaCalls,
     ToolChoiceIgnored,
@@ -66,10 +72,11 @@ def test_a_history_from_either_api_is_linked_for_either_server() -> None:
     assert "tool_call_id" not in ollama_message(linked[2])
 
 
-def test_arguments_ollama_cannot_take_are_refused() -> None:
-    broken = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}
-    with pytest.raises(BackendRejected, match="not a JSON object"):
-        ollama_message(broken)
+def test_a_history_call_whose_arguments_are_no_object_breaks_the_contract() -> None:
+    broken = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}
+    broken["tool_calls"][0]["function"]["arguments"] = "[1]"
+    with pytest.raises(InvalidRequest, match="arguments of the call to 'f' must be a JSON object"):
+        validate_request(GenerateRequest, {"messages": [broken]})
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from avocado_infer.answer import NDJSON, Framing, answer
-from avocado_infer.bodies import NOT_BLANK
+from avocado_infer.bodies import NOT_BLANK, ToolCallBody
 from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.reading import Ending
@@ -63,7 +63,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallBody] | None = None
     tool_name: str | None = None
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from avocado_infer.answer import SSE, Framing, answer
-from avocado_infer.bodies import NOT_BLANK
+from avocado_infer.bodies import NOT_BLANK, ToolCallBody
 from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import documented_errors, error_route, http_status
 from avocado_infer.reading import Ending
@@ -107,7 +107,7 @@ class ContentPart(_Lenient):
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallBody] | None = None
     tool_call_id: str | None = None
 
     def job_message(self) -> dict[str, Any]:
@@ -121,8 +121,11 @@ class ChatMessage(_Lenient):
             content = "".join(p.text or "" for p in content)
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": content or ""}
-        links = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
-        return message | {k: v for k, v in links.items() if v is not None}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class FunctionTool(_Lenient):

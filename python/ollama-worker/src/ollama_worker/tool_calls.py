@@ -109,28 +109,20 @@ def openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def ollama_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A linked message as Ollama's ``/api/chat`` takes it: a call's arguments an object, a
-    result linked by ``tool_name``."""
+    """A linked message as Ollama's ``/api/chat`` takes it: a call's arguments an object (the
+    contract holds them to one), a result linked by ``tool_name``."""
     data = {k: v for k, v in message.items() if k != "tool_call_id"}
     if "tool_calls" in data:
         data["tool_calls"] = [
-            {"function": {"name": c["function"]["name"], "arguments": _object(c["function"])}}
+            {
+                "function": {
+                    "name": c["function"]["name"],
+                    "arguments": json.loads(c["function"]["arguments"]),
+                }
+            }
             for c in data["tool_calls"]
         ]
     return data
-
-
-def _object(function: Mapping[str, Any]) -> Any:
-    try:
-        value = json.loads(function.get("arguments") or "{}")
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise BackendRejected(
-            f"the arguments of the call to {function.get('name')!r} in the history are not a "
-            "JSON object, which Ollama's API needs"
-        )
-    return value
 
 
 def ollama_calls(calls: Iterable[Any]) -> list[ToolCall]:

@@ -145,6 +145,24 @@ class ChatMessage(_Contract):
     tool_call_id: str | None = None
     tool_name: str | None = None
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_whole(cls, calls: list[ToolCall] | None) -> list[ToolCall] | None:
+        """A call in the history names its function, its arguments a JSON object: what
+        every server takes (Ollama's API takes no other)."""
+        for call in calls or []:
+            if not call.function.name.strip():
+                raise ValueError("a tool call needs its function's name")
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ValueError(
+                    f"the arguments of the call to {call.function.name!r} must be a JSON object"
+                )
+        return calls
+
 
 class GenerateRequest(_Contract):
     """A prompt (``/api/generate``) or a chat (``/api/chat``) generation job."""
