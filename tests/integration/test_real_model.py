@@ -1,7 +1,7 @@
 """Jobs on a real model through RabbitMQ: SmolLM2-135M-Instruct (the embedded default) on
 llama-cpp-python's OpenAI-compatible server, the way start-ml-services.sh runs it without
-Ollama; from Python and through the gateway with the ``ollama`` client and the ``openai`` SDK.
-Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
+Ollama; from Python and through the gateway with the ``ollama`` client, the ``openai`` SDK and
+LangChain. Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 import redis
+from langchain_core.messages import AIMessage
+from langchain_openai import ChatOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from avocado_shared import GenerateResult, JobStatus, Producer, Settings
@@ -349,6 +351,14 @@ def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet)
             tool_choice="required",
             **sampling,  # type: ignore[list-item]
         )
+    chain = ChatOpenAI(
+        model=MODEL,
+        base_url=f"{fleet.gateway.url}/v1",
+        api_key="none",  # type: ignore[arg-type]
+        temperature=0,
+        timeout=fleet.wait,
+    ).bind_tools([WEATHER], tool_choice="weather")
+    chained = chain.invoke("What is the weather in Lima?")
     asked: dict[str, Any] = {"input": "Name one vegetable.", "max_output_tokens": 16}
     response = client.responses.create(model=MODEL, temperature=0, **asked)
     events = list(client.responses.create(model=MODEL, temperature=0, stream=True, **asked))
@@ -368,6 +378,8 @@ def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet)
     assert answered.choices[0].message.content == said.text != ""
     assert not prose.choices[0].message.tool_calls
     assert response.output_text == fleet.result(response.id.removeprefix("resp_")).text != ""
+    assert isinstance(chained, AIMessage)
+    assert [c["name"] for c in chained.tool_calls] == ["weather"]
     ended = events[-1]
     assert ended.type == f"response.{response.status}"  # completed, or cut: incomplete
     assert ended.response.output_text == response.output_text  # greedy: the same answer
