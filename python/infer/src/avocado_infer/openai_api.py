@@ -199,7 +199,7 @@ def _finish_reason(end: Ending) -> str:
     return "length" if end.usage.done_reason == "length" else "stop"
 
 
-def openai_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+def _calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
     """Tool calls in OpenAI's shape (a message's ``tool_calls``)."""
     return [call.model_dump() for call in calls]
 
@@ -239,7 +239,7 @@ class _Shapes:
                 choice["message"] = {
                     "role": "assistant",
                     "content": text or None,
-                    "tool_calls": openai_calls(end.tool_calls),
+                    "tool_calls": _calls(end.tool_calls),
                 }
         else:
             choice["text"] = text
