@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -181,3 +182,35 @@ def test_what_needs_more_than_the_fleet_has_is_a_400(
     assert answer.status_code == 400
     assert says in answer.json()["error"]["message"]
     assert app.fake.published == []
+
+
+def test_the_sdks_stream_helper_reads_the_events(served: Serve) -> None:
+    """``responses.stream`` puts the events together itself and checks their order."""
+    app = served()
+    app.fake.script("Let me see.", Called(USAGE, (CALL,)))
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=app.client)
+
+    with sdk.responses.stream(model=MODEL, input="Weather?", tools=[WEATHER]) as stream:  # type: ignore[list-item]
+        texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+
+    assert texts == ["Let me see."]
+    assert final.output_text == "Let me see."
+    assert [(i.type, getattr(i, "arguments", None)) for i in final.output] == [
+        ("message", None),
+        ("function_call", CALL.function.arguments),
+    ]
+
+
+def test_text_format_is_the_jobs_format(served: Serve) -> None:
+    app = served()
+    app.fake.script("{}", USAGE)
+    app.fake.script("{}", USAGE)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    formats = [{"type": "json_schema", "name": "person", "schema": schema}, {"type": "json_object"}]
+    for format_ in formats:
+        answer = app.client.post(
+            PATH, json={"model": MODEL, "input": "Hi", "text": {"format": format_}}
+        )
+        assert answer.status_code == 200, answer.text
+    assert [p["format"] for p in app.fake.published] == [schema, "json"]
