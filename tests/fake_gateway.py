@@ -24,7 +24,13 @@ from avocado_infer.job_state import JobState, JobView, unknown_job, unknown_summ
 from avocado_infer.ledger import Noted
 from avocado_infer.limits import Slot
 from avocado_infer.metrics import GatewayMetrics
-from avocado_shared.contracts import GenerateRequest, SummarizeRequest, Usage, validate_request
+from avocado_shared.contracts import (
+    GenerateRequest,
+    SummarizeRequest,
+    ToolCall,
+    Usage,
+    validate_request,
+)
 from avocado_shared.keys import ApiKey
 from avocado_shared.routing import canonical_model
 from avocado_shared.streams import (
@@ -43,6 +49,7 @@ __all__ = [
     "STREAMED",
     "USAGE",
     "Blip",
+    "Called",
     "Failure",
     "FakeGateway",
     "Handle",
@@ -87,6 +94,14 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Called:
+    """The final entry of an answer in which the model called tools."""
+
+    usage: Usage
+    tool_calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True)
 class Blip:
     """Redis fails the read here (``StreamUnavailable``), once; the steps after it are what
     the stream holds once Redis is back."""
@@ -94,8 +109,9 @@ class Blip:
     reason: str = "Connection closed by server"
 
 
-Step = str | Restart | Usage | Failure | Blip
-"""A text piece, a restart, the final entry (its ``Usage``), an error entry, or a Redis blip."""
+Step = str | Restart | Usage | Called | Failure | Blip
+"""A text piece, a restart, the final entry (its ``Usage``, or ``Called`` with tool calls), an
+error entry, or a Redis blip."""
 
 
 @dataclass
@@ -145,7 +161,7 @@ class _ScriptedStream:
         raise StreamTimedOut(f"no entry in stream for job {self.job_id} in {timeout_s}s")
 
 
-def _entry(entry_id: str, step: str | Restart | Usage | Failure) -> StreamEntry:
+def _entry(entry_id: str, step: str | Restart | Usage | Called | Failure) -> StreamEntry:
     """``step`` as a worker writes it to Redis and a reader parses it back."""
     if isinstance(step, str):
         fields = text_fields(step)
@@ -153,6 +169,8 @@ def _entry(entry_id: str, step: str | Restart | Usage | Failure) -> StreamEntry:
         fields = restart_fields(step.reason)
     elif isinstance(step, Usage):
         fields = done_fields(step)
+    elif isinstance(step, Called):
+        fields = done_fields(step.usage, tool_calls=step.tool_calls)
     else:
         fields = error_fields(step.reason)
     return parse_entry(entry_id, fields)

@@ -31,7 +31,7 @@ MODEL = "llama3.2:1b"
 # The simulator makes a whole answer before it streams it, however long: a length it makes
 # at once (a real server stops at its end of text).
 MAX_TOKENS = 32
-LENGTHS = ("max_tokens", "max_completion_tokens")
+LENGTHS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Not negative_data_rejection: the gateway reads bodies as pydantic's lax mode does (0 for
 # false, "5" for 5), as lenient as the clients it serves expect; such a body is a job like any
 # other, and no server error either.

@@ -17,8 +17,8 @@ from avocado_infer.answer import SSE
 from avocado_infer.errors import AnswerRestarted
 from avocado_infer.gateway import StoredAnswer
 from avocado_infer.ollama_api import ollama_counts
-from avocado_infer.reading import answer_pieces, whole_answer
-from avocado_shared.contracts import Usage
+from avocado_infer.reading import Ending, answer_pieces, whole_answer
+from avocado_shared.contracts import FunctionCall, ToolCall, Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.streams import (
     AsyncJobStream,
@@ -107,8 +107,8 @@ def _chunks(stream: Stream) -> list[dict[str, Any]]:
         try:
             async for piece in answer_pieces(reader, stream.job_id, MODEL, timeout_s=5):  # type: ignore[arg-type]
                 made.append(
-                    {"done": piece.completion_tokens}
-                    if isinstance(piece, Usage)
+                    {"done": piece.usage.completion_tokens}
+                    if isinstance(piece, Ending)
                     else {"text": piece}
                 )
         except AvocadoError as error:
@@ -118,7 +118,7 @@ def _chunks(stream: Stream) -> list[dict[str, Any]]:
     return stream.read(chunks)
 
 
-def _whole(stream: Stream) -> tuple[str, Usage]:
+def _whole(stream: Stream) -> tuple[str, Ending]:
     return stream.read(lambda reader: whole_answer(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
 
 
@@ -131,14 +131,13 @@ def _whole_text(stream: Stream) -> str:
 def test_pieces_then_the_counts_in_ollamas_units(stream: Stream) -> None:
     stream.write(text_fields("Avo"), text_fields("ca", 2), text_fields("do"), done_fields(USAGE))
 
-    *texts, usage = stream.read(
+    *texts, end = stream.read(
         lambda reader: _all(answer_pieces(reader, stream.job_id, MODEL, timeout_s=5))  # type: ignore[arg-type]
     )
 
     assert texts == ["Avo", "ca", "do"]
-    assert usage == USAGE
-    assert isinstance(usage, Usage)
-    assert ollama_counts(usage) == {
+    assert end == Ending(USAGE)
+    assert ollama_counts(USAGE) == {
         "done_reason": "length",
         "total_duration": 12_500_000,
         "load_duration": 250_000,
@@ -176,7 +175,22 @@ def test_a_stream_that_lost_entries_ends_from_the_stored_answer(stream: Stream) 
     stream.stored = StoredAnswer("Avocado lost.", USAGE)
 
     assert _chunks(stream) == [{"text": "Avo"}, {"text": "cado"}, {"text": " lost."}, {"done": 3}]
-    assert _whole(stream) == ("Avocado lost.", USAGE)
+    assert _whole(stream) == ("Avocado lost.", Ending(USAGE))
+
+
+def test_the_tool_calls_come_whole_with_the_end(stream: Stream) -> None:
+    call = ToolCall(id="call_1", function=FunctionCall(name="weather", arguments='{"a": 1}'))
+    stream.write(text_fields("Let me see."), done_fields(USAGE, length=11, tool_calls=[call]))
+
+    assert _whole(stream) == ("Let me see.", Ending(USAGE, (call,)))
+
+
+def test_lost_entries_take_the_tool_calls_from_the_stored_answer(stream: Stream) -> None:
+    call = ToolCall(id="call_1", function=FunctionCall(name="weather", arguments="{}"))
+    stream.write(text_fields("Let"), done_fields(USAGE, length=11, tool_calls=[call]))
+    stream.stored = StoredAnswer("Let me see.", USAGE, (call,))
+
+    assert _whole(stream) == ("Let me see.", Ending(USAGE, (call,)))
 
 
 def test_a_stream_as_long_as_its_end_says_is_whole(stream: Stream) -> None:

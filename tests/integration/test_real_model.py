@@ -1,7 +1,7 @@
 """Jobs on a real model through RabbitMQ: SmolLM2-135M-Instruct (the embedded default) on
 llama-cpp-python's OpenAI-compatible server, the way start-ml-services.sh runs it without
-Ollama; from Python and through the gateway with the ``ollama`` client and the ``openai`` SDK.
-Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
+Ollama; from Python and through the gateway with the ``ollama`` client, the ``openai`` SDK and
+LangChain. Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
+from langchain_core.messages import AIMessage
+from langchain_openai import ChatOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from avocado_shared import GenerateResult, JobStatus, Producer, Settings
@@ -27,6 +30,7 @@ from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet, assert_counts
 from tests.inprocess import InProcessWorker
 from tests.services import REDIS_URL, VENV_BIN, WorkerProcess, free_port, stop_group, wait_for
+from tests.tools import WEATHER
 
 WAIT = 180
 CONTEXT = 1024
@@ -307,3 +311,92 @@ def test_show_and_models_retrieve_on_the_real_model(fleet: Fleet, settings: Sett
     assert shown.capabilities == ["completion"]
     assert shown.modelinfo == {}
     assert (retrieved.id, retrieved.object, retrieved.owned_by) == (MODEL, "model", "avocado")
+
+
+def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet) -> None:
+    """SmolLM2's chat template shows the model no tools: llama-cpp-python's server makes a
+    call only for a ``tool_choice`` that names the function (a grammar from its schema),
+    answers ``auto`` in prose, as it would straight, and ignores ``required``, which the
+    fleet then fails with a reason that says so."""
+    client = fleet.openai()
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the weather in Lima?"}
+    ]
+    named: dict[str, Any] = {"type": "function", "function": {"name": "weather"}}
+    sampling: dict[str, Any] = {"max_tokens": 24, "temperature": 0, "seed": 7}
+
+    called = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice=named,
+        **sampling,  # type: ignore[list-item]
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice=named,
+            stream=True,
+            **sampling,
+        )
+    )
+    prose = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],  # type: ignore[list-item]
+        **sampling,
+    )
+    [made] = called.choices[0].message.tool_calls or []
+    history: list[Any] = [
+        *messages,
+        called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": made.id, "content": "Sunny, 24 C"},
+    ]
+    answered = client.chat.completions.create(
+        model=MODEL,
+        messages=history,
+        tools=[WEATHER],  # type: ignore[list-item]
+        **sampling,
+    )
+    with pytest.raises(openai.APIStatusError, match="does not honour tool_choice"):
+        client.with_options(max_retries=0).chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=[WEATHER],
+            tool_choice="required",
+            **sampling,  # type: ignore[list-item]
+        )
+    chain = ChatOpenAI(
+        model=MODEL,
+        base_url=f"{fleet.gateway.url}/v1",
+        api_key="none",  # type: ignore[arg-type]
+        temperature=0,
+        timeout=fleet.wait,
+    ).bind_tools([WEATHER], tool_choice="weather")
+    chained = chain.invoke("What is the weather in Lima?")
+    asked: dict[str, Any] = {"input": "Name one vegetable.", "max_output_tokens": 16}
+    response = client.responses.create(model=MODEL, temperature=0, **asked)
+    events = list(client.responses.create(model=MODEL, temperature=0, stream=True, **asked))
+
+    assert called.choices[0].finish_reason == "tool_calls"
+    [call] = called.choices[0].message.tool_calls or []
+    assert call.function.name == "weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    [stored] = fleet.result(called.id.removeprefix("chatcmpl-")).tool_calls
+    assert (stored.id, stored.function.arguments) == (call.id, call.function.arguments)
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    streamed = "".join(d.function.arguments or "" for d in deltas if d.function)
+    assert json.loads(streamed) == json.loads(call.function.arguments)  # greedy: the same call
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert prose.choices[0].message.content
+    said = fleet.result(answered.id.removeprefix("chatcmpl-"))
+    assert answered.choices[0].message.content == said.text != ""
+    assert not prose.choices[0].message.tool_calls
+    assert response.output_text == fleet.result(response.id.removeprefix("resp_")).text != ""
+    assert isinstance(chained, AIMessage)
+    assert [c["name"] for c in chained.tool_calls] == ["weather"]
+    ended = events[-1]
+    assert ended.type == f"response.{response.status}"  # completed, or cut: incomplete
+    assert ended.response.output_text == response.output_text  # greedy: the same answer

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from avocado_shared import JobFailed, Producer, ResultStore, Usage
+from avocado_shared.contracts import FunctionCall, ToolCall
 from avocado_shared.streams import (
     EntryKind,
     JobStream,
@@ -32,6 +33,7 @@ from ollama_worker.ollama import OllamaClient
 from tests.conftest import WorkerFactory
 from tests.midanswer import ASK, MODEL, TOKENS, continued_from, longest_gap
 from tests.services import REDIS_URL
+from tests.tools import WEATHER
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +242,40 @@ def test_a_job_run_again_after_it_failed_streams_afresh(rig: Rig) -> None:
     expected = rig.reference.generate(MODEL, ASK).text
     assert rig.send(job_id).get(timeout=WAIT)["text"] == expected
     assert rig.stream(job_id).text(timeout_s=WAIT) == expected
+
+
+def _send_chat_with_tools(rig: Rig, job_id: str) -> Any:
+    request = {"messages": [{"role": "user", "content": ASK}], "tools": [WEATHER]}
+    return rig.producer.app.send_task(GENERATE_TASK, kwargs={"request": request}, task_id=job_id)
+
+
+def test_an_answer_that_may_call_tools_starts_over_instead_of_continuing(rig: Rig) -> None:
+    # Its worker streamed some text and died: no server continues that into a tool call.
+    job_id = uuid.uuid4().hex
+    rig.write(job_id, text_fields("Let me"))
+    rig.workers(rig.sim.url)
+
+    result = _send_chat_with_tools(rig, job_id).get(timeout=WAIT)
+
+    entries = list(rig.stream(job_id).entries(timeout_s=WAIT))
+    assert [e.kind for e in entries] == [EntryKind.TEXT, EntryKind.RESTART, EntryKind.DONE]
+    assert entries[1].reason == "an answer that may call tools cannot be continued"
+    assert [c["function"]["name"] for c in result["tool_calls"]] == ["weather"]
+    assert [c.model_dump() for c in entries[-1].tool_calls] == result["tool_calls"]
+    asked = rig.sim.requests.last("/api/chat").body["messages"]
+    assert asked == [{"role": "user", "content": ASK}]  # asked anew, no trailing assistant
+
+
+def test_tool_calls_of_a_stream_that_ended_whole_are_the_result(rig: Rig) -> None:
+    # Its worker wrote the end, with the calls, and died before storing the result.
+    job_id = uuid.uuid4().hex
+    call = ToolCall(id="call_1", function=FunctionCall(name="weather", arguments='{"city":"x"}'))
+    usage = Usage(model=MODEL, done_reason="stop", prompt_tokens=4)
+    rig.write(job_id, done_fields(usage, length=0, tool_calls=[call]))
+    rig.workers(rig.sim.url)
+
+    result = _send_chat_with_tools(rig, job_id).get(timeout=WAIT)
+
+    assert result["tool_calls"] == [call.model_dump()]
+    assert result["text"] == ""
+    assert rig.sim.generation_calls == 0

@@ -15,6 +15,7 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from avocado_sim import OllamaSimulator, SimConfig
+from tests.tools import WEATHER
 
 MODEL = "llama3.2:1b"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -269,3 +270,51 @@ def test_the_openai_sdk_sees_its_own_error_classes(
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         sdk.chat.completions.create(model="nope:1b", messages=[{"role": "user", "content": "hi"}])
     assert sorted(m.id for m in sdk.models.list()) == sorted([MODEL, "qwen2.5:0.5b"])
+
+
+def test_a_chat_with_tools_calls_one_whole_and_in_deltas(sdk: openai.OpenAI) -> None:
+    asked: list[Any] = [{"role": "user", "content": "Weather in Lima?"}]
+    whole = sdk.chat.completions.create(model=MODEL, messages=asked, tools=[WEATHER])
+    chunks = list(
+        sdk.chat.completions.create(model=MODEL, messages=asked, tools=[WEATHER], stream=True)
+    )
+
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.function.name == "weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert (deltas[0].id, deltas[0].function and deltas[0].function.name) == (call.id, "weather")
+    pieces = [d.function.arguments for d in deltas[1:] if d.function]
+    assert len(pieces) > 1  # the arguments in pieces, as OpenAI streams them
+    assert "".join(p or "" for p in pieces) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_tools_result_or_tool_choice_none_gets_text(sdk: openai.OpenAI) -> None:
+    asked: list[Any] = [{"role": "user", "content": "Weather in Lima?"}]
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    answered: list[Any] = [
+        *asked,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    for messages, choice in ((answered, "auto"), (asked, "none")):
+        reply = sdk.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER], tool_choice=choice
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.choices[0].message.content
+
+
+def test_a_tool_choice_naming_no_tool_is_a_400(http: httpx.Client) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "clock"}},
+    }
+    answer = http.post("/chat/completions", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "tool_choice names no tool: 'clock'"

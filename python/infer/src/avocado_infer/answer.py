@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from avocado_infer.gateway import Gateway
-from avocado_infer.reading import answer_pieces, whole_answer
-from avocado_shared.contracts import InvalidRequest, Usage
+from avocado_infer.reading import Ending, answer_pieces, whole_answer
+from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import AvocadoError
 from avocado_shared.keys import ApiKey
 from avocado_shared.routing import Lane, parse_lane
@@ -29,6 +29,7 @@ __all__ = [
     "LANE_HTTP_HEADER",
     "NDJSON",
     "SSE",
+    "SSE_EVENTS",
     "Encoder",
     "Framing",
     "answer",
@@ -64,14 +65,14 @@ class Framing:
 class Encoder(Protocol):
     """One API's shapes of an answer; it knows nothing of jobs, streams or clients."""
 
-    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
+    def whole(self, text: str, end: Ending) -> dict[str, Any]:
         """The whole answer in one object."""
 
-    def piece(self, text: str) -> dict[str, Any]:
-        """A streamed piece of the text."""
+    def piece(self, text: str) -> Iterable[dict[str, Any]]:
+        """The chunks of a streamed piece of the text."""
 
-    def last(self, usage: Usage) -> Iterable[dict[str, Any]]:
-        """The chunks that end a streamed answer."""
+    def last(self, end: Ending) -> Iterable[dict[str, Any]]:
+        """The chunks that end a streamed answer (the tool calls among them)."""
 
     def failed(self, error: AvocadoError) -> dict[str, Any]:
         """The chunk that ends a streamed answer whose job failed once streaming began."""
@@ -137,23 +138,21 @@ async def answer(
 
 
 async def _encoded(
-    first: str | Usage, rest: AsyncIterator[str | Usage], shapes: Encoder
+    first: str | Ending, rest: AsyncIterator[str | Ending], shapes: Encoder
 ) -> AsyncIterator[dict[str, Any]]:
     """The API's chunks for the answer; a failure once streaming began ends it with
     ``shapes.failed``'s chunk (the status was sent with the first)."""
 
-    async def every() -> AsyncIterator[str | Usage]:
+    async def every() -> AsyncIterator[str | Ending]:
         yield first
         async for piece in rest:
             yield piece
 
     try:
         async for piece in every():
-            if isinstance(piece, Usage):
-                for chunk in shapes.last(piece):
-                    yield chunk
-            else:
-                yield shapes.piece(piece)
+            chunks = shapes.last(piece) if isinstance(piece, Ending) else shapes.piece(piece)
+            for chunk in chunks:
+                yield chunk
     except AvocadoError as error:
         yield shapes.failed(error)
 
@@ -234,5 +233,13 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         yield b"data: [DONE]\n\n"
 
 
+async def _sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Server-sent events named by each chunk's ``type``, as OpenAI's Responses API streams
+    (no ``[DONE]``)."""
+    async for chunk in chunks:
+        yield f"event: {chunk['type']}\n".encode() + b"data: " + _line(chunk) + b"\n\n"
+
+
 NDJSON = Framing("application/x-ndjson", _ndjson)
 SSE = Framing("text/event-stream", _sse)
+SSE_EVENTS = Framing("text/event-stream", _sse_events)

@@ -29,6 +29,7 @@ from avocado_shared.contracts import (
     JobKind,
     SummarizeRequest,
     SummarizeResult,
+    ToolCall,
     Usage,
 )
 from avocado_shared.errors import AvocadoError, TransientError, Unavailable
@@ -56,6 +57,7 @@ class StoredAnswer:
 
     text: str
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ class Gateway:
         if row.status is not JobStatus.SUCCESS or row.result is None:
             raise StreamFailed(f"job {job_id} failed: {row.error}")
         result = GenerateResult.model_validate(row.result)
-        return StoredAnswer(result.text, result.usage())
+        return StoredAnswer(result.text, result.usage(), tuple(result.tool_calls))
 
     async def key(self, secret: str) -> ApiKey | None:
         """The API key of ``secret``; None when it is unknown or revoked."""

@@ -4,7 +4,8 @@ Ollama's chunk shape (one object with ``"stream": false``); ``/api/tags``, ``/ap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import version
 from typing import Any, Literal
@@ -13,10 +14,11 @@ from fastapi import APIRouter, Request, Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from avocado_infer.answer import NDJSON, Framing, answer
-from avocado_infer.bodies import NOT_BLANK
+from avocado_infer.bodies import NOT_BLANK, ToolCallBody
 from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
-from avocado_shared.contracts import Usage
+from avocado_infer.reading import Ending
+from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.fleet import ModelMeta
 
@@ -62,10 +64,16 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_name: str | None = None
 
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+
+    def job_fields(self) -> dict[str, Any]:
+        return super().job_fields() | ({"tools": self.tools} if self.tools else {})
 
 
 def _now() -> str:
@@ -79,7 +87,10 @@ def ollama_counts(usage: Usage) -> dict[str, Any]:
         return round(ms * 1e6)
 
     return {
-        "done_reason": usage.done_reason or "stop",
+        # Ollama's reason for an answer that called tools is "stop" (OpenAI's: tool_calls).
+        "done_reason": usage.done_reason
+        if usage.done_reason not in (None, "tool_calls")
+        else "stop",
         "total_duration": ns(usage.total_duration_ms),
         "load_duration": ns(usage.load_duration_ms),
         "prompt_eval_count": usage.prompt_tokens,
@@ -101,17 +112,50 @@ class _Shapes:
     def _chunk(self, model: str, text: str, done: bool) -> dict[str, Any]:
         return {"model": model, "created_at": _now(), self.key: self.value(text), "done": done}
 
-    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
-        return self._chunk(usage.model, text, True) | ollama_counts(usage)
+    def whole(self, text: str, end: Ending) -> dict[str, Any]:
+        chunk = self._chunk(end.usage.model, text, True) | ollama_counts(end.usage)
+        if end.tool_calls:
+            chunk[self.key]["tool_calls"] = _calls(end.tool_calls)
+        return chunk
 
-    def piece(self, text: str) -> dict[str, Any]:
-        return self._chunk(self.model, text, False)
+    def piece(self, text: str) -> list[dict[str, Any]]:
+        return [self._chunk(self.model, text, False)]
 
-    def last(self, usage: Usage) -> list[dict[str, Any]]:
-        return [self.whole("", usage)]
+    def last(self, end: Ending) -> list[dict[str, Any]]:
+        """The tool calls in a chunk of their own, as Ollama streams them, then the counts."""
+        final = self.whole("", Ending(end.usage))
+        if not end.tool_calls:
+            return [final]
+        calls = self._chunk(self.model, "", False)
+        calls[self.key]["tool_calls"] = _calls(end.tool_calls)
+        return [calls, final]
 
     def failed(self, error: AvocadoError) -> dict[str, Any]:
         return {"error": str(error)}
+
+
+def _calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls in Ollama's shape: the arguments an object (left as the model's text when
+    that is not one, rather than dropped)."""
+    return [
+        {
+            "id": call.id,
+            "function": {
+                "index": index,
+                "name": call.function.name,
+                "arguments": _arguments(call.function.arguments),
+            },
+        }
+        for index, call in enumerate(calls)
+    ]
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def _message(text: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ errors in OpenAI's shape."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -14,11 +14,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from avocado_infer.answer import SSE, Framing, answer
-from avocado_infer.bodies import NOT_BLANK
+from avocado_infer.bodies import NOT_BLANK, ToolCallBody
 from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import documented_errors, error_route, http_status
 from avocado_infer.gateway import ServedModel
-from avocado_shared.contracts import InvalidRequest, Usage
+from avocado_infer.reading import Ending
+from avocado_shared.contracts import InvalidRequest, ToolCall, Usage
 from avocado_shared.errors import AvocadoError
 
 __all__ = ["openai_error", "router"]
@@ -108,16 +109,35 @@ class ContentPart(_Lenient):
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
 
-    def job_message(self) -> dict[str, str]:
-        """As a job's message: text parts joined; OpenAI's ``developer`` is a system turn."""
+    def job_message(self) -> dict[str, Any]:
+        """As a job's message: text parts joined; OpenAI's ``developer`` is a system turn;
+        an assistant's tool calls and a tool result's link kept (the job contract checks
+        them)."""
         content = self.content
         if isinstance(content, list):
             if any(p.type != "text" for p in content):
                 raise InvalidRequest("only text content parts are supported")
             content = "".join(p.text or "" for p in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionTool(_Lenient):
+    """A tool of OpenAI's chat: functions are the kind every backend takes."""
+
+    type: Literal["function"]
+    function: dict[str, Any]
+
+
+ToolChoice = Literal["none", "auto", "required"] | dict[str, Any]
 
 
 class ResponseFormat(_Lenient):
@@ -140,6 +160,26 @@ class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # The deprecated forms of tools, refused in words rather than ignored.
+    functions: list[Any] | None = Field(default=None, json_schema_extra={"deprecated": True})
+    function_call: Any = Field(default=None, json_schema_extra={"deprecated": True})
+
+    def job_tools(self) -> dict[str, Any]:
+        """The job's tool fields that the request sets."""
+        if self.functions is not None or self.function_call is not None:
+            raise InvalidRequest(
+                "functions and function_call are not supported: send tools and tool_choice"
+            )
+        tools = None if self.tools is None else [t.model_dump() for t in self.tools]
+        fields = {
+            "tools": tools,
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 Prompt = Annotated[str, Field(json_schema_extra=NOT_BLANK)]
@@ -155,8 +195,15 @@ class CompletionBody(_Body):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-def _finish_reason(usage: Usage) -> str:
-    return "length" if usage.done_reason == "length" else "stop"
+def _finish_reason(end: Ending) -> str:
+    if end.tool_calls:
+        return "tool_calls"
+    return "length" if end.usage.done_reason == "length" else "stop"
+
+
+def _calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls in OpenAI's shape (a message's ``tool_calls``)."""
+    return [call.model_dump() for call in calls]
 
 
 def _usage(usage: Usage) -> dict[str, int]:
@@ -185,20 +232,30 @@ class _Shapes:
     def _head(self, object_: str, model: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": model}
 
-    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
+    def whole(self, text: str, end: Ending) -> dict[str, Any]:
         """The whole answer in one object."""
         choice: dict[str, Any] = {"index": 0, "logprobs": None}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if end.tool_calls:
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": _calls(end.tool_calls),
+                }
         else:
             choice["text"] = text
-        choice["finish_reason"] = _finish_reason(usage)
+        choice["finish_reason"] = _finish_reason(end)
+        usage = end.usage
         return self._head(self.object, usage.model) | {"choices": [choice], "usage": _usage(usage)}
 
-    def _chunk(self, text: str | None, finish_reason: str | None, model: str) -> dict[str, Any]:
+    def _chunk(
+        self, text: str | None, finish_reason: str | None, model: str, **delta_fields: Any
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None}
         if self.chat:
-            delta: dict[str, str] = {} if text is None else {"content": text}
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            delta.update(delta_fields)
             if not self._role_sent:
                 delta = {"role": "assistant", **delta}
                 self._role_sent = True
@@ -210,13 +267,22 @@ class _Shapes:
         chunk = self._head(object_, model) | {"choices": [choice]}
         return chunk | {"usage": None} if self.include_usage else chunk
 
-    def piece(self, text: str) -> dict[str, Any]:
+    def piece(self, text: str) -> list[dict[str, Any]]:
         """A streamed piece of the text."""
-        return self._chunk(text, None, self.model)
+        return [self._chunk(text, None, self.model)]
 
-    def last(self, usage: Usage) -> Iterable[dict[str, Any]]:
-        """The chunk that says why the answer ended, then the usage chunk if asked for."""
-        yield self._chunk(None, _finish_reason(usage), usage.model)
+    def last(self, end: Ending) -> Iterable[dict[str, Any]]:
+        """The tool calls as OpenAI streams them (a delta with a call's index, id and name,
+        then one with its arguments), the chunk that says why the answer ended, then the
+        usage chunk if asked for."""
+        usage = end.usage
+        for index, call in enumerate(end.tool_calls):
+            head = {"index": index, "id": call.id, "type": "function"}
+            named = head | {"function": {"name": call.function.name, "arguments": ""}}
+            yield self._chunk(None, None, self.model, tool_calls=[named])
+            arguments = {"index": index, "function": {"arguments": call.function.arguments}}
+            yield self._chunk(None, None, self.model, tool_calls=[arguments])
+        yield self._chunk(None, _finish_reason(end), usage.model)
         if self.include_usage:
             object_ = "chat.completion.chunk" if self.chat else "text_completion"
             yield self._head(object_, usage.model) | {"choices": [], "usage": _usage(usage)}
@@ -237,6 +303,7 @@ async def chat_completions(body: ChatBody, gateway: GatewayDep, request: Request
         "model": body.model,
         "options": body.job_options(body.max_completion_tokens),
         "format": body.response_format.job_format() if body.response_format else None,
+        **body.job_tools(),
     }
     return await answer(request, gateway, job, body.shapes(chat=True), streamed=body.stream)
 

@@ -1,11 +1,11 @@
 """A job's answer read from its token stream as the worker writes it: text pieces, then its
-``Usage``. Redis may fail under a reader (restarted, a network blip): the reader waits for it
-and goes on after the last entry it read; while it waits, and until the stream moves again,
-it also looks at the job's stored result, and once the job has one, gives the rest of the
-answer from it (a worker whose stream writes failed goes on and stores its whole answer).
-A stream whose end says it holds more text than was read lost entries (Redis can lose its
-last writes when it dies): the rest comes from the stored answer too. The client sees a
-pause, not an error."""
+``Ending`` (its ``Usage`` and the tool calls the model made). Redis may fail under a reader
+(restarted, a network blip): the reader waits for it and goes on after the last entry it read;
+while it waits, and until the stream moves again, it also looks at the job's stored result, and
+once the job has one, gives the rest of the answer from it (a worker whose stream writes failed
+goes on and stores its whole answer). A stream whose end says it holds more text than was read
+lost entries (Redis can lose its last writes when it dies): the rest comes from the stored
+answer too. The client sees a pause, not an error."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import anyio
 
 from avocado_infer.errors import AnswerRestarted
 from avocado_infer.gateway import Gateway, StoredAnswer
-from avocado_shared.contracts import Usage
+from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.streams import EntryKind, StreamFailed, StreamTimedOut, StreamUnavailable
 
-__all__ = ["answer_pieces", "whole_answer"]
+__all__ = ["Ending", "answer_pieces", "whole_answer"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,15 @@ _STORED_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
+class Ending:
+    """How an answer ended: what it cost and the tools the model called (whole: a stream
+    carries them in its final entry)."""
+
+    usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
 class _Restart:
     """The answer starts over here (its job was redelivered to a server that cannot continue
     it): the text read before is void."""
@@ -42,13 +51,13 @@ class _Restart:
     reason: str
 
 
-_Read = str | Usage | _Restart
+_Read = str | Ending | _Restart
 
 
 async def _read(
     gateway: Gateway, job_id: str, model: str, timeout_s: float
 ) -> AsyncIterator[_Read]:
-    """The stream's text pieces, restarts and, last, the usage. ``StreamFailed`` when the job
+    """The stream's text pieces, restarts and, last, the ending. ``StreamFailed`` when the job
     failed, ``StreamTimedOut`` after ``timeout_s`` with neither a new entry nor a result."""
     stream = gateway.stream(job_id)
     after = "0-0"
@@ -74,7 +83,7 @@ async def _read(
                         async for read in _rest(stored, "".join(given), job_id):
                             yield read
                     else:
-                        yield entry.usage or Usage(model=model)
+                        yield Ending(entry.usage or Usage(model=model), entry.tool_calls)
                     return
                 elif entry.kind is EntryKind.ERROR:
                     raise StreamFailed(f"job {job_id} failed: {entry.reason}")
@@ -99,12 +108,12 @@ async def _read(
 
 
 async def _rest(stored: StoredAnswer, given: str, job_id: str) -> AsyncIterator[_Read]:
-    """What the stored answer holds beyond the text already given out, then its usage."""
+    """What the stored answer holds beyond the text already given out, then its ending."""
     if not stored.text.startswith(given):  # cannot be: the result is what was streamed
         logger.warning("job %s: its stored answer does not begin with what was read", job_id)
     if len(stored.text) > len(given):
         yield stored.text[len(given) :]
-    yield stored.usage
+    yield Ending(stored.usage, stored.tool_calls)
 
 
 async def _stored_soon(gateway: Gateway, job_id: str) -> StoredAnswer | None:
@@ -118,8 +127,8 @@ async def _stored_soon(gateway: Gateway, job_id: str) -> StoredAnswer | None:
 
 async def answer_pieces(
     gateway: Gateway, job_id: str, model: str, timeout_s: float
-) -> AsyncIterator[str | Usage]:
-    """The answer's text pieces as they are written, then its ``Usage``. Raises
+) -> AsyncIterator[str | Ending]:
+    """The answer's text pieces as they are written, then its ``Ending``. Raises
     ``StreamFailed`` when the job failed, ``AnswerRestarted`` when it started over after text
     was given out, ``StreamTimedOut`` after ``timeout_s`` without a new entry."""
     given = False
@@ -137,11 +146,11 @@ async def answer_pieces(
 
 async def whole_answer(
     gateway: Gateway, job_id: str, model: str, timeout_s: float
-) -> tuple[str, Usage]:
-    """The whole answer as stored (a restart drops what came before it) and its usage."""
+) -> tuple[str, Ending]:
+    """The whole answer as stored (a restart drops what came before it) and its ending."""
     parts: list[str] = []
     async for read in _read(gateway, job_id, model, timeout_s):
-        if isinstance(read, Usage):
+        if isinstance(read, Ending):
             return "".join(parts), read
         if isinstance(read, _Restart):
             parts.clear()

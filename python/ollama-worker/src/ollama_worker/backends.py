@@ -17,7 +17,7 @@ from ollama_worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11
 
-__all__ = ["Answer", "Backend", "make_backend", "pull_progress"]
+__all__ = ["Answer", "Backend", "ChatAnswer", "make_backend", "pull_progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ class Answer(TypedDict, total=False):
     keep_alive: str | int | None
     on_chunk: ChunkSink | None
     partial: str
+
+
+class ChatAnswer(Answer, total=False):
+    """How to answer a chat: ``Answer``'s and the tools the model may call."""
+
+    tools: Sequence[Mapping[str, Any]] | None
+    tool_choice: str | Mapping[str, Any] | None
+    parallel_tool_calls: bool | None
 
 
 class Backend(Protocol):
@@ -69,7 +77,7 @@ class Backend(Protocol):
         """Answer ``prompt`` (after ``system``)."""
 
     def chat(
-        self, model: str, messages: Sequence[Mapping[str, Any]], **answer: Unpack[Answer]
+        self, model: str, messages: Sequence[Mapping[str, Any]], **answer: Unpack[ChatAnswer]
     ) -> Completion:
         """Answer the last of ``messages``."""
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from avocado_shared.contracts import Usage
+from avocado_shared.contracts import ToolCall, Usage
 from ollama_worker.errors import JobTimedOut, PermanentError, TransientError
 
 __all__ = [
@@ -104,10 +104,12 @@ def retry_after(response: httpx.Response) -> float | None:
 
 @dataclass(frozen=True)
 class Completion:
-    """One finished generation: the text and what it cost, as the server measured it."""
+    """One finished generation: the text, the tool calls the model made, and what it cost,
+    as the server measured it."""
 
     text: str
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @classmethod
     def combine(cls, text: str, parts: Sequence[Completion]) -> Completion:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import httpx
 
-from avocado_shared.contracts import Usage
+from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.fleet import ModelMeta
 from avocado_shared.routing import canonical_model, canonical_models
 from ollama_worker.inference import (
@@ -23,6 +24,7 @@ from ollama_worker.inference import (
     retry_after,
     with_partial,
 )
+from ollama_worker.tool_calls import ollama_calls, ollama_message
 
 __all__ = [
     "Completion",
@@ -218,18 +220,35 @@ class OllamaClient(HTTPBackend):
         keep_alive: str | int | None = None,
         on_chunk: ChunkSink | None = None,
         partial: str = "",
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
         """Run ``/api/chat`` streamed and return the assistant's whole answer; each piece
         goes to ``on_chunk`` as it comes. A ``partial`` answer is continued, and leads the
-        returned text."""
-        body = _body(model, options, format, keep_alive, messages=with_partial(messages, partial))
-        return self._complete(
+        returned text.
+
+        Ollama's API has no ``tool_choice``: ``none`` sends no tools, ``auto`` is its way;
+        a choice that forces a call fails at once (``OllamaRejected``) rather than be ignored.
+        ``parallel_tool_calls=False`` keeps the first call of an answer that made several."""
+        if tool_choice not in (None, "auto", "none"):
+            raise OllamaRejected(
+                f"tool_choice {tool_choice!r} cannot be honoured: Ollama's API cannot force a "
+                "tool call (send auto or none, or use an OpenAI-compatible backend)"
+            )
+        wire = [ollama_message(m) for m in with_partial(messages, partial)]
+        offered = tools if tool_choice != "none" else None
+        body = _body(model, options, format, keep_alive, messages=wire, tools=offered)
+        done = self._complete(
             "/api/chat",
             body,
             lambda chunk: (chunk.get("message") or {}).get("content", ""),
             on_chunk,
             partial,
         )
+        if parallel_tool_calls is False and len(done.tool_calls) > 1:
+            return replace(done, tool_calls=done.tool_calls[:1])
+        return done
 
     def _complete(
         self,
@@ -239,16 +258,19 @@ class OllamaClient(HTTPBackend):
         on_chunk: ChunkSink | None = None,
         partial: str = "",
     ) -> Completion:
-        """Accumulate a streamed answer; the last chunk carries the counts and durations."""
+        """Accumulate a streamed answer and the tool calls of its chunks (whole in one, in
+        Ollama's API); the last chunk carries the counts and durations."""
         parts = [partial]
+        calls: list[ToolCall] = []
         final: dict[str, Any] = {}
         for chunk in self._stream(path, body):
             text = text_of(chunk)
             parts.append(text)
             if on_chunk is not None and text:
                 on_chunk(text)
+            calls += ollama_calls((chunk.get("message") or {}).get("tool_calls") or ())
             final = chunk
-        return _completion("".join(parts), final)
+        return replace(_completion("".join(parts), final), tool_calls=tuple(calls))
 
 
 def _meta(shown: Mapping[str, Any]) -> ModelMeta:

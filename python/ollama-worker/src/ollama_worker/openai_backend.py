@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ from ollama_worker.inference import (
     retry_after,
     with_partial,
 )
+from ollama_worker.tool_calls import DeltaCalls, openai_message
 
 __all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable"]
 
@@ -291,24 +293,35 @@ class OpenAIClient(HTTPBackend):
         options: Mapping[str, Any] | None = None,
         on_chunk: ChunkSink | None = None,
         partial: str = "",
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         **ollama_only: Any,
     ) -> Completion:
-        """Run ``/v1/chat/completions`` streamed and return the assistant's whole answer; each
-        piece goes to ``on_chunk`` as it comes. A ``partial`` answer is continued with vLLM's
-        ``continue_final_message`` (also SGLang's, TGI's, llama.cpp's server's) and leads the
-        returned text. Ollama-only arguments (``keep_alive``) have no meaning here."""
+        """Run ``/v1/chat/completions`` streamed and return the assistant's whole answer (its
+        text and tool calls); each piece of text goes to ``on_chunk`` as it comes. A
+        ``partial`` answer is continued with vLLM's ``continue_final_message`` (also SGLang's,
+        TGI's, llama.cpp's server's) and leads the returned text. Ollama-only arguments
+        (``keep_alive``) have no meaning here."""
         body: dict[str, Any] = {
             "model": model,
-            "messages": with_partial(messages, partial),
+            "messages": [openai_message(m) for m in with_partial(messages, partial)],
             "stream": True,
             "stream_options": {"include_usage": True},
             **_options(options),
         }
+        asked = {
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": parallel_tool_calls,
+        }
+        body.update({name: value for name, value in asked.items() if value is not None})
         if partial:
             body.update(continue_final_message=True, add_generation_prompt=False)
         if format is not None:
             body["response_format"] = _response_format(format)
         parts: list[str] = []
+        calls = DeltaCalls()
         served, reason = model, None
         usage: dict[str, Any] = {}
         timings: dict[str, Any] = {}
@@ -316,7 +329,9 @@ class OpenAIClient(HTTPBackend):
         for event in self._events("/chat/completions", body):
             served = str(event.get("model") or served)
             for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or ""
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+                calls.add(delta.get("tool_calls") or ())
                 parts.append(text)
                 if on_chunk is not None and text:
                     on_chunk(text)
@@ -335,7 +350,8 @@ class OpenAIClient(HTTPBackend):
             # chunk, so the chunks that carried text are the completion's tokens.
             usage = {"completion_tokens": sum(1 for part in parts if part)}
         elapsed_ms = (time.monotonic() - started) * 1000
-        return _completion(partial + "".join(parts), served, reason, usage, timings, elapsed_ms)
+        done = _completion(partial + "".join(parts), served, reason, usage, timings, elapsed_ms)
+        return replace(done, tool_calls=tuple(calls.calls()))
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was

@@ -20,7 +20,6 @@ from avocado_shared.contracts import (
     JobResult,
     SummarizeRequest,
     SummarizeResult,
-    Usage,
     parse_result,
     validate_request,
 )
@@ -37,6 +36,7 @@ from ollama_worker.resources import Resources, resources_of
 from ollama_worker.results import node_name, record, record_quietly, stored_success
 from ollama_worker.summary import summarize_text
 from ollama_worker.token_stream import TokenStream, failure_reason
+from ollama_worker.tool_calls import honoured, linked_messages, tool_request
 
 __all__ = ["JobTask", "register"]
 
@@ -219,10 +219,10 @@ def _generate(
             on_chunk=stream.append,
             partial=streamed.text,
         )
-    messages = [m.model_dump(exclude_none=True) for m in job.messages]
+    messages = linked_messages(job.messages)
     if job.system:
         messages.insert(0, {"role": "system", "content": job.system})
-    return client.chat(
+    done = client.chat(
         model,
         messages,
         options=options,
@@ -230,7 +230,9 @@ def _generate(
         keep_alive=job.keep_alive,
         on_chunk=stream.append,
         partial=streamed.text,
+        **tool_request(job),
     )
+    return honoured(job, done)
 
 
 def _summarize(
@@ -247,10 +249,14 @@ def _summarize(
     )
 
 
-def _generated(task: JobTask, text: str, usage: Usage) -> GenerateResult:
-    """The result of a generation of ``text`` that cost ``usage``."""
+def _generated(task: JobTask, done: Completion) -> GenerateResult:
+    """The result of a generation."""
     return GenerateResult(
-        job_id=str(task.request.id), text=text, worker=node_name(task), **usage.model_dump()
+        job_id=str(task.request.id),
+        text=done.text,
+        tool_calls=list(done.tool_calls),
+        worker=node_name(task),
+        **done.usage.model_dump(),
     )
 
 
@@ -264,12 +270,14 @@ def generate(
     job = _parse(self, GenerateRequest, request)
     resources = self.resources
     model = resources.model_name(job.model)
-    with resources.streams.open(str(self.request.id)) as stream:
+    # An answer that may call tools starts over rather than continue: no server continues a
+    # trailing assistant message into a tool call.
+    with resources.streams.open(str(self.request.id), continuable=not job.tools) as stream:
         done = stream.earlier_answer()
         if done is None:
             done = self.attempt(lambda client: _generate(resources, client, job, model, stream))
-            stream.finish(done.usage)
-    return self.finish(_generated(self, done.text, done.usage))
+            stream.finish(done.usage, done.tool_calls)
+    return self.finish(_generated(self, done))
 
 
 def summarize(

@@ -22,14 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from celery.exceptions import Retry
 from redis import Redis
 from redis.exceptions import RedisError
 
 from avocado_shared.cancel import JobCancelled, cancel_key
-from avocado_shared.contracts import Usage
+from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.streams import (
     EntryKind,
     JobStream,
@@ -74,12 +74,13 @@ class TokenStreams:
         self._ttl_s = ttl_s
         self._resume = resume
 
-    def open(self, job_id: str) -> TokenStream:
+    def open(self, job_id: str, continuable: bool = True) -> TokenStream:
         """The job's stream writer, holding in ``streamed`` what earlier attempts streamed.
 
         A stream that ended in an error belonged to a run that is over (the job is run
         again): it starts afresh. One that cannot be read, or that this server cannot
-        continue (``stream_resume=restart``), gets a restart entry: readers drop what came
+        continue (``stream_resume=restart``), or whose answer cannot be (not
+        ``continuable``: it may call tools), gets a restart entry: readers drop what came
         before it.
         """
         reader = JobStream(self._client(), self._key_prefix, job_id)
@@ -96,6 +97,9 @@ class TokenStreams:
             return stream
         if streamed.text and self._resume == "restart":
             stream.add(restart_fields("the inference server cannot continue a partial answer"))
+            return stream
+        if streamed.text and streamed.end is None and not continuable:
+            stream.add(restart_fields("an answer that may call tools cannot be continued"))
             return stream
         if streamed.text:
             logger.info("job %s continues its streamed answer (%d chunks)", job_id, streamed.chunks)
@@ -125,6 +129,7 @@ class TokenStream:
         self.key = key
         self.streamed = StreamSnapshot()  # what earlier attempts wrote, to continue
         self._usage: Usage | None = None
+        self._tool_calls: tuple[ToolCall, ...] = ()
         self._appended = 0  # characters of text appended by this attempt
         self._cancel_key = cancel_key
         self._cancelled = False  # the job's cancel flag was seen set
@@ -159,11 +164,13 @@ class TokenStream:
         end = self.streamed.end
         if end is None or end.usage is None:
             return None
-        return Completion(self.streamed.text, end.usage)
+        return Completion(self.streamed.text, end.usage, end.tool_calls)
 
-    def finish(self, usage: Usage) -> None:
-        """The answer is whole: the stream ends ``done`` with ``usage`` as the block ends."""
+    def finish(self, usage: Usage, tool_calls: Sequence[ToolCall] = ()) -> None:
+        """The answer is whole: the stream ends ``done`` with ``usage`` and the model's
+        ``tool_calls`` as the block ends."""
         self._usage = usage
+        self._tool_calls = tuple(tool_calls)
 
     def __enter__(self) -> TokenStream:
         return self
@@ -171,7 +178,10 @@ class TokenStream:
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         if error is None:
             length = len(self.streamed.text) + self._appended
-            self.close(None if self._usage is None else done_fields(self._usage, length))
+            done = (
+                None if self._usage is None else done_fields(self._usage, length, self._tool_calls)
+            )
+            self.close(done)
         elif isinstance(error, Retry):
             self.close()  # the next attempt continues it
         else:

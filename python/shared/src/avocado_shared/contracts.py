@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from enum import Enum
@@ -21,15 +22,21 @@ from avocado_shared.errors import PermanentError
 
 __all__ = [
     "ChatMessage",
+    "FunctionCall",
+    "FunctionSpec",
     "GenerateRequest",
     "GenerateResult",
     "InvalidRequest",
     "JobKind",
     "JobResult",
+    "NamedTool",
     "SummarizeContent",
     "SummarizeOptions",
     "SummarizeRequest",
     "SummarizeResult",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
     "Usage",
     "parse_result",
     "validate_request",
@@ -74,12 +81,87 @@ class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FunctionSpec(_Contract):
+    """A function the model may call: its name, what it does, its arguments' JSON schema."""
+
+    name: Identifier
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Contract):
+    """A tool offered to the model (OpenAI's and Ollama's shape; functions are the only kind
+    both APIs and every backend take)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class FunctionCall(_Contract):
+    """A call's function and its arguments as JSON text (OpenAI's form: what a server
+    streamed, kept byte for byte; Ollama's object is written as JSON)."""
+
+    name: str
+    arguments: str = "{}"
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _as_json_text(cls, value: Any) -> Any:
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+
+
+class ToolCall(_Contract):
+    """One call the model made; ``id`` links the tool's result (``tool_call_id``) to it."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionName(_Contract):
+    name: str
+
+
+class NamedTool(_Contract):
+    """A ``tool_choice`` that names the function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedTool
+
+
 class ChatMessage(_Contract):
-    """One chat turn, as Ollama's ``/api/chat`` takes it."""
+    """One chat turn, as Ollama's ``/api/chat`` takes it, with the calls an assistant made
+    (``tool_calls``) and, in a ``tool`` turn, which call it answers (``tool_call_id``,
+    OpenAI's link; ``tool_name``, Ollama's)."""
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    tool_name: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_whole(cls, calls: list[ToolCall] | None) -> list[ToolCall] | None:
+        """A call in the history names its function, its arguments a JSON object: what
+        every server takes (Ollama's API takes no other)."""
+        for call in calls or []:
+            if not call.function.name.strip():
+                raise ValueError("a tool call needs its function's name")
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ValueError(
+                    f"the arguments of the call to {call.function.name!r} must be a JSON object"
+                )
+        return calls
 
 
 class GenerateRequest(_Contract):
@@ -95,6 +177,9 @@ class GenerateRequest(_Contract):
     )
     keep_alive: str | int | None = None
     idempotency_key: Identifier | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
@@ -102,6 +187,20 @@ class GenerateRequest(_Contract):
             raise ValueError("give exactly one of prompt or messages")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
+        return self
+
+    @model_validator(mode="after")
+    def _tools_in_a_chat(self) -> GenerateRequest:
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools need messages (a chat), not a prompt")
+        if (self.tool_choice is not None or self.parallel_tool_calls is not None) and (
+            not self.tools
+        ):
+            raise ValueError("tool_choice and parallel_tool_calls need tools")
+        if isinstance(self.tool_choice, NamedTool):
+            name = self.tool_choice.function.name
+            if name not in {t.function.name for t in self.tools or []}:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
         return self
 
     @field_validator("format")
@@ -204,6 +303,7 @@ class GenerateResult(JobResult):
 
     kind: Literal[JobKind.GENERATE] = JobKind.GENERATE
     text: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class SummarizeResult(JobResult):

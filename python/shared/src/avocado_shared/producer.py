@@ -24,6 +24,8 @@ from avocado_shared.contracts import (
     JobResult,
     SummarizeRequest,
     SummarizeResult,
+    Tool,
+    ToolChoice,
     validate_request,
 )
 from avocado_shared.flow import (
@@ -81,6 +83,9 @@ class GenerateFields(TypedDict, total=False):
     format: str | Mapping[str, Any] | None
     keep_alive: str | int | None
     idempotency_key: str | None
+    tools: Sequence[Tool | Mapping[str, Any]] | None
+    tool_choice: ToolChoice | str | Mapping[str, Any] | None
+    parallel_tool_calls: bool | None
 
 
 # When the job was published (epoch seconds); workers measure its queue wait from it.

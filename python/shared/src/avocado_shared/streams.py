@@ -7,9 +7,12 @@ reads it with ``JobStream`` (redis only, nothing of the worker). Entries, oldest
   chunks of the server's, written together in a burst);
 - ``{"restart": reason}``: the answer starts over (a redelivered job whose server cannot
   continue a partial answer): the text read before it is void;
-- ``{"end": "done", "usage": json, "length": n}``: the answer is whole; ``usage`` is its
-  ``Usage``, ``length`` how many characters of text the stream holds after its last restart
-  (a reader that counts fewer knows the stream lost some: Redis can lose its last writes);
+- ``{"end": "done", "usage": json, "length": n, "tools": json}``: the answer is whole;
+  ``usage`` is its ``Usage``, ``length`` how many characters of text the stream holds after its
+  last restart (a reader that counts fewer knows the stream lost some: Redis can lose its last
+  writes), ``tools`` (when the model called any) its ``ToolCall`` list. Tool calls travel in
+  the end entry, whole: a stream never holds half a call, so a worker that dies before the end
+  leaves nothing of its calls for a reader to have given out;
 - ``{"end": "error", "error": reason}``: the job failed for good.
 
 A reader ends at the first ``end`` entry. The worker gives the key a TTL
@@ -19,15 +22,16 @@ A reader ends at the first ``end`` entry. The worker gives the key a TTL
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import redis
 import redis.asyncio
+from pydantic import TypeAdapter
 
-from avocado_shared.contracts import Usage
+from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.errors import PermanentError, TransientError, Unavailable
 
 __all__ = [
@@ -47,6 +51,8 @@ __all__ = [
     "stream_key",
     "text_fields",
 ]
+
+_TOOL_CALLS = TypeAdapter(list[ToolCall])
 
 # One XREAD waits at most this long, so a client's socket timeout never cuts a wait short.
 _BLOCK_SLICE_MS = 1000
@@ -77,8 +83,8 @@ class StreamUnavailable(Unavailable):
 @dataclass(frozen=True)
 class StreamEntry:
     """One entry: ``text`` for TEXT (``chunks``: how many of the server's chunks it joins),
-    ``usage`` and ``length`` (None from writers that did not say) for DONE, ``reason`` for
-    RESTART and ERROR."""
+    ``usage``, ``length`` (None from writers that did not say) and ``tool_calls`` for DONE,
+    ``reason`` for RESTART and ERROR."""
 
     id: str
     kind: EntryKind
@@ -87,6 +93,7 @@ class StreamEntry:
     usage: Usage | None = None
     length: int | None = None
     reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -120,11 +127,17 @@ def restart_fields(reason: str) -> dict[str, str]:
     return {"restart": reason}
 
 
-def done_fields(usage: Usage, length: int | None = None) -> dict[str, str]:
-    """The final entry of a whole answer: what it cost and, when known, the length of the
-    text it holds."""
+def done_fields(
+    usage: Usage, length: int | None = None, tool_calls: Sequence[ToolCall] = ()
+) -> dict[str, str]:
+    """The final entry of a whole answer: what it cost, when known the length of the text it
+    holds, and the tool calls the model made."""
     fields = {"end": EntryKind.DONE.value, "usage": usage.model_dump_json()}
-    return fields if length is None else fields | {"length": str(length)}
+    if length is not None:
+        fields["length"] = str(length)
+    if tool_calls:
+        fields["tools"] = _TOOL_CALLS.dump_json(list(tool_calls)).decode()
+    return fields
 
 
 def error_fields(reason: str) -> dict[str, str]:
@@ -147,7 +160,8 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
     if data.get("end") == EntryKind.DONE.value:
         usage = Usage.model_validate_json(data["usage"])
         length = int(data["length"]) if "length" in data else None
-        return StreamEntry(ident, EntryKind.DONE, usage=usage, length=length)
+        calls = tuple(_TOOL_CALLS.validate_json(data["tools"])) if "tools" in data else ()
+        return StreamEntry(ident, EntryKind.DONE, usage=usage, length=length, tool_calls=calls)
     return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
 
 

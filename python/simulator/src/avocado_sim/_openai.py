@@ -27,6 +27,7 @@ _SSE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _ids = count(1)
+_ARGUMENT_PIECE = 8  # characters of a call's arguments per streamed delta
 _INJECTED = {
     429: ("Rate limit reached for requests, please retry later", "rate_limit_exceeded"),
     500: ("The server had an error while processing your request", None),
@@ -124,9 +125,38 @@ def _texts(body: dict[str, Any], chat: bool) -> tuple[list[Any], str | None]:
     if not isinstance(messages, list) or not messages:
         return [], "messages must be a non-empty list"
     for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
+        if not isinstance(message, dict):
+            return [], "each message must be an object"
+        content = message.get("content", "")
+        calls_only = content is None and bool(message.get("tool_calls"))
+        if not (isinstance(content, str) or calls_only):
             return [], "each message must be an object whose content is a string"
     return messages, None
+
+
+def _tool(body: dict[str, Any], messages: list[Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The tool the simulated model calls, or what is wrong with the request's tools: the one
+    ``tool_choice`` names, else the first when a call is ``required`` or when the chat ends
+    with the user's turn (a tool's result gets a text answer); none with ``tool_choice`` none
+    or no tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        return None, None if choice is None else "tool_choice is only allowed with tools"
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+        for t in tools
+    ):
+        return None, "tools must be a list of function tools"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        named = [t for t in tools if t["function"].get("name") == name]
+        return (named[0], None) if named else (None, f"tool_choice names no tool: {name!r}")
+    if choice not in (None, "auto", "none", "required"):
+        return None, "tool_choice must be none, auto, required or a named function"
+    last_is_user = bool(messages) and messages[-1].get("role") == "user"
+    if tools and (choice == "required" or (choice != "none" and last_is_user)):
+        return tools[0], None
+    return None, None
 
 
 def chat_completions(h: _Handler, raw: bytes, started: int) -> None:
@@ -151,6 +181,8 @@ def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
     if not isinstance(model, str) or not model.strip():
         return _error(h, 400, "you must provide a model parameter")
     texts, err = _texts(body, chat)
+    tool, tool_err = _tool(body, texts) if chat and not err else (None, None)
+    err = err or tool_err
     fmt, format_err = _response_format(body.get("response_format"))
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None and not (isinstance(limit, int) and limit > 0):
@@ -186,7 +218,9 @@ def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
         # vLLM's continue_final_message: the model continues the trailing assistant message.
         pairs = [(m.get("role"), m.get("content")) for m in texts]
         continuing = body.get("continue_final_message") is True
-        reply = plan_chat(model, pairs, seed=body.get("seed"), continue_last=continuing, **plan)
+        reply = plan_chat(
+            model, pairs, seed=body.get("seed"), continue_last=continuing, tool=tool, **plan
+        )
     else:
         key = reply_key(model, None, texts[0])
         if body.get("seed") is not None:
@@ -244,11 +278,42 @@ class _Answer:
             choice["text"] = text
         elif not delta:
             choice["message"] = {"role": "assistant", "content": text}
+            if self.reply.tool_calls:
+                choice["message"].update(content=None, tool_calls=self._calls())
         elif first:
             choice["delta"] = {"role": "assistant", "content": text}
         else:
             choice["delta"] = {"content": text} if text else {}
         return choice
+
+    def _calls(self) -> list[dict[str, Any]]:
+        """The reply's tool calls in OpenAI's shape: arguments as JSON text."""
+        return [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {
+                    "name": call["function"]["name"],
+                    "arguments": _encode(call["function"]["arguments"]),
+                },
+            }
+            for call in self.reply.tool_calls
+        ]
+
+    def _call_deltas(self) -> list[Any]:
+        """The tool calls as streamed choices: each call's id and name, then its arguments in
+        pieces, as OpenAI streams them."""
+        deltas: list[dict[str, Any]] = []
+        for index, call in enumerate(self._calls()):
+            head = {"index": index, "id": call["id"], "type": "function"}
+            head["function"] = {"name": call["function"]["name"], "arguments": ""}
+            first = {"role": "assistant", "content": None} if index == 0 else {}
+            deltas.append({**first, "tool_calls": [head]})
+            arguments = call["function"]["arguments"]
+            for start in range(0, len(arguments), _ARGUMENT_PIECE):
+                piece = arguments[start : start + _ARGUMENT_PIECE]
+                deltas.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+        return [{"index": 0, "delta": d, "finish_reason": None, "logprobs": None} for d in deltas]
 
     def _object(self, chunk: bool) -> str:
         if not self.chat:
@@ -274,6 +339,8 @@ class _Answer:
         h._pause(state.latency_s())
         evaluated = time.perf_counter_ns()
         tokens, reason = self.reply.tokens, self.reply.done_reason
+        if self.reply.tool_calls:
+            reason = "tool_calls"
         if not self.stream:
             if rate is not None:
                 h._pause(len(tokens) / rate)
@@ -291,7 +358,7 @@ class _Answer:
         events = [
             self._event([self._choice(tok, None, delta=True, first=i == 0)])
             for i, tok in enumerate(tokens)
-        ]
+        ] + [self._event([choice]) for choice in self._call_deltas()]
 
         def write(pieces: list[bytes], first: bool) -> None:
             h._chunks(pieces, first=first, ctype=_SSE)
