@@ -79,9 +79,11 @@ class Restart:
 
 @dataclass(frozen=True)
 class Failure:
-    """An error entry: the job failed for good."""
+    """An error entry: the job failed for good (``refused``: its server refused the
+    request)."""
 
     reason: str = "the model crashed"
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def _entry(entry_id: str, step: str | Restart | Usage | Failure) -> StreamEntry:
     elif isinstance(step, Usage):
         fields = done_fields(step)
     else:
-        fields = error_fields(step.reason)
+        fields = error_fields(step.reason, step.refused)
     return parse_entry(entry_id, fields)
 
 

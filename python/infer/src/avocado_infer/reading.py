@@ -77,7 +77,7 @@ async def _read(
                         yield entry.usage or Usage(model=model)
                     return
                 elif entry.kind is EntryKind.ERROR:
-                    raise StreamFailed(f"job {job_id} failed: {entry.reason}")
+                    raise entry.failure(job_id)
         except StreamUnavailable as error:
             if not recovering:
                 logger.warning("job %s: waiting for Redis to read on: %s", job_id, error)

@@ -13,25 +13,31 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import SecretStr
 
 from avocado_shared.contracts import Usage
 from ollama_worker.inference import (
-    TRANSIENT_STATUS,
     BackendRejected,
     BackendUnavailable,
     ChunkSink,
     Completion,
     HTTPBackend,
     ModelNotFound,
-    retry_after,
+    short_reason,
+    user_message,
     with_partial,
 )
 
-__all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable"]
+__all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable", "Server"]
+
+Server = Literal["standard", "llama-cpp-python"]
+"""Which OpenAI-compatible server: one that takes OpenAI's own forms (vLLM, llama.cpp's
+llama-server, LM Studio, SGLang, Ollama's ``/v1``), or llama-cpp-python's (the embedded
+default's), which takes a JSON schema only inside ``json_object`` and answers every request it
+cannot handle with a 500."""
 
 # Ollama option -> OpenAI parameter; other Ollama options (num_ctx, num_gpu...) size the
 # server itself, which an OpenAI-compatible server fixes at its start: they are left out.
@@ -57,7 +63,8 @@ class OpenAIUnavailable(BackendUnavailable):
 
 
 class OpenAIRejected(BackendRejected):
-    """The server refused the request itself (400, 422, or a 4xx other than a missing model)."""
+    """The server refused the request itself (a 4xx other than a missing model, or a 500 that
+    says the request is invalid)."""
 
 
 def _message(body: Any) -> str:
@@ -72,13 +79,6 @@ def _message(body: Any) -> str:
         if "message" in body:
             return str(body["message"])
     return str(body)[:500]
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        return _message(response.json())
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase
 
 
 def _not_served(model: str, url: str, detail: str) -> ModelNotFound:
@@ -99,11 +99,43 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return params
 
 
-def _response_format(format: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Our contract's ``format``: ``"json"`` is JSON mode, a mapping is a JSON schema."""
+def _response_format(format: str | Mapping[str, Any], server: Server) -> dict[str, Any]:
+    """Our contract's ``format`` in the server's form: ``"json"`` is JSON mode, a mapping a
+    JSON schema (OpenAI's ``json_schema``, or llama-cpp-python's ``json_object`` holding it)."""
     if isinstance(format, str):
         return {"type": "json_object"}
+    if server == "llama-cpp-python":
+        return {"type": "json_object", "schema": dict(format)}
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": dict(format)}}
+
+
+# An image's first bytes, in base64, and its media type: a data URL names one.
+_MEDIA_TYPES = (
+    ("iVBORw0KGgo", "image/png"),
+    ("/9j/", "image/jpeg"),
+    ("R0lGOD", "image/gif"),
+    ("UklGR", "image/webp"),
+    ("Qk", "image/bmp"),
+)
+
+
+def _data_url(image: str) -> str:
+    """A base64 image as the data URL OpenAI's ``image_url`` takes."""
+    media = next((kind for head, kind in _MEDIA_TYPES if image.startswith(head)), "image/png")
+    return f"data:{media};base64,{image}"
+
+
+def _openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat message in OpenAI's form: one with ``images`` (Ollama's) becomes content parts,
+    its text then each image as a data URL; one without keeps its plain text, which servers
+    with no vision take too."""
+    images = message.get("images")
+    converted = {k: v for k, v in message.items() if k != "images"}
+    if images:
+        text = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+        pictures = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in images]
+        converted["content"] = text + pictures
+    return converted
 
 
 def _completion(
@@ -155,11 +187,22 @@ class OpenAIClient(HTTPBackend):
     can_pull = False
     label: ClassVar[str] = "openai-compatible server"
     unavailable: ClassVar[type[BackendUnavailable]] = OpenAIUnavailable
+    rejected: ClassVar[type[BackendRejected]] = OpenAIRejected
 
-    def __init__(self, base_url: str, *, api_key: SecretStr | None = None, **http: Any) -> None:
-        """``http``: ``HTTPBackend``'s timeouts and transport."""
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: SecretStr | None = None,
+        server: Server = "standard",
+        **http: Any,
+    ) -> None:
+        """``server``: which one it is (``Server``); ``http``: ``HTTPBackend``'s timeouts
+        and transport."""
         headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
         super().__init__(base_url, headers=headers, **http)
+        self.server = server
+        self.refuses_with_500 = server == "llama-cpp-python"
         self._contexts: dict[str, int] = {}
         self._contexts_lock = threading.Lock()
         self._tokenize: list[str] = list(_TOKENIZE)  # narrowed to the one that answers
@@ -167,19 +210,14 @@ class OpenAIClient(HTTPBackend):
     def __enter__(self) -> OpenAIClient:
         return self
 
-    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
-        """Map an error answer to ``OpenAIUnavailable``, ``ModelNotFound`` or
-        ``OpenAIRejected``."""
-        status = response.status_code
-        if status < 400:
-            return
-        text = _error_text(response)
-        if status in TRANSIENT_STATUS:
-            message = f"{self.label} answered {status}: {text}"
-            raise OpenAIUnavailable(message, retry_after(response))
-        if status == 404 and model is not None:
-            raise _not_served(model, self.base_url, f"{status}: {text}")
-        raise OpenAIRejected(f"{self.label} answered {status}: {text}")
+    def _error_text(self, response: httpx.Response) -> str:
+        try:
+            return _message(response.json())
+        except ValueError:
+            return response.text.strip() or response.reason_phrase
+
+    def _not_found(self, model: str, reason: str) -> ModelNotFound:
+        return _not_served(model, self.base_url, f"404: {reason}")
 
     def _model_entries(self) -> list[dict[str, Any]]:
         data = self._request("GET", "/models").get("data") or []
@@ -257,11 +295,17 @@ class OpenAIClient(HTTPBackend):
         return None
 
     def generate(
-        self, model: str, prompt: str, *, system: str | None = None, **params: Any
+        self,
+        model: str,
+        prompt: str,
+        *,
+        system: str | None = None,
+        images: Sequence[str] | None = None,
+        **params: Any,
     ) -> Completion:
         """A prompt as one user message (after ``system``), then as ``chat``."""
         messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
+        messages.append(user_message(prompt, images))
         return self.chat(model, messages, **params)
 
     def chat(
@@ -281,7 +325,7 @@ class OpenAIClient(HTTPBackend):
         returned text. Ollama-only arguments (``keep_alive``) have no meaning here."""
         body: dict[str, Any] = {
             "model": model,
-            "messages": with_partial(messages, partial),
+            "messages": [_openai_message(m) for m in with_partial(messages, partial)],
             "stream": True,
             "stream_options": {"include_usage": True},
             **_options(options),
@@ -289,7 +333,7 @@ class OpenAIClient(HTTPBackend):
         if partial:
             body.update(continue_final_message=True, add_generation_prompt=False)
         if format is not None:
-            body["response_format"] = _response_format(format)
+            body["response_format"] = _response_format(format, self.server)
         parts: list[str] = []
         served, reason = model, None
         usage: dict[str, Any] = {}
@@ -330,6 +374,8 @@ class OpenAIClient(HTTPBackend):
                 return
             event = json.loads(data)
             if "error" in event:
-                raise OpenAIUnavailable(f"{self.label} failed mid-stream: {_message(event)}")
+                raise OpenAIUnavailable(
+                    f"{self.label} failed mid-stream: {short_reason(_message(event))}"
+                )
             yield event
         raise OpenAIUnavailable(f"{self.label} at {self.base_url} ended the stream before [DONE]")

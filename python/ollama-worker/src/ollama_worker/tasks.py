@@ -213,6 +213,7 @@ def _generate(
             model,
             job.prompt,
             system=job.system,
+            images=job.images,
             options=options,
             format=job.format,
             keep_alive=job.keep_alive,

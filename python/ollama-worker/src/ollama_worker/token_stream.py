@@ -40,7 +40,7 @@ from avocado_shared.streams import (
     restart_fields,
     text_fields,
 )
-from ollama_worker.inference import Completion
+from ollama_worker.inference import BackendRejected, Completion
 
 __all__ = ["TokenStream", "TokenStreams", "failure_reason"]
 
@@ -175,7 +175,8 @@ class TokenStream:
         elif isinstance(error, Retry):
             self.close()  # the next attempt continues it
         else:
-            self.close(error_fields(failure_reason(error)))
+            refused = isinstance(error, BackendRejected)
+            self.close(error_fields(failure_reason(error), refused))
 
     def close(self, final: _Fields | None = None) -> None:
         """Write ``final`` (the ``end`` entry; none when the job will be retried) after all

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -45,6 +48,20 @@ ModelName = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\s#*]+$"),
 ]
 OptionValue = int | float | str | bool | list[str]
+
+
+def _base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("an image must be base64 data, without a data: URL prefix") from None
+    if not value:
+        raise ValueError("an image must not be empty")
+    return value
+
+
+# An image as Ollama's API carries it: the file's bytes in base64.
+Image = Annotated[str, AfterValidator(_base64)]
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
@@ -79,7 +96,7 @@ class ChatMessage(_Contract):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
-    images: list[str] | None = None
+    images: list[Image] | None = Field(default=None, description="Base64 images it shows.")
 
 
 class GenerateRequest(_Contract):
@@ -88,6 +105,9 @@ class GenerateRequest(_Contract):
     prompt: NonEmpty | None = None
     messages: list[ChatMessage] | None = None
     system: str | None = None
+    images: list[Image] | None = Field(
+        default=None, description="Base64 images the prompt shows (a chat's go in its messages)."
+    )
     model: ModelName | None = Field(default=None, description="The worker's default when unset.")
     options: dict[str, OptionValue] = Field(default_factory=dict)
     format: Literal["json"] | dict[str, Any] | None = Field(
@@ -102,6 +122,8 @@ class GenerateRequest(_Contract):
             raise ValueError("give exactly one of prompt or messages")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
+        if self.messages is not None and self.images:
+            raise ValueError("a chat's images go in its messages")
         return self
 
     @field_validator("format")

@@ -33,6 +33,7 @@ from avocado_shared.errors import PermanentError, TransientError, Unavailable
 __all__ = [
     "AsyncJobStream",
     "EntryKind",
+    "JobRefused",
     "JobStream",
     "StreamEntry",
     "StreamFailed",
@@ -70,6 +71,11 @@ class StreamFailed(PermanentError):
     """The job's stream ended with an error: the job failed for good."""
 
 
+class JobRefused(StreamFailed):
+    """The job failed because its inference server refused its request (invalid there, or
+    asking what its model cannot do): the client's request is at fault, not the fleet."""
+
+
 class StreamUnavailable(Unavailable):
     """Redis could not be read."""
 
@@ -78,7 +84,7 @@ class StreamUnavailable(Unavailable):
 class StreamEntry:
     """One entry: ``text`` for TEXT (``chunks``: how many of the server's chunks it joins),
     ``usage`` and ``length`` (None from writers that did not say) for DONE, ``reason`` for
-    RESTART and ERROR."""
+    RESTART and ERROR, ``refused`` for an ERROR whose server refused the request."""
 
     id: str
     kind: EntryKind
@@ -87,11 +93,17 @@ class StreamEntry:
     usage: Usage | None = None
     length: int | None = None
     reason: str | None = None
+    refused: bool = False
 
     @property
     def final(self) -> bool:
         """True for the entry that ends the stream."""
         return self.kind in (EntryKind.DONE, EntryKind.ERROR)
+
+    def failure(self, job_id: str) -> StreamFailed:
+        """What an ERROR entry of ``job_id``'s stream raises."""
+        kind = JobRefused if self.refused else StreamFailed
+        return kind(f"job {job_id} failed: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -127,9 +139,11 @@ def done_fields(usage: Usage, length: int | None = None) -> dict[str, str]:
     return fields if length is None else fields | {"length": str(length)}
 
 
-def error_fields(reason: str) -> dict[str, str]:
-    """The final entry of a job that failed for good."""
-    return {"end": EntryKind.ERROR.value, "error": reason}
+def error_fields(reason: str, refused: bool = False) -> dict[str, str]:
+    """The final entry of a job that failed for good; ``refused``: because its server
+    refused the request."""
+    fields = {"end": EntryKind.ERROR.value, "error": reason}
+    return fields | {"refused": "1"} if refused else fields
 
 
 def _text(value: bytes | str) -> str:
@@ -148,7 +162,8 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
         usage = Usage.model_validate_json(data["usage"])
         length = int(data["length"]) if "length" in data else None
         return StreamEntry(ident, EntryKind.DONE, usage=usage, length=length)
-    return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
+    reason = data.get("error", "unknown failure")
+    return StreamEntry(ident, EntryKind.ERROR, reason=reason, refused="refused" in data)
 
 
 def _unreadable(job_id: str, error: redis.RedisError) -> StreamUnavailable:
@@ -250,7 +265,7 @@ class JobStream:
         seen: list[StreamEntry] = []
         for entry in self.entries(after, timeout_s):
             if entry.kind is EntryKind.ERROR:
-                raise StreamFailed(f"job {self.job_id} failed: {entry.reason}")
+                raise entry.failure(self.job_id)
             seen.append(entry)
         return joined(seen)
 
