@@ -180,6 +180,15 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _showing_images(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``events``, a refusal of which names the images: a server whose model cannot see may
+    say so in words that do not (llama-cpp-python's: "can only concatenate str")."""
+    try:
+        yield from events
+    except OpenAIRejected as error:
+        raise OpenAIRejected(f"{error}; the request shows images: can its model see?") from None
+
+
 class OpenAIClient(HTTPBackend):
     """A client for one OpenAI-compatible server at ``base_url`` (ending in ``/v1``), made
     once per worker process; the API key goes out as a Bearer token and nowhere else."""
@@ -339,7 +348,10 @@ class OpenAIClient(HTTPBackend):
         usage: dict[str, Any] = {}
         timings: dict[str, Any] = {}
         started = time.monotonic()
-        for event in self._events("/chat/completions", body):
+        events = self._events("/chat/completions", body)
+        if any(m.get("images") for m in messages):
+            events = _showing_images(events)
+        for event in events:
             served = str(event.get("model") or served)
             for choice in event.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or ""
@@ -365,7 +377,10 @@ class OpenAIClient(HTTPBackend):
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was
-        cut, so the answer is incomplete: transient, like a reset connection."""
+        cut, so the answer is incomplete: transient, like a reset connection. Except an empty
+        one from llama-cpp-python's server: that is how it fails a streamed request it cannot
+        handle (the reason goes to its own log only)."""
+        began = False
         for line in self._lines(path, body):
             if not line.startswith("data:"):
                 continue  # SSE comments and event names
@@ -377,5 +392,11 @@ class OpenAIClient(HTTPBackend):
                 raise OpenAIUnavailable(
                     f"{self.label} failed mid-stream: {short_reason(_message(event))}"
                 )
+            began = True
             yield event
+        if not began and self.server == "llama-cpp-python":
+            raise OpenAIRejected(
+                f"{self.label} refused the request: it ended the answer before it began, "
+                "without a reason (its own log has it)"
+            )
         raise OpenAIUnavailable(f"{self.label} at {self.base_url} ended the stream before [DONE]")
