@@ -184,8 +184,13 @@ async def ps(gateway: GatewayDep) -> dict[str, Any]:
 
 
 # Ollama's model-management routes, with their methods: a fleet's models live on its nodes.
-_MANAGEMENT = {"/pull": "POST", "/push": "POST", "/create": "POST", "/copy": "POST"}
-_MANAGEMENT["/delete"] = "DELETE"
+_MANAGEMENT = {
+    "/pull": "POST",
+    "/push": "POST",
+    "/create": "POST",
+    "/copy": "POST",
+    "/delete": "DELETE",
+}
 
 
 async def _managed_on_nodes(request: Request) -> Response:
