@@ -29,6 +29,7 @@ __all__ = [
     "HTTPBackend",
     "ModelNotFound",
     "retry_after",
+    "says_invalid",
     "short_reason",
     "user_message",
     "with_partial",
