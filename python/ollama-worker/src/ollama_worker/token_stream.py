@@ -61,6 +61,12 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _failure_fields(error: BaseException) -> _Fields:
+    """The end of the stream of a job that failed for good with ``error``; one its server
+    refused says so (the client's request, not the fleet, is at fault)."""
+    return error_fields(failure_reason(error), isinstance(error, BackendRejected))
+
+
 class TokenStreams:
     """The token streams of one worker's jobs: where they are, how long they live, and
     whether this server can continue a partial answer."""
@@ -102,17 +108,18 @@ class TokenStreams:
         stream.streamed = streamed
         return stream
 
-    def end_if_open(self, job_id: str, reason: str) -> None:
-        """End the job's stream with ``reason`` unless a run of it did: a job refused before
+    def end_if_open(self, job_id: str, error: BaseException) -> None:
+        """End the job's stream with ``error`` unless a run of it did: a job refused before
         it ran (cancelled while queued) or failed outside its generation, so that a reader
         (the gateway) stops waiting now instead of at its timeout. Best effort: Redis may be
         down."""
         reader = JobStream(self._client(), self._key_prefix, job_id)
         try:
             if reader.snapshot().end is None:
-                TokenStream(reader.client, reader.key, self._ttl_s).close(error_fields(reason))
-        except (StreamUnavailable, RedisError) as error:
-            logger.warning("job %s: its stream not ended (%s): %s", job_id, reason, error)
+                TokenStream(reader.client, reader.key, self._ttl_s).close(_failure_fields(error))
+        except (StreamUnavailable, RedisError) as unwritten:
+            why = failure_reason(error)
+            logger.warning("job %s: its stream not ended (%s): %s", job_id, why, unwritten)
 
 
 class TokenStream:
@@ -175,8 +182,7 @@ class TokenStream:
         elif isinstance(error, Retry):
             self.close()  # the next attempt continues it
         else:
-            refused = isinstance(error, BackendRejected)
-            self.close(error_fields(failure_reason(error), refused))
+            self.close(_failure_fields(error))
 
     def close(self, final: _Fields | None = None) -> None:
         """Write ``final`` (the ``end`` entry; none when the job will be retried) after all
