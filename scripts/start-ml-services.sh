@@ -205,8 +205,9 @@ start_embedded() {
     ${AVOCADO_EMBEDDED_THREADS:+--threads "$AVOCADO_EMBEDDED_THREADS"}
   wait_until 120 "the embedded model server" embedded_up
   export AVOCADO_BACKEND=openai AVOCADO_BACKEND_URL="$EMBEDDED_URL"
-  # llama-cpp-python's server cannot continue a partial answer: a redelivered job restarts it.
-  export AVOCADO_STREAM_RESUME=restart
+  # llama-cpp-python's server cannot continue a partial answer: a redelivered job restarts it;
+  # it takes a JSON schema only inside json_object, and answers 500 to a request it refuses.
+  export AVOCADO_STREAM_RESUME=restart AVOCADO_BACKEND_SERVER=llama-cpp-python
   export AVOCADO_DEFAULT_MODEL=smollm2-135m-instruct
 }
 

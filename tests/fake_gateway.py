@@ -88,9 +88,11 @@ class Restart:
 
 @dataclass(frozen=True)
 class Failure:
-    """An error entry: the job failed for good."""
+    """An error entry: the job failed for good (``refused``: its server refused the
+    request)."""
 
     reason: str = "the model crashed"
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def _entry(entry_id: str, step: str | Restart | Usage | Called | Failure) -> Str
     elif isinstance(step, Called):
         fields = done_fields(step.usage, tool_calls=step.tool_calls)
     else:
-        fields = error_fields(step.reason)
+        fields = error_fields(step.reason, step.refused)
     return parse_entry(entry_id, fields)
 
 

@@ -199,7 +199,7 @@ def test_openai_completions_streamed_and_not(fleet: Fleet) -> None:
     assert chunks[-1].usage is None  # not asked for
 
 
-def test_a_job_that_fails_is_an_error_in_each_apis_shape(
+def test_a_job_its_server_refused_is_a_400_in_each_apis_shape(
     fleet: Fleet, fresh_sim: OllamaSimulator
 ) -> None:
     fresh_sim.config.fail_status = 400  # permanent: the job fails at once, for good
@@ -215,15 +215,16 @@ def test_a_job_that_fails_is_an_error_in_each_apis_shape(
         fresh_sim.config.fail_first = 0
         fresh_sim.config.fail_status = 503
 
-    assert raised.value.status_code == 502
-    assert "failed: OllamaRejected: ollama answered 400" in raised.value.error
-    assert refused.value.status_code == 502
+    # The client's request is at fault, not the fleet: a 400, not a 502 to retry.
+    assert raised.value.status_code == 400
+    assert "failed: OllamaRejected: ollama refused the request: " in raised.value.error
+    assert refused.value.status_code == 400
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert fresh_sim.generation_calls == 2  # the SDK did not retry: one job each
     body = refused.value.body
     assert isinstance(body, dict)
-    assert body["type"] == "server_error"
-    assert "failed" in body["message"]
+    assert body["type"] == "invalid_request_error"
+    assert "refused the request" in body["message"]
 
 
 def test_health_version_and_readiness(fleet: Fleet) -> None:

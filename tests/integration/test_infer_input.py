@@ -14,7 +14,7 @@ from kombu.connection import Connection
 
 from avocado_shared import Settings
 from avocado_shared.routing import Lane
-from avocado_shared.topology import declare_lane_queues
+from avocado_shared.topology import declare_lane_queues, declare_topology
 from tests.gateway import InProcessGateway
 from tests.rabbit import DEFAULT_MODEL, lane_queue
 
@@ -27,6 +27,7 @@ class Queue:
     """The interactive lane queue of the default model, declared if it was not."""
 
     def __init__(self, connection: Connection, settings: Settings) -> None:
+        declare_topology(connection, settings)  # the exchange the lane queues bind to
         declare_lane_queues(connection, DEFAULT_MODEL, settings)
         self.channel = connection.channel()
 
@@ -76,6 +77,8 @@ OLLAMA_BAD = [
     ("/api/chat", {"model": MODEL, "messages": []}),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "robot", "content": "Hi"}]}),
     ("/api/chat", {"model": MODEL, "messages": [{"content": "Hi"}], "stream": False}),
+    ("/api/generate", {"model": MODEL, "prompt": "Hi", "images": ["not base64!"]}),
+    ("/api/chat", {"model": MODEL, "messages": [{**USER[0], "images": ["data:,x"]}]}),
 ]
 
 OPENAI_BAD = [
@@ -91,6 +94,10 @@ OPENAI_BAD = [
     (
         "/v1/chat/completions",
         {"model": MODEL, "messages": USER, "response_format": {"type": "json_schema"}},
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
     ),
     ("/v1/completions", {"model": MODEL}),  # no prompt
     ("/v1/completions", {"model": MODEL, "prompt": ["one", "two"]}),
@@ -138,7 +145,8 @@ def test_the_openai_sdk_reads_the_error(client: httpx.Client) -> None:
 
     assert raised.value.status_code == 400
     assert raised.value.body == {
-        "message": "only text content parts are supported",
+        "message": "image_url: only data URLs are accepted (data:image/png;base64,...), since "
+        "the fleet's nodes fetch nothing from the internet",
         "type": "invalid_request_error",
         "param": None,
         "code": None,
@@ -161,3 +169,33 @@ def test_a_good_request_is_queued_and_waits_for_its_answer(
 
     assert answer.status_code == 504
     assert "no entry in stream" in answer.json()["error"]
+
+
+def test_a_body_over_the_limit_is_a_413_and_queues_nothing(
+    gateway_factory: Callable[..., InProcessGateway], queue: Queue
+) -> None:
+    before, _ = queue()
+    url = gateway_factory(hold_unserved=True, max_body_bytes=64 * 1024).url
+    image = "A" * (64 * 1024)  # base64, as Ollama's API carries images
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it is read
+        yield b'{"model": "%s", "prompt": "Hi", "images": ["' % MODEL.encode()
+        yield image.encode()
+        yield b'"]}'
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        declared = client.post(
+            "/api/generate", json={"model": MODEL, "prompt": "Hi", "images": [image]}
+        )
+        chunked = client.post("/api/generate", content=chunks())
+        openai_ = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": image}]},
+        )
+
+    for answer in (declared, chunked):
+        assert answer.status_code == 413
+        assert "over the gateway's limit of 65536 bytes" in _ollama_message(answer.json())
+    assert openai_.status_code == 413
+    assert "over the gateway's limit" in _openai_message(openai_.json())
+    assert queue() == (before, 0)

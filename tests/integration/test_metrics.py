@@ -89,7 +89,7 @@ def test_metrics_count_each_outcome_and_sum_over_the_pool(
         fresh_sim.config.fail_first = 1  # one 503, then the retry succeeds
         results.append(producer.generate("Try again.").get(timeout=WAIT))
         fresh_sim.config.fail_status, fresh_sim.config.fail_first = 400, 1
-        with pytest.raises(JobFailed, match="400"):
+        with pytest.raises(JobFailed, match="ollama refused the request"):
             producer.generate("Rejected.").get(timeout=WAIT)
     finally:
         fresh_sim.config.latency_ms = 0

@@ -5,13 +5,17 @@ LangChain. Greedy decoding (temperature 0, a seed) makes its answers repeatable.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import jsonschema
+import ollama
 import openai
 import pytest
 import redis
@@ -76,17 +80,18 @@ def _worker(
 ) -> WorkerProcess | InProcessWorker:
     """A worker on the real model; ``process``: a subprocess, for a test that kills it."""
     start = factory.process if process else factory
-    return start(
-        f"http://127.0.0.1:{free_port()}",  # no Ollama: the worker must not need one
-        concurrency=concurrency,
-        AVOCADO_BACKEND="openai",
-        AVOCADO_BACKEND_URL=url,
-        AVOCADO_DEFAULT_MODEL=MODEL,
-        AVOCADO_SUMMARY_NUM_CTX=str(CONTEXT),
-        # As start-ml-services.sh sets it: this server cannot continue a partial answer.
-        AVOCADO_STREAM_RESUME="restart",
-        **env,
-    )
+    settings = {
+        "AVOCADO_BACKEND": "openai",
+        "AVOCADO_BACKEND_URL": url,
+        "AVOCADO_DEFAULT_MODEL": MODEL,
+        "AVOCADO_SUMMARY_NUM_CTX": str(CONTEXT),
+        # As start-ml-services.sh sets them: this server cannot continue a partial answer,
+        # and takes a schema inside json_object.
+        "AVOCADO_STREAM_RESUME": "restart",
+        "AVOCADO_BACKEND_SERVER": "llama-cpp-python",
+    }
+    # No Ollama: the worker must not need one.
+    return start(f"http://127.0.0.1:{free_port()}", concurrency=concurrency, **settings | env)
 
 
 def _direct(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, object]:
@@ -400,3 +405,101 @@ def test_tools_and_responses_through_the_gateway_on_the_real_model(fleet: Fleet)
     ended = events[-1]
     assert ended.type == f"response.{response.status}"  # completed, or cut: incomplete
     assert ended.response.output_text == response.output_text  # greedy: the same answer
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def test_json_schema_output_through_both_apis_on_the_real_model(fleet: Fleet) -> None:
+    """The schema goes to llama-cpp-python's server in the one form it takes (json_object with
+    the schema inside); its grammar makes even a 135M model follow it."""
+    ask = "Give a person as JSON."
+    said = fleet.ollama().chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": ask}],
+        format=PERSON,
+        options={"num_predict": 64, **GREEDY},
+    )
+    completion = fleet.openai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": ask}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+        },
+        max_tokens=64,
+        temperature=0,
+        seed=7,
+    )
+
+    for text in (said.message.content, completion.choices[0].message.content):
+        assert text is not None
+        jsonschema.validate(json.loads(text), PERSON)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_a_request_the_server_refuses_fails_at_once_in_the_fleets_words(
+    producer: Producer,
+    worker_factory: WorkerFactory,
+    gateway_factory: Callable[..., InProcessGateway],
+    settings: Settings,
+    model_url: str,
+) -> None:
+    """A worker not told which server it talks to sends OpenAI's json_schema, which
+    llama-cpp-python's server answers with a 500 holding a validation error, its file paths
+    and its stack: the job fails on its first attempt and the client reads a 400 in the
+    fleet's words."""
+    _worker(worker_factory, model_url, AVOCADO_BACKEND_SERVER="standard")
+    gateway = gateway_factory(fleet=settings.model_copy(update={"default_model": MODEL}))
+    fleet = Fleet(gateway, producer, WAIT)
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as refused:
+        fleet.openai().chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Give a person as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+            max_tokens=8,
+        )
+    waited = time.monotonic() - started
+
+    body = refused.value.body
+    assert isinstance(body, dict)
+    message = str(body["message"])
+    print(f"the client's error after {waited:.2f}s: {refused.value.status_code} {message}")
+    assert message.endswith(
+        "openai-compatible server refused the request: response_format.type: Input should be "
+        "'text' or 'json_object'"
+    )
+    assert "File" not in message
+    assert "site-packages" not in message
+    job_id = message.removeprefix("job ").split(" ", 1)[0]
+    # The gateway answered from the stream's end; Celery's failure hook writes the row next.
+    row = wait_for(
+        lambda: (now := producer.results.get(job_id)) and now.status is JobStatus.FAILURE and now,
+        timeout=WAIT,
+        what="the failure row",
+    )
+    assert row.attempts == 1, "failed on its first attempt, not retried"
+
+
+def test_images_to_a_model_that_cannot_see_are_refused_in_its_servers_words(
+    fleet: Fleet,
+) -> None:
+    picture = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(32)).decode()
+    with pytest.raises(ollama.ResponseError) as refused:
+        fleet.ollama().chat(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is this?", "images": [picture]}],
+            options={"num_predict": 8},
+        )
+
+    print(f"the client's error: {refused.value.status_code} {refused.value.error}")
+    assert refused.value.status_code == 400
+    assert refused.value.error.endswith(
+        "openai-compatible server refused the request: it ended the answer before it began, "
+        "without a reason (its own log has it); the request shows images: can its model see?"
+    )

@@ -116,7 +116,7 @@ def test_bad_request_fails_once_with_a_clear_reason(
 
     handle = producer.summarize(share_id, "Bad.")
 
-    with pytest.raises(JobFailed, match="OllamaRejected: ollama answered 400"):
+    with pytest.raises(JobFailed, match="OllamaRejected: ollama refused the request: "):
         handle.get(timeout=WAIT)
     assert slow_sim.generation_calls == 1
     assert not [k for k in _locks(key_prefix) if share_id in k]

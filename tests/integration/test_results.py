@@ -91,7 +91,7 @@ def test_results_are_stored_and_read_back(
     failed = wait_for(lambda: _ended(store, rejected.id), timeout=WAIT, what="the failure row")
     assert failed.status is JobStatus.FAILURE
     assert failed.error is not None
-    assert failed.error.startswith("OllamaRejected: ollama answered 400")
+    assert failed.error.startswith("OllamaRejected: ollama refused the request: ")
     assert failed.attempts == 1
     bad = wait_for(lambda: _ended(store, invalid.id), timeout=WAIT, what="the invalid job's row")
     assert (bad.status, bad.attempts) == (JobStatus.FAILURE, 1)
@@ -110,7 +110,9 @@ def test_results_are_stored_and_read_back(
     assert json.loads(by_share.stdout)["summary"] == second.summary
     refused = run_cli(cli, "result", rejected.id)
     assert refused.returncode == JobFailed.exit_code == 3
-    assert f"job {rejected.id} failed: OllamaRejected: ollama answered 400" in refused.stderr
+    assert (
+        f"job {rejected.id} failed: OllamaRejected: ollama refused the request: " in refused.stderr
+    )
     assert PG_FAKE_PASSWORD not in worker.log_text() + refused.stderr + shown.stderr
 
 

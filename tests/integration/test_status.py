@@ -93,7 +93,7 @@ def _failed_job(producer: Producer, sim: OllamaSimulator) -> str:
     sim.config.fail_status, sim.config.fail_first = 400, 1
     try:
         handle = producer.generate("Refuse this one.")
-        with pytest.raises(JobFailed, match="400"):
+        with pytest.raises(JobFailed, match="ollama refused the request"):
             handle.get(timeout=WAIT)
     finally:
         sim.config.fail_status, sim.config.fail_first = 503, 0
@@ -166,7 +166,7 @@ def test_status_shows_queues_workers_dead_letters_endpoints_and_failures(
     assert [e["service_id"] for e in data["endpoints"]["items"]] == [endpoint.service_id]
     failure = next(f for f in data["failures"]["items"] if f["job_id"] == job_id)
     assert failure["task_type"] == "generate"
-    assert "400" in failure["error"]
+    assert "ollama refused the request" in failure["error"]
 
 
 def test_status_says_which_part_is_down_and_shows_the_rest(

@@ -265,8 +265,8 @@ def test_a_good_key_is_checked_once_and_its_slot_held_until_the_end(served: Serv
     [
         ({"n": 2}, "invalid request: n: Input should be 1"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-            "only text content parts are supported",
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "content parts of type input_audio are not supported (text and image_url are)",
         ),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

@@ -223,23 +223,28 @@ def test_429_is_transient_and_its_retry_after_sets_the_retry_delay(
 
 
 @pytest.mark.parametrize(
-    ("status", "kind", "error"),
+    ("status", "kind", "error", "said"),
     [
-        (500, TransientError, OpenAIUnavailable),
-        (502, TransientError, OpenAIUnavailable),
-        (503, TransientError, OpenAIUnavailable),
-        (504, TransientError, OpenAIUnavailable),
-        (400, PermanentError, OpenAIRejected),
-        (422, PermanentError, OpenAIRejected),
+        (500, TransientError, OpenAIUnavailable, "answered 500"),
+        (502, TransientError, OpenAIUnavailable, "answered 502"),
+        (503, TransientError, OpenAIUnavailable, "answered 503"),
+        (504, TransientError, OpenAIUnavailable, "answered 504"),
+        (400, PermanentError, OpenAIRejected, r"^openai-compatible server refused the request: "),
+        (422, PermanentError, OpenAIRejected, r"^openai-compatible server refused the request: "),
     ],
 )
 def test_server_errors_are_transient_and_rejections_permanent(
-    sim: OllamaSimulator, client: OpenAIClient, status: int, kind: type, error: type
+    sim: OllamaSimulator,
+    client: OpenAIClient,
+    status: int,
+    kind: type,
+    error: type,
+    said: str,
 ) -> None:
     sim.config.fail_status = status
     sim.config.fail_first = 1
 
-    with pytest.raises(error, match=str(status)) as caught:
+    with pytest.raises(error, match=said) as caught:
         client.chat(MODEL, [{"role": "user", "content": "hi"}])
 
     assert isinstance(caught.value, kind)

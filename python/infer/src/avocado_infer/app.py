@@ -14,14 +14,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from avocado_infer import jobs_api, ollama_api, openai_api, responses_api
+from avocado_infer.body_limit import BodyLimit
 from avocado_infer.deps import GatewayDep, caller
-from avocado_infer.errors import plain_error
+from avocado_infer.errors import Render, plain_error
 from avocado_infer.gateway import Gateway
 from avocado_infer.metrics import instrument
 from avocado_infer.openai_api import openai_error
 from avocado_infer.settings import InferSettings
 
 __all__ = ["create_app"]
+
+
+def _render_for(path: str) -> Render:
+    """The error shape of the API ``path`` is under: OpenAI's for /v1, else Ollama's."""
+    return openai_error if path.startswith("/v1/") else plain_error
 
 
 def create_app(settings: InferSettings | None = None) -> FastAPI:
@@ -42,6 +48,8 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
             await app.state.gateway.close()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
+    limit = chosen.max_body_bytes or chosen.fleet.max_request_bytes
+    app.add_middleware(BodyLimit, limit=limit, render=_render_for)
     metrics = instrument(app)
     keyed = [Depends(caller)]
     app.include_router(ollama_api.router, dependencies=keyed)
@@ -57,8 +65,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def unrouted(request: Request, error: HTTPException) -> Response:
         """No such route (404) or method (405), in the shape of the API the path is under."""
-        render = openai_error if request.url.path.startswith("/v1/") else plain_error
-        response = render(error.status_code, str(error.detail), True, None)
+        response = _render_for(request.url.path)(error.status_code, str(error.detail), True, None)
         response.headers.update(error.headers or {})
         return response
 

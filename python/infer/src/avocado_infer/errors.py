@@ -27,7 +27,7 @@ from avocado_shared.errors import (
     TransientError,
     Unavailable,
 )
-from avocado_shared.streams import StreamFailed, StreamTimedOut
+from avocado_shared.streams import JobRefused, StreamFailed, StreamTimedOut
 
 __all__ = [
     "AnswerRestarted",
@@ -94,8 +94,10 @@ def documented_errors(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {
         "4XX": {
             "model": body,
-            "description": "Bad input (400), no API key or a wrong one (401), a key over its "
-            "limits (429, Retry-After), an unknown job (404), in the API's error shape.",
+            "description": "Bad input or a request the inference server refused (400), no "
+            "API key or a wrong one (401), a model-management route (403), an unknown job "
+            "(404), a body over the limit (413), a key over its limits (429, Retry-After), in "
+            "the API's error shape.",
         },
         "5XX": {
             "model": body,
@@ -112,7 +114,7 @@ def plain_error(status: int, message: str, permanent: bool, code: str | None = N
 
 def http_status(error: AvocadoError) -> int:
     """The status a fleet error maps to: the client's fault, the fleet's, or not yet."""
-    if isinstance(error, InvalidRequest):
+    if isinstance(error, InvalidRequest | JobRefused):
         return 400
     if isinstance(error, NotFound):
         return 404

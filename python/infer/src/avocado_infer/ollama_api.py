@@ -56,6 +56,7 @@ class _Body(BaseModel):
 class GenerateBody(_Body):
     prompt: str = Field(json_schema_extra=NOT_BLANK)
     system: str | None = None
+    images: list[str] | None = None
 
 
 class Message(BaseModel):
@@ -170,6 +171,8 @@ _ANSWER = NDJSON.documented(
 @router.post("/generate", dependencies=ADMITTED, responses=_ANSWER)
 async def generate(body: GenerateBody, gateway: GatewayDep, request: Request) -> Response:
     job = {"prompt": body.prompt, "system": body.system, **body.job_fields()}
+    if body.images:
+        job["images"] = body.images
     shapes = _Shapes(body.model, "response", str)
     return await answer(request, gateway, job, lambda _: shapes, streamed=body.stream)
 
@@ -282,6 +285,38 @@ async def show(body: ShowBody, gateway: GatewayDep) -> dict[str, Any]:
         "modified_at": (meta.modified_at or served.seen_at).isoformat(),
         "avocado": served.view(),
     }
+
+
+# Ollama's model-management routes, with their methods: a fleet's models live on its nodes.
+_MANAGEMENT = {
+    "/pull": "POST",
+    "/push": "POST",
+    "/create": "POST",
+    "/copy": "POST",
+    "/delete": "DELETE",
+}
+
+
+async def _managed_on_nodes(request: Request) -> Response:
+    """Refused in Ollama's shape (403), not a 404 that reads as a missing gateway: models
+    are pulled, created and deleted on the nodes, each by its own server."""
+    what = request.url.path.removeprefix("/api/")
+    return plain_error(
+        403,
+        f"{what} is not offered by this fleet: models are managed on its nodes (each node's "
+        "server pulls and keeps its own); /api/tags lists the models they serve",
+        True,
+    )
+
+
+for _path, _method in _MANAGEMENT.items():
+    router.add_api_route(
+        _path,
+        _managed_on_nodes,
+        methods=[_method],
+        responses={403: {"model": PlainError, "description": "Models are managed on the nodes."}},
+        summary=f"{_method} /api{_path}: not offered (403)",
+    )
 
 
 @router.get("/version")

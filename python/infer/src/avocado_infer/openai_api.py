@@ -104,6 +104,21 @@ class _Body(_Lenient):
 class ContentPart(_Lenient):
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = Field(
+        default=None, description='{"url": "data:image/png;base64,..."}: a data URL only.'
+    )
+
+    def image(self) -> str:
+        """The base64 image of an ``image_url`` part, from its data URL: a worker may have no
+        internet, so an http(s) URL is refused rather than fetched."""
+        given = self.image_url.get("url") if isinstance(self.image_url, dict) else self.image_url
+        head, _, data = str(given or "").partition(",")
+        if not (head.startswith("data:") and head.endswith(";base64") and data):
+            raise InvalidRequest(
+                "image_url: only data URLs are accepted (data:image/png;base64,...), "
+                "since the fleet's nodes fetch nothing from the internet"
+            )
+        return data
 
 
 class ChatMessage(_Lenient):
@@ -113,21 +128,26 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
 
     def job_message(self) -> dict[str, Any]:
-        """As a job's message: text parts joined; OpenAI's ``developer`` is a system turn;
-        an assistant's tool calls and a tool result's link kept (the job contract checks
-        them)."""
-        content = self.content
+        """As a job's message: text parts joined, images (data URLs) as base64 ``images``;
+        OpenAI's ``developer`` is a system turn; an assistant's tool calls and a tool result's
+        link kept (the job contract checks them)."""
+        content, images = self.content, []
         if isinstance(content, list):
-            if any(p.type != "text" for p in content):
-                raise InvalidRequest("only text content parts are supported")
-            content = "".join(p.text or "" for p in content)
+            unknown = {p.type for p in content} - {"text", "image_url"}
+            if unknown:
+                raise InvalidRequest(
+                    f"content parts of type {', '.join(sorted(unknown))} are not supported "
+                    "(text and image_url are)"
+                )
+            images = [p.image() for p in content if p.type == "image_url"]
+            content = "".join(p.text or "" for p in content if p.type == "text")
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": content or ""}
         if self.tool_calls is not None:
             message["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
-        return message
+        return message | {"images": images} if images else message
 
 
 class FunctionTool(_Lenient):

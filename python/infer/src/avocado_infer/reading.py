@@ -86,7 +86,7 @@ async def _read(
                         yield Ending(entry.usage or Usage(model=model), entry.tool_calls)
                     return
                 elif entry.kind is EntryKind.ERROR:
-                    raise StreamFailed(f"job {job_id} failed: {entry.reason}")
+                    raise entry.failure(job_id)
         except StreamUnavailable as error:
             if not recovering:
                 logger.warning("job %s: waiting for Redis to read on: %s", job_id, error)

@@ -47,6 +47,13 @@ class InferSettings(BaseSettings):
         description="Queue a request for a model no live node serves, for a fleet that brings "
         "nodes up on demand; false: answer 404 at once, with nothing queued.",
     )
+    max_body_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest request body read (images make them large): one over it gets a "
+        "413 in its API's shape, unread; unset, AVOCADO_MAX_REQUEST_BYTES, the largest job the "
+        "fleet publishes.",
+    )
     busy_retry_after_s: int = Field(
         default=5,
         ge=1,

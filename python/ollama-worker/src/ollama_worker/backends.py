@@ -72,14 +72,21 @@ class Backend(Protocol):
     def count_tokens(self, model: str, text: str) -> int | None: ...
 
     def generate(
-        self, model: str, prompt: str, *, system: str | None = None, **answer: Unpack[Answer]
+        self,
+        model: str,
+        prompt: str,
+        *,
+        system: str | None = None,
+        images: Sequence[str] | None = None,
+        **answer: Unpack[Answer],
     ) -> Completion:
-        """Answer ``prompt`` (after ``system``)."""
+        """Answer ``prompt`` (after ``system``), which shows ``images`` (base64)."""
 
     def chat(
         self, model: str, messages: Sequence[Mapping[str, Any]], **answer: Unpack[ChatAnswer]
     ) -> Completion:
-        """Answer the last of ``messages``."""
+        """Answer the last of ``messages`` (Ollama's form: base64 ``images`` beside the
+        text)."""
 
     def deadline(self, seconds: float | None) -> AbstractContextManager[None]: ...
 
@@ -97,6 +104,7 @@ def make_backend(settings: WorkerSettings) -> Backend:
         return OpenAIClient(
             settings.backend_url,
             api_key=settings.backend_api_key,
+            server=settings.backend_server,
             connect_timeout=settings.ollama_connect_timeout_s,
             read_timeout=settings.ollama_read_timeout_s,
         )

@@ -6,6 +6,8 @@ in paths and bodies only; both fail the same two ways and both must end within t
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,8 +29,13 @@ __all__ = [
     "HTTPBackend",
     "ModelNotFound",
     "retry_after",
+    "says_invalid",
+    "short_reason",
+    "user_message",
     "with_partial",
 ]
+
+logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -45,7 +52,8 @@ class BackendUnavailable(TransientError):
 
 
 class BackendRejected(PermanentError):
-    """The server refused the request itself (a 4xx other than a missing model)."""
+    """The server refused the request itself: a 4xx other than a missing model, or a 500 whose
+    body says the request is invalid. The job's client is at fault, not the fleet."""
 
 
 class ModelNotFound(PermanentError):
@@ -80,6 +88,36 @@ def _check_deadline(deadline: float | None, slack: float = 0.0) -> None:
         raise DeadlinePassed("the time limit came while the inference server was still answering")
 
 
+# pydantic's (and FastAPI's) report of a request it refused: "1 validation error ...".
+_VALIDATION = re.compile(r"\b\d+ validation errors?\b")
+_PYDANTIC_ITEM = re.compile(r"'loc': \(([^)]*)\), 'msg': (['\"])(.*?)\2")
+# A file path standing alone ("/usr/lib/..."), not the path of a model's name or a URL.
+_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+~-]+){2,}")
+_REASON_MAX = 300
+
+
+def says_invalid(text: str) -> bool:
+    """Whether a server's error text is a validation error: the request is at fault,
+    whatever status came with it (llama-cpp-python's server answers those 500)."""
+    return bool(_VALIDATION.search(text))
+
+
+def _where(loc: str) -> str:
+    """pydantic's ``('body', 'response_format', 'type')`` as ``response_format.type``."""
+    parts = (part.strip().strip("'\"") for part in loc.split(","))
+    return ".".join(part for part in parts if part and part != "body")
+
+
+def short_reason(text: str) -> str:
+    """A server's error in one line fit for a client: pydantic's items as ``where: what``,
+    else its first line; file paths blanked, no stack (the worker's log has the whole)."""
+    items = [f"{_where(loc)}: {msg}" for loc, _, msg in _PYDANTIC_ITEM.findall(text)]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    reason = "; ".join(items) or (lines[0] if lines else "no reason given")
+    reason = _PATH.sub("<path>", reason)
+    return reason if len(reason) <= _REASON_MAX else reason[: _REASON_MAX - 1] + "…"
+
+
 def with_partial(messages: Sequence[Mapping[str, Any]], partial: str) -> list[dict[str, Any]]:
     """``messages`` and, when an answer was begun (a redelivered job's stream), that start as
     a trailing assistant message, which the server continues instead of answering anew."""
@@ -87,6 +125,14 @@ def with_partial(messages: Sequence[Mapping[str, Any]], partial: str) -> list[di
     if partial:
         continued.append({"role": "assistant", "content": partial})
     return continued
+
+
+def user_message(prompt: str, images: Sequence[str] | None = None) -> dict[str, Any]:
+    """A prompt as the user's chat message, with the images it shows (Ollama's form)."""
+    message: dict[str, Any] = {"role": "user", "content": prompt}
+    if images:
+        message["images"] = list(images)
+    return message
 
 
 def retry_after(response: httpx.Response) -> float | None:
@@ -120,12 +166,16 @@ class Completion:
 class HTTPBackend:
     """One long-lived httpx client to one server, its failures mapped to our error kinds.
 
-    Subclasses name the server (``label``), their ``BackendUnavailable`` subclass and how an
-    error answer reads (``_raise_for_status``).
+    Subclasses name the server (``label``), their error classes, how an error answer reads
+    (``_error_text``) and what a missing model is (``_not_found``).
     """
 
     label: ClassVar[str] = "inference server"
     unavailable: ClassVar[type[BackendUnavailable]] = BackendUnavailable
+    rejected: ClassVar[type[BackendRejected]] = BackendRejected
+    # A server that answers 500 to every request it cannot handle (llama-cpp-python's): its
+    # 500s are the request's fault, not the server's state.
+    refuses_with_500: bool = False
 
     def __init__(
         self,
@@ -173,8 +223,31 @@ class HTTPBackend:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
+    def _error_text(self, response: httpx.Response) -> str:
         raise NotImplementedError
+
+    def _not_found(self, model: str, reason: str) -> ModelNotFound:
+        raise NotImplementedError
+
+    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
+        """Map an error answer to ``unavailable`` (worth retrying), ``ModelNotFound`` or
+        ``rejected``: the request itself is at fault, whatever the status says; the message
+        is the fleet's, the server's whole answer goes to the log."""
+        status = response.status_code
+        if status < 400:
+            return
+        text = self._error_text(response)
+        reason = short_reason(text)
+        refused = status == 500 and (self.refuses_with_500 or says_invalid(text))
+        if status in TRANSIENT_STATUS and not refused:
+            message = f"{self.label} answered {status}: {reason}"
+            raise self.unavailable(message, retry_after(response))
+        if status == 404 and model is not None:
+            raise self._not_found(model, reason)
+        logger.warning(
+            "%s at %s refused a request (%d): %s", self.label, self.base_url, status, text
+        )
+        raise self.rejected(f"{self.label} refused the request: {reason}")
 
     def _transport_failed(self, error: httpx.TransportError) -> BackendUnavailable:
         _check_deadline(self._deadline(), _TIMEOUT_SLACK_S)

@@ -13,7 +13,6 @@ from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.fleet import ModelMeta
 from avocado_shared.routing import canonical_model, canonical_models
 from ollama_worker.inference import (
-    TRANSIENT_STATUS,
     BackendRejected,
     BackendUnavailable,
     ChunkSink,
@@ -21,7 +20,8 @@ from ollama_worker.inference import (
     DeadlinePassed,
     HTTPBackend,
     ModelNotFound,
-    retry_after,
+    short_reason,
+    user_message,
     with_partial,
 )
 from ollama_worker.tool_calls import ollama_calls, ollama_message
@@ -63,34 +63,12 @@ def _completion(text: str, final: Mapping[str, Any]) -> Completion:
     return Completion(text, usage)
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase
-    if isinstance(body, dict) and "error" in body:
-        return str(body["error"])
-    return str(body)[:500]
-
-
-def _raise_for_status(response: httpx.Response, model: str | None) -> None:
-    """Map an error answer to ``OllamaUnavailable``, ``ModelNotFound`` or ``OllamaRejected``."""
-    if response.status_code < 400:
-        return
-    text = _error_text(response)
-    status = response.status_code
-    if status in TRANSIENT_STATUS:
-        raise OllamaUnavailable(f"ollama answered {status}: {text}", retry_after(response))
-    if status == 404 and model is not None:
-        raise ModelNotFound(f"model {model!r} not found: {text}")
-    raise OllamaRejected(f"ollama answered {status}: {text}")
-
-
 class OllamaClient(HTTPBackend):
     """A client for one Ollama server, made once per worker process and closed on shutdown."""
 
     label: ClassVar[str] = "ollama"
     unavailable: ClassVar[type[BackendUnavailable]] = OllamaUnavailable
+    rejected: ClassVar[type[BackendRejected]] = OllamaRejected
     can_pull = True
 
     def __init__(
@@ -113,8 +91,18 @@ class OllamaClient(HTTPBackend):
     def __enter__(self) -> OllamaClient:
         return self
 
-    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
-        _raise_for_status(response, model)
+    def _error_text(self, response: httpx.Response) -> str:
+        """Ollama's ``{"error": "..."}``, or whatever else came."""
+        try:
+            body = response.json()
+        except ValueError:
+            return response.text.strip() or response.reason_phrase
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])
+        return str(body)
+
+    def _not_found(self, model: str, reason: str) -> ModelNotFound:
+        return ModelNotFound(f"model {model!r} not found: {reason}")
 
     def _stream(
         self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
@@ -123,7 +111,9 @@ class OllamaClient(HTTPBackend):
         for line in self._lines(path, body, timeout):
             chunk = json.loads(line)
             if "error" in chunk:
-                raise OllamaUnavailable(f"ollama failed mid-stream: {chunk['error']}")
+                raise OllamaUnavailable(
+                    f"ollama failed mid-stream: {short_reason(str(chunk['error']))}"
+                )
             yield chunk
 
     def version(self) -> str:
@@ -180,6 +170,7 @@ class OllamaClient(HTTPBackend):
         prompt: str,
         *,
         system: str | None = None,
+        images: Sequence[str] | None = None,
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         keep_alive: str | int | None = None,
@@ -195,7 +186,7 @@ class OllamaClient(HTTPBackend):
         """
         if partial:
             messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": prompt})
+            messages.append(user_message(prompt, images))
             return self.chat(
                 model,
                 messages,
@@ -205,7 +196,9 @@ class OllamaClient(HTTPBackend):
                 on_chunk=on_chunk,
                 partial=partial,
             )
-        body = _body(model, options, format, keep_alive, prompt=prompt, system=system)
+        body = _body(
+            model, options, format, keep_alive, prompt=prompt, system=system, images=images
+        )
         return self._complete(
             "/api/generate", body, lambda chunk: chunk.get("response", ""), on_chunk
         )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import SecretStr
@@ -23,19 +23,25 @@ from pydantic import SecretStr
 from avocado_shared.contracts import Usage
 from avocado_shared.fleet import ModelMeta
 from ollama_worker.inference import (
-    TRANSIENT_STATUS,
     BackendRejected,
     BackendUnavailable,
     ChunkSink,
     Completion,
     HTTPBackend,
     ModelNotFound,
-    retry_after,
+    short_reason,
+    user_message,
     with_partial,
 )
 from ollama_worker.tool_calls import DeltaCalls, openai_message
 
-__all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable"]
+__all__ = ["OpenAIClient", "OpenAIRejected", "OpenAIUnavailable", "Server"]
+
+Server = Literal["standard", "llama-cpp-python"]
+"""Which OpenAI-compatible server: one that takes OpenAI's own forms (vLLM, llama.cpp's
+llama-server, LM Studio, SGLang, Ollama's ``/v1``), or llama-cpp-python's (the embedded
+default's), which takes a JSON schema only inside ``json_object`` and answers every request it
+cannot handle with a 500."""
 
 # Ollama option -> OpenAI parameter; other Ollama options (num_ctx, num_gpu...) size the
 # server itself, which an OpenAI-compatible server fixes at its start: they are left out.
@@ -61,7 +67,8 @@ class OpenAIUnavailable(BackendUnavailable):
 
 
 class OpenAIRejected(BackendRejected):
-    """The server refused the request itself (400, 422, or a 4xx other than a missing model)."""
+    """The server refused the request itself (a 4xx other than a missing model, or a 500 that
+    says the request is invalid)."""
 
 
 def _message(body: Any) -> str:
@@ -76,13 +83,6 @@ def _message(body: Any) -> str:
         if "message" in body:
             return str(body["message"])
     return str(body)[:500]
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        return _message(response.json())
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase
 
 
 def _not_served(model: str, url: str, detail: str) -> ModelNotFound:
@@ -103,11 +103,43 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return params
 
 
-def _response_format(format: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Our contract's ``format``: ``"json"`` is JSON mode, a mapping is a JSON schema."""
+def _response_format(format: str | Mapping[str, Any], server: Server) -> dict[str, Any]:
+    """Our contract's ``format`` in the server's form: ``"json"`` is JSON mode, a mapping a
+    JSON schema (OpenAI's ``json_schema``, or llama-cpp-python's ``json_object`` holding it)."""
     if isinstance(format, str):
         return {"type": "json_object"}
+    if server == "llama-cpp-python":
+        return {"type": "json_object", "schema": dict(format)}
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": dict(format)}}
+
+
+# An image's first bytes, in base64, and its media type: a data URL names one.
+_MEDIA_TYPES = (
+    ("iVBORw0KGgo", "image/png"),
+    ("/9j/", "image/jpeg"),
+    ("R0lGOD", "image/gif"),
+    ("UklGR", "image/webp"),
+    ("Qk", "image/bmp"),
+)
+
+
+def _data_url(image: str) -> str:
+    """A base64 image as the data URL OpenAI's ``image_url`` takes."""
+    media = next((kind for head, kind in _MEDIA_TYPES if image.startswith(head)), "image/png")
+    return f"data:{media};base64,{image}"
+
+
+def _openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat message in OpenAI's form (its tool links as ``tool_calls.openai_message`` makes
+    them): one with ``images`` (Ollama's) becomes content parts, its text then each image as a
+    data URL; one without keeps its plain text, which servers with no vision take too."""
+    images = message.get("images")
+    converted = {k: v for k, v in openai_message(message).items() if k != "images"}
+    if images:
+        text = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+        pictures = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in images]
+        converted["content"] = text + pictures
+    return converted
 
 
 def _completion(
@@ -152,6 +184,15 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _showing_images(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``events``, a refusal of which names the images: a server whose model cannot see may
+    say so in words that do not (llama-cpp-python's: "can only concatenate str")."""
+    try:
+        yield from events
+    except OpenAIRejected as error:
+        raise OpenAIRejected(f"{error}; the request shows images: can its model see?") from None
+
+
 class OpenAIClient(HTTPBackend):
     """A client for one OpenAI-compatible server at ``base_url`` (ending in ``/v1``), made
     once per worker process; the API key goes out as a Bearer token and nowhere else."""
@@ -159,11 +200,22 @@ class OpenAIClient(HTTPBackend):
     can_pull = False
     label: ClassVar[str] = "openai-compatible server"
     unavailable: ClassVar[type[BackendUnavailable]] = OpenAIUnavailable
+    rejected: ClassVar[type[BackendRejected]] = OpenAIRejected
 
-    def __init__(self, base_url: str, *, api_key: SecretStr | None = None, **http: Any) -> None:
-        """``http``: ``HTTPBackend``'s timeouts and transport."""
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: SecretStr | None = None,
+        server: Server = "standard",
+        **http: Any,
+    ) -> None:
+        """``server``: which one it is (``Server``); ``http``: ``HTTPBackend``'s timeouts
+        and transport."""
         headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
         super().__init__(base_url, headers=headers, **http)
+        self.server = server
+        self.refuses_with_500 = server == "llama-cpp-python"
         self._contexts: dict[str, int] = {}
         self._contexts_lock = threading.Lock()
         self._tokenize: list[str] = list(_TOKENIZE)  # narrowed to the one that answers
@@ -171,19 +223,14 @@ class OpenAIClient(HTTPBackend):
     def __enter__(self) -> OpenAIClient:
         return self
 
-    def _raise_for_status(self, response: httpx.Response, model: str | None) -> None:
-        """Map an error answer to ``OpenAIUnavailable``, ``ModelNotFound`` or
-        ``OpenAIRejected``."""
-        status = response.status_code
-        if status < 400:
-            return
-        text = _error_text(response)
-        if status in TRANSIENT_STATUS:
-            message = f"{self.label} answered {status}: {text}"
-            raise OpenAIUnavailable(message, retry_after(response))
-        if status == 404 and model is not None:
-            raise _not_served(model, self.base_url, f"{status}: {text}")
-        raise OpenAIRejected(f"{self.label} answered {status}: {text}")
+    def _error_text(self, response: httpx.Response) -> str:
+        try:
+            return _message(response.json())
+        except ValueError:
+            return response.text.strip() or response.reason_phrase
+
+    def _not_found(self, model: str, reason: str) -> ModelNotFound:
+        return _not_served(model, self.base_url, f"404: {reason}")
 
     def _model_entries(self) -> list[dict[str, Any]]:
         data = self._request("GET", "/models").get("data") or []
@@ -277,11 +324,17 @@ class OpenAIClient(HTTPBackend):
         return None
 
     def generate(
-        self, model: str, prompt: str, *, system: str | None = None, **params: Any
+        self,
+        model: str,
+        prompt: str,
+        *,
+        system: str | None = None,
+        images: Sequence[str] | None = None,
+        **params: Any,
     ) -> Completion:
         """A prompt as one user message (after ``system``), then as ``chat``."""
         messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
+        messages.append(user_message(prompt, images))
         return self.chat(model, messages, **params)
 
     def chat(
@@ -305,7 +358,7 @@ class OpenAIClient(HTTPBackend):
         (``keep_alive``) have no meaning here."""
         body: dict[str, Any] = {
             "model": model,
-            "messages": [openai_message(m) for m in with_partial(messages, partial)],
+            "messages": [_openai_message(m) for m in with_partial(messages, partial)],
             "stream": True,
             "stream_options": {"include_usage": True},
             **_options(options),
@@ -319,14 +372,17 @@ class OpenAIClient(HTTPBackend):
         if partial:
             body.update(continue_final_message=True, add_generation_prompt=False)
         if format is not None:
-            body["response_format"] = _response_format(format)
+            body["response_format"] = _response_format(format, self.server)
         parts: list[str] = []
         calls = DeltaCalls()
         served, reason = model, None
         usage: dict[str, Any] = {}
         timings: dict[str, Any] = {}
         started = time.monotonic()
-        for event in self._events("/chat/completions", body):
+        events = self._events("/chat/completions", body)
+        if any(m.get("images") for m in messages):
+            events = _showing_images(events)
+        for event in events:
             served = str(event.get("model") or served)
             for choice in event.get("choices") or []:
                 delta = choice.get("delta") or {}
@@ -355,7 +411,10 @@ class OpenAIClient(HTTPBackend):
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each SSE ``data:`` event up to ``data: [DONE]``; a stream that ends before it was
-        cut, so the answer is incomplete: transient, like a reset connection."""
+        cut, so the answer is incomplete: transient, like a reset connection. Except an empty
+        one from llama-cpp-python's server: that is how it fails a streamed request it cannot
+        handle (the reason goes to its own log only)."""
+        began = False
         for line in self._lines(path, body):
             if not line.startswith("data:"):
                 continue  # SSE comments and event names
@@ -364,6 +423,14 @@ class OpenAIClient(HTTPBackend):
                 return
             event = json.loads(data)
             if "error" in event:
-                raise OpenAIUnavailable(f"{self.label} failed mid-stream: {_message(event)}")
+                raise OpenAIUnavailable(
+                    f"{self.label} failed mid-stream: {short_reason(_message(event))}"
+                )
+            began = True
             yield event
+        if not began and self.server == "llama-cpp-python":
+            raise OpenAIRejected(
+                f"{self.label} refused the request: it ended the answer before it began, "
+                "without a reason (its own log has it)"
+            )
         raise OpenAIUnavailable(f"{self.label} at {self.base_url} ended the stream before [DONE]")

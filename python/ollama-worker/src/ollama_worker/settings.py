@@ -29,6 +29,13 @@ class WorkerSettings(Settings):
     backend_api_key: SecretStr | None = Field(
         default=None, description="Sent to the OpenAI-compatible server as a Bearer token."
     )
+    backend_server: Literal["standard", "llama-cpp-python"] = Field(
+        default="standard",
+        description="Which OpenAI-compatible server: standard takes OpenAI's own forms (vLLM, "
+        "llama.cpp's llama-server, LM Studio, SGLang, Ollama's /v1); llama-cpp-python (the "
+        "embedded default's) takes a JSON schema only inside json_object, and answers 500 to "
+        "a request it cannot handle, which then fails at once instead of being retried.",
+    )
     ollama_url: str = "http://127.0.0.1:11434"
     ollama_connect_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect timeout to the inference server, either API."

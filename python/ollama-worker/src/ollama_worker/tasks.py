@@ -186,7 +186,7 @@ class JobTask(TracedJob):
         reason = failure_reason(error)
         record_quietly(self, task_id, status, kwargs, reason)
         if self.name == GENERATE_TASK:  # its reader must not wait for an answer to come
-            self.resources.streams.end_if_open(task_id, reason)
+            self.resources.streams.end_if_open(task_id, error)
         self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
 
 
@@ -213,6 +213,7 @@ def _generate(
             model,
             job.prompt,
             system=job.system,
+            images=job.images,
             options=options,
             format=job.format,
             keep_alive=job.keep_alive,

@@ -40,7 +40,7 @@ from avocado_shared.streams import (
     restart_fields,
     text_fields,
 )
-from ollama_worker.inference import Completion
+from ollama_worker.inference import BackendRejected, Completion
 
 __all__ = ["TokenStream", "TokenStreams", "failure_reason"]
 
@@ -59,6 +59,12 @@ _CLOSE_WAIT_S = 30.0
 def failure_reason(error: BaseException) -> str:
     """How a job's failure reads in its stream's end and its row."""
     return f"{type(error).__name__}: {error}"
+
+
+def _failure_fields(error: BaseException) -> _Fields:
+    """The end of the stream of a job that failed for good with ``error``; one its server
+    refused says so (the client's request, not the fleet, is at fault)."""
+    return error_fields(failure_reason(error), isinstance(error, BackendRejected))
 
 
 class TokenStreams:
@@ -106,17 +112,18 @@ class TokenStreams:
         stream.streamed = streamed
         return stream
 
-    def end_if_open(self, job_id: str, reason: str) -> None:
-        """End the job's stream with ``reason`` unless a run of it did: a job refused before
+    def end_if_open(self, job_id: str, error: BaseException) -> None:
+        """End the job's stream with ``error`` unless a run of it did: a job refused before
         it ran (cancelled while queued) or failed outside its generation, so that a reader
         (the gateway) stops waiting now instead of at its timeout. Best effort: Redis may be
         down."""
         reader = JobStream(self._client(), self._key_prefix, job_id)
         try:
             if reader.snapshot().end is None:
-                TokenStream(reader.client, reader.key, self._ttl_s).close(error_fields(reason))
-        except (StreamUnavailable, RedisError) as error:
-            logger.warning("job %s: its stream not ended (%s): %s", job_id, reason, error)
+                TokenStream(reader.client, reader.key, self._ttl_s).close(_failure_fields(error))
+        except (StreamUnavailable, RedisError) as unwritten:
+            why = failure_reason(error)
+            logger.warning("job %s: its stream not ended (%s): %s", job_id, why, unwritten)
 
 
 class TokenStream:
@@ -185,7 +192,7 @@ class TokenStream:
         elif isinstance(error, Retry):
             self.close()  # the next attempt continues it
         else:
-            self.close(error_fields(failure_reason(error)))
+            self.close(_failure_fields(error))
 
     def close(self, final: _Fields | None = None) -> None:
         """Write ``final`` (the ``end`` entry; none when the job will be retried) after all

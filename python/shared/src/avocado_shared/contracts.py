@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -9,6 +11,7 @@ from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -52,6 +55,20 @@ ModelName = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\s#*]+$"),
 ]
 OptionValue = int | float | str | bool | list[str]
+
+
+def _base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("an image must be base64 data, without a data: URL prefix") from None
+    if not value:
+        raise ValueError("an image must not be empty")
+    return value
+
+
+# An image as Ollama's API carries it: the file's bytes in base64.
+Image = Annotated[str, AfterValidator(_base64)]
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
@@ -140,7 +157,7 @@ class ChatMessage(_Contract):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
-    images: list[str] | None = None
+    images: list[Image] | None = Field(default=None, description="Base64 images it shows.")
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     tool_name: str | None = None
@@ -170,6 +187,9 @@ class GenerateRequest(_Contract):
     prompt: NonEmpty | None = None
     messages: list[ChatMessage] | None = None
     system: str | None = None
+    images: list[Image] | None = Field(
+        default=None, description="Base64 images the prompt shows (a chat's go in its messages)."
+    )
     model: ModelName | None = Field(default=None, description="The worker's default when unset.")
     options: dict[str, OptionValue] = Field(default_factory=dict)
     format: Literal["json"] | dict[str, Any] | None = Field(
@@ -187,6 +207,8 @@ class GenerateRequest(_Contract):
             raise ValueError("give exactly one of prompt or messages")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
+        if self.messages is not None and self.images:
+            raise ValueError("a chat's images go in its messages")
         return self
 
     @model_validator(mode="after")

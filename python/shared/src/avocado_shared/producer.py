@@ -79,6 +79,7 @@ class GenerateFields(TypedDict, total=False):
     messages: Sequence[ChatMessage | Mapping[str, Any]] | None
     model: str | None
     system: str | None
+    images: Sequence[str] | None
     options: Mapping[str, Any] | None
     format: str | Mapping[str, Any] | None
     keep_alive: str | int | None

@@ -37,6 +37,7 @@ from avocado_shared.errors import PermanentError, TransientError, Unavailable
 __all__ = [
     "AsyncJobStream",
     "EntryKind",
+    "JobRefused",
     "JobStream",
     "StreamEntry",
     "StreamFailed",
@@ -76,6 +77,11 @@ class StreamFailed(PermanentError):
     """The job's stream ended with an error: the job failed for good."""
 
 
+class JobRefused(StreamFailed):
+    """The job failed because its inference server refused its request (invalid there, or
+    asking what its model cannot do): the client's request is at fault, not the fleet."""
+
+
 class StreamUnavailable(Unavailable):
     """Redis could not be read."""
 
@@ -84,7 +90,8 @@ class StreamUnavailable(Unavailable):
 class StreamEntry:
     """One entry: ``text`` for TEXT (``chunks``: how many of the server's chunks it joins),
     ``usage``, ``length`` (None from writers that did not say) and ``tool_calls`` for DONE,
-    ``reason`` for RESTART and ERROR."""
+    ``reason`` for RESTART and ERROR, ``refused`` for an ERROR whose server refused the
+    request."""
 
     id: str
     kind: EntryKind
@@ -94,11 +101,17 @@ class StreamEntry:
     length: int | None = None
     reason: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    refused: bool = False
 
     @property
     def final(self) -> bool:
         """True for the entry that ends the stream."""
         return self.kind in (EntryKind.DONE, EntryKind.ERROR)
+
+    def failure(self, job_id: str) -> StreamFailed:
+        """What an ERROR entry of ``job_id``'s stream raises."""
+        kind = JobRefused if self.refused else StreamFailed
+        return kind(f"job {job_id} failed: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -140,9 +153,11 @@ def done_fields(
     return fields
 
 
-def error_fields(reason: str) -> dict[str, str]:
-    """The final entry of a job that failed for good."""
-    return {"end": EntryKind.ERROR.value, "error": reason}
+def error_fields(reason: str, refused: bool = False) -> dict[str, str]:
+    """The final entry of a job that failed for good; ``refused``: because its server
+    refused the request."""
+    fields = {"end": EntryKind.ERROR.value, "error": reason}
+    return fields | {"refused": "1"} if refused else fields
 
 
 def _text(value: bytes | str) -> str:
@@ -162,7 +177,8 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> StreamEntry
         length = int(data["length"]) if "length" in data else None
         calls = tuple(_TOOL_CALLS.validate_json(data["tools"])) if "tools" in data else ()
         return StreamEntry(ident, EntryKind.DONE, usage=usage, length=length, tool_calls=calls)
-    return StreamEntry(ident, EntryKind.ERROR, reason=data.get("error", "unknown failure"))
+    reason = data.get("error", "unknown failure")
+    return StreamEntry(ident, EntryKind.ERROR, reason=reason, refused="refused" in data)
 
 
 def _unreadable(job_id: str, error: redis.RedisError) -> StreamUnavailable:
@@ -264,7 +280,7 @@ class JobStream:
         seen: list[StreamEntry] = []
         for entry in self.entries(after, timeout_s):
             if entry.kind is EntryKind.ERROR:
-                raise StreamFailed(f"job {self.job_id} failed: {entry.reason}")
+                raise entry.failure(self.job_id)
             seen.append(entry)
         return joined(seen)
 

@@ -528,7 +528,9 @@ class _Handler(BaseHTTPRequestHandler):
         if chat:
             texts = [m.get("content") for m in messages]
             pairs = [(m.get("role"), m.get("content")) for m in messages]
+            images = sum(len(m.get("images") or []) for m in messages)
         else:
+            images = len(body.get("images") or [])
             texts = [body.get("system"), body.get("prompt")]
             pairs = [("system", body["system"])] if body.get("system") else []
             pairs.append(("user", body.get("prompt")))
@@ -544,6 +546,7 @@ class _Handler(BaseHTTPRequestHandler):
             default_tokens=config.default_tokens,
             stop=[stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None,
             tool=tool,
+            images=images,
         )
         return reply, max(count_words(*texts), 1)
 

@@ -105,7 +105,9 @@ def _response_format(value: Any) -> tuple[Any, str | None]:
     if value is None or (isinstance(value, dict) and value.get("type") == "text"):
         return None, None
     if isinstance(value, dict) and value.get("type") == "json_object":
-        return "json", None
+        # llama.cpp's servers (llama-cpp-python's too) take a schema inside json_object.
+        schema = value.get("schema")
+        return (schema if isinstance(schema, dict) else "json"), None
     if isinstance(value, dict) and value.get("type") == "json_schema":
         schema = (value.get("json_schema") or {}).get("schema")
         if isinstance(schema, dict):
@@ -114,8 +116,29 @@ def _response_format(value: Any) -> tuple[Any, str | None]:
     return None, "response_format.type must be one of 'text', 'json_object', 'json_schema'"
 
 
+def _flat(message: Any) -> dict[str, Any] | None:
+    """A chat message with its content as text (parts joined) and ``images`` the count of
+    its ``image_url`` parts; None when its content is neither a string nor such parts (nor
+    null in an assistant turn that only called tools)."""
+    if not isinstance(message, dict):
+        return None
+    content = message.get("content", "")
+    if content is None and message.get("tool_calls"):
+        return {**message, "content": "", "images": 0}
+    if isinstance(content, str):
+        return {**message, "images": 0}
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        return None
+    if any(p.get("type") not in ("text", "image_url") for p in content):
+        return None
+    text = "".join(str(p.get("text") or "") for p in content if p.get("type") == "text")
+    images = sum(1 for p in content if p.get("type") == "image_url")
+    return {**message, "content": text, "images": images}
+
+
 def _texts(body: dict[str, Any], chat: bool) -> tuple[list[Any], str | None]:
-    """The texts that make the prompt, or what is wrong with them."""
+    """The texts that make the prompt (a chat's messages with their content as text and
+    their images counted), or what is wrong with them."""
     if not chat:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
@@ -124,14 +147,10 @@ def _texts(body: dict[str, Any], chat: bool) -> tuple[list[Any], str | None]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return [], "messages must be a non-empty list"
-    for message in messages:
-        if not isinstance(message, dict):
-            return [], "each message must be an object"
-        content = message.get("content", "")
-        calls_only = content is None and bool(message.get("tool_calls"))
-        if not (isinstance(content, str) or calls_only):
-            return [], "each message must be an object whose content is a string"
-    return messages, None
+    flat = [_flat(m) for m in messages]
+    if any(m is None for m in flat):
+        return [], "each message's content must be a string or text and image_url parts"
+    return flat, None
 
 
 def _tool(body: dict[str, Any], messages: list[Any]) -> tuple[dict[str, Any] | None, str | None]:
@@ -213,6 +232,7 @@ def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
         "num_predict": limit,
         "default_tokens": state.config.default_tokens,
         "stop": [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None,
+        "images": sum(m["images"] for m in texts) if chat else 0,
     }
     if chat:
         # vLLM's continue_final_message: the model continues the trailing assistant message.

@@ -106,8 +106,10 @@ def plan_reply(
     default_tokens: int,
     stop: Sequence[str] | None = None,
     tool: Mapping[str, Any] | None = None,
+    images: int = 0,
 ) -> Reply:
-    """Decide the whole answer up front; streaming only slices it."""
+    """Decide the whole answer up front; streaming only slices it. A text answer to a request
+    that shows ``images`` begins by saying how many it saw, so tests see they arrived."""
     words = _words(key)
     if tool is not None:
         fn: Mapping[str, Any] = (
@@ -139,7 +141,10 @@ def plan_reply(
             tokens, reason = tokens[:limit], "length"  # real Ollama truncates too
         return Reply(tokens=tokens, done_reason=reason, eval_count=len(tokens))
     count = default_tokens if limit is None else limit
-    tokens = _sentence_tokens(words, count, finish=limit is None)
+    seen = _PIECE.findall(f"I see {images} image{'' if images == 1 else 's'}. ") if images else []
+    tokens = (seen + _sentence_tokens(words, count, finish=limit is None))[:count]
+    if seen and len(tokens) > len(seen):
+        tokens[len(seen)] = " " + tokens[len(seen)]
     reason = "stop" if limit is None else "length"
     if stop:
         cut = _cut_at_stop(tokens, stop)
