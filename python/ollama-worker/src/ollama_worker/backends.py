@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from ollama_worker.inference import ChunkSink, Completion
+from ollama_worker.inference import ChunkSink, Completion, Embeddings
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.openai_backend import OpenAIClient
 from ollama_worker.settings import WorkerSettings
@@ -68,6 +68,21 @@ class Backend(Protocol):
         self, model: str, messages: Sequence[Mapping[str, Any]], **answer: Unpack[Answer]
     ) -> Completion:
         """Answer the last of ``messages``."""
+
+    def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: str | int | None = None,
+    ) -> Embeddings:
+        """The vectors of ``texts``, in one request to the server."""
+
+    def embedding_models(self, models: Sequence[str]) -> set[str]:
+        """Those of ``models`` the server says are embedding models."""
 
     def deadline(self, seconds: float | None) -> AbstractContextManager[None]: ...
 

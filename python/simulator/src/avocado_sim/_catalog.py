@@ -20,6 +20,7 @@ __all__ = [
     "ModelCard",
     "card_for",
     "http_date",
+    "is_embedding",
     "is_valid_name",
     "keep_alive_seconds",
     "local_iso",
@@ -75,6 +76,13 @@ class ModelCard:
             "parameter_size": self.parameter_size,
             "quantization_level": "Q4_K_M",
         }
+
+
+def is_embedding(name: str) -> bool:
+    """Whether the simulator serves ``name`` as an embedding model (it embeds, and has no
+    chat): a name with "embed" or "minilm" in it, or of the bge, e5 or gte families."""
+    base = normalize(name).rsplit("/", 1)[-1]
+    return "embed" in base or "minilm" in base or base.startswith(("bge", "e5", "gte"))
 
 
 def is_valid_name(name: object) -> bool:
@@ -188,7 +196,7 @@ def show_body(card: ModelCard, context_length: int, modified_at: str) -> dict[st
             "tokenizer.ggml.eos_token_id": 128009,
             "tokenizer.ggml.tokens": [],
         },
-        "capabilities": ["completion", "tools"],
+        "capabilities": ["embedding"] if is_embedding(card.name) else ["completion", "tools"],
         "modified_at": modified_at,
     }
 
