@@ -32,6 +32,7 @@ __all__ = [
     "Encoder",
     "Framing",
     "answer",
+    "ended",
     "request_lane",
 ]
 
@@ -131,6 +132,15 @@ async def answer(
         headers={JOB_ID_HEADER: job_id},
         background=BackgroundTask(after),
     )
+
+
+async def ended(request: Request, gateway: Gateway, job_id: str, model: str) -> bool:
+    """Wait for a job that streams no text (an embedding) to end, as its stream's end says
+    (``StreamFailed`` when it failed); False when its client left first (the job is then
+    cancelled)."""
+    timeout = gateway.settings.stream_timeout_s
+    wait = whole_answer(gateway, job_id, model, timeout)
+    return await _unless_client_leaves(request, gateway, job_id, wait) is not None
 
 
 async def _encoded(

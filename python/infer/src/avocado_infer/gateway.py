@@ -24,11 +24,16 @@ from avocado_infer.limits import Limiter, Slot
 from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
     GenerateResult,
     JobKind,
+    JobResult,
     SummarizeRequest,
     SummarizeResult,
     Usage,
+    parse_result,
 )
 from avocado_shared.errors import AvocadoError, TransientError
 from avocado_shared.fleet import WorkerRecord, WorkerRegistry
@@ -183,14 +188,25 @@ class Gateway:
         publishing right after it was sent) is cancelled, as no one would read its answer when
         the broker takes it later: a ``TransientError``."""
         request = self.producer.generate_request(prompt, messages=messages, **fields)
-        model = canonical_model(request.model or self.settings.fleet.default_model)
+        return cast(JobHandle[GenerateResult], await self._publish(request, lane))
+
+    async def embed(
+        self, input: str | Sequence[str], *, lane: Lane = Lane.INTERACTIVE, **fields: Any
+    ) -> JobHandle[EmbedResult]:
+        """Publish an embedding job in ``lane``, refused as ``generate`` refuses one."""
+        request = self.producer.embed_request(input, **fields)
+        return cast(JobHandle[EmbedResult], await self._publish(request, lane))
+
+    async def _publish(
+        self, request: GenerateRequest | EmbedRequest, lane: Lane
+    ) -> JobHandle[JobResult]:
+        """Publish a validated request unless its model is not served or its lane is full."""
+        fleet = self.settings.fleet
+        model = canonical_model(request.model or fleet.default_model)
         await self.check_served(model)
         await self.check_backlog(model, lane)
         try:
-            handle = cast(
-                JobHandle[GenerateResult],
-                await run_in_threadpool(self.producer.submit, request, lane),
-            )
+            handle = await run_in_threadpool(self.producer.submit, request, lane)
         except PublishOutcomeUnknown as error:
             raise await self._cancelled(error) from error
         except PublishError as error:
@@ -236,8 +252,19 @@ class Gateway:
         await run_in_threadpool(self.producer.cancel, job_id)
 
     async def stored(self, job_id: str) -> StoredAnswer | None:
-        """The generation's answer once its worker stored it; None before, or when the
-        results database cannot be read now. ``StreamFailed`` when it failed for good."""
+        """The generation's answer once its worker stored it (an embedding's: no text); None
+        before, or when the results database cannot be read now. ``StreamFailed`` when it
+        failed for good."""
+        result = await self.result(job_id)
+        if result is None:
+            return None
+        return StoredAnswer(
+            result.text if isinstance(result, GenerateResult) else "", result.usage()
+        )
+
+    async def result(self, job_id: str) -> JobResult | None:
+        """The job's result once its worker stored it; None before, or when the results
+        database cannot be read now. ``StreamFailed`` when it failed for good."""
         try:
             row = await run_in_threadpool(self.producer.results.get, job_id)
         except StoreError as error:
@@ -247,8 +274,7 @@ class Gateway:
             return None
         if row.status is not JobStatus.SUCCESS or row.result is None:
             raise StreamFailed(f"job {job_id} failed: {row.error}")
-        result = GenerateResult.model_validate(row.result)
-        return StoredAnswer(result.text, result.usage())
+        return parse_result(row.result)
 
     async def key(self, secret: str) -> ApiKey | None:
         """The API key of ``secret``; None when it is unknown or revoked."""
