@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -21,6 +22,7 @@ from avocado_shared import Producer, Settings
 from avocado_shared.contracts import EmbedResult, JobKind
 from avocado_shared.fleet import WorkerRegistry
 from avocado_shared.store import JobStatus, job_key
+from avocado_shared.topology import EMBED_QUEUE, EMBED_TASK, ML_EXCHANGE
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.gateway_clients import Fleet
 from tests.inprocess import InProcessWorker
@@ -111,6 +113,27 @@ def test_an_items_embedding_is_one_job_at_a_time_and_found_by_its_share_id(
     assert row is not None
     assert (row.job_id, row.share_id) == (first.id, share_id)
     assert len(sim.requests.to("/api/embed")) == 1
+
+
+def test_an_embedding_published_to_ml_embed_goes_to_its_models_queue(
+    worker: InProcessWorker, producer: Producer, sim: OllamaSimulator
+) -> None:
+    job_id = str(uuid.uuid4())
+    request = {"input": TEXTS, "model": EMBEDDING}
+
+    # As a plain AMQP producer publishes it: to the entry queue, no lock, no model queue.
+    producer.app.send_task(
+        EMBED_TASK,
+        kwargs={"request": request},
+        task_id=job_id,
+        exchange=ML_EXCHANGE.name,
+        routing_key=EMBED_QUEUE,
+    )
+    result = producer.handle(job_id).get(timeout=WAIT)
+
+    assert isinstance(result, EmbedResult)
+    assert result.embeddings == straight(sim, TEXTS)
+    assert f"job {job_id} forwarded to ml.model.{EMBEDDING}:latest.batch" in worker.log_text()
 
 
 def test_dimensions_cut_each_vector_to_length_one(

@@ -14,7 +14,7 @@ from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.backends import Backend
 from ollama_worker.embedding import embed_texts, fit
 from ollama_worker.errors import PermanentError, TransientError
-from ollama_worker.inference import BackendRejected, ModelNotFound
+from ollama_worker.inference import ModelNotFound
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.openai_backend import OpenAIClient
 
@@ -86,12 +86,11 @@ def test_a_text_over_the_context_that_may_not_be_cut_is_permanent(sim: OllamaSim
     assert "exceeds the context length" in str(refused.value)
 
 
-def test_fit_scales_to_length_one_and_refuses_more_dimensions_than_the_model_has() -> None:
+def test_fit_cuts_and_scales_to_length_one() -> None:
     assert fit([3.0, 4.0], None) == [0.6, 0.8]
     assert fit([0.6, 0.8, 0.0], 2) == pytest.approx([0.6, 0.8])
     assert fit([1.0, 0.0], None) == [1.0, 0.0]  # already of length 1: as it came
-    with pytest.raises(BackendRejected, match="fewer than the 3"):
-        fit([0.6, 0.8], 3)
+    assert fit([3.0, 4.0], 3) == [0.6, 0.8]  # more than the model has: all it has, as Ollama
 
 
 def test_the_simulators_vectors_are_the_same_for_the_same_text(sim: OllamaSimulator) -> None:

@@ -42,13 +42,8 @@ def embed_texts(client: Backend, model: str, job: EmbedRequest, batch_size: int)
 
 
 def fit(vector: Sequence[float], dimensions: int | None) -> list[float]:
-    """``vector`` cut to ``dimensions`` (if a server sent it whole) and scaled to length 1;
-    ``BackendRejected`` when the model's vectors are shorter than asked for."""
-    if dimensions is not None and len(vector) < dimensions:
-        raise BackendRejected(
-            f"the model's vectors have {len(vector)} dimensions, fewer than the {dimensions} "
-            "asked for"
-        )
+    """``vector`` cut to ``dimensions`` (if a server sent it whole; a shorter one stays whole,
+    as Ollama gives it) and scaled to length 1."""
     cut = list(vector[:dimensions] if dimensions is not None else vector)
     norm = math.sqrt(sum(x * x for x in cut))
     if norm == 0 or math.isclose(norm, 1.0, abs_tol=_UNIT):
