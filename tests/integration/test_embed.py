@@ -7,8 +7,10 @@ LangChain's ``OllamaEmbeddings``, each reading the vectors the simulator gives s
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -26,7 +28,7 @@ from avocado_shared.topology import EMBED_QUEUE, EMBED_TASK, ML_EXCHANGE
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.gateway_clients import Fleet
 from tests.inprocess import InProcessWorker
-from tests.services import REDIS_URL, wait_for
+from tests.services import REDIS_URL, VENV_BIN, run_cli, service_env, wait_for
 
 WAIT = 90
 CHAT = "llama3.2:1b"
@@ -134,6 +136,29 @@ def test_an_embedding_published_to_ml_embed_goes_to_its_models_queue(
     assert isinstance(result, EmbedResult)
     assert result.embeddings == straight(sim, TEXTS)
     assert f"job {job_id} forwarded to ml.model.{EMBEDDING}:latest.batch" in worker.log_text()
+
+
+def test_avocado_embed_prints_the_vectors_of_its_arguments_or_of_stdin_lines(
+    worker: InProcessWorker, broker_url: str, key_prefix: str, sim: OllamaSimulator
+) -> None:
+    env = service_env(broker_url, key_prefix)
+
+    given = run_cli(env, "embed", *TEXTS[:2], "--wait")
+    piped = subprocess.run(
+        [str(VENV_BIN / "avocado"), "embed", "--wait", "--json"],
+        input=f"{TEXTS[0]}\n\n{TEXTS[1]}\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+    assert given.returncode == 0, given.stderr
+    assert json.loads(given.stdout) == straight(sim, TEXTS[:2])
+    assert "-- embed" in given.stderr  # what it cost, on stderr
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["embeddings"] == straight(sim, TEXTS[:2])
 
 
 def test_dimensions_cut_each_vector_to_length_one(
