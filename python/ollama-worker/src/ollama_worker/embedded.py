@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def gguf_path() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where the embedding model's GGUF file and the server's configuration are kept."""
+    """Where the embedding model's GGUF file is kept."""
     home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(home) / "avocado"
 
@@ -73,8 +74,8 @@ def server_command(
     cache: Path | None = None,
 ) -> list[str]:
     """llama-cpp-python's server on ``host:port`` serving the chat model as ``MODEL`` and the
-    embedding model as ``EMBED_MODEL``, from a configuration file written in ``cache`` (the
-    server takes several models only so); ``threads``: how many it computes with (None:
+    embedding model as ``EMBED_MODEL`` (its GGUF file made in ``cache``), from a configuration
+    file (the server takes several models only so); ``threads``: how many it computes with (None:
     llama.cpp's defaults, one per core to read a prompt)."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise EmbeddedUnavailable(f"llama-cpp-python is not installed: {_EXTRA}")
@@ -99,9 +100,12 @@ def server_command(
     # By default a new request cuts the stream being generated short, and a worker sends
     # several at once: each waits its turn instead.
     config = {"host": host, "port": port, "interrupt_requests": False, "models": models}
-    path = folder / f"embedded-server-{port}.json"
-    path.write_text(json.dumps(config, indent=2))
-    return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(path)]
+    # Read once, as the server starts; a temporary file of its own (this process becomes the
+    # server, so none is left to remove it: the system's temporary folder is).
+    handle, path = tempfile.mkstemp(prefix="avocado-embedded-", suffix=".json")
+    with os.fdopen(handle, "w") as out:
+        json.dump(config, out, indent=2)
+    return [sys.executable, "-m", "llama_cpp.server", "--config_file", path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
