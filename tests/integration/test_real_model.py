@@ -1,7 +1,8 @@
 """Jobs on a real model through RabbitMQ: SmolLM2-135M-Instruct (the embedded default) on
 llama-cpp-python's OpenAI-compatible server, the way start-ml-services.sh runs it without
 Ollama; from Python and through the gateway with the ``ollama`` client and the ``openai`` SDK.
-Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
+Greedy decoding (temperature 0, a seed) makes its answers repeatable. The same server embeds
+with all-MiniLM-L6-v2 (``all-minilm``): sentences that mean the same come out closer."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from langchain_ollama import OllamaEmbeddings
 from openai.types.chat import ChatCompletionMessageParam
 
 from avocado_shared import GenerateResult, JobStatus, Producer, Settings
@@ -338,9 +340,12 @@ def test_the_clients_embed_through_the_gateway_on_the_real_model(
 
     ollama_said = fleet.ollama().embed(model=EMBED_MODEL, input=texts)
     openai_said = fleet.openai().embeddings.create(model=EMBED_MODEL, input=texts)
+    langchain_said = OllamaEmbeddings(model=EMBED_MODEL, base_url=fleet.gateway.url)
 
     for got, want in zip(ollama_said.embeddings, expected, strict=True):
         assert list(got) == pytest.approx(want, abs=1e-6)
     for item, want in zip(openai_said.data, expected, strict=True):
         assert item.embedding == pytest.approx(want, abs=1e-6)
     assert openai_said.usage.prompt_tokens == straight["usage"]["prompt_tokens"]
+    for got, want in zip(langchain_said.embed_documents(texts), expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
