@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from avocado_sim import _catalog as catalog
-from avocado_sim._openai import _INJECTED, _error
+from avocado_sim._openai import _INJECTED, _error, request_body
 from avocado_sim._text import count_words
 
 if TYPE_CHECKING:
@@ -145,15 +145,10 @@ def ollama_embeddings(h: _Handler, raw: bytes, started: int) -> None:
 def openai_embeddings(h: _Handler, raw: bytes, started: int) -> None:
     """OpenAI's ``/v1/embeddings``: ``input`` a text or a list of texts, ``encoding_format``
     float or base64 (little-endian float32, as OpenAI sends), ``dimensions``."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return _error(h, 400, "We could not parse the JSON body of your request.")
-    if not isinstance(body, dict):
-        return _error(h, 400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        return _error(h, 400, "you must provide a model parameter")
+    body = request_body(h, raw)
+    if body is None:
+        return None
+    model: str = body["model"]
     texts = _texts(body.get("input"))
     encoding = body.get("encoding_format", "float")
     dims = body.get("dimensions")
