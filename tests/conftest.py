@@ -27,6 +27,7 @@ from ollama_worker.ollama import OllamaClient
 from tests import midanswer
 from tests.fake_gateway import Served, serve
 from tests.gateway import InProcessGateway
+from tests.gateway_clients import Fleet
 from tests.inprocess import InProcessWorker, given_settings
 from tests.placement import place
 from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
@@ -320,6 +321,16 @@ def gateway_factory(settings: Settings) -> Iterator[Callable[..., InProcessGatew
     yield make
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture
+def fleet(
+    worker: InProcessWorker,
+    producer: Producer,
+    gateway_factory: Callable[..., InProcessGateway],
+) -> Fleet:
+    """A gateway of one test before the module's worker, and the job ids it answers with."""
+    return Fleet(gateway_factory(), producer)
 
 
 @pytest.fixture

@@ -25,7 +25,9 @@ from avocado_infer.ledger import Noted
 from avocado_infer.limits import Slot
 from avocado_infer.metrics import GatewayMetrics
 from avocado_shared.contracts import (
+    EmbedRequest,
     GenerateRequest,
+    JobResult,
     SummarizeRequest,
     ToolCall,
     Usage,
@@ -118,12 +120,13 @@ error entry, or a Redis blip."""
 
 @dataclass
 class Script:
-    """One job's token stream as its worker writes it, and its stored result (an exception:
-    the job failed for good). A script that ends without a final entry is a job that stops
-    writing: a read waits its timeout, then ``StreamTimedOut``."""
+    """One job's token stream as its worker writes it, and its stored result (a generation's
+    answer, or a whole result such as an embedding's; an exception: the job failed for good).
+    A script that ends without a final entry is a job that stops writing: a read waits its
+    timeout, then ``StreamTimedOut``."""
 
     steps: Sequence[Step] = ()
-    stored: StoredAnswer | Exception | None = None
+    stored: StoredAnswer | JobResult | Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,10 @@ class FakeGateway:
         self._made += 1
         return f"job-{self._made}"
 
-    def script(self, *steps: Step, stored: StoredAnswer | Exception | None = None) -> None:
-        """Answer the next generation with ``steps`` (and ``stored`` as its stored result)."""
+    def script(
+        self, *steps: Step, stored: StoredAnswer | JobResult | Exception | None = None
+    ) -> None:
+        """Answer the next job with ``steps`` (and ``stored`` as its stored result)."""
         self.answers.append(Script(steps, stored))
 
     async def generate(self, **fields: Any) -> Handle:
@@ -225,8 +230,19 @@ class FakeGateway:
         self._fail("generate")
         job = {k: v for k, v in fields.items() if k not in ("lane", "owner")}
         validate_request(GenerateRequest, {**job, "options": dict(job.get("options") or {})})
+        return self._publish(fields)
+
+    async def embed(self, input: Any, **fields: Any) -> Handle:
+        """``generate``'s for an embedding: the fields recorded with their ``input``."""
+        self._fail("embed")
+        job = {k: v for k, v in fields.items() if k != "lane"}
+        options = dict(job.get("options") or {})
+        validate_request(EmbedRequest, {**job, "input": input, "options": options})
+        return self._publish({"input": input, **fields})
+
+    def _publish(self, fields: dict[str, Any]) -> Handle:
         if not self.answers:
-            raise AssertionError(f"a generation was published with no answer scripted: {fields}")
+            raise AssertionError(f"a job was published with no answer scripted: {fields}")
         job_id = self._own(self._new_id(), fields.get("owner"))
         self.published.append({k: v for k, v in fields.items() if k != "owner"})
         self._scripts[job_id] = self.answers.pop(0)
@@ -258,7 +274,16 @@ class FakeGateway:
         stored = self._scripts[job_id].stored
         if isinstance(stored, Exception):
             raise stored
+        if isinstance(stored, JobResult):
+            return StoredAnswer("", stored.usage())
         return stored
+
+    async def result(self, job_id: str) -> JobResult | None:
+        self._fail("result")
+        stored = self._scripts[job_id].stored
+        if isinstance(stored, Exception):
+            raise stored
+        return stored if isinstance(stored, JobResult) else None
 
     async def key(self, secret: str) -> ApiKey | None:
         self.secrets_checked.append(secret)

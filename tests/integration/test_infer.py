@@ -21,21 +21,11 @@ from avocado_shared.streams import EntryKind, JobStream
 from avocado_sim import OllamaSimulator
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import JOB_ID_HEADER, Fleet, assert_counts
-from tests.inprocess import InProcessWorker
 from tests.services import REDIS_URL, free_port
 
 WAIT = 90
 MODEL = "llama3.2:1b"
 ASK = "Tell me about avocados."
-
-
-@pytest.fixture
-def fleet(
-    worker: InProcessWorker,
-    producer: Producer,
-    gateway_factory: Callable[..., InProcessGateway],
-) -> Fleet:
-    return Fleet(gateway_factory(), producer)
 
 
 def test_ollama_generate_streamed_is_the_stored_result(

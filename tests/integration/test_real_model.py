@@ -1,12 +1,14 @@
 """Jobs on a real model through RabbitMQ: SmolLM2-135M-Instruct (the embedded default) on
 llama-cpp-python's OpenAI-compatible server, the way start-ml-services.sh runs it without
 Ollama; from Python and through the gateway with the ``ollama`` client, the ``openai`` SDK and
-LangChain. Greedy decoding (temperature 0, a seed) makes its answers repeatable."""
+LangChain. Greedy decoding (temperature 0, a seed) makes its answers repeatable. The same server
+embeds with all-MiniLM-L6-v2 (``all-minilm``): sentences that mean the same come out closer."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import subprocess
 import time
 import uuid
@@ -20,14 +22,16 @@ import openai
 import pytest
 import redis
 from langchain_core.messages import AIMessage
+from langchain_ollama import OllamaEmbeddings
 from langchain_openai import ChatOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from avocado_shared import GenerateResult, JobStatus, Producer, Settings
+from avocado_shared.contracts import EmbedResult
 from avocado_shared.fleet import ModelMeta, WorkerRegistry
 from avocado_shared.routing import canonical_model
 from avocado_shared.streams import EntryKind, JobStream
-from ollama_worker.embedded import MODEL
+from ollama_worker.embedded import EMBED_MODEL, MODEL
 from ollama_worker.openai_backend import OpenAIClient
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
@@ -503,3 +507,58 @@ def test_images_to_a_model_that_cannot_see_are_refused_in_its_servers_words(
         "openai-compatible server refused the request: it ended the answer before it began, "
         "without a reason (its own log has it); the request shows images: can its model see?"
     )
+
+
+# Two pairs that mean the same, in other words, and sentences about something else.
+SAME = [
+    ("A man is playing a guitar.", "Someone plays the guitar."),
+    ("The cat sleeps on the sofa.", "A kitten is napping on the couch."),
+]
+OTHER = ["The stock market fell sharply today.", "Rain is expected in the north tonight."]
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.hypot(*a) / math.hypot(*b)
+
+
+def test_embeddings_on_the_real_model_are_closer_for_sentences_that_mean_the_same(
+    producer: Producer, worker_factory: WorkerFactory, model_url: str
+) -> None:
+    _worker(worker_factory, model_url)
+    texts = [t for pair in SAME for t in pair] + OTHER
+
+    result = producer.embed(texts, model=EMBED_MODEL).get(timeout=WAIT)
+
+    assert isinstance(result, EmbedResult)
+    vectors = dict(zip(texts, result.embeddings, strict=True))
+    assert {len(v) for v in vectors.values()} == {384}
+    assert all(math.isclose(math.hypot(*v), 1.0, abs_tol=1e-6) for v in vectors.values())
+    assert result.prompt_tokens > len(texts)  # counted by the model's tokenizer
+    for a, b in SAME:
+        same = _cosine(vectors[a], vectors[b])
+        others = {o: _cosine(vectors[a], vectors[o]) for o in OTHER}
+        print(f"cosine {a!r} ~ {b!r}: {same:.3f}; ~ others: {others}")  # the issue's figures
+        assert all(same > other for other in others.values()), (same, others)
+
+
+def test_the_clients_embed_through_the_gateway_on_the_real_model(
+    fleet: Fleet, model_url: str
+) -> None:
+    texts = list(SAME[0])
+    straight = httpx.post(
+        f"{model_url}/embeddings", json={"model": EMBED_MODEL, "input": texts}, timeout=WAIT
+    ).json()
+    # The server gives them unscaled; the fleet gives every vector length 1, as Ollama does.
+    expected = [[x / math.hypot(*d["embedding"]) for x in d["embedding"]] for d in straight["data"]]
+
+    ollama_said = fleet.ollama().embed(model=EMBED_MODEL, input=texts)
+    openai_said = fleet.openai().embeddings.create(model=EMBED_MODEL, input=texts)
+    langchain_said = OllamaEmbeddings(model=EMBED_MODEL, base_url=fleet.gateway.url)
+
+    for got, want in zip(ollama_said.embeddings, expected, strict=True):
+        assert list(got) == pytest.approx(want, abs=1e-6)
+    for item, want in zip(openai_said.data, expected, strict=True):
+        assert item.embedding == pytest.approx(want, abs=1e-6)
+    assert openai_said.usage.prompt_tokens == straight["usage"]["prompt_tokens"]
+    for got, want in zip(langchain_said.embed_documents(texts), expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)

@@ -33,6 +33,7 @@ WAIT = 60
 JOB_QUEUES = (
     "ml.generate",
     "ml.summarize",
+    "ml.embed",
     "infra.announce",
     *(lane_queue_name("llama3.2:1b", lane) for lane in Lane),
 )

@@ -25,6 +25,7 @@ from avocado_shared.keys import ApiKey
 from avocado_shared.routing import Lane, parse_lane
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "JOB_ID_HEADER",
     "LANE_HTTP_HEADER",
     "NDJSON",
@@ -33,7 +34,9 @@ __all__ = [
     "Encoder",
     "Framing",
     "answer",
+    "ended",
     "request_lane",
+    "request_owner",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ JOB_ID_HEADER = "X-Avocado-Job-Id"
 LANE_HTTP_HEADER = "X-Avocado-Lane"
 
 # nginx's "client closed request": the status of an answer no one was left to read.
-_CLIENT_CLOSED_REQUEST = 499
+CLIENT_CLOSED_REQUEST = 499
 
 T = TypeVar("T")
 
@@ -94,6 +97,13 @@ def request_lane(request: Request) -> Lane:
         raise InvalidRequest(f"{LANE_HTTP_HEADER}: {error}") from None
 
 
+def request_owner(request: Request) -> str | None:
+    """The name of the key a request came with (``deps.caller`` keeps it on the request): the
+    owner of the job it queues (``ownership``); None when the gateway asks for no key."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    return None if key is None else key.name
+
+
 async def answer(
     request: Request,
     gateway: Gateway,
@@ -106,8 +116,7 @@ async def answer(
     request's key (``ownership``), and answer with it in
     the shapes of ``encoder(job_id)``: one object, or a stream once its first piece is there
     (a job that fails or never starts gets an HTTP error status, as nothing was sent yet)."""
-    key: ApiKey | None = getattr(request.state, "api_key", None)
-    owner = None if key is None else key.name
+    owner = request_owner(request)
     handle = await gateway.generate(**job, lane=request_lane(request), owner=owner)
     job_id, model = handle.id, str(job["model"])
     shapes = encoder(job_id)
@@ -117,12 +126,12 @@ async def answer(
             request, gateway, job_id, whole_answer(gateway, job_id, model, timeout)
         )
         if got is None:
-            return Response(status_code=_CLIENT_CLOSED_REQUEST)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(shapes.whole(*got), headers={JOB_ID_HEADER: job_id})
     answered = answer_pieces(gateway, job_id, model, timeout)
     first = await _unless_client_leaves(request, gateway, job_id, anext(answered))
     if first is None:
-        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = _Watched(shapes.framing.frame(_encoded(first, answered, shapes)))
 
     async def after() -> None:
@@ -135,6 +144,15 @@ async def answer(
         headers={JOB_ID_HEADER: job_id},
         background=BackgroundTask(after),
     )
+
+
+async def ended(request: Request, gateway: Gateway, job_id: str, model: str) -> bool:
+    """Wait for a job that streams no text (an embedding) to end, as its stream's end says
+    (``StreamFailed`` when it failed); False when its client left first (the job is then
+    cancelled)."""
+    timeout = gateway.settings.stream_timeout_s
+    wait = whole_answer(gateway, job_id, model, timeout)
+    return await _unless_client_leaves(request, gateway, job_id, wait) is not None
 
 
 async def _encoded(

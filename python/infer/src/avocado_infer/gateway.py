@@ -24,13 +24,17 @@ from avocado_infer.limits import Limiter, Slot
 from avocado_infer.metrics import GatewayMetrics, MeteredStream
 from avocado_infer.settings import InferSettings
 from avocado_shared.contracts import (
+    EmbedRequest,
+    EmbedResult,
     GenerateRequest,
     GenerateResult,
     JobKind,
+    JobResult,
     SummarizeRequest,
     SummarizeResult,
     ToolCall,
     Usage,
+    parse_result,
 )
 from avocado_shared.errors import AvocadoError, TransientError, Unavailable
 from avocado_shared.fleet import ModelMeta, WorkerRecord, WorkerRegistry
@@ -194,7 +198,26 @@ class Gateway:
         publishing right after it was sent) is cancelled, as no one would read its answer when
         the broker takes it later: a ``TransientError``."""
         request = self.producer.generate_request(prompt, messages=messages, **fields)
-        model = canonical_model(request.model or self.settings.fleet.default_model)
+        return cast(JobHandle[GenerateResult], await self._publish(request, lane, owner))
+
+    async def embed(
+        self,
+        input: str | Sequence[str],
+        *,
+        lane: Lane = Lane.INTERACTIVE,
+        owner: str | None = None,
+        **fields: Any,
+    ) -> JobHandle[EmbedResult]:
+        """Publish an embedding job in ``lane``, noted and refused as ``generate``'s."""
+        request = self.producer.embed_request(input, **fields)
+        return cast(JobHandle[EmbedResult], await self._publish(request, lane, owner))
+
+    async def _publish(
+        self, request: GenerateRequest | EmbedRequest, lane: Lane, owner: str | None
+    ) -> JobHandle[JobResult]:
+        """Publish a validated request unless its model is not served or its lane is full."""
+        fleet = self.settings.fleet
+        model = canonical_model(request.model or fleet.default_model)
         await self.check_served(model)
         await self.check_backlog(model, lane)
         try:
@@ -208,10 +231,11 @@ class Gateway:
         return handle
 
     def _submit(
-        self, request: GenerateRequest, lane: Lane, model: str, owner: str | None
-    ) -> JobHandle[GenerateResult]:
-        handle = cast(JobHandle[GenerateResult], self.producer.submit(request, lane))
-        self._note(handle.id, JobKind.GENERATE, None, lane_queue_name(model, lane), owner)
+        self, request: GenerateRequest | EmbedRequest, lane: Lane, model: str, owner: str | None
+    ) -> JobHandle[JobResult]:
+        handle = self.producer.submit(request, lane)
+        kind = JobKind.GENERATE if isinstance(request, GenerateRequest) else JobKind.EMBED
+        self._note(handle.id, kind, None, lane_queue_name(model, lane), owner)
         return handle
 
     def _note(
@@ -270,8 +294,19 @@ class Gateway:
         await run_in_threadpool(self.producer.cancel, job_id)
 
     async def stored(self, job_id: str) -> StoredAnswer | None:
-        """The generation's answer once its worker stored it; None before, or when the
-        results database cannot be read now. ``StreamFailed`` when it failed for good."""
+        """The generation's answer once its worker stored it (an embedding's: no text); None
+        before, or when the results database cannot be read now. ``StreamFailed`` when it
+        failed for good."""
+        result = await self.result(job_id)
+        if result is None:
+            return None
+        if not isinstance(result, GenerateResult):
+            return StoredAnswer("", result.usage())
+        return StoredAnswer(result.text, result.usage(), tuple(result.tool_calls))
+
+    async def result(self, job_id: str) -> JobResult | None:
+        """The job's result once its worker stored it; None before, or when the results
+        database cannot be read now. ``StreamFailed`` when it failed for good."""
         try:
             row = await run_in_threadpool(self.producer.results.get, job_id)
         except StoreError as error:
@@ -281,8 +316,7 @@ class Gateway:
             return None
         if row.status is not JobStatus.SUCCESS or row.result is None:
             raise StreamFailed(f"job {job_id} failed: {row.error}")
-        result = GenerateResult.model_validate(row.result)
-        return StoredAnswer(result.text, result.usage(), tuple(result.tool_calls))
+        return parse_result(row.result)
 
     async def key(self, secret: str) -> ApiKey | None:
         """The API key of ``secret``; None when it is unknown or revoked."""

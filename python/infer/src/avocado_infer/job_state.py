@@ -29,6 +29,7 @@ from avocado_shared.errors import NotFound, Unavailable
 from avocado_shared.producer import Producer
 from avocado_shared.store import JobStatus, ResultRow, StoreRejected, job_key
 from avocado_shared.topology import (
+    EMBED_QUEUE,
     GENERATE_QUEUE,
     ML_EXCHANGE,
     SUMMARIZE_QUEUE,
@@ -68,7 +69,11 @@ _FROM_CELERY = {
     "REVOKED": JobState.CANCELLED,
 }
 # The queue of a job noted without one (by a gateway of an earlier release).
-_QUEUES = {JobKind.GENERATE: GENERATE_QUEUE, JobKind.SUMMARIZE: SUMMARIZE_QUEUE}
+_QUEUES = {
+    JobKind.GENERATE: GENERATE_QUEUE,
+    JobKind.SUMMARIZE: SUMMARIZE_QUEUE,
+    JobKind.EMBED: EMBED_QUEUE,
+}
 
 
 class JobUnknown(NotFound):

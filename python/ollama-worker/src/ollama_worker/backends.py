@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from avocado_shared.fleet import ModelMeta
-from ollama_worker.inference import ChunkSink, Completion
+from ollama_worker.inference import ChunkSink, Completion, Embeddings
 from ollama_worker.ollama import OllamaClient
 from ollama_worker.openai_backend import OpenAIClient
 from ollama_worker.settings import WorkerSettings
@@ -87,6 +87,21 @@ class Backend(Protocol):
     ) -> Completion:
         """Answer the last of ``messages`` (Ollama's form: base64 ``images`` beside the
         text)."""
+
+    def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: str | int | None = None,
+    ) -> Embeddings:
+        """The vectors of ``texts``, in one request to the server."""
+
+    def embedding_models(self, models: Sequence[str]) -> set[str]:
+        """Those of ``models`` the server says are embedding models."""
 
     def deadline(self, seconds: float | None) -> AbstractContextManager[None]: ...
 

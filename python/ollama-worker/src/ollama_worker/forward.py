@@ -1,4 +1,5 @@
-"""Jobs that arrive on ``ml.generate`` or ``ml.summarize`` go on to their model's lane queue.
+"""Jobs that arrive on ``ml.generate``, ``ml.summarize`` or ``ml.embed`` go on to their
+model's lane queue.
 
 Those queues take the jobs of producers that publish without a model queue (a plain AMQP
 client, an earlier release, a job queued before an upgrade). Every worker consumes them and
@@ -21,6 +22,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from avocado_shared.contracts import (
+    EmbedRequest,
     GenerateRequest,
     InvalidRequest,
     SummarizeRequest,
@@ -30,6 +32,8 @@ from avocado_shared.dlq import raw_body
 from avocado_shared.routing import LANE_HEADER, lane_queue_name, model_of, parse_lane
 from avocado_shared.settings import Settings
 from avocado_shared.topology import (
+    EMBED_QUEUE,
+    EMBED_TASK,
     GENERATE_QUEUE,
     GENERATE_TASK,
     ML_EXCHANGE,
@@ -43,12 +47,13 @@ __all__ = ["Forwarder"]
 
 logger = logging.getLogger(__name__)
 
-_ENTRY_QUEUES = frozenset({GENERATE_QUEUE, SUMMARIZE_QUEUE})
+_ENTRY_QUEUES = frozenset({GENERATE_QUEUE, SUMMARIZE_QUEUE, EMBED_QUEUE})
 # Set by the broker on each delivery; the copy starts its own count.
 _BROKER_HEADERS = ("x-delivery-count",)
 _CONTRACTS: dict[str, type[BaseModel]] = {
     GENERATE_TASK: GenerateRequest,
     SUMMARIZE_TASK: SummarizeRequest,
+    EMBED_TASK: EmbedRequest,
 }
 
 
@@ -110,7 +115,7 @@ class Forwarder:
             validate_request(contract, request)
         except (ValueError, TypeError, KeyError, IndexError, InvalidRequest):
             return None
-        return model_of(request, self.settings.default_model)
+        return model_of(request, self.settings.default_model, self.settings.embed_model)
 
     def _declare(self, model: str) -> None:
         if model in self._declared:

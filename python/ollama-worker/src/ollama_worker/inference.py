@@ -26,6 +26,7 @@ __all__ = [
     "ChunkSink",
     "Completion",
     "DeadlinePassed",
+    "Embeddings",
     "HTTPBackend",
     "ModelNotFound",
     "retry_after",
@@ -161,6 +162,14 @@ class Completion:
     def combine(cls, text: str, parts: Sequence[Completion]) -> Completion:
         """One completion standing for several calls (a chunked summary): costs add up."""
         return cls(text, Usage.total([p.usage for p in parts]))
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The vectors of one request's texts, in their order, and what they cost."""
+
+    vectors: list[list[float]]
+    usage: Usage
 
 
 class HTTPBackend:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from avocado_shared.contracts import JobKind, Usage
 from avocado_shared.errors import PermanentError
 from avocado_shared.producer import SENT_AT_HEADER
-from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+from avocado_shared.topology import EMBED_TASK, GENERATE_TASK, SUMMARIZE_TASK
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -49,7 +49,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_KINDS = {GENERATE_TASK: JobKind.GENERATE.value, SUMMARIZE_TASK: JobKind.SUMMARIZE.value}
+_KINDS = {
+    GENERATE_TASK: JobKind.GENERATE.value,
+    SUMMARIZE_TASK: JobKind.SUMMARIZE.value,
+    EMBED_TASK: JobKind.EMBED.value,
+}
 _STATES = ("succeeded", "failed", "retried")
 _WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)

@@ -18,6 +18,7 @@ from ollama_worker.inference import (
     ChunkSink,
     Completion,
     DeadlinePassed,
+    Embeddings,
     HTTPBackend,
     ModelNotFound,
     short_reason,
@@ -151,6 +152,35 @@ class OllamaClient(HTTPBackend):
     def context_length(self, model: str) -> int | None:
         """The model's trained context length, from ``/api/show``, when it reports one."""
         return self.describe(model).context_length
+
+    def embedding_models(self, models: Sequence[str]) -> set[str]:
+        """Those of ``models`` that Ollama says embed (``embedding`` in ``/api/show``'s
+        capabilities; an Ollama before 0.6 says nothing, and they count as chat models)."""
+        found = set()
+        for model in models:
+            shown = self._request("POST", "/api/show", {"model": model})
+            if "embedding" in (shown.get("capabilities") or ()):
+                found.add(model)
+        return found
+
+    def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: str | int | None = None,
+    ) -> Embeddings:
+        """The vectors of ``texts`` in one ``/api/embed`` call (Ollama cuts and rescales them
+        to ``dimensions`` itself)."""
+        fields = {"input": list(texts), "dimensions": dimensions, "truncate": truncate}
+        body = _body(model, options, None, keep_alive, **fields)
+        del body["stream"]  # an embedding is one answer
+        answer = self._request("POST", "/api/embed", body)
+        usage = _completion("", {**answer, "done_reason": None}).usage
+        return Embeddings([list(v) for v in answer.get("embeddings") or []], usage)
 
     def pull(self, model: str, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Download ``model``; each progress line goes to ``progress``."""

@@ -27,6 +27,7 @@ from ollama_worker.inference import (
     BackendUnavailable,
     ChunkSink,
     Completion,
+    Embeddings,
     HTTPBackend,
     ModelNotFound,
     short_reason,
@@ -322,6 +323,35 @@ class OpenAIClient(HTTPBackend):
                 return count
         self._tokenize = []  # it has none: not asked again
         return None
+
+    def embedding_models(self, models: Sequence[str]) -> set[str]:
+        """This API does not say which models embed (``AVOCADO_EMBEDDING_MODELS`` does)."""
+        return set()
+
+    def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        dimensions: int | None = None,
+        **ollama_only: Any,
+    ) -> Embeddings:
+        """The vectors of ``texts`` in one ``/v1/embeddings`` call, as floats, in their order
+        (``data`` says each one's ``index``). Ollama-only arguments (``truncate``, ``options``,
+        ``keep_alive``) have no meaning here: a server cuts long texts as it was started to."""
+        body: dict[str, Any] = {"model": model, "input": list(texts), "encoding_format": "float"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        started = time.monotonic()
+        answer = self._request("POST", "/embeddings", body)
+        data = sorted(answer.get("data") or [], key=lambda item: int(item.get("index", 0)))
+        counts = answer.get("usage") or {}
+        usage = Usage(
+            model=str(answer.get("model") or model),
+            prompt_tokens=int(counts.get("prompt_tokens") or 0),
+            total_duration_ms=(time.monotonic() - started) * 1000,
+        )
+        return Embeddings([list(item["embedding"]) for item in data], usage)
 
     def generate(
         self,

@@ -14,12 +14,15 @@ from celery import Task
 
 from avocado_shared.contracts import JobKind, JobResult
 from avocado_shared.store import JobStatus, ResultStore, StoreError, job_key
-from avocado_shared.topology import SUMMARIZE_TASK
+from avocado_shared.topology import EMBED_TASK, SUMMARIZE_TASK
 from ollama_worker.resources import resources_of
 
 __all__ = ["node_name", "record", "record_quietly", "stored_success"]
 
 logger = logging.getLogger(__name__)
+
+
+_KINDS = {SUMMARIZE_TASK: JobKind.SUMMARIZE, EMBED_TASK: JobKind.EMBED}
 
 
 def node_name(task: Task) -> str:
@@ -47,8 +50,8 @@ def record(
     ``job_id`` is explicit: Celery calls ``on_retry`` for a job it cancels from the main
     process, where ``task.request`` is not that job's.
     """
-    kind = JobKind.SUMMARIZE if task.name == SUMMARIZE_TASK else JobKind.GENERATE
-    share_id = _share_id(kwargs) if kind is JobKind.SUMMARIZE else None
+    kind = _KINDS.get(task.name, JobKind.GENERATE)
+    share_id = _share_id(kwargs) if kind is not JobKind.GENERATE else None
     resources = resources_of(task.app)
     resources.ensure_schema()
     resources.store.record(

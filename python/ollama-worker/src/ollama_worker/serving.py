@@ -9,6 +9,8 @@ consumer's own thread (``Consumer.call_soon``, as Celery's ``add_consumer`` cont
 Which of its server's models it takes is ``choosing``'s: at most as many as fit in the server's
 memory together, and a model whose jobs wait with no node to run them is taken on (pulled
 first where it may) in place of one nobody waits for: a swap per decision, never per job.
+Embedding models are chosen apart, within a limit of their own (``max_embedding_models``): a
+small one stays loaded beside a chat model, so a node serves both without a swap.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -31,8 +34,9 @@ from kombu.transport.native_delayed_delivery import bind_queue_to_native_delayed
 from redis.exceptions import RedisError
 
 from avocado_shared.fleet import ModelMeta, WorkerRecord, WorkerRegistry
-from avocado_shared.routing import canonical_model
+from avocado_shared.routing import canonical_model, canonical_models
 from avocado_shared.topology import (
+    EMBED_QUEUE,
     GENERATE_QUEUE,
     SUMMARIZE_QUEUE,
     declare_lane_queues,
@@ -82,6 +86,12 @@ class Serving:
         self.meta: dict[str, ModelMeta] = {}
         # Models whose jobs it takes at once: those that fit in its server's memory together.
         self.limit = settings.max_models or (None if settings.backend == "openai" else 1)
+        self.embedding_limit = settings.max_embedding_models
+        if self.embedding_limit is None and settings.backend != "openai":
+            self.embedding_limit = 1
+        # Embedding models: those named in the settings, and those the server said embed.
+        self.embedding = canonical_models(settings.embedding_models)
+        self._kinds_known: set[str] = set()  # models whose kind the server was asked
         self.slots = 1
         self.name = settings.worker_id
         self.cutoff = Cutoff.from_settings(settings)
@@ -188,7 +198,8 @@ class Serving:
                 cutoff.expected_s(),
                 (cutoff.at - timedelta(seconds=cutoff.margin_s)).isoformat(timespec="seconds"),
             )
-            self._change([], [*self._queue_names(), GENERATE_QUEUE, SUMMARIZE_QUEUE])
+            entry = [GENERATE_QUEUE, SUMMARIZE_QUEUE, EMBED_QUEUE]
+            self._change([], [*self._queue_names(), *entry])
         if self.draining and not active_requests:
             logger.warning("%s leaves before its cutoff with no job in flight", self.name)
             worker_state.should_stop = EX_OK  # a warm shutdown, as SIGTERM starts
@@ -218,6 +229,9 @@ class Serving:
             with make_backend(self.settings) as client:
                 names = client.models()
                 loaded = [canonical_model(name) for name in client.loaded()]
+                unknown = [n for n in names if canonical_model(n) not in self._kinds_known]
+                self.embedding |= canonical_models(client.embedding_models(unknown))
+                self._kinds_known |= canonical_models(unknown)
         except (AvocadoError, ValueError, KeyError) as error:
             logger.warning("models of %s unknown: %s", self.settings.server_url, error)
             return None
@@ -244,15 +258,28 @@ class Serving:
                     self.meta[model] = ModelMeta()
 
     def _follow(self, found: dict[str, str]) -> None:
-        """Take the jobs of the models ``choosing.committed`` picks of those in ``found``."""
-        chosen = committed(
-            list(self.models),
-            found,
-            self.loaded,
-            canonical_model(self.settings.default_model),
-            self.limit,
-        )
+        """Take the jobs of the models ``choosing.committed`` picks of those in ``found``:
+        chat models and embedding models each within their own limit."""
+        chosen = []
+        for embeds, default in (
+            (False, self.settings.default_model),
+            (True, self.settings.embed_model),
+        ):
+            chosen += committed(
+                self._of_kind(self.models, embeds),
+                self._of_kind(found, embeds),
+                self.loaded,
+                canonical_model(default),
+                self._limit(embeds),
+            )
         self._serve({model: found[model] for model in chosen})
+
+    def _of_kind(self, models: Iterable[str], embeds: bool) -> list[str]:
+        """Those of ``models`` that are embedding models (``embeds``) or chat models."""
+        return [model for model in models if (model in self.embedding) is embeds]
+
+    def _limit(self, embeds: bool) -> int | None:
+        return self.embedding_limit if embeds else self.limit
 
     def _serve(self, models: dict[str, str]) -> None:
         """Consume the queues of ``models`` and only those (nothing new while draining)."""
@@ -309,9 +336,16 @@ class Serving:
         if not any(d.ready and not d.consumers for d in waiting.values()):
             return  # nothing waits for a node: the broker need not be asked more
         own = {model: self._demand(model) for model in self.models}
-        move = adoption(
-            list(self.models), waiting, own, found=found, can_fetch=can_fetch, limit=self.limit
-        )
+        move = None
+        for embeds in (False, True):
+            move = move or adoption(
+                self._of_kind(self.models, embeds),
+                {m: d for m, d in waiting.items() if (m in self.embedding) is embeds},
+                own,
+                found=found,
+                can_fetch=can_fetch,
+                limit=self._limit(embeds),
+            )
         if move is None or not self._claim(move.take):
             return
         if move.take not in found:

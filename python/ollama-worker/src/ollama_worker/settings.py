@@ -120,6 +120,24 @@ class WorkerSettings(Settings):
         "together. Unset: 1 on Ollama (a notebook's GPU), every model it serves on an "
         "OpenAI-compatible server.",
     )
+    max_embedding_models: int | None = Field(
+        default=None,
+        ge=0,
+        description="Embedding models this node takes jobs of at once, besides max_models: "
+        "small ones stay loaded beside a chat model. Unset: 1 on Ollama, every one it serves "
+        "on an OpenAI-compatible server.",
+    )
+    embedding_models: list[str] = Field(
+        default_factory=list,
+        description="Models to count as embedding models whatever the server says (a JSON "
+        "list); Ollama says so itself (its /api/show capabilities).",
+    )
+    embed_batch_size: int = Field(
+        default=64,
+        ge=1,
+        description="Texts an embedding job sends its server in one request; a longer list "
+        "goes in several.",
+    )
     cutoff: datetime | None = Field(
         default=None,
         description="When this node will be stopped (ISO 8601, with a time zone): it drains "

@@ -1,4 +1,5 @@
-"""The jobs: generate and summarize, each validated, run on the inference server, returned."""
+"""The jobs: generate, summarize and embed, each validated, run on the inference server,
+returned."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from redis.exceptions import RedisError
 
 from avocado_shared.cancel import JobCancelled, is_cancelled
 from avocado_shared.contracts import (
+    EmbedRequest,
+    EmbedResult,
     GenerateRequest,
     GenerateResult,
     InvalidRequest,
@@ -25,11 +28,12 @@ from avocado_shared.contracts import (
 )
 from avocado_shared.store import JobStatus, StoreUnavailable
 from avocado_shared.streams import StreamSnapshot
-from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+from avocado_shared.topology import EMBED_TASK, GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.backends import Backend, pull_progress
 from ollama_worker.deadletter import dead_letter_task
+from ollama_worker.embedding import embed_texts
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
-from ollama_worker.inference import Completion, DeadlinePassed, ModelNotFound
+from ollama_worker.inference import Completion, DeadlinePassed, Embeddings, ModelNotFound
 from ollama_worker.leases import AlreadyRunning
 from ollama_worker.overrides.job_task import TracedJob
 from ollama_worker.resources import Resources, resources_of
@@ -185,9 +189,13 @@ class JobTask(TracedJob):
         status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILURE
         reason = failure_reason(error)
         record_quietly(self, task_id, status, kwargs, reason)
-        if self.name == GENERATE_TASK:  # its reader must not wait for an answer to come
+        if self.name in _READ_TASKS:  # its reader must not wait for an answer to come
             self.resources.streams.end_if_open(task_id, error)
         self.release_lock(task_args=self.request.args, task_kwargs=kwargs)
+
+
+# The jobs a reader (the gateway) may wait on through their stream.
+_READ_TASKS = (GENERATE_TASK, EMBED_TASK)
 
 
 def _cancelled(resources: Resources, job_id: str) -> bool:
@@ -304,8 +312,45 @@ def summarize(
     )
 
 
+def _embed(resources: Resources, client: Backend, job: EmbedRequest, model: str) -> Embeddings:
+    ensure_model(resources, client, model)
+    return embed_texts(client, model, job, resources.settings.embed_batch_size)
+
+
+def _told(task: JobTask, result: JobResult | dict[str, Any]) -> dict[str, Any]:
+    """Store the result (``finish``), then end the job's stream ``done``: a reader that waits
+    there (the gateway; an embedding streams nothing else) finds the stored row at once."""
+    done = result if isinstance(result, JobResult) else parse_result(result)
+    with task.resources.streams.open(str(task.request.id)) as stream:
+        data = task.finish(done)
+        stream.finish(done.usage())
+    return data
+
+
+def embed(
+    self: JobTask, request: dict[str, Any], finished: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Embed one text or a list, in batches the server takes; ``finished``: its result, when
+    only storing it is left to do."""
+    if finished is not None:
+        return _told(self, finished)
+    job = _parse(self, EmbedRequest, request)
+    resources = self.resources
+    model = resources.model_name(job.model or resources.settings.embed_model)
+    done = self.attempt(lambda client: _embed(resources, client, job, model))
+    result = EmbedResult(
+        job_id=str(self.request.id),
+        embeddings=done.vectors,
+        share_id=job.share_id,
+        worker=node_name(self),
+        **done.usage.model_dump(),
+    )
+    return _told(self, result)
+
+
 def register(app: Celery) -> None:
     """Add the fleet's jobs to ``app``; not shared, so a producer's app in the same
     process keeps its own stubs of these names."""
-    for run, name in ((generate, GENERATE_TASK), (summarize, SUMMARIZE_TASK)):
+    jobs = ((generate, GENERATE_TASK), (summarize, SUMMARIZE_TASK), (embed, EMBED_TASK))
+    for run, name in jobs:
         app.task(name=name, base=JobTask, bind=True, shared=False)(run)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from avocado_shared.celery_config import celery_config, make_celery
 from avocado_shared.contracts import (
     ChatMessage,
+    EmbedRequest,
+    EmbedResult,
     GenerateRequest,
     GenerateResult,
     InvalidRequest,
@@ -24,6 +26,7 @@ from avocado_shared.producer import (
     Producer,
     PublishError,
     PublishOutcomeUnknown,
+    embed,
     generate,
     summarize,
 )
@@ -33,6 +36,8 @@ from avocado_shared.topology import declare_topology
 
 __all__ = [
     "ChatMessage",
+    "EmbedRequest",
+    "EmbedResult",
     "GenerateRequest",
     "GenerateResult",
     "InvalidRequest",
@@ -55,6 +60,7 @@ __all__ = [
     "Usage",
     "celery_config",
     "declare_topology",
+    "embed",
     "generate",
     "make_celery",
     "parse_result",

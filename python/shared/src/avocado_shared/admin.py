@@ -71,8 +71,8 @@ WORKER_PERMISSIONS = Permissions(
     # its top level).
     write=rf"^(ml|ml\.dlx|service-discovery|celery_delayed_27|{_LANES}|{_CELERY})$",
     read=(
-        rf"^(ml|ml\.generate|ml\.summarize|infra\.announce|celery_delayed_delivery|{_LANES}"
-        rf"|{_CELERY})$"
+        rf"^(ml|ml\.generate|ml\.summarize|ml\.embed|infra\.announce|celery_delayed_delivery"
+        rf"|{_LANES}|{_CELERY})$"
     ),
 )
 # Binding keys a worker may bind to ``ml`` (a topic permission's read, checked on

@@ -11,6 +11,7 @@ from avocado_shared.overrides.failover import FailoverAMQP
 from avocado_shared.settings import Settings
 from avocado_shared.tls import broker_ssl, redis_ssl, warn_if_plaintext
 from avocado_shared.topology import (
+    EMBED_TASK,
     GENERATE_TASK,
     ML_EXCHANGE,
     SUMMARIZE_TASK,
@@ -100,6 +101,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             SUMMARIZE_TASK: {
                 "soft_time_limit": settings.summarize_soft_time_limit_s,
                 "time_limit": settings.summarize_time_limit_s,
+            },
+            EMBED_TASK: {
+                "soft_time_limit": settings.embed_soft_time_limit_s,
+                "time_limit": settings.embed_time_limit_s,
             },
         },
         "enable_utc": True,

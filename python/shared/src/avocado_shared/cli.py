@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from avocado_shared.admin import AdminError, create_worker, delete_worker
 from avocado_shared.contracts import (
+    EmbedResult,
     GenerateResult,
     InvalidRequest,
     JobKind,
@@ -100,10 +101,28 @@ def _parser() -> argparse.ArgumentParser:
     waitable(summ)
     laned(summ)
 
+    emb = sub.add_parser(
+        "embed", help="enqueue the embedding of texts (one job); with --wait, print the vectors"
+    )
+    emb.add_argument("texts", nargs="*", help="the texts; none: one a line from stdin")
+    emb.add_argument("--model", help="default AVOCADO_EMBED_MODEL")
+    emb.add_argument("--share-id", help="the embedding of this shared item (one job at a time)")
+    emb.add_argument("--dimensions", type=int, help="cut each vector to this many")
+    emb.add_argument(
+        "--no-truncate", action="store_true", help="fail on a text over the context, not cut it"
+    )
+    emb.add_argument("--keep-alive")
+    emb.add_argument("--idempotency-key")
+    waitable(emb)
+    laned(emb)
+
     res = sub.add_parser("result", help="show a job's state and result, from ml_results")
     which = res.add_mutually_exclusive_group(required=True)
     which.add_argument("job_id", nargs="?")
     which.add_argument("--share-id", help="the latest summary job of this shared item")
+    res.add_argument(
+        "--embedding", action="store_true", help="with --share-id: its embedding, not its summary"
+    )
     waitable(res)
 
     sub.add_parser("topology", help="declare the exchanges and queues, then show them")
@@ -175,6 +194,20 @@ def _submit(producer: Producer, args: argparse.Namespace) -> JobHandle[Any]:
         )
         _warn_unserved(producer, args.model or producer.settings.default_model)
         return handle
+    if args.command == "embed":
+        texts = args.texts or [line for line in sys.stdin.read().splitlines() if line.strip()]
+        handle = producer.embed(
+            texts,
+            model=args.model,
+            share_id=args.share_id,
+            dimensions=args.dimensions,
+            truncate=not args.no_truncate,
+            keep_alive=args.keep_alive,
+            idempotency_key=args.idempotency_key,
+            lane=lane,
+        )
+        _warn_unserved(producer, args.model or producer.settings.embed_model)
+        return handle
     text = args.text if args.text is not None else args.file.read_text()
     content = {"text": text, "title": args.title}
     options = {
@@ -216,6 +249,8 @@ def _show(result: JobResult, as_json: bool) -> None:
         print(result.text)
     elif isinstance(result, SummarizeResult):
         print(result.summary)
+    elif isinstance(result, EmbedResult):
+        print(json.dumps(result.embeddings))
     print(
         f"-- {result.kind.value} {result.job_id} on {result.worker}: model {result.model}, "
         f"{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens, "
@@ -335,9 +370,10 @@ def _result(producer: Producer, args: argparse.Namespace) -> int:
     """The stored row when the job ended; else its live state, or its result once it ends."""
     results = producer.results
     if args.share_id is not None:
-        row = results.get_by_key(job_key(JobKind.SUMMARIZE, "", args.share_id))
+        kind = JobKind.EMBED if args.embedding else JobKind.SUMMARIZE
+        row = results.get_by_key(job_key(kind, "", args.share_id))
         if row is None:
-            raise NotFound(f"no summary of share id {args.share_id!r} stored")
+            raise NotFound(f"no {kind.value} of share id {args.share_id!r} stored")
     else:
         row = results.get(args.job_id)
     if row is not None and row.status is JobStatus.SUCCESS and row.result is not None:

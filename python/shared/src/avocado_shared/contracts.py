@@ -25,6 +25,8 @@ from avocado_shared.errors import PermanentError
 
 __all__ = [
     "ChatMessage",
+    "EmbedRequest",
+    "EmbedResult",
     "FunctionCall",
     "FunctionSpec",
     "GenerateRequest",
@@ -73,10 +75,11 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 
 class JobKind(str, Enum):
-    """The two kinds of job; also the ``kind`` field of every result."""
+    """The kinds of job; also the ``kind`` field of every result."""
 
     GENERATE = "generate"
     SUMMARIZE = "summarize"
+    EMBED = "embed"
 
 
 class InvalidRequest(PermanentError, ValueError):
@@ -266,6 +269,30 @@ class SummarizeRequest(_Contract):
     options: SummarizeOptions = Field(default_factory=SummarizeOptions)
 
 
+class EmbedRequest(_Contract):
+    """Embed one text or a list (one job, sent to the server in batches it takes); with a
+    ``share_id``, the embedding of that shared item: at most one such job runs at once, and
+    its row in ``ml_results`` is the item's."""
+
+    input: NonEmpty | list[NonEmpty] = Field(min_length=1)
+    model: ModelName | None = Field(default=None, description="The fleet's embed_model when unset.")
+    share_id: Identifier | None = None
+    dimensions: int | None = Field(
+        default=None, ge=1, description="Cut each vector to this many, then scale it to length 1."
+    )
+    truncate: bool = Field(
+        default=True, description="Cut a text longer than the model's context; false: fail."
+    )
+    options: dict[str, OptionValue] = Field(default_factory=dict)
+    keep_alive: str | int | None = None
+    idempotency_key: Identifier | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        """The input as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 class Usage(BaseModel):
     """What an answer cost: its model, why it ended, its token counts and its durations, all
     in milliseconds. One shape from the worker's server call to the token stream, the result,
@@ -337,10 +364,21 @@ class SummarizeResult(JobResult):
     chunks: int = 1
 
 
-def parse_result(data: dict[str, Any]) -> GenerateResult | SummarizeResult:
+class EmbedResult(JobResult):
+    """One vector per input text, in the input's order; ``share_id`` when it embeds a shared
+    item."""
+
+    kind: Literal[JobKind.EMBED] = JobKind.EMBED
+    embeddings: list[list[float]]
+    share_id: str | None = None
+
+
+def parse_result(data: dict[str, Any]) -> GenerateResult | SummarizeResult | EmbedResult:
     """Read a stored result back into its model, by its ``kind``."""
     if data.get("kind") == JobKind.SUMMARIZE.value:
         return SummarizeResult.model_validate(data)
+    if data.get("kind") == JobKind.EMBED.value:
+        return EmbedResult.model_validate(data)
     return GenerateResult.model_validate(data)
 
 

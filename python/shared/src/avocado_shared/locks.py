@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+from avocado_shared.topology import EMBED_TASK, GENERATE_TASK, SUMMARIZE_TASK
 
 __all__ = ["REFRESH_SCRIPT", "RELEASE_SCRIPT", "job_identity", "unsure_key"]
 
@@ -28,7 +28,8 @@ def unsure_key(lock: str) -> str:
 
 def job_identity(task_name: str, kwargs: Any) -> str | None:
     """What makes two submissions the same job: the share id of a summary, the
-    idempotency key of a generation. ``None``: the job is never deduplicated."""
+    idempotency key of a generation, either of an embedding (the share id first).
+    ``None``: the job is never deduplicated."""
     request = kwargs.get("request") if isinstance(kwargs, dict) else None
     if not isinstance(request, dict):
         return None
@@ -36,6 +37,8 @@ def job_identity(task_name: str, kwargs: Any) -> str | None:
         value = request.get("share_id")
     elif task_name == GENERATE_TASK:
         value = request.get("idempotency_key")
+    elif task_name == EMBED_TASK:
+        value = request.get("share_id") or request.get("idempotency_key")
     else:
         return None
     return value if isinstance(value, str) and value else None

@@ -18,6 +18,8 @@ from avocado_shared.cancel import request_cancel
 from avocado_shared.celery_config import make_celery
 from avocado_shared.contracts import (
     ChatMessage,
+    EmbedRequest,
+    EmbedResult,
     GenerateRequest,
     GenerateResult,
     InvalidRequest,
@@ -50,7 +52,9 @@ from avocado_shared.settings import Settings
 from avocado_shared.store import ResultStore
 from avocado_shared.tls import refuse_untrusted
 from avocado_shared.topology import (
+    EMBED_TASK,
     GENERATE_TASK,
+    JOB_TASKS,
     ML_EXCHANGE,
     SUMMARIZE_TASK,
     declare_lane_queues,
@@ -68,6 +72,7 @@ __all__ = [
     "Producer",
     "PublishError",
     "PublishOutcomeUnknown",
+    "embed",
     "generate",
     "summarize",
 ]
@@ -88,6 +93,24 @@ class GenerateFields(TypedDict, total=False):
     tool_choice: ToolChoice | str | Mapping[str, Any] | None
     parallel_tool_calls: bool | None
 
+
+class EmbedFields(TypedDict, total=False):
+    """An embedding's fields besides its input (``EmbedRequest``'s)."""
+
+    model: str | None
+    share_id: str | None
+    dimensions: int | None
+    truncate: bool
+    options: Mapping[str, Any] | None
+    keep_alive: str | int | None
+    idempotency_key: str | None
+
+
+_TASKS: dict[type[Any], str] = {
+    GenerateRequest: GENERATE_TASK,
+    SummarizeRequest: SUMMARIZE_TASK,
+    EmbedRequest: EMBED_TASK,
+}
 
 # When the job was published (epoch seconds); workers measure its queue wait from it.
 SENT_AT_HEADER = "x-avocado-sent-at"
@@ -178,20 +201,43 @@ class Producer:
         request = validate_request(SummarizeRequest, fields)
         return cast(JobHandle[SummarizeResult], self.submit(request, lane))
 
+    def embed(
+        self, input: str | Sequence[str], *, lane: Lane = Lane.BATCH, **fields: Unpack[EmbedFields]
+    ) -> JobHandle[EmbedResult]:
+        """Enqueue the embedding of one text or a list (one job) in ``lane``; with a
+        ``share_id``, the item's embedding, one job at a time like its summary."""
+        request = self.embed_request(input, **fields)
+        return cast(JobHandle[EmbedResult], self.submit(request, lane))
+
+    def embed_request(
+        self, input: str | Sequence[str], **fields: Unpack[EmbedFields]
+    ) -> EmbedRequest:
+        """An embedding request, validated (``InvalidRequest``), its model the fleet's
+        ``embed_model`` when it names none."""
+        model = fields.get("model")
+        given: dict[str, Any] = {
+            **fields,
+            "input": input if isinstance(input, str) else list(input),
+            "model": self.settings.embed_model if model is None else model,
+            "options": dict(fields.get("options") or {}),
+        }
+        return validate_request(EmbedRequest, given)
+
     def submit(
-        self, request: GenerateRequest | SummarizeRequest, lane: Lane = Lane.BATCH
+        self, request: GenerateRequest | SummarizeRequest | EmbedRequest, lane: Lane = Lane.BATCH
     ) -> JobHandle[JobResult]:
         """Publish a validated request to its model's ``lane`` queue, persistent and
         confirmed; duplicates share one job. The queue is declared first, so a job for a model
         no node serves yet waits durably for one that does.
 
-        A summary with the same ``share_id``, or a generation with the same
-        ``idempotency_key``, that is still queued or running is not published again.
+        A summary or an embedding with the same ``share_id``, or a generation or an embedding
+        with the same ``idempotency_key``, that is still queued or running is not published
+        again.
         """
-        task = GENERATE_TASK if isinstance(request, GenerateRequest) else SUMMARIZE_TASK
+        task = _TASKS[type(request)]
         body = request.model_dump(mode="json", exclude_none=True)
         self._check_size(task, body)
-        model = model_of(body, self.settings.default_model)
+        model = model_of(body, self.settings.default_model, self.settings.embed_model)
         task_id = uuid()
         try:
             self._ensure_topology(model)
@@ -303,7 +349,7 @@ class Producer:
     def close(self) -> None:
         """Release broker, backend, lock and database connections."""
         self._flow.close()
-        for name in (GENERATE_TASK, SUMMARIZE_TASK):
+        for name in JOB_TASKS:
             self.app.tasks[name].close_lock_store()
         self.app.close()
         if self._results is not None:
@@ -376,3 +422,8 @@ def summarize(
 ) -> JobHandle[SummarizeResult]:
     """Enqueue a summary with the process-wide producer (settings from the environment)."""
     return _producer().summarize(share_id, content, **kwargs)
+
+
+def embed(input: str | Sequence[str], **kwargs: Any) -> JobHandle[EmbedResult]:
+    """Enqueue an embedding with the process-wide producer (settings from the environment)."""
+    return _producer().embed(input, **kwargs)

@@ -71,11 +71,15 @@ def lane_queue_name(model: str, lane: Lane) -> str:
     return f"{MODEL_QUEUE_PREFIX}{canonical_model(model)}.{lane.value}"
 
 
-def model_of(request: Mapping[str, Any], default: str) -> str:
-    """The model a job's request names (a generation's ``model``, a summary's
-    ``options.model``), canonical; ``default`` when it names none."""
+def model_of(request: Mapping[str, Any], default: str, embed_default: str | None = None) -> str:
+    """The model a job's request names (a generation's or an embedding's ``model``, a
+    summary's ``options.model``), canonical; when it names none, ``default``, or for an
+    embedding (it has an ``input``) ``embed_default`` if given."""
     named = request.get("model")
     options = request.get("options")
-    if named is None and isinstance(options, Mapping) and "share_id" in request:
+    embedding = "input" in request
+    if named is None and isinstance(options, Mapping) and "share_id" in request and not embedding:
         named = options.get("model")
+    if embedding and embed_default is not None:
+        default = embed_default
     return canonical_model(named if isinstance(named, str) and named.strip() else default)

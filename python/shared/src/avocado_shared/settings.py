@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         " unset: the broker's host on port 15672 with the broker URL's user.",
     )
     default_model: str = "llama3.2:1b"
+    embed_model: str = Field(
+        default="all-minilm",
+        description="The model an embedding job uses when it names none (Ollama's name for "
+        "all-MiniLM-L6-v2, which the embedded default serves too).",
+    )
     database_url: SecretStr | None = Field(
         default=None,
         description="ml_results database: postgresql://... in deployment; SQLite file when unset.",
@@ -81,6 +86,8 @@ class Settings(BaseSettings):
     generate_time_limit_s: int = Field(default=660, ge=1)
     summarize_soft_time_limit_s: int = Field(default=1200, ge=1)
     summarize_time_limit_s: int = Field(default=1260, ge=1)
+    embed_soft_time_limit_s: int = Field(default=600, ge=1)
+    embed_time_limit_s: int = Field(default=660, ge=1)
     result_expires_s: int = Field(default=7 * 24 * 3600, ge=60)
     task_events: bool = Field(
         default=False,
@@ -104,6 +111,7 @@ class Settings(BaseSettings):
         pairs = {
             "generate": (self.generate_soft_time_limit_s, self.generate_time_limit_s),
             "summarize": (self.summarize_soft_time_limit_s, self.summarize_time_limit_s),
+            "embed": (self.embed_soft_time_limit_s, self.embed_time_limit_s),
         }
         for kind, (soft, hard) in pairs.items():
             if soft >= hard:

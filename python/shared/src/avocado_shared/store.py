@@ -91,13 +91,14 @@ class ResultRow:
 
 
 def job_key(task_type: str | JobKind, job_id: str, share_id: str | None = None) -> str:
-    """A job's row identity: a summary is one row per shared item, a generation one per job.
+    """A job's row identity: a summary, or an embedding of a shared item, is one row per
+    shared item; a generation, or an embedding of no item, one per job.
 
     A summary without a share id (its payload was invalid) gets a row of its own job id, so
     its failure is stored too.
     """
     kind = task_type.value if isinstance(task_type, JobKind) else task_type
-    if kind == JobKind.SUMMARIZE.value and share_id:
+    if kind in (JobKind.SUMMARIZE.value, JobKind.EMBED.value) and share_id:
         return f"{kind}:{share_id}"
     return f"{kind}:{job_id}"
 

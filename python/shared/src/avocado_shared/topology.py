@@ -23,9 +23,12 @@ __all__ = [
     "DEAD_LETTER_EXCHANGE",
     "DEAD_LETTER_QUEUE",
     "DISCOVERY_EXCHANGE",
+    "EMBED_QUEUE",
+    "EMBED_TASK",
     "GENERATE_QUEUE",
     "GENERATE_TASK",
     "INFRA_EXCHANGE",
+    "JOB_TASKS",
     "ML_EXCHANGE",
     "SUMMARIZE_QUEUE",
     "SUMMARIZE_TASK",
@@ -51,12 +54,16 @@ DISCOVERY_EXCHANGE = Exchange("service-discovery", type="topic", durable=True)
 
 GENERATE_QUEUE = "ml.generate"
 SUMMARIZE_QUEUE = "ml.summarize"
+EMBED_QUEUE = "ml.embed"
 ANNOUNCE_QUEUE = "infra.announce"
 DEAD_LETTER_QUEUE = "ml.dead-letter"
 
 GENERATE_TASK = "avocado.generate"
 SUMMARIZE_TASK = "avocado.summarize"
+EMBED_TASK = "avocado.embed"
 ANNOUNCE_TASK = "avocado.announce"
+# The tasks that run a model: each locked on its identity and run once per job id.
+JOB_TASKS = (GENERATE_TASK, SUMMARIZE_TASK, EMBED_TASK)
 
 URL_CHANGED = "inference.url.changed"
 URL_REMOVED = "inference.url.removed"
@@ -64,6 +71,7 @@ URL_REMOVED = "inference.url.removed"
 _ROUTES = {
     GENERATE_TASK: GENERATE_QUEUE,
     SUMMARIZE_TASK: SUMMARIZE_QUEUE,
+    EMBED_TASK: EMBED_QUEUE,
     ANNOUNCE_TASK: ANNOUNCE_QUEUE,
 }
 
@@ -89,12 +97,13 @@ def job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
 
 
 def job_queues(settings: Settings) -> tuple[Queue, ...]:
-    """The queues every worker consumes: ``ml.generate`` and ``ml.summarize`` take jobs
-    published without a model queue (plain AMQP, earlier releases) and the worker forwards
-    each to its model's lane queue; ``infra.announce`` takes beat's job."""
+    """The queues every worker consumes: ``ml.generate``, ``ml.summarize`` and ``ml.embed``
+    take jobs published without a model queue (plain AMQP, earlier releases) and the worker
+    forwards each to its model's lane queue; ``infra.announce`` takes beat's job."""
     return (
         job_queue(GENERATE_QUEUE, ML_EXCHANGE, settings),
         job_queue(SUMMARIZE_QUEUE, ML_EXCHANGE, settings),
+        job_queue(EMBED_QUEUE, ML_EXCHANGE, settings),
         job_queue(ANNOUNCE_QUEUE, INFRA_EXCHANGE, settings),
     )
 

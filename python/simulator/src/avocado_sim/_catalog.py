@@ -21,6 +21,7 @@ __all__ = [
     "capabilities",
     "card_for",
     "http_date",
+    "is_embedding",
     "is_valid_name",
     "keep_alive_seconds",
     "local_iso",
@@ -76,6 +77,13 @@ class ModelCard:
             "parameter_size": self.parameter_size,
             "quantization_level": "Q4_K_M",
         }
+
+
+def is_embedding(name: str) -> bool:
+    """Whether the simulator serves ``name`` as an embedding model (it embeds, and has no
+    chat): a name with "embed" or "minilm" in it, or of the bge, e5 or gte families."""
+    base = normalize(name).rsplit("/", 1)[-1]
+    return "embed" in base or "minilm" in base or base.startswith(("bge", "e5", "gte"))
 
 
 def is_valid_name(name: object) -> bool:
@@ -155,7 +163,6 @@ def ps_entry(card: ModelCard, expires_at: str, context_length: int) -> dict[str,
 
 
 # Name parts of the models Ollama's library serves for embeddings only, and of those that see.
-_EMBEDDING = ("embed", "minilm", "bge-")
 _VISION = ("llava", "vision", "-vl", "moondream")
 
 
@@ -163,9 +170,9 @@ def capabilities(name: str) -> list[str]:
     """What Ollama's ``/api/show`` says a model can do, from its name alone: an embedding
     model (``nomic-embed-text``) embeds and nothing else; a chat model completes and calls
     tools, and a vision model (``llava``, ``llama3.2-vision``) also sees."""
-    base = name.rsplit("/", 1)[-1].lower()
-    if any(part in base for part in _EMBEDDING):
+    if is_embedding(name):
         return ["embedding"]
+    base = name.rsplit("/", 1)[-1].lower()
     return ["completion", "tools", *(["vision"] if any(p in base for p in _VISION) else [])]
 
 

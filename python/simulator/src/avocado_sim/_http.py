@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from avocado_sim import _catalog as catalog
-from avocado_sim import _openai
+from avocado_sim import _embed, _openai
 from avocado_sim._state import RecordedRequest, SimState
 from avocado_sim._text import Reply, count_words, plan_chat
 
@@ -421,6 +421,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "invalid model name")
         if not state.has_model(model):
             return self._error(404, f"model '{model}' not found")
+        if catalog.is_embedding(model):
+            return self._error(400, f'"{model}" does not support {"chat" if chat else "generate"}')
         fmt = body.get("format")
         if isinstance(fmt, str) and fmt not in ("", "json"):
             return self._error(400, 'invalid format: expected "json" or a valid JSON schema')
@@ -584,6 +586,7 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/api/chat": {"POST": _Handler._chat},
     "/_sim/stats": {"GET": _Handler._stats},
     **_openai.ROUTES,
+    **_embed.ROUTES,
 }
 
 

@@ -20,7 +20,7 @@ from avocado_sim._text import Reply, count_words, plan_chat, plan_reply, reply_k
 if TYPE_CHECKING:
     from avocado_sim._http import _Handler
 
-__all__ = ["ROUTES"]
+__all__ = ["ROUTES", "request_body"]
 
 _JSON = "application/json"
 _SSE = "text/event-stream"
@@ -186,19 +186,32 @@ def completions(h: _Handler, raw: bytes, started: int) -> None:
     _generation(h, raw, started, chat=False)
 
 
+def request_body(h: _Handler, raw: bytes) -> dict[str, Any] | None:
+    """The request's JSON object with a ``model``; None when it is not, once its 400 is
+    answered."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        _error(h, 400, "We could not parse the JSON body of your request.")
+        return None
+    if not isinstance(body, dict):
+        _error(h, 400, "The request body must be a JSON object.")
+        return None
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        _error(h, 400, "you must provide a model parameter")
+        return None
+    return body
+
+
 def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
     """Validate like a real server, then answer within a slot of the shared scheduler."""
     state = h.server.state
     state.count_generation()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return _error(h, 400, "We could not parse the JSON body of your request.")
-    if not isinstance(body, dict):
-        return _error(h, 400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        return _error(h, 400, "you must provide a model parameter")
+    body = request_body(h, raw)
+    if body is None:
+        return None
+    model: str = body["model"]
     texts, err = _texts(body, chat)
     tool, tool_err = _tool(body, texts) if chat and not err else (None, None)
     err = err or tool_err

@@ -1,7 +1,8 @@
-"""Every override of Celery, kombu, py-amqp and celery-singleton internals in the fleet: the
-one list to check on an upgrade. The worker's live in this package (``create_app`` wires
-them), those a producer needs too in ``avocado_shared.overrides``. All were written against
-Celery 5.7.0, kombu 5.7.0, py-amqp 5.4.2 and celery-singleton 0.3.1. Each entry: where, what
+"""Every override of Celery, kombu, py-amqp, celery-singleton and llama-cpp-python internals
+in the fleet: the one list to check on an upgrade. The worker's live in this package
+(``create_app`` wires them; ``avocado-embedded-llm`` runs ``llama_server``), those a producer
+needs too in ``avocado_shared.overrides``. All were written against Celery 5.7.0, kombu
+5.7.0, py-amqp 5.4.2, celery-singleton 0.3.1 and llama-cpp-python 0.3.36. Each entry: where, what
 it changes and why, and the tests (under ``tests/``) that pin it.
 
 ``consumer.DeadLetteringConsumer``: ``on_decode_error``, ``on_unknown_message``, ``on_invalid_task``
@@ -20,7 +21,7 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     (its cases ``task-without-id``, ``body-not-a-triple``, ``body-a-number``)
 
 ``consumer.DeadLetteringConsumer.create_task_handler`` (forwarding)
-    A job that arrives on ``ml.generate`` or ``ml.summarize`` (plain AMQP, an earlier
+    A job that arrives on ``ml.generate``, ``ml.summarize`` or ``ml.embed`` (plain AMQP, an earlier
     release) is forwarded to its model's lane queue (``ollama_worker.forward``), not run by
     a node that may not serve its model.
     integration/test_plain_amqp.py::test_job_from_a_plain_amqp_client_runs_and_is_stored
@@ -53,6 +54,13 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     and these hooks only redo what it could not.
     integration/test_reliability.py::test_redis_restart_loses_no_job_and_runs_none_twice
     integration/test_reliability.py::test_bad_request_fails_once_with_a_clear_reason
+
+``llama_server.plain_buffers``: ``llama_cpp.llama_model_default_params``
+    llama-cpp-python 0.3.36's server, as ``avocado-embedded-llm`` runs it, with llama.cpp's
+    extra buffer types off: on a CPU with AMX its AMX matrix product crashes the server at
+    the first token of the embedded chat model.
+    unit/test_embedded.py::test_the_server_keeps_the_weights_out_of_the_amx_buffers
+    integration/test_real_model.py::test_prompt_chat_and_json_jobs_on_the_real_model
 
 ``job_task.TracedJob.singleton_backend``
     celery-singleton keeps one lock store per process, the first app's, never closed: here

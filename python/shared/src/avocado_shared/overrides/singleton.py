@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from avocado_shared.flow import SentUnconfirmed, maybe_sent
 from avocado_shared.locks import REFRESH_SCRIPT, RELEASE_SCRIPT, job_identity, unsure_key
-from avocado_shared.topology import GENERATE_TASK, SUMMARIZE_TASK
+from avocado_shared.topology import JOB_TASKS
 
 __all__ = ["SingletonJob", "close_lock_store", "new_lock_store", "register_job_tasks"]
 
@@ -137,5 +137,5 @@ def register_job_tasks(app: Celery) -> None:
     def remote(*_: Any, **__: Any) -> None:
         raise NotImplementedError("this job runs on an Ollama worker, not in the producer")
 
-    for name in (GENERATE_TASK, SUMMARIZE_TASK):
+    for name in JOB_TASKS:
         app.task(name=name, base=SingletonJob, shared=False)(remote)
