@@ -235,7 +235,7 @@ class FakeGateway:
     async def embed(self, input: Any, **fields: Any) -> Handle:
         """``generate``'s for an embedding: the fields recorded with their ``input``."""
         self._fail("embed")
-        job = {k: v for k, v in fields.items() if k != "lane"}
+        job = {k: v for k, v in fields.items() if k not in ("lane", "owner")}
         options = dict(job.get("options") or {})
         validate_request(EmbedRequest, {**job, "input": input, "options": options})
         return self._publish({"input": input, **fields})
