@@ -339,7 +339,8 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
     assert "(embedded, llama.cpp on the CPU)" in up.stdout
     server = (run_dir / "embedded-llm.pid").read_text().strip()  # the script's child became it
     argv = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
-    assert argv[argv.index(b"--n_threads_batch") + 1] == b"1"
+    config = json.loads(Path(argv[argv.index(b"--config_file") + 1].decode()).read_text())
+    assert {(m["n_threads"], m["n_threads_batch"]) for m in config["models"]} == {(1, 1)}
     key = _env_file(run_dir / "infer.key")["key"]
     with _gateway(env, key) as gateway:
         tags = gateway.get("/api/tags").json()

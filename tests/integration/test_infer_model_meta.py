@@ -27,9 +27,12 @@ def sim() -> Iterator[OllamaSimulator]:
     """A simulator of this test only: a chat, an embedding and a vision model, all in memory
     (a node takes the jobs of the models its server holds loaded)."""
     with OllamaSimulator(SimConfig(models=[CHAT, EMBED, VISION], context_length=4096)) as server:
-        for model in (CHAT, EMBED, VISION):  # an empty prompt loads a model, as in Ollama
+        for model in (CHAT, VISION):  # an empty prompt loads a model, as in Ollama
             body = {"model": model, "prompt": "", "stream": False}
             httpx.post(f"{server.url}/api/generate", json=body, timeout=WAIT).raise_for_status()
+        # An embedding model has no generate: an embedding loads it.
+        body = {"model": EMBED, "input": "load"}
+        httpx.post(f"{server.url}/api/embed", json=body, timeout=WAIT).raise_for_status()
         yield server
 
 

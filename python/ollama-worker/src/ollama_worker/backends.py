@@ -100,9 +100,6 @@ class Backend(Protocol):
     ) -> Embeddings:
         """The vectors of ``texts``, in one request to the server."""
 
-    def embedding_models(self, models: Sequence[str]) -> set[str]:
-        """Those of ``models`` the server says are embedding models."""
-
     def deadline(self, seconds: float | None) -> AbstractContextManager[None]: ...
 
     def close(self) -> None: ...

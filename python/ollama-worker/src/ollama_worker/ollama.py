@@ -153,16 +153,6 @@ class OllamaClient(HTTPBackend):
         """The model's trained context length, from ``/api/show``, when it reports one."""
         return self.describe(model).context_length
 
-    def embedding_models(self, models: Sequence[str]) -> set[str]:
-        """Those of ``models`` that Ollama says embed (``embedding`` in ``/api/show``'s
-        capabilities; an Ollama before 0.6 says nothing, and they count as chat models)."""
-        found = set()
-        for model in models:
-            shown = self._request("POST", "/api/show", {"model": model})
-            if "embedding" in (shown.get("capabilities") or ()):
-                found.add(model)
-        return found
-
     def embed(
         self,
         model: str,

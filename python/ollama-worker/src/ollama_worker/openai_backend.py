@@ -324,10 +324,6 @@ class OpenAIClient(HTTPBackend):
         self._tokenize = []  # it has none: not asked again
         return None
 
-    def embedding_models(self, models: Sequence[str]) -> set[str]:
-        """This API does not say which models embed (``AVOCADO_EMBEDDING_MODELS`` does)."""
-        return set()
-
     def embed(
         self,
         model: str,

@@ -82,16 +82,15 @@ class Serving:
         self.models: dict[str, str] = {}
         self.found: dict[str, str] = {}  # every model its server has, as it said last
         self.loaded: list[str] = []
-        # What its server said of each model it served: asked once per model, not per round.
+        # What its server said of each model it has: asked once per model, not per round.
         self.meta: dict[str, ModelMeta] = {}
         # Models whose jobs it takes at once: those that fit in its server's memory together.
         self.limit = settings.max_models or (None if settings.backend == "openai" else 1)
         self.embedding_limit = settings.max_embedding_models
         if self.embedding_limit is None and settings.backend != "openai":
             self.embedding_limit = 1
-        # Embedding models: those named in the settings, and those the server said embed.
-        self.embedding = canonical_models(settings.embedding_models)
-        self._kinds_known: set[str] = set()  # models whose kind the server was asked
+        # Embedding models named in the settings (an OpenAI-compatible server does not say).
+        self.named_embedding = canonical_models(settings.embedding_models)
         self.slots = 1
         self.name = settings.worker_id
         self.cutoff = Cutoff.from_settings(settings)
@@ -113,9 +112,9 @@ class Serving:
         found = self._ask()
         try:
             if found is not None:
+                self._describe(found)
                 self._follow(found)
                 self._adopt(found)
-                self._describe()
         finally:
             self._drop_broker()  # before the pool forks: no child inherits its socket
 
@@ -178,8 +177,8 @@ class Serving:
         before a cutoff, and refresh the record."""
         found = self._ask()
         if found is not None:
+            self._describe(found)
             self._follow(found)
-            self._describe()
         self._drain()
         self.registry.put(self.record())  # first: a slow broker must not let it expire
         if found is not None and not self.draining:
@@ -229,9 +228,6 @@ class Serving:
             with make_backend(self.settings) as client:
                 names = client.models()
                 loaded = [canonical_model(name) for name in client.loaded()]
-                unknown = [n for n in names if canonical_model(n) not in self._kinds_known]
-                self.embedding |= canonical_models(client.embedding_models(unknown))
-                self._kinds_known |= canonical_models(unknown)
         except (AvocadoError, ValueError, KeyError) as error:
             logger.warning("models of %s unknown: %s", self.settings.server_url, error)
             return None
@@ -239,17 +235,18 @@ class Serving:
         self.found = {canonical_model(name): name for name in names if name.strip()}
         return self.found
 
-    def _describe(self) -> None:
-        """Ask the server what it says of each model it serves that it was not asked of yet.
-        A server that cannot answer now is asked again next round; one that will not say
-        (an older Ollama, a model it cannot show) leaves the model with no metadata."""
-        new = [model for model in self.models if model not in self.meta]
+    def _describe(self, found: dict[str, str]) -> None:
+        """Ask the server what it says of each model it has that it was not asked of yet
+        (whether it embeds decides how the model counts: ``_follow``). A server that cannot
+        answer now is asked again next round; one that will not say (an older Ollama, a model
+        it cannot show) leaves the model with no metadata."""
+        new = [model for model in found if model not in self.meta]
         if not new:
             return
         with make_backend(self.settings) as client:
             for model in new:
                 try:
-                    self.meta[model] = client.describe(self.models[model])
+                    self.meta[model] = client.describe(found[model])
                 except TransientError as error:
                     logger.warning("%s not described, asked again: %s", model, error)
                     return
@@ -276,7 +273,16 @@ class Serving:
 
     def _of_kind(self, models: Iterable[str], embeds: bool) -> list[str]:
         """Those of ``models`` that are embedding models (``embeds``) or chat models."""
-        return [model for model in models if (model in self.embedding) is embeds]
+        return [model for model in models if self._embeds(model) is embeds]
+
+    def _embeds(self, model: str) -> bool:
+        """Whether ``model`` is an embedding model: named so in the settings, or its server
+        said so (``embedding`` in Ollama's capabilities; an Ollama before 0.6 says nothing,
+        and such models count as chat models)."""
+        meta = self.meta.get(model)
+        return model in self.named_embedding or (
+            meta is not None and "embedding" in meta.capabilities
+        )
 
     def _limit(self, embeds: bool) -> int | None:
         return self.embedding_limit if embeds else self.limit
@@ -340,7 +346,7 @@ class Serving:
         for embeds in (False, True):
             move = move or adoption(
                 self._of_kind(self.models, embeds),
-                {m: d for m, d in waiting.items() if (m in self.embedding) is embeds},
+                {m: d for m, d in waiting.items() if self._embeds(m) is embeds},
                 own,
                 found=found,
                 can_fetch=can_fetch,
