@@ -391,6 +391,12 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
     assert summary.returncode == 0, summary.stderr
     assert summary.stdout.strip()
     assert "smollm2-135m-instruct" in summary.stderr
+    # README's embedding: the embedded server's all-MiniLM-L6-v2, 384 dimensions.
+    embedded = run_cli(
+        fleet_env, "embed", "A man is playing a guitar.", "Someone plays the guitar.", "--wait"
+    )
+    assert embedded.returncode == 0, embedded.stderr
+    assert [len(vector) for vector in json.loads(embedded.stdout)] == [384, 384]
 
     down = _run(STOP, env, "--native")
 
