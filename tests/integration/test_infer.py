@@ -103,7 +103,8 @@ def test_models_are_those_live_workers_serve(
     fleet = Fleet(gateway_factory(), producer)
 
     registry = WorkerRegistry(redis.Redis.from_url(REDIS_URL), producer.settings.key_prefix)
-    live = sorted({model for record in registry.live() for model in record.models})
+    # Each by its server's own name (``smollm2-135m-instruct``, not ``...:latest``), as listed.
+    live = sorted({r.names.get(m, m) for r in registry.live() for m in r.models})
     registry.close()
     listed = fleet.ollama().list()
     assert served in live
