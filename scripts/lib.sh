@@ -176,6 +176,14 @@ ensure_services() {
   ensure_postgres
 }
 
+# Debian's Chromium and its chromedriver: the browser tests of the gateway's web page
+# (tests/integration/test_ui.py) drive it headless through Selenium.
+ensure_chromium() {
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && return 0
+  apt_install chromium chromium-driver
+  [ -x /usr/bin/chromedriver ] || die "chromedriver still missing after apt-get install chromium-driver"
+}
+
 # Debian's docker-compose 1.29.2: a real Compose implementation that validates and merges the
 # compose files without a Docker engine (tests/unit/test_compose.py runs its `config`).
 ensure_docker_compose_v1() {

@@ -15,6 +15,7 @@ ensure_services
 export AVOCADO_TEST_RABBIT4_PORT="${AVOCADO_TEST_RABBIT4_PORT:-5673}"
 "$ROOT/scripts/rabbitmq-node.sh" start --port "$AVOCADO_TEST_RABBIT4_PORT"
 ensure_docker_compose_v1
+ensure_chromium # the web page's browser tests
 command -v rabbitmqctl >/dev/null || [ -x /usr/sbin/rabbitmqctl ] || die "rabbitmqctl missing"
 export PATH="$VENV/bin:$PATH:/usr/sbin"
 # Bytecode caches on, even where the environment turns them off (some notebook and CI images

@@ -34,7 +34,7 @@ def _dist_info(wheel: zipfile.ZipFile, name: str) -> str:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, zipfile.ZipFile]:
     out = tmp_path_factory.mktemp("wheels")
-    return {p: _wheel(p, out / p) for p in ("ollama-worker", "simulator")}
+    return {p: _wheel(p, out / p) for p in ("ollama-worker", "simulator", "infer")}
 
 
 def test_the_worker_wheel_holds_no_test_harness(wheels: dict[str, zipfile.ZipFile]) -> None:
@@ -84,3 +84,8 @@ def test_the_simulator_serves_from_its_wheel_alone(wheels: dict[str, zipfile.Zip
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [f"{wheel}/avocado_sim/__init__.py", ["llama3.2:1b"]]
+
+
+def test_the_gateway_wheel_ships_its_web_page(wheels: dict[str, zipfile.ZipFile]) -> None:
+    page = {f"avocado_infer/ui/{name}" for name in ("index.html", "app.js", "style.css")}
+    assert page <= set(wheels["infer"].namelist())

@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from avocado_infer import embed_api, jobs_api, ollama_api, openai_api, responses_api
+from avocado_infer import embed_api, jobs_api, ollama_api, openai_api, responses_api, ui_api
 from avocado_infer.body_limit import BodyLimit
 from avocado_infer.deps import GatewayDep, caller
 from avocado_infer.errors import Render, plain_error
@@ -58,6 +58,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     app.include_router(embed_api.ollama_router, dependencies=keyed)
     app.include_router(embed_api.openai_router, dependencies=keyed)
     app.include_router(jobs_api.router, dependencies=keyed)
+    app.include_router(ui_api.router)  # the page loads keyless; its data routes ask for one
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

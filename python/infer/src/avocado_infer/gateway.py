@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from avocado_infer.backlog import Backlog
 from avocado_infer.errors import ModelNotServed, QueueFull, RegistryUnavailable
+from avocado_infer.fleet_view import FleetView
 from avocado_infer.job_state import JobStates, JobView
 from avocado_infer.ledger import Ledger, Noted
 from avocado_infer.limits import Limiter, Slot
@@ -129,6 +130,7 @@ class Gateway:
         self.producer = Producer(fleet)
         self.ledger = Ledger(self.redis, fleet.key_prefix, fleet.result_expires_s)
         self.jobs = JobStates(self.producer, self.ledger, settings.ready_timeout_s)
+        self.fleet_view = FleetView(self)  # what the web page's fleet view shows
         self._backlogs: dict[str, Backlog] = {}
         self._served: tuple[float, set[str]] = (-_SERVED_FRESH_S, set())
         self.started_at = datetime.now(timezone.utc)

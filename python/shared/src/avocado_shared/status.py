@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from avocado_shared.producer import Producer
 
-__all__ = ["Section", "Status", "collect", "render"]
+__all__ = ["Section", "Status", "collect", "failure_row", "letter_row", "render"]
 
 # Showing the newest dead letters means reading the queue from its head, and every read
 # counts as a delivery of the message: read no further than this.
@@ -227,12 +227,13 @@ def _dead_letters(connection: Connection, depth: int | None, newest: int) -> Sec
     letters = list_dead_letters(connection, limit=scan)
     shown = letters[-newest:][::-1]
     return Section(
-        items=[_letter_row(letter) for letter in shown],
+        items=[letter_row(letter) for letter in shown],
         facts={"count": depth, "scanned": len(letters)},
     )
 
 
-def _letter_row(letter: DeadLetter) -> dict[str, Any]:
+def letter_row(letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter as the screen (and the gateway's web page) shows it."""
     row = letter.to_json()
     row.pop("headers", None)  # `avocado dlq list --json` has them
     return row
@@ -255,10 +256,11 @@ def _failures(producer: Producer, limit: int) -> Section:
     if limit <= 0:
         return Section()
     rows = producer.results.recent(limit=limit, status=JobStatus.FAILURE)
-    return Section(items=[_failure_row(row) for row in rows])
+    return Section(items=[failure_row(row) for row in rows])
 
 
-def _failure_row(row: ResultRow) -> dict[str, Any]:
+def failure_row(row: ResultRow) -> dict[str, Any]:
+    """A failed job as the screen (and the gateway's web page) shows it."""
     return {
         "job_id": row.job_id,
         "task_type": row.task_type,
