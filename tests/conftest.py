@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from kombu.connection import Connection
 from psycopg import sql
+from selenium.webdriver.remote.webdriver import WebDriver
 
 from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
@@ -25,6 +26,7 @@ from avocado_shared.keys import KeyStore
 from avocado_sim import OllamaSimulator, SimConfig
 from ollama_worker.ollama import OllamaClient
 from tests import midanswer
+from tests.browser import chromium
 from tests.fake_gateway import Served, serve
 from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet
@@ -331,6 +333,13 @@ def fleet(
 ) -> Fleet:
     """A gateway of one test before the module's worker, and the job ids it answers with."""
     return Fleet(gateway_factory(), producer)
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    """Debian's headless Chromium, driven by Selenium (``tests/browser.py``)."""
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture

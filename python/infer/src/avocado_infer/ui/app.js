@@ -161,6 +161,7 @@ async function send(event) {
     firstAt: null,
     lastAt: null,
     longestPauseMs: 0,
+    pausedMs: 0, // gaps of at least PAUSE_SHOWN_MS: not counted in the speed
     usage: null,
     ended: null,
   };
@@ -239,7 +240,11 @@ function onEvent(run, event) {
   const piece = chunk.choices?.[0]?.delta?.content;
   if (piece) {
     const now = performance.now();
-    if (run.lastAt !== null) run.longestPauseMs = Math.max(run.longestPauseMs, now - run.lastAt);
+    if (run.lastAt !== null) {
+      const gap = now - run.lastAt;
+      run.longestPauseMs = Math.max(run.longestPauseMs, gap);
+      if (gap >= PAUSE_SHOWN_MS) run.pausedMs += gap;
+    }
     run.firstAt = run.firstAt ?? now;
     run.lastAt = now;
     run.tokens += 1;
@@ -272,22 +277,28 @@ async function followJob(run) {
   showMeta(run);
 }
 
+// The speed of the writing: from the first token to the last, pauses left out.
 function tokensPerSecond(run) {
   const tokens = run.usage?.completion_tokens || run.tokens;
-  if (!run.firstAt || run.lastAt === run.firstAt) return null;
-  return tokens / ((run.lastAt - run.firstAt) / 1000);
+  const writingMs = run.lastAt - run.firstAt - run.pausedMs;
+  if (!run.firstAt || writingMs <= 0) return null;
+  return tokens / (writingMs / 1000);
 }
 
 function showMeta(run) {
   const parts = [run.model];
   const job = run.job;
   parts.push(job?.worker ? `node ${job.worker}` : "waiting for a node");
-  if (job?.attempts) parts.push(job.attempts === 1 ? "1 attempt" : `${job.attempts} attempts`);
+  const paused = run.longestPauseMs >= PAUSE_SHOWN_MS;
+  const pause = `${(run.longestPauseMs / 1000).toFixed(1)} s`;
+  if (job?.attempts > 1 && paused) {
+    parts.push(`${job.attempts} attempts (a node stopped mid-answer; it went on after ${pause})`);
+  } else if (job?.attempts) {
+    parts.push(job.attempts === 1 ? "1 attempt" : `${job.attempts} attempts`);
+    if (paused) parts.push(`paused ${pause}`);
+  }
   const rate = tokensPerSecond(run);
   if (rate !== null) parts.push(`${rate.toFixed(1)} tokens/s`);
-  if (run.longestPauseMs >= PAUSE_SHOWN_MS) {
-    parts.push(`paused ${(run.longestPauseMs / 1000).toFixed(1)} s`);
-  }
   const ended = { stopped: "stopped", failed: "failed" }[run.ended];
   parts.push(job?.state ?? "queued");
   if (ended && job?.state !== "cancelled") parts.push(ended);
