@@ -128,6 +128,7 @@ start_docker() {
   fi
   if has_part infer; then
     say "  gateway:    http://$host:$INFER_PORT  (avocado-infer: Ollama's /api, OpenAI's /v1; /readyz)"
+    say "  web UI:     http://$host:$INFER_PORT/ui  (chat and the fleet; sign in with an API key)"
   fi
   cat <<DONE
   Compose:    ${COMPOSE[*]} ps   (or logs -f worker)
@@ -411,6 +412,7 @@ start_native() {
     local keyed="no API key asked for"
     [ -z "$INFER_KEY_FROM" ] || keyed="API key in $INFER_KEY_FROM"
     say "  gateway: $INFER_URL  (avocado-infer: Ollama's /api, OpenAI's /v1; $keyed; $ready)"
+    say "  web UI:  $INFER_URL/ui  (chat and the fleet; sign in with the API key${INFER_KEY_FROM:+ in $INFER_KEY_FROM})"
   fi
   cat <<DONE
   logs and pid files: $RUN

@@ -162,6 +162,8 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
         ready = gateway.get("/readyz")
         keyless = keyless_client.post("/api/generate", json=body)
         answer = gateway.post("/api/generate", json=body)
+        page = keyless_client.get("/ui")
+        fleet_view = gateway.get("/ui/api/fleet")
     # The gateway asks for a key; the script made one, kept in a 0600 file, never shown.
     assert f"API key in {key_file}" in up.stdout
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -175,6 +177,14 @@ def test_start_simulate_runs_jobs_and_stop_leaves_nothing(fleet_env: dict[str, s
     stored = run_cli(fleet_env, "result", answer.headers["x-avocado-job-id"], "--json")
     assert stored.returncode == 0, stored.stderr
     assert json.loads(stored.stdout)["text"] == answer.json()["response"] != ""
+    # The web page the summary names loads without a key; its data asks for one.
+    assert f"web UI:  {gateway_url}/ui  (chat and the fleet; sign in with the API key in " in (
+        up.stdout
+    )
+    assert page.status_code == 200
+    assert "<title>Spicy Avocado</title>" in page.text
+    nodes = [n["worker"].split("@")[0] for n in fleet_view.json()["nodes"]["items"]]
+    assert sorted(nodes) == ["worker1", "worker2"]
 
     gen = run_cli(fleet_env, "generate", "Why is the sky blue?", "--wait")
     summ = run_cli(fleet_env, "summarize", "--share-id", "demo-1", "--text", "Sky.", "--wait")
@@ -481,6 +491,7 @@ def test_docker_path_starts_the_compose_stack_and_stops_it(docker_env: dict[str,
     assert "3 container(s) x 2 jobs at once" in up.stdout
     assert "Flower:     http://127.0.0.1:5555" in up.stdout
     assert "gateway:    http://127.0.0.1:11435" in up.stdout
+    assert "web UI:     http://127.0.0.1:11435/ui" in up.stdout
     [call] = _compose_calls(env, "up")
     args = call["args"]
     assert args[:3] == ["compose", "-p", "spicy-avocado"]
