@@ -14,18 +14,16 @@ from kombu.connection import Connection
 
 from avocado_shared import JobFailed, Producer, Settings
 from avocado_shared.discovery import Endpoint
-from avocado_shared.dlq import dead_letter_headers
 from avocado_shared.registry import NodeRegistry
 from avocado_shared.routing import Lane, lane_queue_name
 from avocado_shared.store import JobStatus
 from avocado_shared.topology import (
-    DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     GENERATE_TASK,
-    declare_dead_letter_queue,
 )
 from avocado_sim import OllamaSimulator
 from tests.conftest import WorkerFactory
+from tests.dead_letters import put_dead_letter
 from tests.services import free_port, run_cli, service_env, wait_for
 
 WAIT = 60
@@ -66,29 +64,6 @@ def endpoint(settings: Settings) -> Iterator[Endpoint]:
         registry.close()
 
 
-def _put_dead_letter(connection: Connection, reason: str) -> str:
-    """Dead-letter a job as a worker does (headers saying why); its id."""
-    ident = str(uuid.uuid4())
-    headers = dead_letter_headers(
-        {"id": ident, "task": GENERATE_TASK},
-        reason=reason,
-        exchange="ml",
-        routing_key="ml.generate",
-        by="test-status",
-    )
-    declare_dead_letter_queue(connection)
-    connection.Producer().publish(
-        json.dumps([[], {"request": {"prompt": "poison"}}, {}]),
-        exchange=DEAD_LETTER_EXCHANGE,
-        routing_key="ml.generate",
-        headers=headers,
-        content_type="application/json",
-        content_encoding="utf-8",
-        delivery_mode=2,
-    )
-    return ident
-
-
 def _failed_job(producer: Producer, sim: OllamaSimulator) -> str:
     """A generation Ollama refuses (400), stored as FAILURE in ml_results; its id."""
     sim.config.fail_status, sim.config.fail_first = 400, 1
@@ -125,7 +100,7 @@ def test_status_shows_queues_workers_dead_letters_endpoints_and_failures(
 ) -> None:
     worker = worker_factory(fresh_sim.url, AVOCADO_METRICS_PORT="0")
     reason = f"invalid payload: status test {uuid.uuid4().hex[:6]}"
-    letter_id = _put_dead_letter(connection, reason)
+    letter_id = put_dead_letter(connection, reason)
     job_id = _failed_job(producer, fresh_sim)
     env = service_env(broker_url, key_prefix)
 
@@ -163,7 +138,7 @@ def test_status_shows_queues_workers_dead_letters_endpoints_and_failures(
     assert letters["count"] >= 1
     assert letters["items"][0]["id"] == letter_id, "newest first"
     assert letters["items"][0]["reason"] == reason
-    assert letters["items"][0]["dead_lettered_by"] == "test-status"
+    assert letters["items"][0]["dead_lettered_by"] == "tests"
     assert [e["service_id"] for e in data["endpoints"]["items"]] == [endpoint.service_id]
     failure = next(f for f in data["failures"]["items"] if f["job_id"] == job_id)
     assert failure["task_type"] == "generate"

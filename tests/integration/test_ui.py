@@ -8,14 +8,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from kombu.connection import Connection
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as seen
 
 from avocado_shared import JobStatus, Producer
 from avocado_shared.keys import KeyStore
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.browser import ask, ended, screenshot, sign_in, until
+from tests.dead_letters import put_dead_letter
 from tests.gateway import InProcessGateway
 from tests.infer_http import MODEL, Gateways, unique
 from tests.inprocess import InProcessWorker
@@ -84,7 +87,12 @@ def test_a_key_signs_in_and_an_answer_streams_in_with_its_node_attempts_and_spee
 
 
 def test_the_fleet_view_shows_the_node_its_model_and_to_an_admin_failures_and_dead_letters(
-    browser: WebDriver, gateway: InProcessGateway, keys: KeyStore, worker: InProcessWorker
+    browser: WebDriver,
+    gateway: InProcessGateway,
+    keys: KeyStore,
+    worker: InProcessWorker,
+    sim: OllamaSimulator,
+    broker_url: str,
 ) -> None:
     _, plain = keys.create(unique("ui"))
     _, admin = keys.create(unique("ui-admin"), admin=True)
@@ -101,11 +109,41 @@ def test_the_fleet_view_shows_the_node_its_model_and_to_an_admin_failures_and_de
     until(browser, seen.visibility_of_element_located((By.ID, "view-sign-in")))
     assert browser.execute_script("return sessionStorage.length") == 0
     sign_in(browser, gateway.url, admin)
+    sim.config.fail_status, sim.config.fail_first = 400, 1  # the server refuses the next one
+    try:
+        box = ask(browser, MODEL, "Refuse this one.")
+        until(browser, lambda _: box.get_attribute("data-ended") == "failed")
+    finally:
+        sim.config.fail_first = 0
+    why = box.find_element(By.CLASS_NAME, "why").text
+    print(f"a refused answer on the page: {why!r}; its line: {box.text.splitlines()[-1]!r}")
+    assert why
+    assert "failed" in str(box.get_attribute("class"))
+
+    reason = unique("rejected: the page's test")
+    with Connection(broker_url) as connection:
+        put_dead_letter(connection, reason)
     browser.find_element(By.ID, "tab-fleet").click()
     until(browser, seen.visibility_of_element_located(node))
-    until(browser, seen.visibility_of_element_located((By.ID, "dead-letters")))
-    models = browser.find_element(By.ID, "models").text
-    assert MODEL in models
+    letter = (By.XPATH, f'//table[@id="dead-letters"]//tr[td[text()="{reason}"]]')
+    until(browser, seen.visibility_of_element_located(letter))
+    assert int(browser.find_element(By.ID, "dead-count").text) >= 1
+    job_id = why.split()[1]  # "job <id> failed: ..."
+    failure = (By.XPATH, f'//table[@id="failures"]//tr[td/span[@title="{job_id}"]]')
+    row: WebElement = until(browser, seen.visibility_of_element_located(failure))  # type: ignore[assignment]
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    print(f"its row in the fleet view: {cells}")
+    assert cells[1:5] == [f"{job_id[:8]}\N{HORIZONTAL ELLIPSIS}", "\N{EN DASH}", worker.name, "1"]
+    assert cells[5] == why.split(": ", 1)[1]
+    model = browser.find_element(By.XPATH, f'//table[@id="models"]//tr[td[text()="{MODEL}"]]')
+    # Nothing waits: the jobs this gateway queued were all taken.
+    assert [c.text for c in model.find_elements(By.TAG_NAME, "td")] == [
+        MODEL,
+        "1",
+        worker.name,
+        "0",
+        "0",
+    ]
     print(f"fleet view, nodes:\n{browser.find_element(By.ID, 'nodes').text}")
     screenshot(browser, "ui-fleet")
 

@@ -16,6 +16,7 @@ from amqp.exceptions import NotFound
 from avocado_shared.contracts import JobKind
 from avocado_shared.dlq import list_dead_letters
 from avocado_shared.fleet import WorkerRecord
+from avocado_shared.routing import Lane
 from avocado_shared.status import failure_row, letter_row
 from avocado_shared.store import JobStatus, ResultRow
 from avocado_shared.topology import DEAD_LETTER_QUEUE
@@ -99,9 +100,17 @@ class FleetView:
         return view
 
     def _models(self) -> list[dict[str, Any]]:
+        """Each served model; its backlog as the broker counts it (``Backlog.confirmed``), not
+        with this gateway's jobs of the last second added, which its workers may have taken."""
+        gateway = self._gateway
         return [
-            {"name": m.label, "loaded_on": list(m.loaded_on), **m.view()}
-            for m in self._gateway.served_models()
+            {
+                "name": m.label,
+                "loaded_on": list(m.loaded_on),
+                **m.view(),
+                "backlog": {lane.value: gateway.backlog(m.name, lane).confirmed() for lane in Lane},
+            }
+            for m in gateway.served_models()
         ]
 
     def _answers(self) -> list[dict[str, Any]]:

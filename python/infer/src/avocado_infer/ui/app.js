@@ -178,7 +178,11 @@ async function send(event) {
     } else {
       run.ended = "failed";
       view.box.classList.add("failed");
-      if (!failedSession(error)) $("chat-error").textContent = error.message;
+      if (!failedSession(error)) {
+        // What the gateway said goes where the answer would have been.
+        const why = el("div", { className: "why" }, error.message);
+        view.text.after(why);
+      }
     }
   } finally {
     state.running = null;
@@ -288,7 +292,8 @@ function tokensPerSecond(run) {
 function showMeta(run) {
   const parts = [run.model];
   const job = run.job;
-  parts.push(job?.worker ? `node ${job.worker}` : "waiting for a node");
+  if (job?.worker) parts.push(`node ${job.worker}`);
+  else if (!run.ended) parts.push("waiting for a node");
   const paused = run.longestPauseMs >= PAUSE_SHOWN_MS;
   const pause = `${(run.longestPauseMs / 1000).toFixed(1)} s`;
   if (job?.attempts > 1 && paused) {
@@ -300,8 +305,9 @@ function showMeta(run) {
   const rate = tokensPerSecond(run);
   if (rate !== null) parts.push(`${rate.toFixed(1)} tokens/s`);
   const ended = { stopped: "stopped", failed: "failed" }[run.ended];
-  parts.push(job?.state ?? "queued");
-  if (ended && job?.state !== "cancelled") parts.push(ended);
+  if (job) parts.push(job.state);
+  if (ended && job?.state !== "cancelled" && job?.state !== "failure") parts.push(ended);
+  if (!job && !ended) parts.push("queued");
   const meta = run.view.meta;
   meta.textContent = parts.join(" · ");
   meta.dataset.worker = job?.worker || "";
@@ -397,13 +403,18 @@ function answerRow(answer) {
   ]);
 }
 
+// A job id, short; the whole id when hovered.
+function shortId(id) {
+  return el("span", { title: id, className: "job-id" }, `${id.slice(0, 8)}…`);
+}
+
 function failureRow(failure) {
   return cells(el("tr"), [
     ago(failure.updated_at),
-    failure.job_id,
+    shortId(failure.job_id),
     failure.model ?? "–",
     failure.worker ?? "–",
-    failure.updated_attempts,
+    failure.attempts,
     failure.error ?? "",
   ]);
 }
