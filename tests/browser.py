@@ -5,12 +5,14 @@ names there as PNGs (the README's)."""
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.webdriver import Chrome
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -21,17 +23,18 @@ from selenium.webdriver.support.wait import WebDriverWait
 __all__ = ["ask", "chromium", "ended", "screenshot", "sign_in", "until"]
 
 WAIT = 60
+_SIZE = (1280, 800)
 _FLAGS = (
     "--headless=new",
     "--no-sandbox",
     "--disable-background-networking",
     "--disable-dev-shm-usage",
-    "--window-size=1280,900",
+    f"--window-size={_SIZE[0]},{_SIZE[1]}",
 )
 
 
 @contextmanager
-def chromium() -> Iterator[WebDriver]:
+def chromium() -> Iterator[Chrome]:
     """Debian's Chromium (``scripts/lib.sh`` ``ensure_chromium``), headless, quit on exit."""
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -49,12 +52,20 @@ def until(browser: WebDriver, condition: Callable[[WebDriver], object]) -> objec
     return WebDriverWait(browser, WAIT, poll_frequency=0.1).until(condition)
 
 
-def screenshot(browser: WebDriver, name: str) -> None:
+def screenshot(browser: Chrome, name: str) -> None:
     """Save the view as ``<name>.png`` when AVOCADO_UI_SCREENSHOTS names a directory."""
     folder = os.environ.get("AVOCADO_UI_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+        # The whole page, however long, not only what the window shows (DevTools' capture).
+        width, height = browser.execute_script(
+            "const page = document.documentElement; return [page.scrollWidth, page.scrollHeight]"
+        )
+        clip = {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}
+        shot = browser.execute_cdp_cmd(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+        )
+        (Path(folder) / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def sign_in(browser: WebDriver, url: str, secret: str) -> None:

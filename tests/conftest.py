@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from kombu.connection import Connection
 from psycopg import sql
-from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver import Chrome
 
 from avocado_infer import InferSettings
 from avocado_shared import Producer, Settings
@@ -336,7 +336,7 @@ def fleet(
 
 
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def browser() -> Iterator[Chrome]:
     """Debian's headless Chromium, driven by Selenium (``tests/browser.py``)."""
     with chromium() as driver:
         yield driver

@@ -5,16 +5,20 @@ ends. Its worker SIGKILLed mid-answer: test_ui_preemption.py."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from kombu.connection import Connection
+from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as seen
 
-from avocado_shared import JobStatus, Producer
+from avocado_shared import JobStatus, Producer, Settings
+from avocado_shared.fleet import WorkerRecord, WorkerRegistry
 from avocado_shared.keys import KeyStore
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.browser import ask, ended, screenshot, sign_in, until
@@ -41,7 +45,7 @@ def gateway(gateway_factory: Gateways, worker: InProcessWorker) -> InProcessGate
 
 
 def test_a_key_signs_in_and_an_answer_streams_in_with_its_node_attempts_and_speed(
-    browser: WebDriver,
+    browser: Chrome,
     gateway: InProcessGateway,
     keys: KeyStore,
     worker: InProcessWorker,
@@ -87,7 +91,7 @@ def test_a_key_signs_in_and_an_answer_streams_in_with_its_node_attempts_and_spee
 
 
 def test_the_fleet_view_shows_the_node_its_model_and_to_an_admin_failures_and_dead_letters(
-    browser: WebDriver,
+    browser: Chrome,
     gateway: InProcessGateway,
     keys: KeyStore,
     worker: InProcessWorker,
@@ -144,12 +148,48 @@ def test_the_fleet_view_shows_the_node_its_model_and_to_an_admin_failures_and_de
         "0",
         "0",
     ]
-    print(f"fleet view, nodes:\n{browser.find_element(By.ID, 'nodes').text}")
+
+
+@pytest.fixture
+def notebook(settings: Settings) -> Iterator[WorkerRecord]:
+    """A notebook node's record, draining with 25 minutes left before its session ends (only
+    its record: no worker behind it), removed afterwards."""
+    record = WorkerRecord(
+        worker=unique("notebook") + "@colab",
+        backend="openai",
+        models=["qwen2.5:0.5b"],
+        loaded=["qwen2.5:0.5b"],
+        slots=4,
+        running=1,
+        cutoff=datetime.now(timezone.utc) + timedelta(minutes=25),
+        draining=True,
+        ttl_s=120,
+    )
+    with contextlib.closing(WorkerRegistry.from_settings(settings)) as registry:
+        registry.put(record)
+        yield record  # pytest goes on below whether the test passed or not
+        registry.remove(record.worker)
+
+
+def test_the_fleet_view_shows_a_draining_node_and_its_time_left(
+    browser: Chrome, gateway: InProcessGateway, keys: KeyStore, notebook: WorkerRecord
+) -> None:
+    _, admin = keys.create(unique("ui-admin"), admin=True)
+    sign_in(browser, gateway.url, admin)
+    browser.find_element(By.ID, "tab-fleet").click()
+    node = (By.CSS_SELECTOR, f'#nodes tr[data-worker="{notebook.worker}"]')
+    row: WebElement = until(browser, seen.visibility_of_element_located(node))  # type: ignore[assignment]
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    print(f"the notebook's row: {cells}")
+    model = "qwen2.5:0.5b"
+    assert cells[:6] == [notebook.worker, "openai", model, model, "1 of 4", "draining"]
+    assert re.fullmatch(r"2[45] min \d+ s", cells[6]), cells[6]
+    assert "draining" in str(row.get_attribute("class"))
     screenshot(browser, "ui-fleet")
 
 
 def test_stop_cancels_the_answers_job(
-    browser: WebDriver, gateway: InProcessGateway, keys: KeyStore, producer: Producer
+    browser: Chrome, gateway: InProcessGateway, keys: KeyStore, producer: Producer
 ) -> None:
     _, secret = keys.create(unique("ui"))
     sign_in(browser, gateway.url, secret)

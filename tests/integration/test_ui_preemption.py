@@ -4,8 +4,8 @@ the uninterrupted answer, and its line names the node that finished it and two a
 
 from __future__ import annotations
 
+from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 
 from avocado_shared import JobStatus, Producer
 from avocado_shared.keys import KeyStore
@@ -20,7 +20,7 @@ LEASE_S = "3"  # the dead worker's lease delays its job's redelivery by at most 
 
 
 def test_an_answer_on_the_page_outlives_its_worker(
-    browser: WebDriver,
+    browser: Chrome,
     gateway_factory: Gateways,
     keys: KeyStore,
     worker_factory: WorkerFactory,
