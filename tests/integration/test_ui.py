@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -150,15 +150,18 @@ def test_the_fleet_view_shows_the_node_its_model_and_to_an_admin_failures_and_de
     ]
 
 
+NOTEBOOK_MODEL = "qwen2.5:0.5b"
+
+
 @pytest.fixture
-def notebook(settings: Settings) -> Iterator[WorkerRecord]:
-    """A notebook node's record, draining with 25 minutes left before its session ends (only
-    its record: no worker behind it), removed afterwards."""
+def notebook(settings: Settings) -> Iterator[Callable[[], WorkerRecord]]:
+    """Puts a notebook node's record, draining with 25 minutes left before its session ends
+    (only its record: no worker behind it); removed afterwards."""
     record = WorkerRecord(
         worker=unique("notebook") + "@colab",
         backend="openai",
-        models=["qwen2.5:0.5b"],
-        loaded=["qwen2.5:0.5b"],
+        models=[NOTEBOOK_MODEL],
+        loaded=[NOTEBOOK_MODEL],
         slots=4,
         running=1,
         cutoff=datetime.now(timezone.utc) + timedelta(minutes=25),
@@ -166,26 +169,41 @@ def notebook(settings: Settings) -> Iterator[WorkerRecord]:
         ttl_s=120,
     )
     with contextlib.closing(WorkerRegistry.from_settings(settings)) as registry:
-        registry.put(record)
-        yield record  # pytest goes on below whether the test passed or not
+
+        def put() -> WorkerRecord:
+            registry.put(record)
+            return record
+
+        yield put  # pytest goes on below whether the test passed or not
         registry.remove(record.worker)
 
 
-def test_the_fleet_view_shows_a_draining_node_and_its_time_left(
-    browser: Chrome, gateway: InProcessGateway, keys: KeyStore, notebook: WorkerRecord
+def test_a_node_that_comes_shows_in_the_fleet_view_draining_with_its_time_left_and_its_model(
+    browser: Chrome,
+    gateway: InProcessGateway,
+    keys: KeyStore,
+    notebook: Callable[[], WorkerRecord],
 ) -> None:
     _, admin = keys.create(unique("ui-admin"), admin=True)
     sign_in(browser, gateway.url, admin)
+    options = browser.find_element(By.ID, "model")
+    until(browser, lambda _: options.text)
+    assert NOTEBOOK_MODEL not in options.text
+    record = notebook()  # a node comes while the page is open
+
     browser.find_element(By.ID, "tab-fleet").click()
-    node = (By.CSS_SELECTOR, f'#nodes tr[data-worker="{notebook.worker}"]')
+    node = (By.CSS_SELECTOR, f'#nodes tr[data-worker="{record.worker}"]')
     row: WebElement = until(browser, seen.visibility_of_element_located(node))  # type: ignore[assignment]
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
     print(f"the notebook's row: {cells}")
-    model = "qwen2.5:0.5b"
-    assert cells[:6] == [notebook.worker, "openai", model, model, "1 of 4", "draining"]
+    model = NOTEBOOK_MODEL
+    assert cells[:6] == [record.worker, "openai", model, model, "1 of 4", "draining"]
     assert re.fullmatch(r"2[45] min \d+ s", cells[6]), cells[6]
     assert "draining" in str(row.get_attribute("class"))
     screenshot(browser, "ui-fleet")
+
+    browser.find_element(By.ID, "tab-chat").click()  # the model list is read again
+    until(browser, seen.text_to_be_present_in_element((By.ID, "model"), NOTEBOOK_MODEL))
 
 
 def test_stop_cancels_the_answers_job(

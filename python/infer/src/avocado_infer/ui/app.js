@@ -99,6 +99,8 @@ function show(view) {
     refreshFleet();
     state.fleetTimer = setInterval(refreshFleet, FLEET_EVERY_MS);
   } else {
+    // Nodes come and go: the models they serve are read again each time the chat is shown.
+    loadModels().catch((error) => failedSession(error) || ($("chat-error").textContent = error.message));
     $("prompt").focus();
   }
 }
