@@ -25,6 +25,7 @@ from celery.signals import (
 )
 
 from avocado_shared.contracts import Usage
+from avocado_shared.tracing import setup_tracing
 from ollama_worker.metrics import JobMetrics, job_kind, retry_reason
 from ollama_worker.resources import Resources, held_by
 from ollama_worker.serving import server_slots
@@ -42,6 +43,7 @@ class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.components:Pool",)
 
     def create(self, parent: Any) -> Resources:
+        setup_tracing("avocado-worker")  # before the pool forks: its children inherit it
         resources = Resources(parent.app, parent.app.settings)
         resources.open(parent.hostname, parent.concurrency)
         parent.app.resources = resources
