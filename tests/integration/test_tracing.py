@@ -45,9 +45,10 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 def _finished(exporter: InMemorySpanExporter, names: Sequence[str]) -> list[ReadableSpan] | None:
-    """Every finished span, once one of each of ``names`` is among them."""
+    """Every finished span, once a span whose name starts with each of ``names`` is among
+    them (a run's span ends after its children)."""
     done = list(exporter.get_finished_spans())
-    return done if all(any(s.name == n for s in done) for n in names) else None
+    return done if all(any(s.name.startswith(n) for s in done) for n in names) else None
 
 
 def _tree(spans: Sequence[ReadableSpan]) -> str:
@@ -91,7 +92,7 @@ def test_one_trace_covers_request_publish_run_and_model_call(
         gateway = gateway_factory()
         answer = httpx.post(f"{gateway.url}/api/generate", json=body, timeout=WAIT)
         assert answer.status_code == 200, answer.text
-        wanted = ("POST /api/generate", f"text_completion {MODEL}", "upsert ml_results")
+        wanted = ("POST /api/generate", "process ", f"text_completion {MODEL}", "upsert ")
         done = wait_for(lambda: _finished(spans, wanted), WAIT, "the job's spans")
 
     request = _one(done, "POST /api/generate")
@@ -174,7 +175,7 @@ def test_a_redelivered_job_runs_in_the_trace_of_its_publish(
             channel.close()  # unacknowledged: back to the queue, marked redelivered
         worker_factory(sim.url)
         handle.get(timeout=WAIT)
-        done = wait_for(lambda: _finished(spans, ("upsert ml_results",)), WAIT, "the run")
+        done = wait_for(lambda: _finished(spans, ("process ", "upsert ")), WAIT, "the run")
 
     publish = next(s for s in done if s.name.startswith("publish "))
     run = next(s for s in done if s.name.startswith("process "))
@@ -183,3 +184,55 @@ def test_a_redelivered_job_runs_in_the_trace_of_its_publish(
     assert run.parent.span_id == publish.context.span_id
     assert run.context.trace_id == publish.context.trace_id
     assert (run.attributes or {})["avocado.redelivered"] is True
+
+
+@pytest.mark.parametrize(
+    ("backend", "provider"), [("ollama", "ollama"), ("openai", "openai")], ids=["ollama", "openai"]
+)
+def test_chat_and_embeddings_spans_name_their_operation_and_count_tokens(
+    spans: InMemorySpanExporter,
+    producer: Producer,
+    worker_factory: WorkerFactory,
+    backend: str,
+    provider: str,
+) -> None:
+    """The GenAI span of a chat and of an embedding, on either kind of server."""
+    embedding = "all-minilm"
+    with OllamaSimulator(SimConfig(models=[MODEL, embedding])) as sim:
+        openai = {"AVOCADO_BACKEND": "openai", "AVOCADO_BACKEND_URL": f"{sim.url}/v1"}
+        worker_factory(sim.url, **(openai if backend == "openai" else {}))
+        messages = [{"role": "user", "content": "Say hello."}]
+        producer.generate(messages=messages, model=MODEL).get(timeout=WAIT)
+        producer.embed(["one text", "another"], model=embedding).get(timeout=WAIT)
+        done = wait_for(lambda: _calls(spans), WAIT, "both model calls")
+
+    chat, embed = done["chat"], done["embeddings"]
+    assert chat.name == f"chat {MODEL}"
+    assert embed.name.startswith(f"embeddings {embedding}")  # as the server names it
+    for operation, span in done.items():
+        attributes = dict(span.attributes or {})
+        assert attributes["gen_ai.operation.name"] == operation
+        assert attributes["gen_ai.provider.name"] == provider
+        assert attributes["gen_ai.usage.input_tokens"] > 0
+        assert span.name.endswith(f" {attributes['gen_ai.request.model']}")
+        assert str(attributes["gen_ai.response.model"]).startswith(
+            embedding if operation == "embeddings" else MODEL
+        )
+        assert span.status.status_code is StatusCode.UNSET
+        assert span.kind is SpanKind.CLIENT
+    attributes = dict(chat.attributes or {})
+    assert attributes["gen_ai.usage.output_tokens"] > 0
+    assert attributes["gen_ai.response.time_to_first_chunk"] > 0
+
+
+def _calls(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan] | None:
+    """The chat and the embeddings span by operation, once both ended under their runs."""
+    done = exporter.get_finished_spans()
+    runs = {s.context.span_id for s in done if s.name.startswith("process ")}
+    calls = {
+        s.name.split(" ")[0]: s for s in done if s.parent is not None and s.parent.span_id in runs
+    }
+    return {op: calls[op] for op in _OPERATIONS} if set(_OPERATIONS) <= set(calls) else None
+
+
+_OPERATIONS = ("chat", "embeddings")
