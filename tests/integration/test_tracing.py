@@ -236,3 +236,53 @@ def _calls(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan] | None:
 
 
 _OPERATIONS = ("chat", "embeddings")
+
+
+def test_a_job_whose_worker_is_sigkilled_mid_answer_ends_in_the_trace_it_began(
+    spans: InMemorySpanExporter,
+    gateway_factory: Callable[..., InProcessGateway],
+    worker_factory: WorkerFactory,
+    midanswer_sim: OllamaSimulator,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The worker that began the answer (a subprocess) dies; the broker redelivers the job to
+    another (in this process), whose run, continued model call and write join the trace of
+    the request that the client is still reading."""
+    env = {"AVOCADO_JOB_LEASE_S": "3"}
+    doomed = worker_factory.process(midanswer_sim.url, concurrency=1, **env)
+    gateway = gateway_factory()
+    body = {"model": MODEL, "prompt": "Tell me about avocados.", "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/api/generate", json=body, timeout=WAIT) as answer:
+        lines = answer.iter_lines()
+        began = [next(lines) for _ in range(5)]
+        doomed.kill()
+        worker_factory(midanswer_sim.url, concurrency=1, **env)
+        rest = list(lines)
+    assert len(began) + len(rest) > 6
+    done = wait_for(lambda: _written(spans), WAIT, "the takeover's spans")
+
+    request = _one(done, "POST /api/generate")
+    publish = next(s for s in done if s.name.startswith("publish "))
+    runs = sorted((s for s in done if s.name.startswith("process ")), key=lambda s: s.start_time)
+    call = _one(done, f"text_completion {MODEL}")
+    trace_id = request.context.trace_id
+    assert {s.context.trace_id for s in (publish, *runs, call)} == {trace_id}
+    # The killed worker's run never ended, so it is not exported; the takeover's first run
+    # met the dead worker's lease and came back later, its second ran the model.
+    assert all(r.parent is not None and r.parent.span_id == publish.context.span_id for r in runs)
+    assert (runs[0].attributes or {})["avocado.redelivered"] is True
+    assert call.parent is not None
+    assert call.parent.span_id == runs[-1].context.span_id
+    assert (call.attributes or {})["gen_ai.usage.output_tokens"] > 0
+    with capsys.disabled():
+        print("\nthe trace of a job whose first worker was SIGKILLed mid-answer:")
+        print(_tree([s for s in done if s.context.trace_id == trace_id]))
+
+
+def _written(exporter: InMemorySpanExporter) -> list[ReadableSpan] | None:
+    """Every finished span, once the run that wrote the result has ended too."""
+    done = list(exporter.get_finished_spans())
+    runs = {s.context.span_id for s in done if s.name.startswith("process ")}
+    writes = [s for s in done if s.name.startswith("upsert ")]
+    ended = any(w.parent is not None and w.parent.span_id in runs for w in writes)
+    return done if ended and _finished(exporter, ("POST /api/generate",)) else None

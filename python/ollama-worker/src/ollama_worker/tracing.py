@@ -4,6 +4,7 @@ nothing unless a tracer provider is set (``avocado_shared.tracing.setup_tracing`
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -18,13 +19,16 @@ from ollama_worker.inference import ChunkSink
 
 __all__ = ["ModelCall", "job_span", "model_call", "result_write_span"]
 
+# A retry's countdown in binary ahead of its routing key (kombu's native delayed delivery).
+_DELAYED = re.compile(r"^(?:[01]\.)+(?=[^01.])")
+
 
 @contextmanager
 def job_span(name: str, request: Any) -> Iterator[trace.Span]:
     """A job's run, the child of the publish span its message's headers carry: a retry and a
     redelivery carry the same headers, so every attempt of a job joins one trace."""
     delivery = getattr(request, "delivery_info", None) or {}
-    queue = str(delivery.get("routing_key") or name)
+    queue = _DELAYED.sub("", str(delivery.get("routing_key") or name))
     attributes: dict[str, AttributeValue] = {
         "messaging.system": "rabbitmq",
         "messaging.operation.type": "process",
