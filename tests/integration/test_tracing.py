@@ -286,3 +286,22 @@ def _written(exporter: InMemorySpanExporter) -> list[ReadableSpan] | None:
     writes = [s for s in done if s.name.startswith("upsert ")]
     ended = any(w.parent is not None and w.parent.span_id in runs for w in writes)
     return done if ended and _finished(exporter, ("POST /api/generate",)) else None
+
+
+def test_a_worker_process_traces_when_its_environment_asks(
+    spans: InMemorySpanExporter, producer: Producer, worker_factory: WorkerFactory
+) -> None:
+    """``celery worker`` with ``OTEL_TRACES_EXPORTER=console`` sets its tracer provider up
+    itself and exports its spans (flushed when it stops) in the trace of the publish, made in
+    this process."""
+    with OllamaSimulator(SimConfig(models=[MODEL])) as sim:
+        worker = worker_factory.process(sim.url, OTEL_TRACES_EXPORTER="console")
+        producer.generate("Say hello.", model=MODEL).get(timeout=WAIT)
+        worker.stop()
+    publish = next(s for s in spans.get_finished_spans() if s.name.startswith("publish "))
+
+    log = worker.log_text()
+    assert f'"trace_id": "0x{publish.context.trace_id:032x}"' in log
+    assert f'"parent_id": "0x{publish.context.span_id:016x}"' in log
+    assert f'"name": "text_completion {MODEL}"' in log
+    assert '"service.name": "avocado-worker"' in log
