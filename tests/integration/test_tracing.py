@@ -288,14 +288,17 @@ def _written(exporter: InMemorySpanExporter) -> list[ReadableSpan] | None:
     return done if ended and _finished(exporter, ("POST /api/generate",)) else None
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_a_worker_process_traces_when_its_environment_asks(
-    spans: InMemorySpanExporter, producer: Producer, worker_factory: WorkerFactory
+    spans: InMemorySpanExporter, producer: Producer, worker_factory: WorkerFactory, pool: str
 ) -> None:
     """``celery worker`` with ``OTEL_TRACES_EXPORTER=console`` sets its tracer provider up
-    itself and exports its spans (flushed when it stops) in the trace of the publish, made in
-    this process."""
+    itself and exports its spans in the trace of the publish, made in this process; flushed
+    when it stops, by a prefork pool's child too (it leaves without exit handlers)."""
     with OllamaSimulator(SimConfig(models=[MODEL])) as sim:
-        worker = worker_factory.process(sim.url, OTEL_TRACES_EXPORTER="console")
+        worker = worker_factory.process(
+            sim.url, OTEL_TRACES_EXPORTER="console", AVOCADO_WORKER_POOL=pool
+        )
         producer.generate("Say hello.", model=MODEL).get(timeout=WAIT)
         worker.stop()
     publish = next(s for s in spans.get_finished_spans() if s.name.startswith("publish "))

@@ -21,7 +21,7 @@ from avocado_infer.gateway import Gateway
 from avocado_infer.metrics import instrument
 from avocado_infer.openai_api import openai_error
 from avocado_infer.settings import InferSettings
-from avocado_shared.tracing import tracing_active
+from avocado_shared.tracing import flush_tracing, tracing_active
 
 __all__ = ["create_app"]
 
@@ -57,6 +57,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
             await app.state.gateway.close()
+            flush_tracing()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
     limit = chosen.max_body_bytes or chosen.fleet.max_request_bytes

@@ -22,6 +22,7 @@ from opentelemetry.util.types import AttributeValue
 __all__ = [
     "TRACER_NAME",
     "consumed",
+    "flush_tracing",
     "inject_headers",
     "publish_span",
     "setup_tracing",
@@ -101,6 +102,15 @@ def _exporters() -> list[Any]:
         elif name and name != "none":
             logger.warning("OTEL_TRACES_EXPORTER names %r, which is not otlp or console", name)
     return exporters
+
+
+def flush_tracing(timeout_s: float = 5.0) -> None:
+    """Export the spans still buffered: a process that ends by re-raising its signal (uvicorn
+    on SIGTERM) runs no exit handler, so the provider's own flush at exit never comes."""
+    provider = trace.get_tracer_provider()
+    flush = getattr(provider, "force_flush", None)
+    if flush is not None:
+        flush(int(timeout_s * 1000))
 
 
 def tracer() -> trace.Tracer:
