@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import httpx
 import pytest
+import redis
 from kombu import Connection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -17,12 +18,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
+from avocado_shared.fleet import WorkerRegistry
 from avocado_shared.producer import Producer
 from avocado_shared.routing import Lane, lane_queue_name
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.processes import wait_for
+from tests.services import REDIS_URL
 
 WAIT = 60
 MODEL = "llama3.2:1b"
@@ -252,12 +255,17 @@ def test_a_job_whose_worker_is_sigkilled_mid_answer_ends_in_the_trace_it_began(
     doomed = worker_factory.process(midanswer_sim.url, concurrency=1, **env)
     gateway = gateway_factory()
     body = {"model": MODEL, "prompt": "Tell me about avocados.", "stream": True}
-    with httpx.stream("POST", f"{gateway.url}/api/generate", json=body, timeout=WAIT) as answer:
-        lines = answer.iter_lines()
-        began = [next(lines) for _ in range(5)]
-        doomed.kill()
-        worker_factory(midanswer_sim.url, concurrency=1, **env)
-        rest = list(lines)
+    try:
+        with httpx.stream("POST", f"{gateway.url}/api/generate", json=body, timeout=WAIT) as answer:
+            lines = answer.iter_lines()
+            began = [next(lines) for _ in range(5)]
+            doomed.kill()
+            worker_factory(midanswer_sim.url, concurrency=1, **env)
+            rest = list(lines)
+    finally:  # the killed node's record, which it never removed, lists its model no more
+        registry = WorkerRegistry(redis.Redis.from_url(REDIS_URL), worker_factory.key_prefix)
+        registry.remove(doomed.name)
+        registry.close()
     assert len(began) + len(rest) > 6
     done = wait_for(lambda: _written(spans), WAIT, "the takeover's spans")
 
