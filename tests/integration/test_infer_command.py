@@ -19,6 +19,9 @@ def test_avocado_infer_serves_on_the_port_its_settings_name(
     broker_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     port = free_port()
+    # A key prefix of its own: a node another test left behind (SIGKILLed, its record alive
+    # until its TTL) lists no model here.
+    key_prefix = f"{key_prefix}command-"
     env = service_env(
         broker_url,
         key_prefix,
