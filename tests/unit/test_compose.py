@@ -36,7 +36,19 @@ SECRETS = {
     "POSTGRES_PASSWORD": "postgres-secret-3c",
     "AVOCADO_FLOWER_PASSWORD": "flower-secret-4d",
 }
-LONG_RUNNING = {"rabbitmq", "redis", "postgres", "flower", "infer", "ollama", "worker", "beat"}
+# Behind the "observability" profile: started only when asked for.
+OBSERVABILITY = {"prometheus", "grafana"}
+LONG_RUNNING = {
+    "rabbitmq",
+    "redis",
+    "postgres",
+    "flower",
+    "infer",
+    "ollama",
+    "worker",
+    "beat",
+    *OBSERVABILITY,
+}
 ONE_SHOTS = {"ollama-pull"}
 
 
@@ -52,7 +64,17 @@ def _compose_exe() -> str:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without anything the compose files interpolate."""
-    ours = ("AVOCADO_", "RABBITMQ_", "REDIS_", "POSTGRES_", "COMPOSE_", "OLLAMA_", "NGROK_")
+    ours = (
+        "AVOCADO_",
+        "RABBITMQ_",
+        "REDIS_",
+        "POSTGRES_",
+        "COMPOSE_",
+        "OLLAMA_",
+        "NGROK_",
+        "PROMETHEUS_",
+        "GRAFANA_",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(extra)
     return env
@@ -274,7 +296,8 @@ def test_infer_reads_only_settings_that_exist(services: dict[str, dict[str, Any]
     """Each variable given to the gateway is a field of its settings or the fleet's (a typo
     would be ignored in silence), and each of its own settings can be given."""
     env = services["infer"]["environment"]
-    raw = yaml.safe_load(FILES[0].read_text())["services"]["infer"]["environment"]
+    given = yaml.safe_load(FILES[0].read_text())["services"]["infer"]["environment"]
+    raw = {name for name in given if not name.startswith("OTEL_")}  # OpenTelemetry's own
     own = {f"AVOCADO_INFER_{name.upper()}" for name in InferSettings.model_fields} - {
         "AVOCADO_INFER_FLEET"
     }
@@ -283,7 +306,7 @@ def test_infer_reads_only_settings_that_exist(services: dict[str, dict[str, Any]
     assert set(raw) <= own | fleet, sorted(set(raw) - own - fleet)
     assert own <= set(raw), sorted(own - set(raw))
     # Only what the environment sets reaches the container (Compose drops the rest).
-    assert set(env) <= set(raw)
+    assert set(env) <= set(given)
 
 
 def test_infer_port_moves_the_published_port_only(empty_env_file: Path) -> None:
@@ -353,6 +376,7 @@ def test_data_lives_in_named_volumes(merged: dict[str, Any]) -> None:
         "redis": "redis-data:/data",
         "postgres": "postgres-data:/var/lib/postgresql/data",
         "ollama": "ollama-models:/root/.ollama",
+        "prometheus": "prometheus-data:/prometheus",
     }
 
     for name, spec in expected.items():
@@ -391,6 +415,42 @@ def test_ports_are_published_on_loopback_by_default(services: dict[str, dict[str
         for port in ports:
             assert port.startswith("127.0.0.1:"), (name, port)
     assert published["worker"] == [], "scaled workers cannot share a host port"
+
+
+def test_prometheus_and_grafana_come_only_with_their_profile(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Official images unless a variable names another; Prometheus scrapes the gateway's and
+    every worker's metrics port; Grafana is provisioned with the dashboards' files."""
+    for name in OBSERVABILITY:
+        assert services[name]["profiles"] == ["observability"], name
+    assert services["prometheus"]["image"] == "prom/prometheus:latest"
+    assert services["grafana"]["image"] == "grafana/grafana:latest"
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = _volume_specs(services["grafana"])
+    assert {m.split(":")[0] for m in mounts} == {
+        str(DOCKER / "grafana/provisioning"),
+        str(DOCKER / "grafana/dashboards"),
+    }
+    scrape = yaml.safe_load((DOCKER / "prometheus/prometheus.yml").read_text())["scrape_configs"]
+    jobs = {job["job_name"]: job for job in scrape}
+    infer_port = services["infer"]["environment"]["AVOCADO_INFER_PORT"]
+    worker_port = int(services["worker"]["environment"]["AVOCADO_METRICS_PORT"])
+    assert jobs["avocado-infer"]["static_configs"] == [{"targets": [f"infer:{infer_port}"]}]
+    assert jobs["avocado-worker"]["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": worker_port}
+    ]
+
+
+def test_the_observability_images_can_be_named(empty_env_file: Path) -> None:
+    images = {"PROMETHEUS_IMAGE": "mirror/prometheus:v3", "GRAFANA_IMAGE": "mirror/grafana:12"}
+    done = _config(_clean_env(**SECRETS, **images), empty_env_file)
+
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert services["prometheus"]["image"] == "mirror/prometheus:v3"
+    assert services["grafana"]["image"] == "mirror/grafana:12"
 
 
 # --------------------------------------------------------------------------- Dockerfile

@@ -21,6 +21,7 @@ from avocado_infer.gateway import Gateway
 from avocado_infer.metrics import instrument
 from avocado_infer.openai_api import openai_error
 from avocado_infer.settings import InferSettings
+from avocado_shared.tracing import flush_tracing, tracing_active
 
 __all__ = ["create_app"]
 
@@ -28,6 +29,16 @@ __all__ = ["create_app"]
 def _render_for(path: str) -> Render:
     """The error shape of the API ``path`` is under: OpenAI's for /v1, else Ollama's."""
     return openai_error if path.startswith("/v1/") else plain_error
+
+
+def _traced(app: FastAPI) -> None:
+    """Each request its server span (OpenTelemetry's FastAPI instrumentation), the parent of
+    the jobs it publishes; not one span per chunk a stream sends."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls="healthz,readyz,metrics", exclude_spans=["receive", "send"]
+    )
 
 
 def create_app(settings: InferSettings | None = None) -> FastAPI:
@@ -46,11 +57,14 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
             await app.state.gateway.close()
+            flush_tracing()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
     limit = chosen.max_body_bytes or chosen.fleet.max_request_bytes
     app.add_middleware(BodyLimit, limit=limit, render=_render_for)
     metrics = instrument(app)
+    if tracing_active():
+        _traced(app)
     keyed = [Depends(caller)]
     app.include_router(ollama_api.router, dependencies=keyed)
     app.include_router(openai_api.router, dependencies=keyed)

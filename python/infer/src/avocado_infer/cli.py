@@ -6,6 +6,7 @@ import uvicorn
 
 from avocado_infer.app import create_app
 from avocado_infer.settings import InferSettings
+from avocado_shared.tracing import setup_tracing
 
 __all__ = ["main"]
 
@@ -13,6 +14,7 @@ __all__ = ["main"]
 def main() -> None:
     """Serve until interrupted."""
     settings = InferSettings()
+    setup_tracing("avocado-infer")
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict
 
 from avocado_shared.fleet import ModelMeta
 from ollama_worker.inference import ChunkSink, Completion, Embeddings
@@ -45,6 +45,9 @@ class Backend(Protocol):
     """An inference client: failures raised as ``BackendUnavailable`` (transient),
     ``BackendRejected`` or ``ModelNotFound`` (permanent), every call of a job within its
     ``deadline``."""
+
+    # Who serves the model, as OpenTelemetry's GenAI conventions name it (gen_ai.provider.name).
+    provider: ClassVar[str]
 
     @property
     def can_pull(self) -> bool:

@@ -25,6 +25,7 @@ from celery.signals import (
 )
 
 from avocado_shared.contracts import Usage
+from avocado_shared.tracing import flush_tracing, setup_tracing
 from ollama_worker.metrics import JobMetrics, job_kind, retry_reason
 from ollama_worker.resources import Resources, held_by
 from ollama_worker.serving import server_slots
@@ -42,6 +43,7 @@ class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.components:Pool",)
 
     def create(self, parent: Any) -> Resources:
+        setup_tracing("avocado-worker")  # before the pool forks: its children inherit it
         resources = Resources(parent.app, parent.app.settings)
         resources.open(parent.hostname, parent.concurrency)
         parent.app.resources = resources
@@ -84,6 +86,7 @@ def _child_started(**_: Any) -> None:
 
 @worker_process_shutdown.connect
 def _child_exited(pid: int | None = None, **_: Any) -> None:
+    flush_tracing()  # a pool child leaves by os._exit: no exit handler exports its last spans
     resources = held_by(current_app)
     if resources is not None:
         resources.close_clients()

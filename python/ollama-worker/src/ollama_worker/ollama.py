@@ -68,6 +68,7 @@ class OllamaClient(HTTPBackend):
     """A client for one Ollama server, made once per worker process and closed on shutdown."""
 
     label: ClassVar[str] = "ollama"
+    provider: ClassVar[str] = "ollama"
     unavailable: ClassVar[type[BackendUnavailable]] = OllamaUnavailable
     rejected: ClassVar[type[BackendRejected]] = OllamaRejected
     can_pull = True

@@ -200,6 +200,7 @@ class OpenAIClient(HTTPBackend):
 
     can_pull = False
     label: ClassVar[str] = "openai-compatible server"
+    provider: ClassVar[str] = "openai"  # its API's; the server behind may be any
     unavailable: ClassVar[type[BackendUnavailable]] = OpenAIUnavailable
     rejected: ClassVar[type[BackendRejected]] = OpenAIRejected
 

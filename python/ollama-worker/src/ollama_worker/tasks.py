@@ -29,7 +29,7 @@ from avocado_shared.contracts import (
 from avocado_shared.store import JobStatus, StoreUnavailable
 from avocado_shared.streams import StreamSnapshot
 from avocado_shared.topology import EMBED_TASK, GENERATE_TASK, SUMMARIZE_TASK
-from ollama_worker.backends import Backend, pull_progress
+from ollama_worker.backends import Answer, Backend, pull_progress
 from ollama_worker.deadletter import dead_letter_task
 from ollama_worker.embedding import embed_texts
 from ollama_worker.errors import InvalidPayload, JobTimedOut, PermanentError, TransientError
@@ -41,6 +41,7 @@ from ollama_worker.results import node_name, record, record_quietly, stored_succ
 from ollama_worker.summary import summarize_text
 from ollama_worker.token_stream import TokenStream, failure_reason
 from ollama_worker.tool_calls import honoured, linked_messages, tool_request
+from ollama_worker.tracing import model_call, result_write_span
 
 __all__ = ["JobTask", "register"]
 
@@ -169,7 +170,10 @@ class JobTask(TracedJob):
         done = result if isinstance(result, JobResult) else parse_result(result)
         data = done.model_dump(mode="json")
         try:
-            record(self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=done)
+            with result_write_span(str(self.request.id)):
+                record(
+                    self, str(self.request.id), JobStatus.SUCCESS, self.request.kwargs, result=done
+                )
         except StoreUnavailable as error:
             kwargs = {**(self.request.kwargs or {}), "finished": data}
             self.retry_transient(TransientError(f"result not stored: {error}"), kwargs)
@@ -214,48 +218,44 @@ def _generate(
     """Run the job on the server, each chunk to ``stream``, continuing what it holds."""
     ensure_model(resources, client, model)
     streamed = stream.streamed
-    options = options_left(job.options, streamed)
-    if job.messages is None:
-        assert job.prompt is not None
-        return client.generate(
-            model,
-            job.prompt,
-            system=job.system,
-            images=job.images,
-            options=options,
-            format=job.format,
-            keep_alive=job.keep_alive,
-            on_chunk=stream.append,
-            partial=streamed.text,
-        )
-    messages = linked_messages(job.messages)
-    if job.system:
-        messages.insert(0, {"role": "system", "content": job.system})
-    done = client.chat(
-        model,
-        messages,
-        options=options,
-        format=job.format,
-        keep_alive=job.keep_alive,
-        on_chunk=stream.append,
-        partial=streamed.text,
-        **tool_request(job),
-    )
-    return honoured(job, done)
+    operation = "text_completion" if job.messages is None else "chat"
+    with model_call(client.provider, operation, model) as call:
+        answer: Answer = {
+            "options": options_left(job.options, streamed),
+            "format": job.format,
+            "keep_alive": job.keep_alive,
+            "on_chunk": call.timed(stream.append),
+            "partial": streamed.text,
+        }
+        if job.messages is None:
+            assert job.prompt is not None
+            done = client.generate(
+                model, job.prompt, system=job.system, images=job.images, **answer
+            )
+        else:
+            messages = linked_messages(job.messages)
+            if job.system:
+                messages.insert(0, {"role": "system", "content": job.system})
+            done = honoured(job, client.chat(model, messages, **answer, **tool_request(job)))
+        call.finished(done.usage)
+    return done
 
 
 def _summarize(
     resources: Resources, client: Backend, job: SummarizeRequest, model: str
 ) -> tuple[Completion, int]:
     ensure_model(resources, client, model)
-    return summarize_text(
-        client,
-        model,
-        job.content.text,
-        job.options,
-        num_ctx=client.summary_context(model, resources.settings.summary_num_ctx),
-        title=job.content.title,
-    )
+    with model_call(client.provider, "chat", model) as call:
+        done, chunks = summarize_text(
+            client,
+            model,
+            job.content.text,
+            job.options,
+            num_ctx=client.summary_context(model, resources.settings.summary_num_ctx),
+            title=job.content.title,
+        )
+        call.finished(done.usage)
+    return done, chunks
 
 
 def _generated(task: JobTask, done: Completion) -> GenerateResult:
@@ -314,7 +314,10 @@ def summarize(
 
 def _embed(resources: Resources, client: Backend, job: EmbedRequest, model: str) -> Embeddings:
     ensure_model(resources, client, model)
-    return embed_texts(client, model, job, resources.settings.embed_batch_size)
+    with model_call(client.provider, "embeddings", model) as call:
+        done = embed_texts(client, model, job, resources.settings.embed_batch_size)
+        call.finished(done.usage)
+    return done
 
 
 def _told(task: JobTask, result: JobResult | dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,7 @@ from avocado_shared.topology import (
     declare_lane_queues,
     declare_topology,
 )
+from avocado_shared.tracing import inject_headers, publish_span
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11
@@ -239,9 +240,10 @@ class Producer:
         self._check_size(task, body)
         model = model_of(body, self.settings.default_model, self.settings.embed_model)
         task_id = uuid()
+        queue = lane_queue_name(model, lane)
         try:
             self._ensure_topology(model)
-            with self.app.producer_or_acquire() as publisher:
+            with publish_span(task, task_id, queue), self.app.producer_or_acquire() as publisher:
                 connection = self._ready(publisher)
                 try:
                     result = self.app.tasks[task].apply_async(
@@ -249,13 +251,15 @@ class Producer:
                         task_id=task_id,
                         producer=publisher,
                         exchange=ML_EXCHANGE.name,
-                        routing_key=lane_queue_name(model, lane),
+                        routing_key=queue,
                         retry=False,  # sent once: a retry could queue a second copy
                         # Declared once by _ensure_topology; kombu would declare again on
                         # each new connection and wait for the answer without a timeout.
                         declare=[],
                         confirm_timeout=self.settings.publish_timeout_s,
-                        headers={SENT_AT_HEADER: time.time(), LANE_HEADER: lane.value},
+                        headers=inject_headers(
+                            {SENT_AT_HEADER: time.time(), LANE_HEADER: lane.value}
+                        ),
                         # The worker's limits apply: they are set for its hardware and
                         # consumer timeout.
                         time_limit=None,

@@ -45,8 +45,10 @@ it changes and why, and the tests (under ``tests/``) that pin it.
 
 ``job_task.TracedJob.__call__``
     Runs the job without ``Task.__call__``, which would push a request without the job's id
-    over the one Celery's tracer pushed.
+    over the one Celery's tracer pushed; it runs in the job's span, in the trace its message's
+    headers carry (``ollama_worker.tracing.job_span``).
     integration/test_results.py::test_results_are_stored_and_read_back
+    integration/test_tracing.py::test_one_trace_covers_request_publish_run_and_model_call
 
 ``job_task.TracedJob``: ``on_success``, ``on_failure``
     celery-singleton releases the lock after Celery published the outcome, so a producer

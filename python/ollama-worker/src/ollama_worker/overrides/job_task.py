@@ -20,6 +20,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from avocado_shared.overrides.singleton import SingletonJob
 from ollama_worker.resources import resources_of
+from ollama_worker.tracing import job_span
 
 __all__ = ["JobRun", "TracedJob"]
 
@@ -58,16 +59,18 @@ class TracedJob(SingletonJob):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         run = self.job_run
-        try:
-            return self.run_job(args, kwargs)
-        except (Retry, Ignore, Reject):
-            raise
-        except Exception as error:
-            # Celery publishes the failure before it calls on_failure: a producer that
-            # resubmits the moment it sees it must find the lock free and the row written.
-            self.job_failed(error, str(self.request.id), kwargs)
-            run.failure_recorded = True
-            raise
+        with job_span(self.name, self.request) as span:
+            try:
+                return self.run_job(args, kwargs)
+            except (Retry, Ignore, Reject) as control:
+                span.set_attribute("avocado.outcome", type(control).__name__.lower())
+                raise
+            except Exception as error:
+                # Celery publishes the failure before it calls on_failure: a producer that
+                # resubmits the moment it sees it must find the lock free and the row written.
+                self.job_failed(error, str(self.request.id), kwargs)
+                run.failure_recorded = True
+                raise
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Release the lock again only if the job could not (Redis was down): the result is
