@@ -13,8 +13,15 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from avocado_infer import embed_api, jobs_api, ollama_api, openai_api, responses_api
-from avocado_infer.body_limit import BodyLimit
+from avocado_infer import (
+    embed_api,
+    files_api,
+    jobs_api,
+    ollama_api,
+    openai_api,
+    responses_api,
+)
+from avocado_infer.body_limit import BodyLimit, Limit
 from avocado_infer.deps import GatewayDep, caller
 from avocado_infer.errors import Render, plain_error
 from avocado_infer.gateway import Gateway
@@ -48,8 +55,12 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
             await app.state.gateway.close()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
-    limit = chosen.max_body_bytes or chosen.fleet.max_request_bytes
-    app.add_middleware(BodyLimit, limit=limit, render=_render_for)
+    size = chosen.max_body_bytes or chosen.fleet.max_request_bytes
+    limits = [
+        Limit("/v1/files", chosen.max_file_bytes, "AVOCADO_INFER_MAX_FILE_BYTES", "split the file"),
+        Limit("", size, "AVOCADO_INFER_MAX_BODY_BYTES", "send smaller or fewer images"),
+    ]
+    app.add_middleware(BodyLimit, limits=limits, render=_render_for)
     metrics = instrument(app)
     keyed = [Depends(caller)]
     app.include_router(ollama_api.router, dependencies=keyed)
@@ -57,6 +68,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     app.include_router(responses_api.router, dependencies=keyed)
     app.include_router(embed_api.ollama_router, dependencies=keyed)
     app.include_router(embed_api.openai_router, dependencies=keyed)
+    app.include_router(files_api.router, dependencies=keyed)
     app.include_router(jobs_api.router, dependencies=keyed)
 
     @app.get("/healthz")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,7 +69,24 @@ class InferSettings(BaseSettings):
         "unless renewed (every third of it while the request runs), so a gateway that dies "
         "frees its slots this much later.",
     )
+    files_dir: Path | None = Field(
+        default=None,
+        description="Where uploaded files (/v1/files, batches' input and output) are kept, "
+        "one file and a JSON sidecar each; gateways that share it share their files. Unset: "
+        "'files' beside AVOCADO_SQLITE_PATH.",
+    )
+    max_file_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        ge=1024,
+        description="Largest upload to /v1/files (its whole multipart body), written to disk "
+        "as it arrives; one over it gets a 413. OpenAI's own limit for a batch file is 200 MB.",
+    )
     fleet: Settings = Field(
         default_factory=Settings,
         description="The fleet's settings (AVOCADO_*): broker, Redis, key prefix, default model.",
     )
+
+    def files_path(self) -> Path:
+        """The directory of uploaded files: ``files_dir``, or ``files`` beside the results'
+        SQLite file."""
+        return self.files_dir or Path(self.fleet.sqlite_path).parent / "files"
