@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from avocado_infer import (
+    batches_api,
     embed_api,
     files_api,
     jobs_api,
@@ -21,9 +22,11 @@ from avocado_infer import (
     openai_api,
     responses_api,
 )
+from avocado_infer.batch_runner import BatchRunner
 from avocado_infer.body_limit import BodyLimit, Limit
 from avocado_infer.deps import GatewayDep, caller
 from avocado_infer.errors import Render, plain_error
+from avocado_infer.files_api import file_store
 from avocado_infer.gateway import Gateway
 from avocado_infer.metrics import instrument
 from avocado_infer.openai_api import openai_error
@@ -45,13 +48,18 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway(chosen, metrics)
         metrics.watch(app.state.gateway.served_models)
-        renewing = asyncio.create_task(app.state.gateway.limiter.renewing())
+        gateway = app.state.gateway
+        tasks = [
+            asyncio.create_task(gateway.limiter.renewing()),
+            asyncio.create_task(BatchRunner(gateway, file_store(gateway)).running()),
+        ]
         try:
             yield
         finally:
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.gateway.close()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
@@ -69,6 +77,7 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     app.include_router(embed_api.ollama_router, dependencies=keyed)
     app.include_router(embed_api.openai_router, dependencies=keyed)
     app.include_router(files_api.router, dependencies=keyed)
+    app.include_router(batches_api.router, dependencies=keyed)
     app.include_router(jobs_api.router, dependencies=keyed)
 
     @app.get("/healthz")

@@ -25,7 +25,7 @@ from avocado_infer.openai_api import OpenAIError, openai_error
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.keys import ApiKey
 
-__all__ = ["Caller", "caller_of", "file_store", "router"]
+__all__ = ["Caller", "caller_of", "file_store", "listed", "router"]
 
 router = APIRouter(
     prefix="/v1", route_class=error_route(openai_error), responses=documented_errors(OpenAIError)
@@ -39,6 +39,17 @@ Caller = tuple[str | None, bool]
 
 def caller_of(key: ApiKey | None) -> Caller:
     return (None, True) if key is None else (key.name, key.admin)
+
+
+def listed(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """OpenAI's page of a list: its objects, the first's and last's ids, whether more follow."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
 
 
 def file_store(gateway: Gateway) -> FileStore:
@@ -130,14 +141,8 @@ async def files(
         found = [f for f in found if f.purpose == purpose]
     ids = [f.id for f in found]
     start = ids.index(after) + 1 if after in ids else 0
-    page = found[start : start + limit]
-    return {
-        "object": "list",
-        "data": [f.to_json() for f in page],
-        "first_id": page[0].id if page else None,
-        "last_id": page[-1].id if page else None,
-        "has_more": start + limit < len(found),
-    }
+    page = [f.to_json() for f in found[start : start + limit]]
+    return listed(page, has_more=start + limit < len(found))
 
 
 @router.get("/files/{file_id}")

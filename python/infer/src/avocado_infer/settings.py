@@ -81,6 +81,21 @@ class InferSettings(BaseSettings):
         description="Largest upload to /v1/files (its whole multipart body), written to disk "
         "as it arrives; one over it gets a 413. OpenAI's own limit for a batch file is 200 MB.",
     )
+    batch_window: int = Field(
+        default=64,
+        ge=1,
+        description="Most lines of one batch queued or running at once: its feeder queues "
+        "more as they end (and none while the lane's queue is at AVOCADO_INFER_MAX_QUEUE).",
+    )
+    batch_poll_s: float = Field(
+        default=0.5, gt=0, description="How often a gateway moves on the batches it leases."
+    )
+    max_open_batches: int = Field(
+        default=10,
+        ge=0,
+        description="Most batches one API key has open (not yet completed, failed, expired or "
+        "cancelled); one more is a 429. 0: no limit.",
+    )
     fleet: Settings = Field(
         default_factory=Settings,
         description="The fleet's settings (AVOCADO_*): broker, Redis, key prefix, default model.",
