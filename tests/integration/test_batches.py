@@ -23,6 +23,7 @@ from tests.gateway import InProcessGateway
 from tests.infer_http import unique
 from tests.inprocess import InProcessWorker
 from tests.processes import wait_for
+from tests.services import run_cli, service_env
 
 WAIT = 90
 CHAT = "llama3.2:1b"
@@ -265,3 +266,52 @@ def test_a_batch_belongs_to_its_key(
         )
     assert _ended(a, made.id).status == "completed"
     assert [found.id for found in a.batches.list()] == [made.id]
+
+
+def test_the_avocado_command_submits_waits_and_reads_a_batch(
+    worker: InProcessWorker,
+    gateway_factory: Callable[..., InProcessGateway],
+    keys: KeyStore,
+    broker_url: str,
+    key_prefix: str,
+    tmp_path: Path,
+) -> None:
+    gateway = gateway_factory(require_keys=True, files_dir=tmp_path / "files", batch_poll_s=0.1)
+    secret = keys.create(unique("cli"))[1]
+    env = service_env(
+        broker_url, key_prefix, AVOCADO_GATEWAY_URL=gateway.url, AVOCADO_API_KEY=secret
+    )
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_bytes(_jsonl([_chat("a", "Hi?"), _chat("b", "Bye?"), _chat("c", "X", n=2)]))
+    bad.write_bytes(_jsonl([_chat("a", "Hi?"), _chat("a", "Again?")]))
+
+    submitted = run_cli(env, "batch", "submit", str(good), "--wait", "--poll-s", "0.2")
+    batch_id = submitted.stdout.strip()
+    output = run_cli(env, "batch", "results", batch_id)
+    errors = run_cli(env, "batch", "results", batch_id, "--errors")
+    status = run_cli(env, "batch", "status", batch_id)
+    listed = run_cli(env, "batch", "list")
+    failed = run_cli(env, "batch", "submit", str(bad), "--wait", "--poll-s", "0.2")
+    unknown = run_cli(env, "batch", "cancel", "batch_nope")
+    keyless = run_cli({**env, "AVOCADO_API_KEY": ""}, "batch", "list")
+
+    assert submitted.returncode == 0, submitted.stderr
+    assert batch_id.startswith("batch_")
+    assert f"{batch_id} completed" in submitted.stderr
+    assert "3/3 (1 failed)" in submitted.stderr
+    assert sorted(json.loads(line)["custom_id"] for line in output.stdout.splitlines()) == [
+        "a",
+        "b",
+    ]
+    assert [json.loads(line)["custom_id"] for line in errors.stdout.splitlines()] == ["c"]
+    assert json.loads(status.stdout)["status"] == "completed"
+    assert batch_id in listed.stdout
+    assert failed.returncode == 3
+    assert "failed: line 2: The custom_id 'a' is used more than once" in failed.stderr
+    assert (unknown.returncode, unknown.stderr.strip()) == (
+        4,
+        "avocado: No batch found with id 'batch_nope'",
+    )
+    assert keyless.returncode == 1
+    assert "no API key" in keyless.stderr
+    assert secret not in submitted.stderr + submitted.stdout
