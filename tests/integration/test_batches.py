@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from openai.types import Batch, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from openai.types.completion import Completion
 
+from avocado_infer.batches import BatchStore
+from avocado_shared import Settings
 from avocado_shared.keys import KeyStore
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.gateway import InProcessGateway
-from tests.infer_http import unique
+from tests.infer_http import redis_client, unique
 from tests.inprocess import InProcessWorker
 from tests.processes import wait_for
 from tests.services import run_cli, service_env
@@ -315,3 +318,46 @@ def test_the_avocado_command_submits_waits_and_reads_a_batch(
     assert keyless.returncode == 1
     assert "no API key" in keyless.stderr
     assert secret not in submitted.stderr + submitted.stdout
+
+
+def test_a_batch_past_its_window_expires_with_every_answer_made(
+    gateway: InProcessGateway, sim: OllamaSimulator, settings: Settings
+) -> None:
+    sdk = _sdk(gateway)
+    sim.config.latency_ms = 150
+    lines = [_chat(f"q{i}", f"Question {i}?") for i in range(30)]
+    uploaded = sdk.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
+    made = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(
+        lambda: (
+            (sdk.batches.retrieve(made.id).request_counts or made.request_counts).completed >= 3
+        ),
+        timeout=WAIT,
+        what="three answers",
+    )
+    # Its 24 hours pass: its record says so, as it would a day later (again until the feeder,
+    # which saves the record after each of its moves, has read it).
+    with redis_client() as client:
+        store = BatchStore(client, settings.key_prefix)
+
+        def expired() -> bool:
+            record = store.load(made.id)
+            assert record is not None
+            if record.ending == "batch_expired":
+                return True
+            store.save(replace(record, expires_at=record.created_at))
+            return False
+
+        wait_for(expired, timeout=WAIT, what="the feeder to see the batch expired")
+
+    ended = _ended(sdk, made.id)
+
+    assert ended.status == "expired"
+    assert ended.expired_at is not None
+    output = _lines(sdk, ended.output_file_id)
+    errors = _lines(sdk, ended.error_file_id)
+    assert len(output) >= 3
+    assert set(output) | set(errors) == {line["custom_id"] for line in lines}
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}

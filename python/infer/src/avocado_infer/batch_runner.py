@@ -42,6 +42,7 @@ _LEASE_S = 30
 # worker; past it, lines still without an answer go to the error file.
 _DRAIN_S = 60
 _ENDED = (JobStatus.SUCCESS, JobStatus.FAILURE, JobStatus.CANCELLED)
+_FINAL_OF = {"batch_cancelled": "cancelled", "batch_expired": "expired"}
 
 
 class BatchRunner:
@@ -91,16 +92,16 @@ class BatchRunner:
         batch = self.store.load(batch_id)
         if batch is None:
             return
-        if batch.ending is None:
+        if batch.status in ("validating", "in_progress"):
             if self.store.cancel_asked(batch_id):
                 batch.ending = "batch_cancelled"
             elif time.time() >= batch.expires_at:
                 batch.ending = "batch_expired"
-            if batch.ending is not None and batch.status in ("validating", "in_progress"):
-                batch = batch.moved(
-                    "cancelling" if batch.ending == "batch_cancelled" else "finalizing"
-                )
-                self._cancel_running(batch)
+        if batch.ending is not None and batch.status == "validating":  # nothing was queued
+            batch = batch.moved(_FINAL_OF[batch.ending])
+        elif batch.ending is not None and batch.status == "in_progress":
+            batch = batch.moved("cancelling" if batch.ending == "batch_cancelled" else "finalizing")
+            self._cancel_running(batch)
         if batch.status == "validating":
             batch = self._validated(batch)
         elif batch.status == "in_progress":
@@ -228,8 +229,7 @@ class BatchRunner:
             leftover.unlink()
         directory.rmdir()
         batch.completed, batch.failed = counts["output"], counts["error"]
-        final = {"batch_cancelled": "cancelled", "batch_expired": "expired"}
-        return batch.moved(final.get(batch.ending or "", "completed"))
+        return batch.moved(_FINAL_OF.get(batch.ending or "", "completed"))
 
     def _outcome(self, batch: Batch, line: Line, refused: str) -> tuple[str, dict[str, Any]]:
         """Where a line goes at the end, and its record there."""
