@@ -92,6 +92,25 @@ def _lines(sdk: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]
     return by_id
 
 
+def _part_answered(
+    sdk: openai.OpenAI, sim: OllamaSimulator, count: int, answered: int
+) -> tuple[list[dict[str, Any]], Batch]:
+    """A batch of ``count`` chat lines, 150 ms each, once ``answered`` of them are."""
+    sim.config.latency_ms = 150
+    lines = [_chat(f"q{i}", f"Question {i}?") for i in range(count)]
+    uploaded = sdk.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
+    made = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    def done() -> int:
+        counts = sdk.batches.retrieve(made.id).request_counts
+        return 0 if counts is None else counts.completed
+
+    wait_for(lambda: done() >= answered, timeout=WAIT, what=f"{answered} answers")
+    return lines, made
+
+
 def test_the_sdk_runs_a_chat_batch_and_reads_its_answers(
     gateway: InProcessGateway, sim: OllamaSimulator
 ) -> None:
@@ -203,19 +222,7 @@ def test_a_cancelled_batch_keeps_every_answer_made(
     gateway: InProcessGateway, sim: OllamaSimulator
 ) -> None:
     sdk = _sdk(gateway)
-    sim.config.latency_ms = 150
-    lines = [_chat(f"q{i}", f"Question {i}?") for i in range(40)]
-    uploaded = sdk.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
-    made = sdk.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    wait_for(
-        lambda: (
-            (sdk.batches.retrieve(made.id).request_counts or made.request_counts).completed >= 5
-        ),
-        timeout=WAIT,
-        what="five answers",
-    )
+    lines, made = _part_answered(sdk, sim, 40, answered=5)
 
     cancelling = sdk.batches.cancel(made.id)
     ended = _ended(sdk, made.id)
@@ -324,19 +331,7 @@ def test_a_batch_past_its_window_expires_with_every_answer_made(
     gateway: InProcessGateway, sim: OllamaSimulator, settings: Settings
 ) -> None:
     sdk = _sdk(gateway)
-    sim.config.latency_ms = 150
-    lines = [_chat(f"q{i}", f"Question {i}?") for i in range(30)]
-    uploaded = sdk.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
-    made = sdk.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    wait_for(
-        lambda: (
-            (sdk.batches.retrieve(made.id).request_counts or made.request_counts).completed >= 3
-        ),
-        timeout=WAIT,
-        what="three answers",
-    )
+    lines, made = _part_answered(sdk, sim, 30, answered=3)
     # Its 24 hours pass: its record says so, as it would a day later (again until the feeder,
     # which saves the record after each of its moves, has read it).
     with redis_client() as client:
