@@ -129,18 +129,17 @@ class BatchRunner:
         return int(self.store.client.scard(self.store.key(batch.id, ":running")))
 
     def _count(self, batch: Batch) -> None:
-        """Count the window's jobs that ended (their rows in ``ml_results``)."""
-        running = self.store.key(batch.id, ":running")
-        results = self.gateway.producer.results
-        for job_id in self.store.members(batch.id, ":running"):
-            row = results.get(job_id)
-            if row is None or row.status not in _ENDED:
-                continue
-            if row.status is JobStatus.SUCCESS:
-                batch.completed += 1
-            else:
-                batch.failed += 1
-            self.store.client.srem(running, job_id)
+        """Count the window's jobs that ended (their rows in ``ml_results``, one query)."""
+        running = self.store.members(batch.id, ":running")
+        for row in self.gateway.producer.results.get_many(running):
+            # Counted once, by whoever takes it out of the window.
+            if row.status in _ENDED and self.store.client.srem(
+                self.store.key(batch.id, ":running"), row.job_id
+            ):
+                if row.status is JobStatus.SUCCESS:
+                    batch.completed += 1
+                else:
+                    batch.failed += 1
 
     def _cancel_running(self, batch: Batch) -> None:
         for job_id in self.store.members(batch.id, ":running"):

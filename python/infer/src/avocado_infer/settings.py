@@ -88,7 +88,10 @@ class InferSettings(BaseSettings):
         "more as they end (and none while the lane's queue is at AVOCADO_INFER_MAX_QUEUE).",
     )
     batch_poll_s: float = Field(
-        default=0.5, gt=0, description="How often a gateway moves on the batches it leases."
+        default=0.2,
+        gt=0,
+        description="How often a gateway moves on the batches it leases: counts the window's "
+        "ended jobs (one query) and fills it again.",
     )
     max_open_batches: int = Field(
         default=10,
