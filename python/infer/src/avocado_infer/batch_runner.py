@@ -13,6 +13,7 @@ job; the files are read a line at a time, never whole.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from avocado_shared.contracts import EmbedRequest, InvalidRequest, JobKind, pars
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import PublishError
 from avocado_shared.routing import Lane, canonical_model, lane_queue_name
-from avocado_shared.store import JobStatus
+from avocado_shared.store import JobStatus, ResultRow
 
 __all__ = ["BatchRunner"]
 
@@ -42,6 +43,7 @@ _LEASE_S = 30
 # worker; past it, lines still without an answer go to the error file.
 _DRAIN_S = 60
 _ENDED = (JobStatus.SUCCESS, JobStatus.FAILURE, JobStatus.CANCELLED)
+_CHUNK = 256  # lines the end reads the rows of at once
 _FINAL_OF = {"batch_cancelled": "cancelled", "batch_expired": "expired"}
 
 
@@ -208,12 +210,18 @@ class BatchRunner:
         refused = self.store.key(batch.id, ":refused")
         counts = {"output": 0, "error": 0}
         out_path, err_path = directory / "output.jsonl", directory / "errors.jsonl"
+        requests = _requests(self.files.path(batch.input_file_id))
         with out_path.open("wb") as out, err_path.open("wb") as err:
-            for raw in _requests(self.files.path(batch.input_file_id)):
-                line = read_line(raw)
-                kind, record = self._outcome(batch, line, refused)
-                (out if kind == "output" else err).write(json.dumps(record).encode() + b"\n")
-                counts[kind] += 1
+            # A chunk of lines at a time: their rows in one query, their refusals in one read.
+            while lines := [read_line(raw) for raw in itertools.islice(requests, _CHUNK)]:
+                ids = [line_job_id(batch.id, line.custom_id) for line in lines]
+                rows = {r.job_id: r for r in self.gateway.producer.results.get_many(ids)}
+                refusals = self.store.client.hmget(refused, [line.custom_id for line in lines])
+                for line, job_id, refusal in zip(lines, ids, refusals, strict=True):
+                    why = refusal.decode() if isinstance(refusal, bytes) else refusal
+                    kind, record = self._outcome(batch, line, job_id, why, rows.get(job_id))
+                    (out if kind == "output" else err).write(json.dumps(record).encode() + b"\n")
+                    counts[kind] += 1
         if counts["output"]:
             name = f"{batch.id}_output.jsonl"
             batch.output_file_id = self.files.commit(
@@ -230,20 +238,19 @@ class BatchRunner:
         batch.completed, batch.failed = counts["output"], counts["error"]
         return batch.moved(_FINAL_OF.get(batch.ending or "", "completed"))
 
-    def _outcome(self, batch: Batch, line: Line, refused: str) -> tuple[str, dict[str, Any]]:
-        """Where a line goes at the end, and its record there."""
-        job_id = line_job_id(batch.id, line.custom_id)
+    def _outcome(
+        self, batch: Batch, line: Line, job_id: str, why: str | None, row: ResultRow | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Where a line goes at the end, and its record there: ``why`` the job contract refused
+        it, else its job's ``row``."""
         head = {"id": f"batch_req_{job_id}", "custom_id": line.custom_id}
-        refusal = self.store.client.hget(refused, line.custom_id)
-        if refusal is not None:
-            why = refusal.decode() if isinstance(refusal, bytes) else refusal
+        if why is not None:
             body = {"error": {"message": why, "type": "invalid_request_error"}}
             response = {"status_code": 400, "request_id": job_id, "body": body}
             return "error", head | {
                 "response": response,
                 "error": {"code": "invalid_request", "message": why},
             }
-        row = self.gateway.producer.results.get(job_id)
         if row is not None and row.status is JobStatus.SUCCESS and row.result is not None:
             answer = line.answer(batch.endpoint, job_id, parse_result(row.result))  # type: ignore[arg-type]
             response = {"status_code": 200, "request_id": job_id, "body": answer}
