@@ -356,3 +356,29 @@ def test_a_batch_past_its_window_expires_with_every_answer_made(
     assert len(output) >= 3
     assert set(output) | set(errors) == {line["custom_id"] for line in lines}
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+
+
+def test_a_gateway_that_stops_hands_its_batch_to_another_and_no_line_runs_twice(
+    worker: InProcessWorker,
+    sim: OllamaSimulator,
+    gateway_factory: Callable[..., InProcessGateway],
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    sim.clear()
+    fields = {"files_dir": tmp_path / "files", "batch_poll_s": 0.1, "batch_window": 4}
+    first = gateway_factory(**fields)
+    lines, made = _part_answered(_sdk(first), sim, 30, answered=5)
+
+    first.stop()
+    second = gateway_factory(**fields)
+    ended = _ended(_sdk(second), made.id)
+
+    assert ended.status == "completed"
+    output = _lines(_sdk(second), ended.output_file_id)
+    assert sorted(output) == sorted(line["custom_id"] for line in lines)
+    asked = [r.body["messages"][0]["content"] for r in sim.requests.to("/api/chat")]
+    assert sorted(asked) == sorted(f"Question {i}?" for i in range(30))
+    # The ended batch leaves no feeder keys behind.
+    with redis_client() as client:
+        assert client.keys(f"{settings.key_prefix}batch:{made.id}:*") == []

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from avocado_infer.gateway import Gateway
 from avocado_shared.contracts import EmbedRequest, InvalidRequest, JobKind, parse_result
 from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import PublishError
+from avocado_shared.locks import RELEASE_SCRIPT
 from avocado_shared.routing import Lane, canonical_model, lane_queue_name
 from avocado_shared.store import JobStatus, ResultRow
 
@@ -58,25 +60,45 @@ class BatchRunner:
         self.window = settings.batch_window
         self.poll_s = settings.batch_poll_s
         self._token = uuid.uuid4().hex
+        self._passing = threading.Lock()  # held by a pass, in its thread
+        self._stopping = threading.Event()
 
     async def running(self) -> None:
-        """Move every open batch on, again and again, until cancelled."""
-        while True:
-            await run_in_threadpool(self.pass_once)
-            await asyncio.sleep(self.poll_s)
+        """Move every open batch on, again and again, until cancelled; then, once the pass
+        under way has ended, hand this gateway's batches over (their leases released), so
+        another gateway goes on with them at once."""
+        try:
+            while True:
+                await run_in_threadpool(self.pass_once)
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._stopping.set()
+            await asyncio.to_thread(self._release)
 
     def pass_once(self) -> None:
-        try:
-            open_ids = self.store.open_ids()
-        except redis.RedisError as error:
-            logger.warning("batches not read: %s", error)
-            return
-        for batch_id in open_ids:
+        with self._passing:
             try:
-                if self._lease(batch_id):
-                    self.step(batch_id)
-            except Exception:  # Redis, the database or the files down: the next pass tries again
-                logger.exception("batch %s not moved on", batch_id)
+                open_ids = self.store.open_ids()
+            except redis.RedisError as error:
+                logger.warning("batches not read: %s", error)
+                return
+            for batch_id in open_ids:
+                if self._stopping.is_set():
+                    return
+                try:
+                    if self._lease(batch_id):
+                        self.step(batch_id)
+                except Exception:  # Redis, the database or the files down: the next pass
+                    logger.exception("batch %s not moved on", batch_id)
+
+    def _release(self) -> None:
+        with self._passing:
+            try:
+                for batch_id in self.store.open_ids():
+                    key = self.store.key(batch_id, ":lease")
+                    self.store.client.eval(RELEASE_SCRIPT, 1, key, self._token)
+            except redis.RedisError as error:
+                logger.warning("batch leases not released (they expire): %s", error)
 
     def _lease(self, batch_id: str) -> bool:
         """Hold the batch's lease (take it, or renew ours)."""

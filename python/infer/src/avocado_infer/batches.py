@@ -165,9 +165,14 @@ class BatchStore:
         return batch
 
     def save(self, batch: Batch) -> None:
+        """Write the record; an ended batch leaves the open ones, its feeder's keys deleted."""
         self.client.set(self.key(batch.id), json.dumps(asdict(batch)))
         if batch.status in FINAL:
-            self.client.srem(f"{self.prefix}batches:open", batch.id)
+            parts = (":running", ":refused", ":cancel", ":lease")
+            with self.client.pipeline() as pipe:
+                pipe.srem(f"{self.prefix}batches:open", batch.id)
+                pipe.delete(*(self.key(batch.id, part) for part in parts))
+                pipe.execute()
 
     def load(self, batch_id: str) -> Batch | None:
         raw = self.client.get(self.key(batch_id))
