@@ -353,6 +353,7 @@ def test_data_lives_in_named_volumes(merged: dict[str, Any]) -> None:
         "redis": "redis-data:/data",
         "postgres": "postgres-data:/var/lib/postgresql/data",
         "ollama": "ollama-models:/root/.ollama",
+        "infer": "infer-files:/var/lib/avocado/files",
     }
 
     for name, spec in expected.items():
