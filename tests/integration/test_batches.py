@@ -382,3 +382,19 @@ def test_a_gateway_that_stops_hands_its_batch_to_another_and_no_line_runs_twice(
     # The ended batch leaves no feeder keys behind.
     with redis_client() as client:
         assert client.keys(f"{settings.key_prefix}batch:{made.id}:*") == []
+
+
+def test_a_batch_whose_file_is_deleted_fails_and_stops(
+    gateway: InProcessGateway, sim: OllamaSimulator
+) -> None:
+    sdk = _sdk(gateway)
+    _, made = _part_answered(sdk, sim, 30, answered=2)
+
+    sdk.files.delete(made.input_file_id)
+    ended = _ended(sdk, made.id)
+
+    assert ended.status == "failed"
+    assert ended.errors is not None
+    assert ended.errors.data is not None
+    assert [e.code for e in ended.errors.data] == ["file_not_found"]
+    assert len(sim.requests.to("/api/chat")) < 30

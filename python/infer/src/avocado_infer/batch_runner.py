@@ -116,6 +116,13 @@ class BatchRunner:
         batch = self.store.load(batch_id)
         if batch is None:
             return
+        if not self.files.path(batch.input_file_id).exists():  # deleted under the batch
+            self._cancel_running(batch)
+            message = f"The input file {batch.input_file_id} was deleted."
+            error = {"code": "file_not_found", "message": message, "param": "input_file_id"}
+            batch.errors = [{**error, "line": None}]
+            self.store.save(batch.moved("failed"))
+            return
         if batch.status in ("validating", "in_progress"):
             if self.store.cancel_asked(batch_id):
                 batch.ending = "batch_cancelled"
