@@ -133,14 +133,15 @@ class BatchRunner:
         elif batch.ending is not None and batch.status == "in_progress":
             batch = batch.moved("cancelling" if batch.ending == "batch_cancelled" else "finalizing")
             self._cancel_running(batch)
+        # Each phase goes on to the next in the same step: a checked file is fed at once.
         if batch.status == "validating":
             batch = self._validated(batch)
-        elif batch.status == "in_progress":
+        if batch.status == "in_progress":
             self._count(batch)
             self._feed(batch)
             if batch.cursor >= batch.total and not self._running(batch):
                 batch = batch.moved("finalizing")
-        elif batch.status in ("cancelling", "finalizing"):
+        if batch.status in ("cancelling", "finalizing"):
             self._count(batch)
             draining = batch.ending is not None and self._running(batch)
             started = batch.times.get(batch.status, 0)
