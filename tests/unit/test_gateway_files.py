@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import anyio
 import openai
 import pytest
 from openai.types import FileDeleted, FileObject
@@ -178,3 +179,43 @@ def test_a_file_belongs_to_the_key_that_uploaded_it(served: Serve, tmp_path: Pat
         with pytest.raises(openai.NotFoundError, match=f"No such File object: {made.id}"):
             read(made.id)
     assert a.files.retrieve(made.id).id == made.id
+
+
+def test_a_client_that_leaves_mid_upload_leaves_nothing(served: Serve, tmp_path: Path) -> None:
+    app = served(files_dir=tmp_path)
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    messages = [
+        {"type": "http.request", "body": head + b"x" * 1000, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "query_string": b"",
+        "headers": headers,
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "client": ("testclient", 1),
+        "root_path": "",
+        "app": app.app,
+    }
+    anyio.run(app.app, scope, receive, send)  # type: ignore[arg-type]
+
+    assert sent[0]["status"] == 499
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -11,12 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import Field, File, FormParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
+from avocado_infer.answer import CLIENT_CLOSED_REQUEST
 from avocado_infer.deps import CallerDep, GatewayDep
 from avocado_infer.errors import documented_errors, error_route
 from avocado_infer.files import FileStore, StoredFile
@@ -104,10 +106,12 @@ class _Upload:
         return written, (upload.file_name or b"upload").decode(), purpose
 
 
-@router.post("/files")
-async def upload(request: Request, gateway: GatewayDep, key: CallerDep) -> dict[str, Any]:
+@router.post("/files", response_model=None)
+async def upload(
+    request: Request, gateway: GatewayDep, key: CallerDep
+) -> dict[str, Any] | Response:
     """Store the ``file`` of a multipart body, for ``purpose`` ``batch``: OpenAI's File
-    object."""
+    object. A client that leaves mid-upload leaves nothing behind."""
     store = file_store(gateway)
     file_id = store.new_id()
     directory = await run_in_threadpool(store.uploading, file_id)
@@ -118,6 +122,8 @@ async def upload(request: Request, gateway: GatewayDep, key: CallerDep) -> dict[
         written, filename, purpose = await run_in_threadpool(body.finish)
         owner = None if key is None else key.name
         stored = await run_in_threadpool(store.commit, file_id, written, filename, purpose, owner)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         await run_in_threadpool(shutil.rmtree, directory, True)
     return stored.to_json()
