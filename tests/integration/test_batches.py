@@ -7,11 +7,13 @@ key."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import amqp
 import openai
 import pytest
 from openai.types import Batch, CreateEmbeddingResponse
@@ -19,13 +21,16 @@ from openai.types.chat import ChatCompletion
 from openai.types.completion import Completion
 
 from avocado_infer.batches import BatchStore
-from avocado_shared import Settings
+from avocado_shared import Producer, Settings
 from avocado_shared.keys import KeyStore
+from avocado_shared.routing import Lane, lane_queue_name
 from avocado_sim import OllamaSimulator, SimConfig
+from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.infer_http import redis_client, unique
 from tests.inprocess import InProcessWorker
 from tests.processes import wait_for
+from tests.rabbit import queue_depth
 from tests.services import run_cli, service_env
 
 WAIT = 90
@@ -398,3 +403,47 @@ def test_a_batch_whose_file_is_deleted_fails_and_stops(
     assert ended.errors.data is not None
     assert [e.code for e in ended.errors.data] == ["file_not_found"]
     assert len(sim.requests.to("/api/chat")) < 30
+
+
+def test_the_feeder_keeps_the_lane_within_the_queue_limit(
+    worker_factory: WorkerFactory,
+    gateway_factory: Callable[..., InProcessGateway],
+    producer: Producer,
+    tmp_path: Path,
+) -> None:
+    """No node serves the batch's model at first: the feeder queues lines up to
+    AVOCADO_INFER_MAX_QUEUE and no further; a node that comes takes them all."""
+    model = f"flow{uuid.uuid4().hex[:6]}:1b"
+    gateway = gateway_factory(
+        files_dir=tmp_path / "files", batch_poll_s=0.1, batch_window=20, max_queue=3
+    )
+    sdk = _sdk(gateway)
+    lines = [_chat(f"q{i}", f"Question {i}?", model=model) for i in range(8)]
+    uploaded = sdk.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
+    made = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    queue = lane_queue_name(model, Lane.BATCH)
+
+    def waiting() -> int:
+        """The lines in the lane's queue (none before the feeder declares it)."""
+        try:
+            return queue_depth(producer, queue)
+        except amqp.exceptions.NotFound:
+            return 0
+
+    depths = [wait_for(lambda: waiting() >= 3 and 3, what="three lines queued")]
+
+    with OllamaSimulator(SimConfig(models=[model])) as late:
+        worker_factory.process(late.url)
+
+        def ended() -> Batch | None:
+            depths.append(waiting())
+            found = sdk.batches.retrieve(made.id)
+            return found if found.status in FINAL else None
+
+        done = wait_for(ended, timeout=WAIT, what="the batch to end")
+
+    assert max(depths) == 3
+    assert done.status == "completed"
+    assert sorted(_lines(sdk, done.output_file_id)) == sorted(f"q{i}" for i in range(8))

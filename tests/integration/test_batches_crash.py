@@ -5,6 +5,7 @@ again only for the lines the dead worker held, once each."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,12 +49,13 @@ def test_a_batch_survives_a_sigkilled_worker_and_runs_each_line_once(
         fleet=fleet, files_dir=tmp_path / "files", batch_poll_s=0.1, batch_window=16
     )
     sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", timeout=60)
+    tag = f"line-{uuid.uuid4().hex[:8]}"  # this test's prompts, among any other test's
     lines = [
         {
             "custom_id": f"line-{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": [{"role": "user", "content": f"Line {i}"}]},
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": f"{tag} {i}"}]},
         }
         for i in range(LINES)
     ]
@@ -82,8 +84,9 @@ def test_a_batch_survives_a_sigkilled_worker_and_runs_each_line_once(
     assert sorted(r["custom_id"] for r in output) == sorted(f"line-{i}" for i in range(LINES))
     assert {r["response"]["status_code"] for r in output} == {200}
     # The model was asked once a line, again only for the lines the killed worker held.
-    asked = Counter(r.body["messages"][0]["content"] for r in quick_sim.requests.to("/api/chat"))
-    assert set(asked) == {f"Line {i}" for i in range(LINES)}
+    prompts = (r.body["messages"][0]["content"] for r in quick_sim.requests.to("/api/chat"))
+    asked = Counter(p for p in prompts if p.startswith(f"{tag} "))
+    assert set(asked) == {f"{tag} {i}" for i in range(LINES)}
     again = [line for line, times in asked.items() if times > 1]
     assert len(again) <= SLOTS
     assert max(asked.values()) <= 2

@@ -34,7 +34,7 @@ from avocado_shared.errors import AvocadoError
 from avocado_shared.jobs import PublishError
 from avocado_shared.locks import RELEASE_SCRIPT
 from avocado_shared.routing import Lane, canonical_model, lane_queue_name
-from avocado_shared.store import JobStatus, ResultRow
+from avocado_shared.store import JobStatus, ResultRow, StoreError
 
 __all__ = ["BatchRunner"]
 
@@ -163,7 +163,12 @@ class BatchRunner:
     def _count(self, batch: Batch) -> None:
         """Count the window's jobs that ended (their rows in ``ml_results``, one query)."""
         running = self.store.members(batch.id, ":running")
-        for row in self.gateway.producer.results.get_many(running):
+        try:
+            rows = self.gateway.producer.results.get_many(running)
+        except StoreError as error:  # no worker made its tables yet, or it is down: later
+            logger.info("batch %s: its jobs' rows not read now: %s", batch.id, error)
+            return
+        for row in rows:
             # Counted once, by whoever takes it out of the window.
             if row.status in _ENDED and self.store.client.srem(
                 self.store.key(batch.id, ":running"), row.job_id
@@ -213,7 +218,7 @@ class BatchRunner:
             self.store.client.hset(self.store.key(batch.id, ":refused"), line.custom_id, str(error))
             batch.failed += 1
             return True
-        if check_done and producer.results.get(job_id) is not None:  # fed before a restart
+        if check_done and self._stored(job_id):  # fed before a restart
             self.store.client.sadd(running, job_id)
             return True
         model = canonical_model(request.model or "")
@@ -232,6 +237,14 @@ class BatchRunner:
         self.gateway.ledger.note(job_id, kind, None, queue, batch.owner)
         self.store.client.sadd(running, job_id)
         return True
+
+    def _stored(self, job_id: str) -> bool:
+        """Whether the job has a row; unreadable, it is fed again (the same job: its
+        idempotency key keeps it one while it is queued or running)."""
+        try:
+            return self.gateway.producer.results.get(job_id) is not None
+        except StoreError:
+            return False
 
     def _finished(self, batch: Batch) -> Batch:
         """Write the output file (every answer made) and the error file (every other line)."""
