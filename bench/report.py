@@ -169,7 +169,10 @@ def blocks(
     rows = [[o.title, *r.cells()] for o in outcomes for r in o.rows if r.met is not None]
     header = ["scenario", "metric", "baseline", "fleet", *_COMPARED]
     found["summary"] = table(header, rows) if rows else _NOT_RUN
-    scenarios = ("1", "2", "2j", "3", "4", "5", "6", "7", "8", "9", "gateway", "embed", "1r", "2r")
+    scenarios = (
+        *("1", "2", "2j", "3", "4", "5", "6", "7", "8", "9"),
+        *("gateway", "embed", "batch", "1r", "2r"),
+    )
     for key in scenarios:
         found[key] = "\n\n".join(outcome(o) for o in outcomes if o.key == key) or _NOT_RUN
     pooled = {o.extra.get("pool") for o in outcomes if o.key in ("1", "2", "3", "4")}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    batches,
     embeddings,
     fixes,
     gateway,
@@ -32,7 +33,7 @@ __all__ = ["SCENARIOS", "main"]
 
 SCENARIOS = (
     *("1", "2", "3", "4", "5", "6", "7", "8", "9"),
-    *("gateway", "embed", "real", "profile", "fixes"),
+    *("gateway", "embed", "batch", "real", "profile", "fixes"),
 )
 
 
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     what = "run only this part (repeatable): 1-5, gateway (avocado-infer against direct streams), "
     what += "embed (embeddings through the fleet against direct requests), "
+    what += "batch (a batch through /v1/batches against plain saturation), "
     what += "real (1 and 2 on the embedded real model), profile (where the time goes), "
     what += "fixes (each applied fix undone); --quick: 1-5"
     p.add_argument("--scenario", action="append", choices=SCENARIOS, help=what)
@@ -77,6 +79,7 @@ def _steps(env: BenchEnv, cfg: scenarios.Config, chosen: list[str]) -> list[tupl
         ("9", "9 sixteen streams", streams.sixteen_streams, one),
         ("gateway", "gateway", gateway.gateway, one),
         ("embed", "embeddings", embeddings.embeddings, one),
+        ("batch", "batch", batches.batches, one),
         ("real", "1r real overhead", real_model.real_overhead, one),
         ("real", "2r real saturation", real_model.real_saturation, one),
         ("profile", "profile", profile.profile, one),

@@ -73,6 +73,9 @@ class Config:
     streams_jobs: int = 96
     embed_batch: int = 512
     embed_single: int = 200
+    batch_lines: int = 10_000
+    batch_latency_ms: float = 50.0
+    batch_reps: int = 2
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
 
     @classmethod
@@ -90,7 +93,7 @@ _QUICK: dict[str, Any] = {
     **{"fix_seq": 30, "fix_burst": 60, "gateway_jobs": 10, "gateway_burst": 32},
     **{"mix_jobs": 15, "lane_backlog": 60, "lane_jobs": 5},
     **{"cutoff_s": 15.0, "drain_job_s": 4.0, "drain_jobs": 6, "streams_jobs": 32},
-    **{"embed_batch": 128, "embed_single": 30},
+    **{"embed_batch": 128, "embed_single": 30, "batch_lines": 1000, "batch_reps": 1},
 }
 
 

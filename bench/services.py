@@ -109,10 +109,11 @@ class BenchEnv:
         log = self.tmp / "embedded.log"
         return self.started(procs.start_embedded_llm(log, n_ctx, cwd=self.tmp))
 
-    def start_gateway(self) -> tuple[procs.Server, str]:
-        """``avocado-infer`` on this run's vhost, once ready, and a secret for it: keys required."""
+    def start_gateway(self, **variables: str) -> tuple[procs.Server, str]:
+        """``avocado-infer`` on this run's vhost, once ready, and a secret for it: keys required;
+        ``variables`` add to its environment."""
         port = str(procs.free_port())
-        env = self._env(AVOCADO_INFER_PORT=port, AVOCADO_INFER_LOG_LEVEL="warning")
+        env = self._env(AVOCADO_INFER_PORT=port, AVOCADO_INFER_LOG_LEVEL="warning", **variables)
         log, args = self.tmp / f"gateway-{port}.log", [str(procs.VENV_BIN / "avocado-infer")]
         process = procs.spawn(args, log, env=env, cwd=self.tmp)
         server = self.started(procs.Server(process, log, f"http://127.0.0.1:{port}"))

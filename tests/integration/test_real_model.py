@@ -565,3 +565,50 @@ def test_the_clients_embed_through_the_gateway_on_the_real_model(
     assert openai_said.usage.prompt_tokens == straight["usage"]["prompt_tokens"]
     for got, want in zip(langchain_said.embed_documents(texts), expected, strict=True):
         assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_batch_through_the_gateway_on_the_real_model(fleet: Fleet) -> None:
+    """The SDK's batch flow on SmolLM2 and MiniLM: each line's answer is the one the same
+    request gets asked alone (greedy decoding)."""
+    client = fleet.openai()
+    chat = {"model": MODEL, "max_tokens": 12, **GREEDY}
+    questions = ["Name a fruit.", "Name a colour."]
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions"}
+        | {"body": chat | {"messages": [{"role": "user", "content": question}]}}
+        for i, question in enumerate(questions)
+    ]
+    texts = [
+        {"custom_id": "e", "method": "POST", "url": "/v1/embeddings"}
+        | {"body": {"model": EMBED_MODEL, "input": questions}}
+    ]
+    ended = {}
+    for endpoint, requests in (("/v1/chat/completions", lines), ("/v1/embeddings", texts)):
+        raw = b"".join(json.dumps(line).encode() + b"\n" for line in requests)
+        uploaded = client.files.create(file=("in.jsonl", raw), purpose="batch")
+        made = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            completion_window="24h",
+        )
+        ended[endpoint] = wait_for(
+            lambda made=made: (b := client.batches.retrieve(made.id)).status == "completed" and b,
+            timeout=WAIT,
+            what=f"the {endpoint} batch",
+        )
+
+    answers = {}
+    for batch in ended.values():
+        assert batch.output_file_id is not None
+        assert batch.error_file_id is None
+        for raw in client.files.content(batch.output_file_id).text.splitlines():
+            record = json.loads(raw)
+            answers[record["custom_id"]] = record["response"]["body"]
+    for i, question in enumerate(questions):
+        alone = client.chat.completions.create(
+            messages=[{"role": "user", "content": question}], **chat
+        )
+        got = openai.types.chat.ChatCompletion.model_validate(answers[f"c{i}"])
+        assert got.choices[0].message.content == alone.choices[0].message.content
+    vectors = openai.types.CreateEmbeddingResponse.model_validate(answers["e"])
+    assert [len(d.embedding) for d in vectors.data] == [384, 384]

@@ -268,6 +268,11 @@ def test_reads(store: ResultStore) -> None:
     )
     assert store.get("missing") is None
     assert store.get_by_key("generate:missing") is None
+    # A batch's window of jobs, read in one query: those with a row.
+    found = store.get_many(["b", "missing", "d"])
+    assert sorted(r.job_id for r in found) == ["b", "d"]
+    assert row in found
+    assert store.get_many([]) == []
 
 
 def test_concurrent_writers_make_exactly_one_row_per_key(make_store: StoreFactory) -> None:

@@ -377,6 +377,7 @@ def test_data_lives_in_named_volumes(merged: dict[str, Any]) -> None:
         "postgres": "postgres-data:/var/lib/postgresql/data",
         "ollama": "ollama-models:/root/.ollama",
         "prometheus": "prometheus-data:/prometheus",
+        "infer": "infer-files:/var/lib/avocado/files",
     }
 
     for name, spec in expected.items():

@@ -13,10 +13,21 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from avocado_infer import embed_api, jobs_api, ollama_api, openai_api, responses_api, ui_api
-from avocado_infer.body_limit import BodyLimit
+from avocado_infer import (
+    batches_api,
+    embed_api,
+    files_api,
+    jobs_api,
+    ollama_api,
+    openai_api,
+    responses_api,
+    ui_api,
+)
+from avocado_infer.batch_runner import BatchRunner
+from avocado_infer.body_limit import BodyLimit, Limit
 from avocado_infer.deps import GatewayDep, caller
 from avocado_infer.errors import Render, plain_error
+from avocado_infer.files_api import file_store
 from avocado_infer.gateway import Gateway
 from avocado_infer.metrics import instrument
 from avocado_infer.openai_api import openai_error
@@ -49,19 +60,28 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway(chosen, metrics)
         metrics.watch(app.state.gateway.served_models)
-        renewing = asyncio.create_task(app.state.gateway.limiter.renewing())
+        gateway = app.state.gateway
+        tasks = [
+            asyncio.create_task(gateway.limiter.renewing()),
+            asyncio.create_task(BatchRunner(gateway, file_store(gateway)).running()),
+        ]
         try:
             yield
         finally:
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.gateway.close()
             flush_tracing()
 
     app = FastAPI(title="avocado-infer", lifespan=lifespan)
-    limit = chosen.max_body_bytes or chosen.fleet.max_request_bytes
-    app.add_middleware(BodyLimit, limit=limit, render=_render_for)
+    size = chosen.max_body_bytes or chosen.fleet.max_request_bytes
+    limits = [
+        Limit("/v1/files", chosen.max_file_bytes, "AVOCADO_INFER_MAX_FILE_BYTES", "split the file"),
+        Limit("", size, "AVOCADO_INFER_MAX_BODY_BYTES", "send smaller or fewer images"),
+    ]
+    app.add_middleware(BodyLimit, limits=limits, render=_render_for)
     metrics = instrument(app)
     if tracing_active():
         _traced(app)
@@ -71,6 +91,8 @@ def create_app(settings: InferSettings | None = None) -> FastAPI:
     app.include_router(responses_api.router, dependencies=keyed)
     app.include_router(embed_api.ollama_router, dependencies=keyed)
     app.include_router(embed_api.openai_router, dependencies=keyed)
+    app.include_router(files_api.router, dependencies=keyed)
+    app.include_router(batches_api.router, dependencies=keyed)
     app.include_router(jobs_api.router, dependencies=keyed)
     app.include_router(ui_api.router)  # the page loads keyless; its data routes ask for one
 

@@ -32,7 +32,7 @@ from avocado_infer.openai_api import OpenAIError, openai_error
 from avocado_shared.contracts import EmbedResult, InvalidRequest
 from avocado_shared.errors import Unavailable
 
-__all__ = ["ollama_router", "openai_router"]
+__all__ = ["OpenAIEmbeddingsBody", "ollama_router", "openai_router"]
 
 ollama_router = APIRouter(
     prefix="/api",
@@ -149,6 +149,21 @@ class OpenAIEmbeddingsBody(BaseModel):
             return given  # type: ignore[return-value]
         raise InvalidRequest("input: token arrays are not supported here: send the texts")
 
+    def job(self) -> dict[str, Any]:
+        """The embedding job's fields besides its texts."""
+        return {"model": self.model, "dimensions": self.dimensions}
+
+    def answer(self, result: EmbedResult) -> dict[str, Any]:
+        """OpenAI's list of embeddings, one per text, in order, as floats or base64."""
+        encode = _base64 if self.encoding_format == "base64" else list
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode(vector)}
+            for i, vector in enumerate(result.embeddings)
+        ]
+        tokens = result.prompt_tokens
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
+
 
 def _base64(vector: Sequence[float]) -> str:
     """``vector`` as OpenAI sends it base64: little-endian float32."""
@@ -160,16 +175,8 @@ async def openai_embeddings(
     body: OpenAIEmbeddingsBody, gateway: GatewayDep, request: Request
 ) -> Response:
     """One embedding object per text, in order, as floats or base64, with the tokens read."""
-    fields = {"model": body.model, "dimensions": body.dimensions}
-    got = await _embedded(request, gateway, body.texts(), **fields)
+    got = await _embedded(request, gateway, body.texts(), **body.job())
     if got is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     job_id, result = got
-    encode = _base64 if body.encoding_format == "base64" else list
-    data = [
-        {"object": "embedding", "index": i, "embedding": encode(vector)}
-        for i, vector in enumerate(result.embeddings)
-    ]
-    tokens = result.prompt_tokens
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return _answer(job_id, {"object": "list", "data": data, "model": body.model, "usage": usage})
+    return _answer(job_id, body.answer(result))

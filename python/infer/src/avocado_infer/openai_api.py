@@ -19,10 +19,10 @@ from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import documented_errors, error_route, http_status
 from avocado_infer.gateway import ServedModel
 from avocado_infer.reading import Ending
-from avocado_shared.contracts import InvalidRequest, ToolCall, Usage
+from avocado_shared.contracts import GenerateResult, InvalidRequest, ToolCall, Usage
 from avocado_shared.errors import AvocadoError
 
-__all__ = ["openai_error", "router"]
+__all__ = ["ChatBody", "CompletionBody", "answer_body", "openai_error", "router"]
 
 
 def _error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
@@ -187,6 +187,16 @@ class ChatBody(_Body):
     functions: list[Any] | None = Field(default=None, json_schema_extra={"deprecated": True})
     function_call: Any = Field(default=None, json_schema_extra={"deprecated": True})
 
+    def job(self) -> dict[str, Any]:
+        """The generation job's fields."""
+        return {
+            "messages": [m.job_message() for m in self.messages],
+            "model": self.model,
+            "options": self.job_options(self.max_completion_tokens),
+            "format": self.response_format.job_format() if self.response_format else None,
+            **self.job_tools(),
+        }
+
     def job_tools(self) -> dict[str, Any]:
         """The job's tool fields that the request sets."""
         if self.functions is not None or self.function_call is not None:
@@ -211,8 +221,10 @@ OnePrompt = Annotated[
 class CompletionBody(_Body):
     prompt: Prompt | OnePrompt
 
-    def job_prompt(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def job(self) -> dict[str, Any]:
+        """The generation job's fields."""
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return {"prompt": prompt, "model": self.model, "options": self.job_options()}
 
 
 def _finish_reason(end: Ending) -> str:
@@ -311,6 +323,12 @@ class _Shapes:
         return _error_body(http_status(error), str(error))
 
 
+def answer_body(chat: bool, job_id: str, model: str, result: GenerateResult) -> dict[str, Any]:
+    """A finished generation's answer, as a request not streamed gets it (a batch's line)."""
+    end = Ending(result.usage(), tuple(result.tool_calls))
+    return _Shapes(chat, job_id, model, include_usage=False).whole(result.text, end)
+
+
 _ANSWER = SSE.documented(
     "Server-sent events ending in data: [DONE] when streamed, else one JSON object."
 )
@@ -318,20 +336,12 @@ _ANSWER = SSE.documented(
 
 @router.post("/chat/completions", dependencies=ADMITTED, responses=_ANSWER)
 async def chat_completions(body: ChatBody, gateway: GatewayDep, request: Request) -> Response:
-    job = {
-        "messages": [m.job_message() for m in body.messages],
-        "model": body.model,
-        "options": body.job_options(body.max_completion_tokens),
-        "format": body.response_format.job_format() if body.response_format else None,
-        **body.job_tools(),
-    }
-    return await answer(request, gateway, job, body.shapes(chat=True), streamed=body.stream)
+    return await answer(request, gateway, body.job(), body.shapes(chat=True), streamed=body.stream)
 
 
 @router.post("/completions", dependencies=ADMITTED, responses=_ANSWER)
 async def completions(body: CompletionBody, gateway: GatewayDep, request: Request) -> Response:
-    job = {"prompt": body.job_prompt(), "model": body.model, "options": body.job_options()}
-    return await answer(request, gateway, job, body.shapes(chat=False), streamed=body.stream)
+    return await answer(request, gateway, body.job(), body.shapes(chat=False), streamed=body.stream)
 
 
 def _model(m: ServedModel) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,7 +69,42 @@ class InferSettings(BaseSettings):
         "unless renewed (every third of it while the request runs), so a gateway that dies "
         "frees its slots this much later.",
     )
+    files_dir: Path | None = Field(
+        default=None,
+        description="Where uploaded files (/v1/files, batches' input and output) are kept, "
+        "one file and a JSON sidecar each; gateways that share it share their files. Unset: "
+        "'files' beside AVOCADO_SQLITE_PATH.",
+    )
+    max_file_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        ge=1024,
+        description="Largest upload to /v1/files (its whole multipart body), written to disk "
+        "as it arrives; one over it gets a 413. OpenAI's own limit for a batch file is 200 MB.",
+    )
+    batch_window: int = Field(
+        default=64,
+        ge=1,
+        description="Most lines of one batch queued or running at once: its feeder queues "
+        "more as they end (and none while the lane's queue is at AVOCADO_INFER_MAX_QUEUE).",
+    )
+    batch_poll_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="How often a gateway moves on the batches it leases: counts the window's "
+        "ended jobs (one query) and fills it again.",
+    )
+    max_open_batches: int = Field(
+        default=10,
+        ge=0,
+        description="Most batches one API key has open (not yet completed, failed, expired or "
+        "cancelled); one more is a 429. 0: no limit.",
+    )
     fleet: Settings = Field(
         default_factory=Settings,
         description="The fleet's settings (AVOCADO_*): broker, Redis, key prefix, default model.",
     )
+
+    def files_path(self) -> Path:
+        """The directory of uploaded files: ``files_dir``, or ``files`` beside the results'
+        SQLite file."""
+        return self.files_dir or Path(self.fleet.sqlite_path).parent / "files"

@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from avocado_shared.admin import AdminError, create_worker, delete_worker
+from avocado_shared.batch_command import add_batch_parser, run_batch
 from avocado_shared.contracts import (
     EmbedResult,
     GenerateResult,
@@ -128,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("topology", help="declare the exchanges and queues, then show them")
     add_dlq_parser(sub)
     add_keys_parser(sub)
+    add_batch_parser(sub)
 
     ends = sub.add_parser("endpoints", help="the fleet's live Ollama endpoints")
     ends.add_argument("--watch", action="store_true", help="then print announcements as they come")
@@ -305,6 +307,8 @@ def _run(args: argparse.Namespace) -> int:
         return _db(args)
     if args.command == "keys":
         return run_keys(args, Settings())
+    if args.command == "batch":
+        return run_batch(args, Settings())
     with Producer() as producer:
         if args.command == "topology":
             _topology(producer)

@@ -225,7 +225,10 @@ class Producer:
         return validate_request(EmbedRequest, given)
 
     def submit(
-        self, request: GenerateRequest | SummarizeRequest | EmbedRequest, lane: Lane = Lane.BATCH
+        self,
+        request: GenerateRequest | SummarizeRequest | EmbedRequest,
+        lane: Lane = Lane.BATCH,
+        job_id: str | None = None,
     ) -> JobHandle[JobResult]:
         """Publish a validated request to its model's ``lane`` queue, persistent and
         confirmed; duplicates share one job. The queue is declared first, so a job for a model
@@ -233,13 +236,14 @@ class Producer:
 
         A summary or an embedding with the same ``share_id``, or a generation or an embedding
         with the same ``idempotency_key``, that is still queued or running is not published
-        again.
+        again. ``job_id``: the job's id, when the caller derives it (a batch's line: its
+        results are found again by it); a new one when None.
         """
         task = _TASKS[type(request)]
         body = request.model_dump(mode="json", exclude_none=True)
         self._check_size(task, body)
         model = model_of(body, self.settings.default_model, self.settings.embed_model)
-        task_id = uuid()
+        task_id = job_id or uuid()
         queue = lane_queue_name(model, lane)
         try:
             self._ensure_topology(model)

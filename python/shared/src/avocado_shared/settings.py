@@ -72,6 +72,15 @@ class Settings(BaseSettings):
         description="The SQLite file used when no URL is set; one per machine by default, so "
         "the workers and the CLI on it read the same results.",
     )
+    gateway_url: str = Field(
+        default="http://127.0.0.1:11435",
+        description="The HTTP gateway (avocado-infer) that `avocado batch` talks to.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="The gateway's API key `avocado batch` sends (from the environment, never "
+        "the command line); none when the gateway asks for none.",
+    )
     lock_expiry_s: int = Field(
         default=3600, ge=60, description="Singleton locks expire on their own after this."
     )

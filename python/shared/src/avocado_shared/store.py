@@ -8,7 +8,7 @@ creates a table, so a reader needs no right to.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -234,6 +234,12 @@ class ResultStore:
         """The row of a job, by its Celery job id."""
         rows = self._select(_BY_JOB_ID, {"job_id": job_id})
         return rows[0] if rows else None
+
+    def get_many(self, job_ids: Collection[str]) -> list[ResultRow]:
+        """The rows of the jobs ``job_ids`` that have one, in one query (a batch's window)."""
+        if not job_ids:
+            return []
+        return self._select(sa.select(ml_results).where(ml_results.c.job_id.in_(list(job_ids))))
 
     def get_by_key(self, job_key: str) -> ResultRow | None:
         """The row of a job identity (see ``job_key``)."""
