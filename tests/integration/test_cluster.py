@@ -58,11 +58,20 @@ def cluster() -> Iterator[list[RabbitNode]]:
     try:
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda node: node.start(peers), nodes))
-        wait_for(lambda: len(_running_nodes(nodes[0])) == 3, timeout=60, what="three nodes")
+        wait_for(lambda: len(_running_or_none(nodes[0])) == 3, timeout=60, what="three nodes")
         yield nodes
     finally:
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(RabbitNode.wipe, nodes))
+
+
+def _running_or_none(node: RabbitNode) -> list[str]:
+    """The cluster's running nodes; none while the node's CLI cannot reach it yet (a node
+    that joins a forming cluster restarts its application)."""
+    try:
+        return _running_nodes(node)
+    except RuntimeError:
+        return []
 
 
 def _running_nodes(node: RabbitNode) -> list[str]:

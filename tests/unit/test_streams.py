@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,6 +26,7 @@ from avocado_shared.streams import (
     restart_fields,
     text_fields,
 )
+from ollama_worker import token_stream
 from ollama_worker.token_stream import TokenStream
 from tests.services import REDIS_URL, RedisServer, free_port
 
@@ -113,6 +115,47 @@ def test_the_writer_sets_the_ttl_and_keeps_every_chunk_in_order(stream: JobStrea
     assert snapshot.end is not None
     assert snapshot.end.kind is EntryKind.DONE
     assert 0 < int(stream.client.ttl(stream.key)) <= 120
+
+
+class _LostReply(redis.Redis):
+    """A client whose next write Redis applies but whose answer never arrives, as when a
+    Redis that is shutting down takes a pipeline and closes the connection."""
+
+    lose_next = False
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        made = super().pipeline(transaction, shard_hint)
+        applied = made.execute
+
+        def execute(raise_on_error: bool = True) -> Any:
+            replies = applied(raise_on_error)
+            if self.lose_next:
+                self.lose_next = False
+                raise redis.ConnectionError("Connection closed by server.")
+            return replies
+
+        made.execute = execute  # type: ignore[method-assign]
+        return made
+
+
+def test_a_write_redis_took_before_the_connection_broke_is_not_written_twice(
+    stream: JobStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(token_stream, "_BURST_S", 0.0)  # each piece its own write
+    client = _LostReply.from_url(REDIS_URL)
+    writer = TokenStream(client, stream.key, ttl_s=60)
+    writer.last_id = stream.snapshot().last_id  # as TokenStreams.open learns it
+    writer.append("Fern ")  # written
+    client.lose_next = True
+    writer.append("umber ")  # taken by Redis, its answer lost: the writer sees a failure
+    writer.append("candle")  # kept for the end
+    writer.close(done_fields(Usage(model="m")))
+    client.close()
+
+    snapshot = stream.snapshot()
+    assert snapshot.text == "Fern umber candle"
+    assert snapshot.end is not None
+    assert snapshot.end.kind is EntryKind.DONE
 
 
 def test_the_writer_keeps_other_entries_in_their_place_among_chunks(stream: JobStream) -> None:

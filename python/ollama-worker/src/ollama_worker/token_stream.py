@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from celery.exceptions import Retry
 from redis import Redis
@@ -97,6 +98,7 @@ class TokenStreams:
             if streamed.end is not None and streamed.end.kind is EntryKind.ERROR:
                 reader.client.delete(reader.key)
                 streamed = StreamSnapshot()
+            stream.last_id = streamed.last_id
         except (StreamUnavailable, RedisError) as error:
             logger.warning("job %s: stream not readable, the answer starts over: %s", job_id, error)
             stream.add(restart_fields(f"stream not readable: {error}"))
@@ -147,6 +149,10 @@ class TokenStream:
         self._closing = False
         self._broken = False  # a write failed: what follows waits in _missed for the end
         self._missed: list[_Item] = []
+        # The entries of the write that failed: Redis may have taken some all the same.
+        self._unsure: list[_Fields] = []
+        # The stream's last entry as this writer knows it (None: unknown, an unreadable stream).
+        self.last_id: str | None = None
         self._written = 0
         self._last_write = 0.0
         self._cond = threading.Condition()
@@ -217,10 +223,26 @@ class TokenStream:
             self._write_missed()
 
     def _write_missed(self) -> None:
-        """One more try at what failed to be written, in order, with the stream's end."""
-        missed, self._missed = self._missed, []
-        if self._write(missed):
-            logger.info("stream %s: the %d entries it missed are written", self.key, len(missed))
+        """One more try at what failed to be written, in order, with the stream's end; of the
+        failed write's entries, only those Redis did not take (no piece twice)."""
+        taken = self._taken()
+        entries = [*self._unsure[taken:], *_entries(self._missed)]
+        self._unsure, self._missed = [], []
+        if self._send(entries):
+            logger.info("stream %s: the %d entries it missed are written", self.key, len(entries))
+
+    def _taken(self) -> int:
+        """How many entries of the failed write Redis took before the connection broke (it
+        applies a pipeline's commands in order): those after the last entry this writer
+        knows of; none when it knows of none, or cannot read now."""
+        if not self._unsure or self.last_id is None:
+            return 0
+        try:
+            after = self._client.xrange(self.key, min=f"({self.last_id}", count=len(self._unsure))
+            taken = len(cast(list[Any], after))
+        except RedisError:
+            return 0
+        return taken
 
     def _put(self, item: _Item) -> None:
         with self._cond:
@@ -259,11 +281,15 @@ class TokenStream:
                 self._sending = False
 
     def _write(self, batch: list[_Item]) -> bool:
-        """One round trip for the batch; the TTL set with the first write and the last. A
-        batch that fails, and all queued after it, are kept for the end."""
+        """One round trip for the batch (its text joined into entries)."""
+        return self._send(_entries(batch))
+
+    def _send(self, entries: list[_Fields]) -> bool:
+        """One round trip for ``entries``; the TTL set with the first write and the last. A
+        write that fails, and all queued after it, are kept for the end."""
         try:
             with self._client.pipeline(transaction=False) as pipe:
-                for fields in _entries(batch):
+                for fields in entries:
                     pipe.xadd(self.key, fields)  # type: ignore[arg-type]
                 if self._written == 0 or self._closing:
                     pipe.expire(self.key, self._ttl_s)
@@ -274,10 +300,14 @@ class TokenStream:
             logger.warning("stream %s not written, the job goes on: %s", self.key, error)
             with self._cond:
                 self._broken = True
-                self._missed += [*batch, *self._pending]
+                self._unsure += entries
+                self._missed += self._pending
                 self._pending.clear()
             return False
-        self._written += len(batch)
+        self._written += len(entries)
+        if entries:
+            last = replies[len(entries) - 1]
+            self.last_id = last.decode() if isinstance(last, bytes) else str(last)
         self._last_write = time.monotonic()
         if self._cancel_key is not None and replies[-1]:
             self._cancelled = True
