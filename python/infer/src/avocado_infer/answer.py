@@ -85,10 +85,16 @@ class Encoder(Protocol):
         """How the API streams its chunks (``NDJSON`` or ``SSE``)."""
 
 
-def request_lane(request: Request) -> Lane:
-    """The lane a request asks for in ``X-Avocado-Lane``; unset, its key's lane
-    (``deps.caller`` keeps the key on the request), else interactive."""
+def _request_key(request: Request) -> ApiKey | None:
+    """The API key a request came with: ``deps.caller`` keeps it on the request."""
     key: ApiKey | None = getattr(request.state, "api_key", None)
+    return key
+
+
+def request_lane(request: Request) -> Lane:
+    """The lane a request asks for in ``X-Avocado-Lane``; unset, its key's lane, else
+    interactive."""
+    key = _request_key(request)
     try:
         return parse_lane(
             request.headers.get(LANE_HTTP_HEADER), Lane.INTERACTIVE if key is None else key.lane
@@ -98,9 +104,9 @@ def request_lane(request: Request) -> Lane:
 
 
 def request_owner(request: Request) -> str | None:
-    """The name of the key a request came with (``deps.caller`` keeps it on the request): the
-    owner of the job it queues (``ownership``); None when the gateway asks for no key."""
-    key: ApiKey | None = getattr(request.state, "api_key", None)
+    """The name of the key a request came with: the owner of the job it queues
+    (``ownership``); None when the gateway asks for no key."""
+    key = _request_key(request)
     return None if key is None else key.name
 
 

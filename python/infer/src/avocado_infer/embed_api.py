@@ -28,6 +28,7 @@ from avocado_infer.answer import (
 from avocado_infer.deps import ADMITTED, GatewayDep
 from avocado_infer.errors import PlainError, documented_errors, error_route, plain_error
 from avocado_infer.gateway import Gateway
+from avocado_infer.ollama_api import ollama_ns
 from avocado_infer.openai_api import OpenAIError, openai_error
 from avocado_shared.contracts import EmbedResult, InvalidRequest
 from avocado_shared.errors import Unavailable
@@ -92,10 +93,6 @@ class EmbeddingsBody(_OllamaBody):
     prompt: str = ""
 
 
-def _ns(ms: float) -> int:
-    return round(ms * 1e6)
-
-
 @ollama_router.post("/embed", dependencies=ADMITTED)
 async def embed(body: EmbedBody, gateway: GatewayDep, request: Request) -> Response:
     """One vector per text of ``input``, each of length 1, as Ollama answers; no input, no
@@ -112,8 +109,8 @@ async def embed(body: EmbedBody, gateway: GatewayDep, request: Request) -> Respo
         {
             "model": body.model,
             "embeddings": result.embeddings,
-            "total_duration": _ns(result.total_duration_ms),
-            "load_duration": _ns(result.load_duration_ms),
+            "total_duration": ollama_ns(result.total_duration_ms),
+            "load_duration": ollama_ns(result.load_duration_ms),
             "prompt_eval_count": result.prompt_tokens,
         },
     )

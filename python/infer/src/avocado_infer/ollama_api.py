@@ -22,7 +22,7 @@ from avocado_shared.contracts import ToolCall, Usage
 from avocado_shared.errors import AvocadoError
 from avocado_shared.fleet import ModelMeta
 
-__all__ = ["ollama_counts", "router"]
+__all__ = ["ollama_counts", "ollama_ns", "router"]
 
 
 router = APIRouter(
@@ -81,23 +81,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def ollama_ns(ms: float) -> int:
+    """A duration in Ollama's unit, nanoseconds."""
+    return round(ms * 1e6)
+
+
 def ollama_counts(usage: Usage) -> dict[str, Any]:
     """The final chunk's done reason, counts and durations (Ollama's are in ns)."""
-
-    def ns(ms: float) -> int:
-        return round(ms * 1e6)
-
     return {
         # Ollama's reason for an answer that called tools is "stop" (OpenAI's: tool_calls).
         "done_reason": usage.done_reason
         if usage.done_reason not in (None, "tool_calls")
         else "stop",
-        "total_duration": ns(usage.total_duration_ms),
-        "load_duration": ns(usage.load_duration_ms),
+        "total_duration": ollama_ns(usage.total_duration_ms),
+        "load_duration": ollama_ns(usage.load_duration_ms),
         "prompt_eval_count": usage.prompt_tokens,
-        "prompt_eval_duration": ns(usage.prompt_eval_duration_ms),
+        "prompt_eval_duration": ollama_ns(usage.prompt_eval_duration_ms),
         "eval_count": usage.completion_tokens,
-        "eval_duration": ns(usage.eval_duration_ms),
+        "eval_duration": ollama_ns(usage.eval_duration_ms),
     }
 
 
