@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 from amqp.exceptions import NotFound
 
 from avocado_shared.contracts import JobKind
-from avocado_shared.dlq import list_dead_letters
 from avocado_shared.fleet import WorkerRecord
 from avocado_shared.routing import Lane
-from avocado_shared.status import failure_row, letter_row
+from avocado_shared.status import dead_letter_section, failure_section
 from avocado_shared.store import JobStatus, ResultRow
 from avocado_shared.topology import DEAD_LETTER_QUEUE
 
@@ -27,10 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["FleetView"]
 
 _RECENT = 20  # answers the speed is read from
-_SHOWN = 5  # failures and dead letters shown
-# Reading a dead letter means taking it from the queue's head and handing it back: read the
-# newest only when the count has changed, never more than this many to reach them.
-_LETTER_SCAN_MAX = 500
+# Failures and dead letters shown. Reading a dead letter means taking it from the queue's
+# head and handing it back: the newest are read again only when their count has changed.
+_SHOWN = 5
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -119,8 +117,7 @@ class FleetView:
         return [_answer(row) for row in rows if row.task_type != JobKind.EMBED.value]
 
     def _failures(self) -> list[dict[str, Any]]:
-        rows = self._gateway.producer.results.recent(limit=_SHOWN, status=JobStatus.FAILURE)
-        return [failure_row(row) for row in rows]
+        return failure_section(self._gateway.producer, _SHOWN).items
 
     def _dead_letters(self) -> dict[str, Any]:
         """Their count, and the newest few (read again only when the count changed)."""
@@ -135,7 +132,5 @@ class FleetView:
             except NotFound:  # no job has been dead-lettered on this broker yet
                 count = 0
             if count != self._letters[0]:
-                scan = min(count, _LETTER_SCAN_MAX)
-                newest = list_dead_letters(connection, limit=scan)[-_SHOWN:][::-1] if scan else []
-                self._letters = (count, [letter_row(letter) for letter in newest])
+                self._letters = (count, dead_letter_section(connection, count, _SHOWN).items)
             return {"count": count, "newest": self._letters[1]}

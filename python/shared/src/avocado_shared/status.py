@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from avocado_shared.producer import Producer
 
-__all__ = ["Section", "Status", "collect", "failure_row", "letter_row", "render"]
+__all__ = ["Section", "Status", "collect", "dead_letter_section", "failure_section", "render"]
 
 # Showing the newest dead letters means reading the queue from its head, and every read
 # counts as a delivery of the message: read no further than this.
@@ -112,7 +112,7 @@ def collect(
         workers=workers,
         dead_letters=letters,
         endpoints=_read(lambda: _endpoints(producer)),
-        failures=_read(lambda: _failures(producer, failures)),
+        failures=_read(lambda: failure_section(producer, failures)),
     )
 
 
@@ -163,7 +163,7 @@ def _broker_parts(
         queue_part = _read(queues)
         worker_part = _read(lambda: _workers(producer.app, connection, timeout))
         depth = next((i.messages for i in infos if i.name == DEAD_LETTER_QUEUE), None)
-        letter_part = _read(lambda: _dead_letters(connection, depth, dead_letters))
+        letter_part = _read(lambda: dead_letter_section(connection, depth, dead_letters))
     if queue_part.ok:
         held = worker_part.facts.get("held_by_routing_key") if worker_part.ok else None
         queue_part.items = [_queue_row(info, held) for info in infos]
@@ -216,8 +216,10 @@ def _workers(app: Celery, connection: Connection, timeout: float) -> Section:
     return Section(items=items, facts={"online": len(names), "held_by_routing_key": dict(held)})
 
 
-def _dead_letters(connection: Connection, depth: int | None, newest: int) -> Section:
-    """The count, and the newest ``newest`` read from the head of the queue.
+def dead_letter_section(connection: Connection, depth: int | None, newest: int) -> Section:
+    """The count, and the newest ``newest`` read from the head of the queue (``depth``
+    letters, as the broker counts them; None: not known), as the screen and the gateway's web
+    page show them.
 
     ``list_dead_letters`` holds what it reads and puts it back in order: nothing is removed.
     """
@@ -227,13 +229,12 @@ def _dead_letters(connection: Connection, depth: int | None, newest: int) -> Sec
     letters = list_dead_letters(connection, limit=scan)
     shown = letters[-newest:][::-1]
     return Section(
-        items=[letter_row(letter) for letter in shown],
+        items=[_letter_row(letter) for letter in shown],
         facts={"count": depth, "scanned": len(letters)},
     )
 
 
-def letter_row(letter: DeadLetter) -> dict[str, Any]:
-    """A dead letter as the screen (and the gateway's web page) shows it."""
+def _letter_row(letter: DeadLetter) -> dict[str, Any]:
     row = letter.to_json()
     row.pop("headers", None)  # `avocado dlq list --json` has them
     return row
@@ -252,15 +253,15 @@ def _endpoints(producer: Producer) -> Section:
     return Section(items=items)
 
 
-def _failures(producer: Producer, limit: int) -> Section:
+def failure_section(producer: Producer, limit: int) -> Section:
+    """The newest ``limit`` failed jobs, as the screen and the gateway's web page show them."""
     if limit <= 0:
         return Section()
     rows = producer.results.recent(limit=limit, status=JobStatus.FAILURE)
-    return Section(items=[failure_row(row) for row in rows])
+    return Section(items=[_failure_row(row) for row in rows])
 
 
-def failure_row(row: ResultRow) -> dict[str, Any]:
-    """A failed job as the screen (and the gateway's web page) shows it."""
+def _failure_row(row: ResultRow) -> dict[str, Any]:
     return {
         "job_id": row.job_id,
         "task_type": row.task_type,
