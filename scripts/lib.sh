@@ -88,15 +88,26 @@ ensure_venv() {
   printf '%s\n' "$want" >"$stamp"
 }
 
-# How llama.cpp is built for the embedded model. On x86-64: for AVX2 (x86-64-v3: every cloud
-# and notebook CPU of the last decade) and never for AMX, which a build for the machine's own
-# CPU takes where the CPU lists it: where the kernel does not grant AMX's tile state (VMs,
-# sandboxes) the first matrix product faults (ldtilecfg in libggml-cpu.so).
+# How llama.cpp is built for the embedded model: only the libraries it loads (libllama and
+# ggml: no multimodal library, no common library, see scripts/llama-cpp-python.cmake). On
+# x86-64: for AVX2 (x86-64-v3: every cloud and notebook CPU of the last decade) and never for
+# AMX, which a build for the machine's own CPU takes where the CPU lists it: where the kernel
+# does not grant AMX's tile state (VMs, sandboxes) the first matrix product faults (ldtilecfg
+# in libggml-cpu.so).
 llama_cmake_args() {
-  if [ -n "${CMAKE_ARGS:-}" ]; then printf '%s\n' "$CMAKE_ARGS"
-  elif [ "$(uname -m)" = x86_64 ]; then
-    echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+  if [ -n "${CMAKE_ARGS:-}" ]; then printf '%s\n' "$CMAKE_ARGS"; return; fi
+  local args="-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE=$ROOT/scripts/llama-cpp-python.cmake"
+  if [ "$(uname -m)" = x86_64 ]; then
+    args="$args -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
   fi
+  echo "$args"
+}
+
+# The key of a build in pip's wheel cache: its flags, with the checkout's path left out (every
+# clone on a machine shares one build), and what the included CMake file says.
+llama_build_key() {
+  { llama_cmake_args | sed "s|$ROOT|.|g"; cat "$ROOT/scripts/llama-cpp-python.cmake"; } \
+    | sha256sum | cut -c1-12
 }
 
 embedded_installed() {
@@ -113,7 +124,7 @@ ensure_embedded() {
   say "several minutes the first time on this machine; pip shows its progress"
   local flags cache
   flags="$(llama_cmake_args)"
-  cache="${XDG_CACHE_HOME:-$HOME/.cache}/spicy-avocado/pip-$(printf '%s' "$flags" | sha256sum | cut -c1-12)"
+  cache="${XDG_CACHE_HOME:-$HOME/.cache}/spicy-avocado/pip-$(llama_build_key)"
   # An engine built with other flags (or before they were recorded) goes: rebuilt, or taken
   # from this cache.
   if "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
