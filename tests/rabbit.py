@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import amqp.exceptions
 from kombu.connection import Connection
 
 from avocado_shared import Producer
@@ -272,9 +273,14 @@ def alarm_raised(node: RabbitNode, alarm: str) -> Iterator[str]:
 
 
 def queue_depth(producer: Producer, queue: str) -> int:
-    """How many messages ``queue`` holds ready, on ``producer``'s broker and vhost."""
+    """How many messages ``queue`` holds ready, on ``producer``'s broker and vhost; none
+    before it is declared (the first job sent to it declares it)."""
     with producer.app.connection_for_write() as connection:
-        return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
+        try:
+            declared = connection.default_channel.queue_declare(queue, passive=True)
+        except amqp.exceptions.NotFound:
+            return 0
+        return int(declared.message_count)
 
 
 def lane_queue(lane: Lane = Lane.BATCH, model: str = DEFAULT_MODEL) -> str:

@@ -20,6 +20,8 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -27,7 +29,7 @@ from redis.exceptions import RedisError
 from avocado_shared.errors import TransientError
 from avocado_shared.locks import REFRESH_SCRIPT, RELEASE_SCRIPT
 
-__all__ = ["AlreadyRunning", "Leases"]
+__all__ = ["AlreadyRunning", "Begun", "Leases"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,15 @@ class AlreadyRunning(TransientError):
         return AlreadyRunning, (self.job_id, self.retry_in)
 
 
+@dataclass(frozen=True)
+class Begun:
+    """What a job found as it took its lease, read in the same round trip: whether its cancel
+    flag is set, and its token stream's entries (None: not asked for, or not read)."""
+
+    cancelled: bool = False
+    stream: list[Any] | None = None
+
+
 class Leases:
     """The leases of one worker's jobs, and one thread per process pushing back their
     expiry while the jobs run."""
@@ -61,24 +72,32 @@ class Leases:
         self._stop = threading.Event()
 
     @contextmanager
-    def hold(self, client: Redis, job_id: str) -> Iterator[None]:
-        """Hold the lease on ``job_id`` while the block runs; ``AlreadyRunning`` when
+    def hold(
+        self, client: Redis, job_id: str, cancel_key: str, stream_key: str | None = None
+    ) -> Iterator[Begun]:
+        """Hold the lease on ``job_id`` while the block runs, reading its cancel flag (and
+        its stream at ``stream_key``) in the same round trip; ``AlreadyRunning`` when
         another copy holds it. With Redis down the job runs unguarded rather than not at
         all."""
         key = f"{self.key_prefix}run:{job_id}"
         token = uuid.uuid4().hex
         try:
-            taken = bool(client.set(key, token, nx=True, ex=self.lease_s))
-            left = None if taken else int(client.ttl(key))
+            with client.pipeline(transaction=False) as pipe:
+                pipe.set(key, token, nx=True, ex=self.lease_s)
+                pipe.ttl(key)
+                pipe.exists(cancel_key)
+                if stream_key is not None:
+                    pipe.xrange(stream_key)
+                taken, left, cancelled, *stream = pipe.execute()
         except RedisError as error:
-            logger.warning("job %s runs without its lease: %s", job_id, error)
-            yield
+            logger.warning("job %s runs without its lease or cancel flag: %s", job_id, error)
+            yield Begun()
             return
-        if left is not None:
-            raise AlreadyRunning(job_id, max(1, left + 1))
+        if not taken:
+            raise AlreadyRunning(job_id, max(1, int(left) + 1))
         self._add(client, key, token)
         try:
-            yield
+            yield Begun(bool(cancelled), stream[0] if stream else None)
         finally:
             with self._lock:
                 self._held.pop(key, None)

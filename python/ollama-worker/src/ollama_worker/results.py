@@ -17,7 +17,7 @@ from avocado_shared.store import JobStatus, ResultStore, StoreError, job_key
 from avocado_shared.topology import EMBED_TASK, SUMMARIZE_TASK
 from ollama_worker.resources import resources_of
 
-__all__ = ["node_name", "record", "record_quietly", "stored_success"]
+__all__ = ["node_name", "record", "record_quietly", "started", "stored_success"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,19 @@ def _share_id(kwargs: Mapping[str, Any] | None) -> str | None:
     return share_id if isinstance(share_id, str) and share_id else None
 
 
+def _identity(task: Task, job_id: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The columns that say which job a row is and who ran it."""
+    kind = _KINDS.get(task.name, JobKind.GENERATE)
+    share_id = _share_id(kwargs) if kind is not JobKind.GENERATE else None
+    return {
+        "job_key": job_key(kind, job_id, share_id),
+        "job_id": job_id,
+        "task_type": kind,
+        "share_id": share_id,
+        "worker": node_name(task),
+    }
+
+
 def record(
     task: Task,
     job_id: str,
@@ -50,21 +63,28 @@ def record(
     ``job_id`` is explicit: Celery calls ``on_retry`` for a job it cancels from the main
     process, where ``task.request`` is not that job's.
     """
-    kind = _KINDS.get(task.name, JobKind.GENERATE)
-    share_id = _share_id(kwargs) if kind is not JobKind.GENERATE else None
     resources = resources_of(task.app)
     resources.ensure_schema()
     resources.store.record(
-        job_key=job_key(kind, job_id, share_id),
-        job_id=job_id,
-        task_type=kind,
-        share_id=share_id,
+        **_identity(task, job_id, kwargs),
         status=status,
         result=None if result is None else result.model_dump(mode="json"),
         error=error,
         usage=None if result is None else result.usage(),
-        worker=node_name(task),
     )
+
+
+def started(task: Task, job_id: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Record the attempt's start (``STARTED``), in the statement that finds a copy of a job
+    that succeeded already: then its stored result. None when the database cannot say (the
+    job then runs: at least once beats never)."""
+    resources = resources_of(task.app)
+    try:
+        resources.ensure_schema()
+        return resources.store.start(**_identity(task, job_id, kwargs))
+    except StoreError as error:
+        logger.warning("%s[%s]: STARTED not stored, nor checked: %s", task.name, job_id, error)
+        return None
 
 
 def record_quietly(
@@ -85,12 +105,9 @@ def stored_success(store: ResultStore, job_id: str) -> dict[str, Any] | None:
     """The stored result of ``job_id`` if it already succeeded; None otherwise, or when the
     database cannot say (the job then runs: at least once beats never)."""
     try:
-        row = store.get(job_id)
+        return store.succeeded(job_id)
     except StoreError as error:
         logger.warning(
             "job %s: ml_results not readable, not checked for a result: %s", job_id, error
         )
         return None
-    if row is None or row.status is not JobStatus.SUCCESS or row.result is None:
-        return None
-    return row.result

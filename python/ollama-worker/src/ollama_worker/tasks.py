@@ -11,9 +11,8 @@ from billiard.einfo import ExceptionInfo
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
-from avocado_shared.cancel import JobCancelled, is_cancelled
+from avocado_shared.cancel import JobCancelled, cancel_key
 from avocado_shared.contracts import (
     EmbedRequest,
     EmbedResult,
@@ -27,7 +26,7 @@ from avocado_shared.contracts import (
     validate_request,
 )
 from avocado_shared.store import JobStatus, StoreUnavailable
-from avocado_shared.streams import StreamSnapshot
+from avocado_shared.streams import StreamSnapshot, stream_key
 from avocado_shared.topology import EMBED_TASK, GENERATE_TASK, SUMMARIZE_TASK
 from ollama_worker.backends import Answer, Backend, pull_progress
 from ollama_worker.deadletter import dead_letter_task
@@ -37,7 +36,7 @@ from ollama_worker.inference import Completion, DeadlinePassed, Embeddings, Mode
 from ollama_worker.leases import AlreadyRunning
 from ollama_worker.overrides.job_task import TracedJob
 from ollama_worker.resources import Resources, resources_of
-from ollama_worker.results import node_name, record, record_quietly, stored_success
+from ollama_worker.results import node_name, record, record_quietly, started, stored_success
 from ollama_worker.summary import summarize_text
 from ollama_worker.token_stream import TokenStream, failure_reason
 from ollama_worker.tool_calls import honoured, linked_messages, tool_request
@@ -100,19 +99,30 @@ class JobTask(TracedJob):
 
     def run_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Under the job's lease: a copy of a job that succeeded returns its stored result, a
-        copy of one that is running elsewhere comes back later, a cancelled one is refused."""
+        copy of one that is running elsewhere comes back later, a cancelled one is refused.
+
+        One Redis round trip takes the lease and reads the cancel flag and (for a reader's
+        job) the token stream; one SQL statement counts the attempt and finds a copy of a job
+        that succeeded already.
+        """
         job_id = str(self.request.id)
         resources = self.resources
+        prefix = resources.settings.key_prefix
+        stream = stream_key(prefix, job_id) if self.name == GENERATE_TASK else None
         try:
-            with resources.leases.hold(self.singleton_backend.redis, job_id):
+            with resources.leases.hold(
+                resources.redis(), job_id, cancel_key(prefix, job_id), stream
+            ) as begun:
                 # Under the lease: a copy that finished just before cannot be missed.
-                stored = stored_success(resources.store, job_id)
+                stored = stored_success(resources.store, job_id) if begun.cancelled else None
+                if begun.cancelled and stored is None:
+                    raise JobCancelled("cancelled on request before it ran")
+                if stored is None:
+                    stored = started(self, job_id, kwargs)
                 if stored is not None:
                     logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)
                     return stored
-                if _cancelled(resources, job_id):
-                    raise JobCancelled("cancelled on request before it ran")
-                record_quietly(self, job_id, JobStatus.STARTED, kwargs)
+                self.job_run.stream = begun.stream
                 return self.run(*args, **kwargs)
         except AlreadyRunning as running:
             logger.info("%s[%s]: %s", self.name, job_id, running)
@@ -202,16 +212,6 @@ class JobTask(TracedJob):
 _READ_TASKS = (GENERATE_TASK, EMBED_TASK)
 
 
-def _cancelled(resources: Resources, job_id: str) -> bool:
-    """Whether the job was cancelled before it ran; with Redis down it runs (the lease said
-    the same: at least once beats never)."""
-    try:
-        return is_cancelled(resources.redis(), resources.settings.key_prefix, job_id)
-    except RedisError as error:
-        logger.warning("job %s: cancel flag not readable, the job runs: %s", job_id, error)
-        return False
-
-
 def _generate(
     resources: Resources, client: Backend, job: GenerateRequest, model: str, stream: TokenStream
 ) -> Completion:
@@ -281,7 +281,8 @@ def generate(
     model = resources.model_name(job.model)
     # An answer that may call tools starts over rather than continue: no server continues a
     # trailing assistant message into a tool call.
-    with resources.streams.open(str(self.request.id), continuable=not job.tools) as stream:
+    job_id, read = str(self.request.id), self.job_run.stream
+    with resources.streams.open(job_id, continuable=not job.tools, entries=read) as stream:
         done = stream.earlier_answer()
         if done is None:
             done = self.attempt(lambda client: _generate(resources, client, job, model, stream))

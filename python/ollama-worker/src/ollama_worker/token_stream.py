@@ -39,6 +39,7 @@ from avocado_shared.streams import (
     done_fields,
     error_fields,
     restart_fields,
+    snapshot_of,
     text_fields,
 )
 from ollama_worker.inference import BackendRejected, Completion
@@ -81,8 +82,11 @@ class TokenStreams:
         self._ttl_s = ttl_s
         self._resume = resume
 
-    def open(self, job_id: str, continuable: bool = True) -> TokenStream:
-        """The job's stream writer, holding in ``streamed`` what earlier attempts streamed.
+    def open(
+        self, job_id: str, continuable: bool = True, entries: list[Any] | None = None
+    ) -> TokenStream:
+        """The job's stream writer, holding in ``streamed`` what earlier attempts streamed
+        (``entries``: the stream as the job read it with its lease; else read here).
 
         A stream that ended in an error belonged to a run that is over (the job is run
         again): it starts afresh. One that cannot be read, or that this server cannot
@@ -94,7 +98,7 @@ class TokenStreams:
         cancel = cancel_key(self._key_prefix, job_id)
         stream = TokenStream(reader.client, reader.key, self._ttl_s, cancel)
         try:
-            streamed = reader.snapshot()
+            streamed = reader.snapshot() if entries is None else snapshot_of(entries)
             if streamed.end is not None and streamed.end.kind is EntryKind.ERROR:
                 reader.client.delete(reader.key)
                 streamed = StreamSnapshot()

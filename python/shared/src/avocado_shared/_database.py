@@ -14,7 +14,7 @@ import weakref
 import sqlalchemy as sa
 from sqlalchemy import event
 
-__all__ = ["WRITES", "dump_json", "make_engine"]
+__all__ = ["WRITES", "Encoded", "dump_json", "make_engine"]
 
 _SQLITE_BUSY_TIMEOUT_S = 30.0
 _PG_CONNECT_TIMEOUT_S = 10
@@ -26,6 +26,16 @@ dump_json = functools.partial(
     json.dumps, ensure_ascii=False, allow_nan=False, separators=(",", ":")
 )
 
+
+class Encoded(str):
+    """A JSON value encoded already (the store encodes a result to check it): the JSON
+    columns take its text as it is instead of encoding it a second time."""
+
+
+def _serialize(value: object) -> str:
+    return value if isinstance(value, Encoded) else dump_json(value)
+
+
 _ENGINES: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 
@@ -33,7 +43,7 @@ def make_engine(url: sa.URL) -> sa.Engine:
     """An engine for ``url`` (``sqlite`` or ``postgresql+psycopg``); connects on first use."""
     if url.get_backend_name() == "sqlite":
         engine = sa.create_engine(
-            url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S}, json_serializer=dump_json
+            url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S}, json_serializer=_serialize
         )
         event.listen(engine, "connect", _sqlite_connected)
         event.listen(engine, "begin", _sqlite_begin)
@@ -43,7 +53,7 @@ def make_engine(url: sa.URL) -> sa.Engine:
             url,
             connect_args={k: v for k, v in defaults.items() if k not in url.query},
             pool_pre_ping=True,  # a connection the server dropped is replaced before use
-            json_serializer=dump_json,
+            json_serializer=_serialize,
         )
     _ENGINES.add(engine)
     return engine

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from avocado_shared.errors import PermanentError, Unavailable
 
-__all__ = ["JobCancelled", "cancel_key", "is_cancelled", "request_cancel"]
+__all__ = ["JobCancelled", "cancel_key", "request_cancel"]
 
 # The flag outlives any wait in the queue and any run (a job's hard time limit is far less).
 _FLAG_TTL_S = 24 * 3600
@@ -37,8 +37,3 @@ def request_cancel(client: Redis, key_prefix: str, job_id: str) -> None:
         client.set(cancel_key(key_prefix, job_id), "1", ex=_FLAG_TTL_S)
     except RedisError as error:
         raise Unavailable(f"job {job_id} not cancelled, Redis did not answer: {error}") from error
-
-
-def is_cancelled(client: Redis, key_prefix: str, job_id: str) -> bool:
-    """Whether ``job_id`` was flagged; a Redis error propagates (the caller decides)."""
-    return bool(client.exists(cancel_key(key_prefix, job_id)))

@@ -30,6 +30,9 @@ def _task_queues(settings: Settings) -> tuple[Queue, ...]:
     return queues
 
 
+_RESULT_BACKEND = "avocado_shared.overrides.result_backend:FleetRedisBackend"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Late acks, prefetch 1, confirms, JSON only, time limits under the consumer timeout,
     TLS verified wherever a URL asks for it."""
@@ -41,6 +44,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url.get_secret_value(),
         "broker_use_ssl": broker_ssl(settings),
         "result_backend": settings.result_backend,
+        # Celery's loader takes these in place of its own Redis result backend.
+        "override_backends": dict.fromkeys(("redis", "rediss"), _RESULT_BACKEND),
         "redis_backend_use_ssl": redis_ssl(settings, settings.result_backend),
         "result_backend_transport_options": {
             "global_keyprefix": settings.key_prefix,

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from avocado_shared import _schema
-from avocado_shared._database import WRITES, dump_json, make_engine
+from avocado_shared._database import WRITES, Encoded, dump_json, make_engine
 from avocado_shared._schema import SCHEMA_VERSION, ml_results
 from avocado_shared.contracts import JobKind, Usage
 from avocado_shared.errors import AvocadoError, PermanentError, Unavailable
@@ -133,7 +133,10 @@ class ResultStore:
         self._url = url
         self._engine = make_engine(url)
         self._writer = self._engine.execution_options(**{WRITES: True})
-        self._upsert = _upsert(self._engine.dialect.name)
+        # Where the database returns what an upsert wrote (SQLite 3.35 on, PostgreSQL), a
+        # write refused (the job succeeded already) is known without a read.
+        self._returns = bool(self._engine.dialect.insert_returning)
+        self._upsert = _upsert(self._engine.dialect.name, self._returns)
         self._closed = False
 
     @classmethod
@@ -204,12 +207,11 @@ class ResultStore:
         error: str | None = None,
         usage: Usage | None = None,
         worker: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Upsert the job's row, never a second one; each ``STARTED`` of the same job is one more
         attempt (a retry or a redelivery), a new job on the row starts again at one. The usage
-        columns come from ``usage``."""
-        if result is not None:
-            _check_json(result)  # here, so a bad result fails before any SQL runs
+        columns come from ``usage``. False when the row refused the write: a late word of a
+        job that succeeded (known only where the database returns what it wrote)."""
         now = datetime.now(timezone.utc)
         values = {
             "job_key": job_key,
@@ -217,7 +219,8 @@ class ResultStore:
             "task_type": task_type.value if isinstance(task_type, JobKind) else str(task_type),
             "share_id": share_id,
             "status": JobStatus(status).value,
-            "result": None if result is None else dict(result),
+            # Encoded here, so a bad result fails before any SQL runs, and only once.
+            "result": None if result is None else _encoded(result),
             "error": error,
             **(usage.model_dump(include=_USAGE) if usage else dict.fromkeys(_USAGE)),
             "worker": worker,
@@ -226,7 +229,33 @@ class ResultStore:
             "updated_at": now,
         }
         with self._errors(), self._writer.begin() as conn:
-            conn.execute(self._upsert, values)
+            written = conn.execute(self._upsert, values)
+            return not self._returns or written.first() is not None
+
+    def start(
+        self,
+        *,
+        job_key: str,
+        job_id: str,
+        task_type: str | JobKind,
+        share_id: str | None,
+        worker: str | None,
+    ) -> dict[str, Any] | None:
+        """Count one more attempt of the job (its ``STARTED``), unless it succeeded already:
+        then its stored result, the row left as it is. One statement, where the database
+        returns what an upsert wrote; a read first where it cannot."""
+        if not self._returns and (done := self.succeeded(job_id)) is not None:
+            return done
+        if self.record(
+            job_key=job_key,
+            job_id=job_id,
+            task_type=task_type,
+            share_id=share_id,
+            status=JobStatus.STARTED,
+            worker=worker,
+        ):
+            return None
+        return self.succeeded(job_id)
 
     # --- reads ---
 
@@ -234,6 +263,13 @@ class ResultStore:
         """The row of a job, by its Celery job id."""
         rows = self._select(_BY_JOB_ID, {"job_id": job_id})
         return rows[0] if rows else None
+
+    def succeeded(self, job_id: str) -> dict[str, Any] | None:
+        """The stored result of ``job_id`` if it succeeded; None otherwise."""
+        row = self.get(job_id)
+        if row is None or row.status is not JobStatus.SUCCESS:
+            return None
+        return row.result
 
     def get_many(self, job_ids: Collection[str]) -> list[ResultRow]:
         """The rows of the jobs ``job_ids`` that have one, in one query (a batch's window)."""
@@ -284,21 +320,23 @@ class ResultStore:
             raise StoreRejected(f"{self!r}: {detail}") from None
 
 
-def _check_json(value: Mapping[str, Any]) -> None:
+def _encoded(value: Mapping[str, Any]) -> Encoded:
     try:
-        dump_json(dict(value))
+        return Encoded(dump_json(dict(value)))
     except (TypeError, ValueError) as error:
         message = f"result is not plain JSON (use model_dump(mode='json')): {error}"
         raise StoreRejected(message) from None
 
 
-def _upsert(dialect: str) -> sa.Executable:
+def _upsert(dialect: str, returns: bool) -> sa.Executable:
     """The upsert of one row, its values given when it runs: made once per store, as building
-    it (the ``excluded`` columns) costs several times what SQLite takes to run it."""
+    it (the ``excluded`` columns) costs several times what SQLite takes to run it. With
+    ``returns``, it returns the row's key when the row took the write."""
     insert = postgresql.insert(ml_results) if dialect == "postgresql" else sqlite.insert(ml_results)
-    return insert.on_conflict_do_update(
+    upsert = insert.on_conflict_do_update(
         index_elements=["job_key"], set_=_update(insert.excluded), where=_not_final(insert.excluded)
     )
+    return upsert.returning(ml_results.c.job_key) if returns else upsert
 
 
 _BY_JOB_ID = (

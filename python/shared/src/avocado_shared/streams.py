@@ -49,6 +49,7 @@ __all__ = [
     "joined",
     "parse_entry",
     "restart_fields",
+    "snapshot_of",
     "stream_key",
     "text_fields",
 ]
@@ -191,6 +192,22 @@ def _parsed(raw: Any) -> list[StreamEntry]:
     return [parse_entry(ident, fields) for ident, fields in raw or []]
 
 
+def snapshot_of(raw: Any) -> StreamSnapshot:
+    """What a stream holds, from its entries as XRANGE lists them."""
+    entries = _parsed(raw)
+    end = next((e for e in entries if e.final), None)
+    if end is not None:
+        entries = entries[: entries.index(end) + 1]
+    restarts = [i for i, e in enumerate(entries) if e.kind is EntryKind.RESTART]
+    live = entries[restarts[-1] + 1 :] if restarts else entries
+    return StreamSnapshot(
+        text=joined(live),
+        chunks=sum(e.chunks for e in live),
+        last_id=entries[-1].id if entries else "0-0",
+        end=end,
+    )
+
+
 def joined(entries: Iterable[StreamEntry]) -> str:
     """The answer the entries make: the text after the last restart."""
     parts: list[str] = []
@@ -248,20 +265,9 @@ class JobStream:
     def snapshot(self) -> StreamSnapshot:
         """Everything written so far, in one read."""
         try:
-            entries = _parsed(self.client.xrange(self.key))
+            return snapshot_of(self.client.xrange(self.key))
         except redis.RedisError as error:
             raise _unreadable(self.job_id, error) from error
-        end = next((e for e in entries if e.final), None)
-        if end is not None:
-            entries = entries[: entries.index(end) + 1]
-        restarts = [i for i, e in enumerate(entries) if e.kind is EntryKind.RESTART]
-        live = entries[restarts[-1] + 1 :] if restarts else entries
-        return StreamSnapshot(
-            text=joined(live),
-            chunks=sum(e.chunks for e in live),
-            last_id=entries[-1].id if entries else "0-0",
-            end=end,
-        )
 
     def entries(self, after: str = "0-0", timeout_s: float = 60.0) -> Iterator[StreamEntry]:
         """Each entry after ``after`` (an entry id; the start by default) as soon as it is

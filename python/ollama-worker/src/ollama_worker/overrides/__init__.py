@@ -82,6 +82,13 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     job starts: celery-singleton deletes whoever's lock it finds, and may set none.
     integration/test_reliability.py::test_duplicate_summary_while_running_shares_one_execution
 
+``avocado_shared.overrides.result_backend.FleetRedisBackend._store_result``
+    Celery's Redis result backend reads a job's meta (GET: a SUCCESS is never overwritten),
+    then writes and publishes it (MULTI/SETEX/PUBLISH/EXEC): one script does all three, one
+    round trip per outcome (``override_backends`` in ``celery_config``).
+    integration/test_result_backend.py::test_a_success_is_never_overwritten
+    integration/test_result_backend.py::test_an_outcome_is_stored_with_its_expiry_and_published
+
 ``avocado_shared.overrides.singleton``: ``SingletonJob.singleton_backend``,
 ``new_lock_store``, ``close_lock_store``
     Each task's lock store of its own app, closable (a ``Producer`` closes its own;

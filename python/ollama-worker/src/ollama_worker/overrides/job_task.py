@@ -31,6 +31,8 @@ class JobRun:
 
     lock_release_pending: bool = False
     failure_recorded: bool = False
+    # The job's token stream as it was read with its lease (``Begun.stream``), for its body.
+    stream: list[Any] | None = None
 
 
 class TracedJob(SingletonJob):

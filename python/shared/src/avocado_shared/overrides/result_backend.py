@@ -1,0 +1,72 @@
+"""Celery's Redis result backend, storing a job's outcome in one round trip.
+
+Celery 5.7's ``BaseKeyValueStoreBackend._store_result`` reads the task's meta first (a GET:
+a result that is SUCCESS already is never overwritten, so a lost copy of a job cannot
+replace it), then ``RedisBackend._set`` writes it and publishes it to waiting clients in a
+MULTI/EXEC: two round trips per outcome, one per job on the worker's hot path. Here one
+script does the same three steps in Redis, atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
+from redis.commands.core import Script
+
+__all__ = ["FleetRedisBackend"]
+
+# KEYS[1]: the meta's key; ARGV[1]: the meta (JSON), ARGV[2]: its expiry in seconds (0: none).
+_STORE = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, meta = pcall(cjson.decode, old)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1])
+else redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class FleetRedisBackend(RedisBackend):  # type: ignore[misc]
+    """``RedisBackend`` whose ``_store_result`` is one script (JSON results only: the script
+    reads the stored status; any other serializer takes Celery's own two round trips)."""
+
+    _script: Script | None = None
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self.serializer != "json":
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            too_large = "value too large for Redis backend"
+            raise BackendStoreError(too_large, state=state, task_id=task_id)
+        expires = self.failure_expires if state == states.FAILURE else None
+        if expires is None:
+            expires = self.expires
+        key = self.get_key_for_task(task_id)
+        self.ensure(self._store, (key, value, int(expires or 0)))
+        return result
+
+    def _store(self, key: bytes, value: str | bytes, expires: int) -> None:
+        if self._script is None:
+            self._script = self.client.register_script(_STORE)
+        self._script(keys=[key], args=[value, expires], client=self.client)

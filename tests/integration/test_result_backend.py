@@ -1,0 +1,74 @@
+"""The fleet's Redis result backend (``avocado_shared.overrides.result_backend``) against a
+real Redis: one script stores an outcome, publishes it to waiting clients and never
+overwrites a success, as Celery's read-then-write did in two round trips."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery, states
+
+from avocado_shared import Settings
+from avocado_shared.celery_config import make_celery
+from avocado_shared.overrides.result_backend import FleetRedisBackend
+from tests.conftest import REDIS_URL
+from tests.processes import wait_for
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    prefix = f"avocado-test-{uuid.uuid4().hex[:8]}:"
+    settings = Settings(
+        broker_url="amqp://guest@127.0.0.1:5672//", redis_url=REDIS_URL, key_prefix=prefix
+    )
+    made = make_celery("result-backend-test", settings)
+    yield made
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def _stored(app: Celery, job_id: str) -> tuple[dict[str, object], int]:
+    backend = app.backend
+    client: redis.Redis = backend.client
+    key = backend.get_key_for_task(job_id)
+    return json.loads(client.get(key)), client.ttl(key)
+
+
+def test_an_outcome_is_stored_with_its_expiry_and_published(app: Celery) -> None:
+    backend = app.backend
+    job_id = str(uuid.uuid4())
+    listener = backend.client.pubsub()
+    listener.subscribe(backend.get_key_for_task(job_id))
+    wait_for(lambda: listener.get_message(timeout=1), timeout=10, what="the subscription")
+
+    backend.store_result(job_id, {"text": "hi"}, states.SUCCESS)
+
+    message = wait_for(lambda: listener.get_message(timeout=1), timeout=10, what="the publish")
+    meta, ttl = _stored(app, job_id)
+    assert isinstance(backend, FleetRedisBackend)
+    assert meta["status"] == states.SUCCESS
+    assert meta["result"] == {"text": "hi"}
+    assert json.loads(message["data"]) == meta
+    assert 0 < ttl <= app.backend.expires
+    assert app.AsyncResult(job_id).get(timeout=10) == {"text": "hi"}
+    listener.close()
+
+
+def test_a_success_is_never_overwritten(app: Celery) -> None:
+    backend = app.backend
+    job_id = str(uuid.uuid4())
+
+    backend.store_result(job_id, None, states.STARTED)
+    assert _stored(app, job_id)[0]["status"] == states.STARTED
+    backend.store_result(job_id, {"text": "first"}, states.SUCCESS)
+    backend.mark_as_failure(job_id, RuntimeError("a lost copy"))
+    backend.store_result(job_id, {"text": "second"}, states.SUCCESS)
+
+    meta, _ = _stored(app, job_id)
+    assert (meta["status"], meta["result"]) == (states.SUCCESS, {"text": "first"})
