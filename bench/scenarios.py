@@ -257,8 +257,9 @@ def saturation(env: BenchEnv, cfg: Config, pool: str, jitter_ms: float = 0.0) ->
     made = Outcome("2j" if jitter_ms else "2", title, "direct httpx, 4 clients", f"fleet ({pool})")
     runs = {"direct": lambda: jobs / parallel(direct, jobs)[0]}
     runs["fleet"] = lambda: jobs / burst(submit, jobs)
-    # The jittered run explains scenario 2's figures; it has no target of its own.
-    return _throughput(cfg, pool, made, runs, target=None if jitter_ms else 0.95)
+    # The jittered run explains scenario 2's figures; it has no target of its own (issue 28's
+    # is 0.98).
+    return _throughput(cfg, pool, made, runs, target=None if jitter_ms else 0.98)
 
 
 def dispatch(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
@@ -270,6 +271,10 @@ def dispatch(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     runs = {"bare no-op": lambda: jobs / burst(base, jobs)}
     runs["fleet"] = lambda: jobs / burst(mine, jobs)
     return _throughput(cfg, pool, made, runs, target=0.7, digits=1)
+
+
+# The most a worker of each pool may hold with 10,000 jobs queued (issue 28: threads).
+_MEMORY_MB = {"threads": 100, "prefork": 250}
 
 
 def _memory_mb(worker: WorkerProcess) -> list[tuple[float, ...]]:
@@ -330,10 +335,10 @@ def memory(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         queue, start = noop_queue(env.settings).name, lambda: noop_worker(env, cfg, pool, False)
         base = _drain(env, submits, queue, cfg.backlog, start)
     env.purge_results()
-    rows = []
+    rows, most = [], _MEMORY_MB[pool]
     for metric, key, target, checked, limit in (
-        ("RSS, main + pool children, at the end (MB)", "end_rss", " MB", "peak_rss", 250),
-        ("RSS at its highest (MB)", "peak_rss", " MB", "peak_rss", 250),
+        ("RSS, main + pool children, at the end (MB)", "end_rss", " MB", "peak_rss", most),
+        ("RSS at its highest (MB)", "peak_rss", " MB", "peak_rss", most),
         ("RSS growth, warm (5% drained) to highest (%)", "growth_pct", "%", "growth_pct", 10),
         ("PSS at the end (MB; shared pages split between processes)", "end_pss", "", "", 0),
         ("USS at the end (MB; pages only that process has)", "end_uss", "", "", 0),

@@ -34,8 +34,10 @@ def _node_env(sim: OllamaSimulator, backend: str, pull: str, model: str) -> dict
 
 
 def _consumers(producer: Producer, model: str) -> int:
-    """Consumers of ``model``'s lane queues (declared first: a model no node ever served)."""
+    """Consumers of ``model``'s lane queues (declared first, with the exchanges they are
+    bound to: a model no node ever served, in a vhost no job went to yet)."""
     with producer.app.connection_for_write() as connection:
+        declare_topology(connection, producer.settings)
         declare_lane_queues(connection, model, producer.settings)
         channel = connection.default_channel
         return sum(

@@ -322,7 +322,7 @@ class Gateway:
 
     async def key(self, secret: str) -> ApiKey | None:
         """The API key of ``secret``; None when it is unknown or revoked."""
-        return await run_in_threadpool(self.keys.verify, secret)
+        return await self.keys.verify(self.streams, secret)
 
     async def admit(self, key: ApiKey) -> Slot | None:
         """A slot of ``key``'s (None when it has no concurrency limit); ``OverLimit`` when

@@ -84,17 +84,17 @@ class Leases:
         try:
             with client.pipeline(transaction=False) as pipe:
                 pipe.set(key, token, nx=True, ex=self.lease_s)
-                pipe.ttl(key)
                 pipe.exists(cancel_key)
                 if stream_key is not None:
                     pipe.xrange(stream_key)
-                taken, left, cancelled, *stream = pipe.execute()
+                taken, cancelled, *stream = pipe.execute()
+            left = None if taken else int(client.ttl(key))  # another copy runs: rare
         except RedisError as error:
             logger.warning("job %s runs without its lease or cancel flag: %s", job_id, error)
             yield Begun()
             return
-        if not taken:
-            raise AlreadyRunning(job_id, max(1, int(left) + 1))
+        if left is not None:
+            raise AlreadyRunning(job_id, max(1, left + 1))
         self._add(client, key, token)
         try:
             yield Begun(bool(cancelled), stream[0] if stream else None)

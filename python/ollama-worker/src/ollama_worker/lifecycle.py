@@ -44,6 +44,9 @@ class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def create(self, parent: Any) -> Resources:
         setup_tracing("avocado-worker")  # before the pool forks: its children inherit it
+        # httpx logs each request at INFO: a line per job (two with a model check), whose
+        # formatting every job pays for; its warnings still show.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         resources = Resources(parent.app, parent.app.settings)
         resources.open(parent.hostname, parent.concurrency)
         parent.app.resources = resources

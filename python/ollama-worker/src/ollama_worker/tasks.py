@@ -91,6 +91,9 @@ class JobTask(TracedJob):
     throws = (PermanentError,)
     acks_late = True
     reject_on_worker_lost = True
+    # Celery's "succeeded" log line shows this much of the result (its default, 1024, makes
+    # the line of a long answer or an embedding cost more than the rest of the log).
+    resultrepr_maxsize = 120
 
     @property
     def resources(self) -> Resources:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 import redis
+import redis.asyncio
 
 from avocado_shared.contracts import InvalidRequest
 from avocado_shared.errors import NotFound, PermanentError
@@ -134,9 +135,11 @@ class KeyStore:
             raise KeyExists(f"a key named {name!r} exists; revoke it to make a new one")
         return key, secret
 
-    def verify(self, secret: str) -> ApiKey | None:
-        """The live key whose secret this is; None for an unknown or revoked one."""
-        record = cast(dict[bytes, bytes], self.client.hgetall(self._records + _digest(secret)))
+    async def verify(self, client: redis.asyncio.Redis, secret: str) -> ApiKey | None:
+        """The live key whose secret this is; None for an unknown or revoked one. Read with
+        an event loop's client of the same Redis (the gateway's): no hop to a thread on a
+        request's way to its first token."""
+        record = cast(dict[bytes, bytes], await client.hgetall(self._records + _digest(secret)))
         return ApiKey._of(record) if record else None
 
     def list(self) -> list[ApiKey]:

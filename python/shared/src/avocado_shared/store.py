@@ -8,6 +8,8 @@ creates a table, so a reader needs no right to.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -138,6 +140,7 @@ class ResultStore:
         self._returns = bool(self._engine.dialect.insert_returning)
         self._upsert = _upsert(self._engine.dialect.name, self._returns)
         self._closed = False
+        self._lock_pid, self._write_lock = 0, threading.Lock()
 
     @classmethod
     def open(cls, url: str) -> ResultStore:
@@ -228,7 +231,7 @@ class ResultStore:
             "created_at": now,
             "updated_at": now,
         }
-        with self._errors(), self._writer.begin() as conn:
+        with self._one_writer(), self._errors(), self._writer.begin() as conn:
             written = conn.execute(self._upsert, values)
             return not self._returns or written.first() is not None
 
@@ -300,6 +303,17 @@ class ResultStore:
     ) -> list[ResultRow]:
         with self._errors(), self._engine.connect() as conn:
             return [_row(r) for r in conn.execute(query, params).mappings()]
+
+    def _one_writer(self) -> contextlib.AbstractContextManager[object]:
+        """On SQLite, this process's writers one at a time: waiting on SQLite's write lock,
+        a writer sleeps 1, 2, 5, 10... ms between tries instead of waking when it frees (a
+        p99 of 24 ms with 16 threads writing), where a lock of the process's own wakes the
+        next at once. A forked child gets a new one: its parent's may be held."""
+        if self.dialect != "sqlite":
+            return contextlib.nullcontext()
+        if self._lock_pid != os.getpid():
+            self._lock_pid, self._write_lock = os.getpid(), threading.Lock()
+        return self._write_lock
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
