@@ -14,6 +14,7 @@ that number is an upper bound, exact only for the last job in line.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +154,8 @@ class JobStates:
     def view(self, job_id: str, noted: Noted | None = None) -> JobView:
         """``job_id`` now; ``JobUnknown`` when nothing knows it. ``noted``: what the caller
         knows the job to be, instead of the ledger's word."""
-        row = self._stored(lambda: self.producer.results.get(job_id))
+        read = functools.partial(self.producer.results.get, job_id)
+        row = self._stored(read)
         if row is not None:
             return _from_row(row)
         try:
@@ -161,6 +163,10 @@ class JobStates:
             noted = noted or self.ledger.get(job_id)
         except RedisError as error:
             raise Unavailable(f"job {job_id}: Redis did not answer: {error}") from error
+        # A worker writes a job's row before Celery's word of it: one that came in between
+        # the two reads (a cancelled job's row says CANCELLED, Celery's FAILURE) wins.
+        if state is not None and (row := self._stored(read)) is not None:
+            return _from_row(row)
         kind, share_id = (noted.kind, noted.share_id) if noted else (None, None)
         if state is not None:
             return JobView(job_id, state, kind=kind, share_id=share_id)
