@@ -4,7 +4,6 @@ worker app with the listed fixes undone or candidate changes made, and nothing e
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sqlite3
 from collections.abc import Callable
@@ -23,7 +22,6 @@ UNDONE = {
 CANDIDATES = {
     "startrow": "no STARTED row in ml_results on a first attempt (only on a redelivery or retry)",
     "metrics": "no Prometheus metrics (AVOCADO_METRICS_PORT=0)",
-    "httpxlog": "httpx's per-request INFO log line off",
 }
 CHANGES = {**UNDONE, **CANDIDATES}
 _ENV = {"events": [("AVOCADO_TASK_EVENTS", "true")], "metrics": [("AVOCADO_METRICS_PORT", "0")]}
@@ -35,17 +33,15 @@ def environment(names: list[str]) -> dict[str, str]:
 
 
 def _started_row_on_retry_only() -> None:
-    from avocado_shared.store import JobStatus
     from ollama_worker import results, tasks
 
-    record = results.record_quietly
+    start = results.started
 
-    def record_quietly(task: Any, job_id: str, status: JobStatus, *args: Any, **kw: Any) -> None:
+    def started(task: Any, job_id: str, kwargs: Any) -> dict[str, Any] | None:
         again = (task.request.delivery_info or {}).get("redelivered") or task.request.retries
-        if status is not JobStatus.STARTED or again:
-            record(task, job_id, status, *args, **kw)
+        return start(task, job_id, kwargs) if again else None
 
-    tasks.record_quietly = record_quietly  # type: ignore[attr-defined]
+    tasks.started = started  # type: ignore[attr-defined]
 
 
 def sqlite_full() -> Callable[[], None]:
@@ -78,8 +74,6 @@ def apply(app: Any, names: list[str]) -> None:
         sqlite_full()
     if "startrow" in names:
         _started_row_on_retry_only()
-    if "httpxlog" in names:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def __getattr__(name: str) -> Any:

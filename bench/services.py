@@ -19,7 +19,7 @@ import redis
 from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
 
-from avocado_shared import Producer, Settings
+from avocado_shared import Producer, ResultStore, Settings
 from avocado_shared.keys import KeyStore
 from avocado_shared.routing import WANTED_MODELS, Lane, lane_queue_name
 from tests import processes as procs
@@ -61,6 +61,10 @@ class BenchEnv:
             stack.callback(self.purge_results)
             self._stack = stack.pop_all()
         self.settings = self.make_settings()
+        # As a deployment does (``avocado db upgrade`` before its workers start): a worker
+        # that finds its schema current never loads Alembic.
+        with ResultStore.from_settings(self.settings) as store:
+            store.migrate()
         return self
 
     def __exit__(self, *exc: object) -> None:

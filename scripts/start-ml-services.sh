@@ -360,6 +360,9 @@ start_native() {
 
   host_name=$(hostname)
   if has_part worker; then
+    # The schema first, once: workers that find it current never load Alembic.
+    avocado db upgrade >>"$RUN/db-upgrade.log" 2>&1 \
+      || die "ml_results could not be created or upgraded (see $RUN/db-upgrade.log)"
     for ((i = 1; i <= WORKERS; i++)); do
       node="worker$i@$host_name"
       nodes+=("$node")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,17 @@ def test_a_stopped_worker_closes_its_lock_store(
     monkeypatch.setattr(store.redis, "close", lambda: closed.append(True))
     resources.close()
     assert closed == [True]
+
+
+def test_a_worker_leaves_httpx_s_command_line_out() -> None:
+    """The worker's app made in a fresh process: httpx loaded without its command line, whose
+    libraries (rich here: the test tools bring it) stay out of the worker's memory."""
+    script = (
+        "import sys, ollama_worker; ollama_worker.app; import httpx; "
+        "print(sorted(m for m in ('httpx', 'httpx._main', 'rich') if sys.modules.get(m)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+
+    assert done.stdout.split("\n")[-2] == "['httpx']"

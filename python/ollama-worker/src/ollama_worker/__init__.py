@@ -19,6 +19,9 @@ __all__ = ["app"]
 
 def __getattr__(name: str) -> Any:
     if name == "app":
+        from ollama_worker.overrides.httpx_cli import leave_out
+
+        leave_out()  # before the app's modules import httpx
         from ollama_worker.celery_app import create_app
 
         made = globals()["app"] = create_app()

@@ -33,6 +33,7 @@ __all__ = ["SCHEMA_VERSION", "ml_results", "upgrade", "version"]
 SCHEMA_VERSION = 1  # the number of the newest revision in migrations/versions/
 _SCRIPTS = Path(__file__).parent / "migrations"
 _LEGACY_TABLE = "ml_results_schema"
+_ALEMBIC_TABLE = "alembic_version"
 # Alembic is imported where it runs: a process that only reads rows never loads it.
 
 
@@ -109,9 +110,12 @@ def version(connection: sa.Connection) -> int:
 
 
 def _revision(connection: sa.Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    return MigrationContext.configure(connection).get_current_revision()
+    """Alembic's revision of the database, read as Alembic stores it (one row of
+    ``alembic_version``), so a process that finds its schema current never loads Alembic."""
+    if not sa.inspect(connection).has_table(_ALEMBIC_TABLE):
+        return None
+    found = connection.scalar(sa.text(f"SELECT version_num FROM {_ALEMBIC_TABLE}"))  # noqa: S608
+    return None if found is None else str(found)
 
 
 def _legacy_version(connection: sa.Connection) -> int:

@@ -180,7 +180,10 @@ class ResultStore:
     def migrate(self) -> None:
         """``alembic upgrade head``, adopting a database made before Alembic; idempotent, and
         safe when many processes start at once (PostgreSQL: an advisory lock; SQLite: the
-        write lock)."""
+        write lock). A schema found current is left alone without loading Alembic (some
+        8 MB a worker would keep)."""
+        if self.schema_version() == SCHEMA_VERSION:
+            return
         from alembic.util import CommandError
 
         with self._errors(), self._writer.begin() as conn:

@@ -57,6 +57,12 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     integration/test_reliability.py::test_redis_restart_loses_no_job_and_runs_none_twice
     integration/test_reliability.py::test_bad_request_fails_once_with_a_clear_reason
 
+``httpx_cli.leave_out``: ``httpx._main``
+    httpx 0.28 imports its command line (click, rich, pygments: some 8 MB) whenever they are
+    installed, as on Colab: a worker (``ollama_worker.app``) marks it absent before httpx
+    loads, and httpx takes the stub it has for an install without them.
+    unit/test_overrides.py::test_a_worker_leaves_httpx_s_command_line_out
+
 ``llama_server.plain_buffers``: ``llama_cpp.llama_model_default_params``
     llama-cpp-python 0.3.36's server, as ``avocado-embedded-llm`` runs it, with llama.cpp's
     extra buffer types off: on a CPU with AMX its AMX matrix product crashes the server at
