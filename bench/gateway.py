@@ -4,11 +4,9 @@ the same request straight to the simulator, one stream and 16 at once: TTFT and 
 from __future__ import annotations
 
 import contextlib
-import json
-import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import psutil
@@ -17,53 +15,16 @@ from avocado_shared.streams import stream_key
 from bench.profile import cpu_ms, servers
 from bench.report import Outcome, Row, cpu_table, fmt, median, percentile
 from bench.scenarios import Config, alternate, parallel
-from bench.services import MODEL, BenchEnv, process_tree
+from bench.services import BenchEnv, process_tree
+from bench.streamed import Answer, streamed
 
-__all__ = ["STREAMS", "Answer", "gateway"]
+__all__ = ["STREAMS", "gateway"]
 
 STREAMS = 16
 """Concurrent streams of the concurrent half; the worker's threads and the simulator's slots."""
 # Issue 28: added time to first token at p50, one stream at a time and STREAMS at once.
 _TARGET_MS = {"sequential": 5.0, f"{STREAMS} concurrent": 15.0}
 _SPLIT = ("to the first stream entry", "first stream entry to client")
-
-
-class Answer(NamedTuple):
-    """One streamed answer: TTFT and total (ms), text, job, when sent and first token (epoch ms)."""
-
-    ttft: float
-    total: float
-    text: str
-    job: str
-    sent_at: float
-    first_at: float
-
-
-def _streamed(client: httpx.Client, url: str, i: int, texts: dict[int, str]) -> Answer:
-    """Job ``i``, a streamed ``/api/generate``; its text must be every side's (``texts``)."""
-    prompt = f"bench gateway {i % 64}"
-    body = {"model": MODEL, "prompt": prompt}
-    start, sent_at, first, first_at = time.perf_counter(), 1000 * time.time(), 0.0, 0.0
-    text: list[str] = []
-    with client.stream("POST", f"{url}/api/generate", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            chunk = json.loads(line)
-            if "error" in chunk:
-                raise RuntimeError(f"{url}: {chunk['error']}")
-            if chunk.get("response") and not text:
-                first, first_at = time.perf_counter(), 1000 * time.time()
-            text.append(str(chunk.get("response", "")))
-            if chunk.get("done"):
-                break
-    if not first:
-        raise RuntimeError(f"{url}: an answer without text")
-    total = 1000.0 * (time.perf_counter() - start)
-    job = response.headers.get("x-avocado-job-id", "")
-    answer = Answer(1000.0 * (first - start), total, "".join(text), job, sent_at, first_at)
-    if texts.setdefault(i % 64, answer.text) != answer.text:
-        raise RuntimeError(f"{url} answered {answer.text!r} to {prompt!r}")
-    return answer
 
 
 def _figures(env: BenchEnv, answers: list[Answer], split: bool) -> dict[str, float]:
@@ -92,7 +53,7 @@ def gateway(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
     limits, auth = httpx.Limits(max_connections=64), {"Authorization": f"Bearer {secret}"}
     client = env.closing(httpx.Client(timeout=120, limits=limits, headers=auth))
     texts: dict[int, str] = {}  # the gateway's answer must be the simulator's, token for token
-    sides = {side: partial(_streamed, client, url, texts=texts) for side, url in urls.items()}
+    sides = {side: partial(streamed, client, url, texts=texts) for side, url in urls.items()}
     together = (STREAMS, cfg.gateway_burst)
     modes = {"sequential": (1, cfg.gateway_jobs), f"{STREAMS} concurrent": together}
     for side in sides.values():  # warm: clients, connections, the worker's threads

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import psutil
 from kombu.connection import Connection
 from kombu.entity import Exchange
@@ -28,6 +29,7 @@ from bench.fleet_app import sqlite_full
 from bench.report import median, percentile
 from bench.scenarios import Config, alternate, burst, done, fleet, timed_ms, with_bare
 from bench.services import RABBIT_HOST, REDIS_URL, BenchEnv, process_tree
+from bench.streamed import streamed
 from tests.processes import VENV_BIN, WorkerProcess, rabbitmqctl, spawn, stop_group
 
 __all__ = ["cpu_ms", "profile", "servers"]
@@ -185,10 +187,18 @@ def _producer_profile(producer: Producer, jobs: int) -> dict[str, Any]:
     return {"jobs": jobs, "wall_ms_per_job": 1000.0 * wall / jobs, "parts": parts}
 
 
-def _sides(worker: WorkerProcess, remote: int) -> dict[int, str]:
-    """Local port -> ``worker`` or ``producer`` of each TCP connection to port ``remote``."""
+_Groups = Callable[[], dict[str, list[psutil.Process]]]
+
+
+def _job_sides(worker: WorkerProcess) -> _Groups:
+    """The worker's processes and the harness (the producer), found anew at each call."""
+    return lambda: {"worker": process_tree(worker), "producer": [psutil.Process()]}
+
+
+def _sides(groups: _Groups, remote: int) -> dict[int, str]:
+    """Local port -> the side (``groups``' name) of each TCP connection to port ``remote``."""
     found = {}
-    for side, procs in (("worker", process_tree(worker)), ("producer", [psutil.Process()])):
+    for side, procs in groups().items():
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 for conn in proc.net_connections(kind="tcp"):
@@ -198,10 +208,10 @@ def _sides(worker: WorkerProcess, remote: int) -> dict[int, str]:
 
 
 @contextlib.contextmanager
-def _redis_traffic(worker: WorkerProcess) -> Iterator[list[tuple[str, str, str]]]:
+def _redis_traffic(groups: _Groups) -> Iterator[list[tuple[str, str, str]]]:
     """(side, command, first key) of every Redis command in the block, filled in at its end."""
     seen, found = list[tuple[int, str, str]](), list[tuple[str, str, str]]()
-    stop, sides = threading.Event(), _sides(worker, REDIS_PORT)
+    stop, sides = threading.Event(), _sides(groups, REDIS_PORT)
     sock = socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=5)
     sock.sendall(b"MONITOR\r\n")
     sock.settimeout(0.2)
@@ -228,7 +238,7 @@ def _redis_traffic(worker: WorkerProcess) -> Iterator[list[tuple[str, str, str]]
         stop.set()
         reader.join(timeout=5)
         sock.close()
-    sides |= _sides(worker, REDIS_PORT)  # the lock store connects on first use
+    sides |= _sides(groups, REDIS_PORT)  # the lock store connects on first use
     found += [(sides[p], c, k) for p, c, k in seen if p in sides and c != "MONITOR"]
 
 
@@ -280,30 +290,62 @@ def _wire(env: BenchEnv, worker: WorkerProcess, sim_port: int, jobs: int) -> dic
         args += [a for p in process_tree(worker) for a in ("-p", str(p.pid))]
         tracer = spawn(args, env.tmp / "strace.log")
         time.sleep(1.0)  # attached
-    before = _rabbit_counts(env.vhost)
-    with _redis_traffic(worker) as commands:
-        timed_ms(done(fleet(env.producer)), jobs)
-    after = _rabbit_counts(env.vhost)
+    groups = _job_sides(worker)
+    counted = _traffic(env, groups, lambda: timed_ms(done(fleet(env.producer)), jobs), jobs)
     if tracer is not None:
         stop_group(tracer, signal.SIGINT, timeout=15)
+    peers = {5672: "RabbitMQ", REDIS_PORT: "Redis", sim_port: "Ollama"}
+    text = trace.read_text(errors="replace") if trace.exists() else ""
+    calls, connects = _syscalls(text, worker, peers)
+    found: dict[str, Any] = {"jobs": jobs, **counted}
+    found |= {"strace": tracer is not None, "connects": {k: v / jobs for k, v in connects.items()}}
+    found["syscalls"] = {k: v / jobs for k, v in sorted(calls.items())}
+    return found
+
+
+def _traffic(
+    env: BenchEnv, groups: _Groups, run: Callable[[], object], jobs: int
+) -> dict[str, Any]:
+    """Per job of ``run``, by side: Redis commands (MONITOR), AMQP socket reads and writes (the
+    broker's counters of this run's vhost) and the AMQP connections opened."""
+    before = _rabbit_counts(env.vhost)
+    with _redis_traffic(groups) as commands:
+        run()
+    after = _rabbit_counts(env.vhost)
     redis: collections.Counter[str] = collections.Counter()
     for side, command, key in commands:
         kind = " lock" if ":lock:" in key else " result"
         redis[f"{side}: {command}{kind * (command in ('GET', 'SET', 'SETEX', 'MGET', 'DEL'))}"] += 1
     amqp: dict[str, list[int]] = {}
-    for port, side in _sides(worker, 5672).items():
+    for port, side in _sides(groups, 5672).items():
         was, now = before.get(port, (0, 0)), after.get(port, (0, 0))
         counts = amqp.setdefault(side, [0, 0])
         counts[0], counts[1] = counts[0] + now[0] - was[0], counts[1] + now[1] - was[1]
-    peers = {5672: "RabbitMQ", REDIS_PORT: "Redis", sim_port: "Ollama"}
-    text = trace.read_text(errors="replace") if trace.exists() else ""
-    calls, connects = _syscalls(text, worker, peers)
-    found: dict[str, Any] = {"jobs": jobs, "new_amqp": len(set(after) - set(before)) / jobs}
-    found["amqp"] = {side: (r / jobs, s / jobs) for side, (r, s) in amqp.items()}
-    found |= {"strace": tracer is not None, "connects": {k: v / jobs for k, v in connects.items()}}
-    for name, counted in (("syscalls", calls), ("redis", redis)):
-        found[name] = {k: v / jobs for k, v in sorted(counted.items())}
-    return found
+    return {
+        "new_amqp": len(set(after) - set(before)) / jobs,
+        "amqp": {side: (r / jobs, s / jobs) for side, (r, s) in amqp.items()},
+        "redis": {k: v / jobs for k, v in sorted(redis.items())},
+    }
+
+
+def _gateway_wire(env: BenchEnv, pool: str, requests: int) -> dict[str, Any]:
+    """Per streamed ``/api/generate`` through the gateway, one at a time (an instant simulator,
+    24 tokens): the gateway's and the worker's Redis commands and AMQP socket operations."""
+    sim = env.start_sim()
+    worker = env.start_worker(pool=pool, concurrency=4, ollama_url=sim.url)
+    gateway, secret = env.start_gateway()
+    auth = {"Authorization": f"Bearer {secret}"}
+    client = env.closing(httpx.Client(timeout=60, headers=auth))
+    texts: dict[int, str] = {}
+    ask = partial(streamed, client, gateway.url, texts=texts)
+    ask(0)  # warm: connections, the model's queue, the worker's threads
+
+    def groups() -> dict[str, list[psutil.Process]]:
+        return {"gateway": [psutil.Process(gateway.pid)], "worker": process_tree(worker)}
+
+    found = _traffic(env, groups, lambda: [ask(i) for i in range(requests)], requests)
+    env.stop(gateway, worker, sim)
+    return {"requests": requests, **found}
 
 
 def _locks(env: BenchEnv, cfg: Config, worker: WorkerProcess) -> dict[str, Any]:
@@ -314,7 +356,7 @@ def _locks(env: BenchEnv, cfg: Config, worker: WorkerProcess) -> dict[str, Any]:
         key: Callable[[int], str | None] = lambda i: prefix and f"{prefix}-{i}"  # noqa: E731
         return done(lambda i: env.producer.generate(f"lock {i}", idempotency_key=key(i)))
 
-    with _redis_traffic(worker) as commands:
+    with _redis_traffic(_job_sides(worker)) as commands:
         timed_ms(keyed(f"bench-{run}"), cfg.lock_jobs)
     lock = [(side, c) for side, c, key in commands if ":lock:" in key or c in ("EVAL", "EVALSHA")]
     counts = collections.Counter(f"{side}: {command} lock" for side, command in lock)
@@ -399,6 +441,7 @@ def profile(env: BenchEnv, cfg: Config, pool: str) -> dict[str, Any]:
     found["wire"] = _wire(env, worker, urlsplit(sim.url).port or 0, cfg.wire_jobs)
     found.update(_locks(env, cfg, worker))
     env.stop(worker, sim)
+    found["gateway_wire"] = _gateway_wire(env, pool, cfg.wire_jobs)
     cfg.log("  micro costs")
     found["micro"] = _micro(env, cfg.micro_calls)
     return found

@@ -149,11 +149,16 @@ def _wire(wire: dict[str, Any], locks: dict[str, float]) -> str:
         rows.append(["TCP connections the worker opened", opened])
     rows.append(["new AMQP connections in the vhost (producer or worker)", fmt(wire["new_amqp"])])
     rows += [[f"worker {k}", fmt(v)] for k, v in wire["syscalls"].items()]
-    rows += [[f"Redis, {k}", fmt(v)] for k, v in wire["redis"].items()]
-    rows += [[f"Redis, keyed job, {k}", fmt(v)] for k, v in locks.items()]
-    what = "AMQP socket reads / writes counted by the broker"
-    rows += [[f"{what}, {side}", f"{fmt(r)} / {fmt(s)}"] for side, (r, s) in wire["amqp"].items()]
+    rows += _traffic(wire, [[f"Redis, keyed job, {k}", fmt(v)] for k, v in locks.items()])
     return table(["what", "per job"], rows)
+
+
+def _traffic(wire: dict[str, Any], keyed: list[list[str]]) -> list[list[str]]:
+    """Rows of Redis commands (then ``keyed``'s) and AMQP socket operations, by side."""
+    rows = [[f"Redis, {k}", fmt(v)] for k, v in wire["redis"].items()] + keyed
+    what = "AMQP socket reads / writes counted by the broker"
+    amqp = wire["amqp"].items()
+    return rows + [[f"{what}, {side}", f"{fmt(r)} / {fmt(w)}"] for side, (r, w) in amqp]
 
 
 def blocks(
@@ -164,7 +169,7 @@ def blocks(
     notices: Sequence[str],
 ) -> dict[str, str]:
     """Every generated table of the report, by placeholder name."""
-    found = dict.fromkeys(("producer", "wire", "lock", "micro", "fixes"), _NOT_RUN)
+    found = dict.fromkeys(("producer", "wire", "gateway_wire", "lock", "micro", "fixes"), _NOT_RUN)
     found["machine"] = "\n\n".join([table(["", ""], machine), *notices])
     rows = [[o.title, *r.cells()] for o in outcomes for r in o.rows if r.met is not None]
     header = ["scenario", "metric", "baseline", "fleet", *_COMPARED]
@@ -189,6 +194,10 @@ def blocks(
         found["producer"] = f"{each} under the profiler. Wall time per job:\n\n{parts}"
     if wire := profile.get("wire"):
         found["wire"] = f"{wire['jobs']} jobs.\n\n" + _wire(wire, profile.get("lock_commands", {}))
+    if wire := profile.get("gateway_wire"):
+        rows = [*_traffic(wire, []), ["new AMQP connections in the vhost", fmt(wire["new_amqp"])]]
+        head = f"{wire['requests']} streamed requests."
+        found["gateway_wire"] = f"{head}\n\n" + table(["what", "per request"], rows)
     if lock := profile.get("lock_latency"):
         rows = [["with an idempotency key (a singleton lock)", fmt(lock["keyed"])]]
         rows += [["without", fmt(lock["plain"])]]
