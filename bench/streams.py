@@ -30,6 +30,7 @@ __all__ = ["LITELLM", "sixteen_streams"]
 LITELLM = "litellm[proxy]==1.108.7"
 STREAMS = 16
 SLOTS = 4
+_PROXIES = ("litellm", "gateway")
 _VENV = Path(os.environ.get("BENCH_LITELLM_VENV", REPO / ".venv-litellm"))
 
 
@@ -78,8 +79,9 @@ def _start_litellm(env: BenchEnv, sim_url: str, master_key: str) -> procs.Server
     return server
 
 
-def _ttft(client: httpx.Client, url: str, i: int) -> float:
-    """Milliseconds to the first piece of text of a streamed ``/v1/chat/completions``."""
+def _times(client: httpx.Client, url: str, i: int) -> tuple[float, float]:
+    """Milliseconds to the first piece of text of a streamed ``/v1/chat/completions``, and to
+    its end."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"bench streams {i % 64}"}],
@@ -97,7 +99,7 @@ def _ttft(client: httpx.Client, url: str, i: int) -> float:
                 first = time.perf_counter()
     if not first:
         raise RuntimeError(f"{url}: an answer without text")
-    return 1000.0 * (first - start)
+    return 1000.0 * (first - start), 1000.0 * (time.perf_counter() - start)
 
 
 def sixteen_streams(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
@@ -115,18 +117,21 @@ def sixteen_streams(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         return made
 
     paths = {
-        "direct": partial(_ttft, client(None), sim.url),
-        "gateway": partial(_ttft, client(secret), gateway.url),
-        "litellm": partial(_ttft, client(master_key), proxy.url),
+        "direct": partial(_times, client(None), sim.url),
+        "gateway": partial(_times, client(secret), gateway.url),
+        "litellm": partial(_times, client(master_key), proxy.url),
     }
     for call in paths.values():  # warm: connections, the worker's threads, LiteLLM's router
         parallel([call] * STREAMS, 2 * STREAMS)
     got: dict[str, list[tuple[float, float]]] = {side: [] for side in paths}
+    alone: dict[str, list[tuple[float, float]]] = {side: [] for side in paths}
 
     def run(side: str) -> Any:
         def one(_: int) -> None:
-            ttfts = parallel([paths[side]] * STREAMS, cfg.streams_jobs)[1]
+            ttfts = [t for t, _ in parallel([paths[side]] * STREAMS, cfg.streams_jobs)[1]]
             got[side].append((percentile(ttfts, 50), percentile(ttfts, 99)))
+            each = [paths[side](i) for i in range(cfg.gateway_jobs)]  # one at a time
+            alone[side].append(tuple(percentile([e[k] for e in each], 50) for k in (0, 1)))
 
         return one
 
@@ -166,5 +171,29 @@ def sixteen_streams(env: BenchEnv, cfg: Config, pool: str) -> Outcome:
         "repetition's percentiles. Answers queue at the server on every path: 16 streams on "
         "4 slots."
     )
+    rows += _one_at_a_time(alone)
+    note += (
+        f" Then, in the same repetition, {cfg.gateway_jobs} requests one at a time on the same "
+        "path: what each proxy adds to the first token and to the whole answer (issue 28: stay "
+        "ahead of LiteLLM's)."
+    )
     title = f"9. Sixteen streams on a server of {SLOTS} slots ({pool}, defaults)"
     return Outcome("9", title, "straight to the server", "through the path", rows, [], [note])
+
+
+def _one_at_a_time(alone: dict[str, list[tuple[float, float]]]) -> list[Row]:
+    """Time added to the first token and to the whole answer, p50, by each proxy; the
+    gateway's against LiteLLM's."""
+    rows = []
+    for k, what in enumerate(("TTFT", "total")):
+        base = median([r[k] for r in alone["direct"]])
+        added = {side: median([r[k] for r in alone[side]]) - base for side in _PROXIES}
+        row = Row(
+            f"one at a time: {what} p50 added (ms), LiteLLM's proxy / avocado-infer",
+            fmt(base),
+            f"{added['litellm']:+.2f} / {added['gateway']:+.2f}",
+            f"{added['litellm'] - added['gateway']:+.2f} ms ahead of LiteLLM's",
+        )
+        row.target, row.met = "less added than LiteLLM's", added["gateway"] < added["litellm"]
+        rows.append(row)
+    return rows
