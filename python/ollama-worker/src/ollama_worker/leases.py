@@ -6,7 +6,7 @@ connection (the threads pool acks on the connection that may just have dropped).
 only under a lease on its id, refreshed while it runs; a copy that finds the lease taken comes
 back after it would expire; a worker that died holding one delays its job's redelivery by at
 most ``job_lease_s``. (A copy of a job that already succeeded is answered from its row:
-``results.stored_success``.)
+``results.started``.)
 
 Celery's ``worker_deduplicate_successful_tasks`` does neither: it looks only at redelivered
 messages, not at copies, and in the result backend, which expires.
