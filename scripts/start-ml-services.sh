@@ -14,9 +14,11 @@ usage() {
 usage: scripts/start-ml-services.sh [--native | --docker] [--simulate] [--workers N]
                                     [--concurrency N] [--only PARTS]
 
-  --docker         the compose stack in docker/ (the default when 'docker info' answers)
+  --docker         the compose stack in docker/ (the default when 'docker info' answers;
+                   asked for, this machine's engine is installed and started when missing)
   --native         processes on this machine (the default without a Docker engine)
-  --simulate       run the built-in Ollama simulator instead of a real Ollama (native only)
+  --simulate       run the built-in Ollama simulator instead of a real Ollama (natively unless
+                   --docker: then in a container, docker/docker-compose.sim.yml)
   --workers N      worker nodes (native) or worker containers (Docker); default 1
   --concurrency N  jobs at once per worker (default AVOCADO_SLOTS, else what its server runs at once)
   --only PARTS     start only these parts, a comma list of $ALL_PARTS
@@ -35,7 +37,7 @@ USAGE
 load_env_file AVOCADO_RUN_DIR AVOCADO_OLLAMA_URL AVOCADO_DEFAULT_MODEL AVOCADO_FLOWER_PORT \
   AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_SLOTS \
   AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS AVOCADO_INFER AVOCADO_INFER_HOST AVOCADO_INFER_PORT \
-  AVOCADO_EMBEDDED_PORT AVOCADO_EMBEDDED_THREADS
+  AVOCADO_EMBEDDED_PORT AVOCADO_EMBEDDED_THREADS AVOCADO_GPU
 # OpenTelemetry's own variables, read from the environment by its SDK in the worker and gateway.
 load_env_file OTEL_TRACES_EXPORTER OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT \
   OTEL_EXPORTER_OTLP_HEADERS OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG OTEL_RESOURCE_ATTRIBUTES \
@@ -86,10 +88,23 @@ mkdir -p "$RUN"
 cd "$ROOT"
 
 # ---------------------------------------------------------------------------------- Docker
+# The overlays of the stack: the simulator in place of Ollama with --simulate; else Ollama on
+# the GPUs when the engine has NVIDIA's runtime (AVOCADO_GPU=true or false decides instead).
+compose_overlays() {
+  if [ "$SIMULATE" = 1 ]; then echo sim; return; fi
+  case "${AVOCADO_GPU:-auto}" in
+    true | 1 | yes | on) echo gpu ;;
+    false | 0 | no | off) ;;
+    auto) [[ $(docker info --format '{{json .Runtimes}}' 2>/dev/null) != *'"nvidia"'* ]] || echo gpu ;;
+    *) die "AVOCADO_GPU must be true, false or auto, not '$AVOCADO_GPU'" ;;
+  esac
+}
+
 start_docker() {
-  [ "$SIMULATE" = 0 ] || die "--simulate runs the Ollama simulator on this machine: use it with --native"
-  docker_engine_up || die "--docker: no Docker engine answers ('docker info' failed): start Docker, or run with --native"
-  load_env_file RABBITMQ_DEFAULT_USER RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD
+  ensure_docker_engine
+  load_env_file RABBITMQ_DEFAULT_USER RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD \
+    AVOCADO_RABBITMQ_PORT AVOCADO_RABBITMQ_MANAGEMENT_PORT AVOCADO_REDIS_PORT AVOCADO_POSTGRES_PORT \
+    AVOCADO_OLLAMA_PORT
   local name
   for name in RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD AVOCADO_FLOWER_PASSWORD; do
     case "${!name:-}" in
@@ -97,7 +112,9 @@ start_docker() {
       change-me*) die "$name is still the placeholder of .env.example: set a real secret in $ENV_FILE" ;;
     esac
   done
-  set_compose
+  local overlays
+  read -ra overlays <<<"$(compose_overlays)"
+  set_compose "${overlays[@]}"
   [ -z "$CONCURRENCY" ] || export AVOCADO_SLOTS="$CONCURRENCY"
 
   local services=() names=() part up=(up -d --build --remove-orphans)
@@ -117,13 +134,17 @@ start_docker() {
   [ "$host" != 0.0.0.0 ] || host=127.0.0.1
   say "Spicy Avocado stack is up (Docker, project $COMPOSE_PROJECT)."
   if has_part services || has_part worker || has_part beat || has_part flower; then
-    say "  RabbitMQ:   amqp://$host:5672//  management http://$host:15672  (user ${RABBITMQ_DEFAULT_USER:-avocado})"
-    say "  Redis:      redis://$host:6379/0"
+    say "  RabbitMQ:   amqp://$host:${AVOCADO_RABBITMQ_PORT:-5672}//  management http://$host:${AVOCADO_RABBITMQ_MANAGEMENT_PORT:-15672}  (user ${RABBITMQ_DEFAULT_USER:-avocado})"
+    say "  Redis:      redis://$host:${AVOCADO_REDIS_PORT:-6379}/0"
   fi
   if has_part services || has_part worker; then
-    say "  PostgreSQL: postgresql://avocado@$host:5432/avocado  (ml_results)"
+    say "  PostgreSQL: postgresql://avocado@$host:${AVOCADO_POSTGRES_PORT:-5432}/avocado  (ml_results)"
   fi
-  if has_part ollama || has_part worker; then say "  Ollama:     http://$host:11434"; fi
+  if has_part ollama || has_part worker; then
+    local kind=""
+    [ "$SIMULATE" = 0 ] || kind="  (the simulator)"
+    say "  Ollama:     http://$host:${AVOCADO_OLLAMA_PORT:-11434}$kind"
+  fi
   if has_part worker; then
     say "  workers:    $WORKERS container(s) x ${CONCURRENCY:-4} jobs at once; Prometheus /metrics on port $METRICS_PORT inside the stack's network"
   fi
