@@ -88,14 +88,13 @@ mkdir -p "$RUN"
 cd "$ROOT"
 
 # ---------------------------------------------------------------------------------- Docker
-# The overlays of the stack: the simulator in place of Ollama with --simulate; else Ollama on
-# the GPUs when the engine has NVIDIA's runtime (AVOCADO_GPU=true or false decides instead).
-compose_overlays() {
-  if [ "$SIMULATE" = 1 ]; then echo sim; return; fi
+# Ollama on the GPUs (docker/docker-compose.gpu.yml): when the engine has NVIDIA's runtime,
+# unless AVOCADO_GPU=true or false decides.
+want_gpu() {
   case "${AVOCADO_GPU:-auto}" in
-    true | 1 | yes | on) echo gpu ;;
-    false | 0 | no | off) ;;
-    auto) [[ $(docker info --format '{{json .Runtimes}}' 2>/dev/null) != *'"nvidia"'* ]] || echo gpu ;;
+    true | 1 | yes | on) return 0 ;;
+    false | 0 | no | off) return 1 ;;
+    auto) [[ $(docker info --format '{{json .Runtimes}}' 2>/dev/null) == *'"nvidia"'* ]] ;;
     *) die "AVOCADO_GPU must be true, false or auto, not '$AVOCADO_GPU'" ;;
   esac
 }
@@ -112,8 +111,9 @@ start_docker() {
       change-me*) die "$name is still the placeholder of .env.example: set a real secret in $ENV_FILE" ;;
     esac
   done
-  local overlays
-  read -ra overlays <<<"$(compose_overlays)"
+  # The simulator in Ollama's place, or Ollama on the GPUs.
+  local overlays=()
+  if [ "$SIMULATE" = 1 ]; then overlays=(sim); elif want_gpu; then overlays=(gpu); fi
   set_compose "${overlays[@]}"
   [ -z "$CONCURRENCY" ] || export AVOCADO_SLOTS="$CONCURRENCY"
 

@@ -546,7 +546,7 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
     [
         ({"REDIS_PASSWORD": ""}, [], "REDIS_PASSWORD is not set"),
         ({"POSTGRES_PASSWORD": "change-me-postgres"}, [], "POSTGRES_PASSWORD is still the"),
-        ({}, ["--docker", "--simulate"], "use it with --native"),
+        ({"AVOCADO_GPU": "maybe"}, [], "AVOCADO_GPU must be true, false or auto"),
         ({"FAKE_DOCKER_HEALTH": "unhealthy"}, [], "worker is unhealthy"),
         ({}, ["--only", "worker,gpu"], "unknown part 'gpu'"),
         ({}, ["--workers", "0"], "--workers needs a whole number"),
@@ -555,7 +555,7 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
     ids=[
         "missing-secret",
         "placeholder",
-        "simulate",
+        "bad-gpu",
         "unhealthy",
         "bad-part",
         "no-workers",
@@ -574,10 +574,44 @@ def test_docker_path_refuses_loudly(
     assert "stack is up" not in done.stdout
 
 
-def test_without_a_docker_engine_docker_is_refused(docker_env: dict[str, str]) -> None:
-    env = {**docker_env, **DOCKER_SECRETS, "PATH": "/usr/bin:/bin"}
+@pytest.mark.parametrize(
+    ("args", "change", "overlay"),
+    [
+        (["--docker", "--simulate"], {}, "sim"),
+        (["--docker", "--simulate"], {"AVOCADO_GPU": "true"}, "sim"),
+        (["--docker"], {"AVOCADO_GPU": "true"}, "gpu"),
+    ],
+    ids=["simulator", "simulator-not-gpu", "gpu"],
+)
+def test_docker_path_overlays(
+    docker_env: dict[str, str], args: list[str], change: dict[str, str], overlay: str
+) -> None:
+    """--simulate puts the simulator in Ollama's place; the GPUs' overlay comes when asked
+    for (or when the engine has NVIDIA's runtime), never over the simulator."""
+    env = {**docker_env, **DOCKER_SECRETS, **change}
+
+    up = _run(START, env, *args, timeout=60)
+
+    assert up.returncode == 0, up.stderr
+    [call] = _compose_calls(env, "up")
+    files = [call["args"][i + 1] for i, a in enumerate(call["args"]) if a == "-f"]
+    assert files[2:] == [str(ROOT / f"docker/docker-compose.{overlay}.yml")]
+    assert ("(the simulator)" in up.stdout) == (overlay == "sim")
+
+
+def test_without_a_docker_engine_docker_is_refused(tmp_path: Path) -> None:
+    """Whether or not this machine runs an engine: the one DOCKER_HOST names does not answer,
+    and is not this machine's to install or start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVOCADO_")}
+    env.update(
+        DOCKER_SECRETS,
+        DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock",
+        AVOCADO_RUN_DIR=str(tmp_path / "run"),
+        AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),
+    )
 
     done = _run(START, env, "--docker", timeout=60)
 
     assert done.returncode == 1
     assert "no Docker engine answers" in done.stderr
+    assert "stack is up" not in done.stdout
