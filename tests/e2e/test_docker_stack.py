@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from avocado_sim import OllamaSimulator, SimConfig
+from tests.conftest import SHOWN
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +39,9 @@ LONG = {"model": MODEL, "prompt": "Tell me about avocados.", "options": {"num_pr
 RUNNING = {"rabbitmq", "redis", "postgres", "ollama", "flower", "infer", "worker", "beat"}
 
 
-def _show(title: str, text: str) -> None:
-    """Into the test's log whether it passes or not (the CI log shows the stack)."""
-    sys.__stdout__.write(f"\n----- {title}\n{text.rstrip()}\n")
-    sys.__stdout__.flush()
+def _show(request: pytest.FixtureRequest, title: str, text: str) -> None:
+    """Into the test run's log whether the test passes or not (CI's log shows the stack)."""
+    request.node.add_report_section("call", SHOWN, f"----- {title}\n{text.rstrip()}\n")
 
 
 def _run(
@@ -139,10 +138,14 @@ def _docker_ps(env: dict[str, str]) -> str:
     return done.stdout
 
 
-def _start(env: dict[str, str]) -> None:
+def _start(request: pytest.FixtureRequest, env: dict[str, str]) -> None:
     up = _run(START, "--docker", "--simulate", "--workers", "2", env=env, timeout=900)
-    _show("scripts/start-ml-services.sh --docker --simulate --workers 2", up.stdout + up.stderr)
-    _show("docker ps", _docker_ps(env))
+    _show(
+        request,
+        "scripts/start-ml-services.sh --docker --simulate --workers 2",
+        up.stdout + up.stderr,
+    )
+    _show(request, "docker ps", _docker_ps(env))
     assert up.returncode == 0, up.stderr
     assert "stack is up (Docker" in up.stdout
     assert "(the simulator)" in up.stdout
@@ -221,10 +224,10 @@ def _job_with_its_worker_killed(env: dict[str, str], gateway: httpx.Client) -> t
     return job, "".join(piece["response"] for piece in pieces), killed
 
 
-def test_the_stack_in_containers(stack_env: dict[str, str]) -> None:
+def test_the_stack_in_containers(stack_env: dict[str, str], request: pytest.FixtureRequest) -> None:
     env = stack_env
 
-    _start(env)
+    _start(request, env)
     _assert_healthy(env)
     gateway = _gateway(env, _api_key(env))
     job, answer, killed = _job_with_its_worker_killed(env, gateway)
@@ -234,14 +237,14 @@ def test_the_stack_in_containers(stack_env: dict[str, str]) -> None:
     finished = gateway.get(f"/jobs/{job}").json()
     assert (finished["state"], finished["attempts"]) == ("success", 2), finished
     assert finished["worker"] not in {None, killed}, finished
-    _show("docker ps after the kill", _docker_ps(env))
+    _show(request, f"docker ps after docker kill of {killed}'s container", _docker_ps(env))
 
     down = _run(STOP, env=env, timeout=300)
-    _show("scripts/stop-ml-services.sh", down.stdout + down.stderr)
+    _show(request, "scripts/stop-ml-services.sh", down.stdout + down.stderr)
     assert down.returncode == 0, down.stderr
     assert _containers(env) == []
 
-    _start(env)
+    _start(request, env)
     _assert_healthy(env)
     # The key (Redis, its append-only file) and the job's row (PostgreSQL) were in volumes.
     kept = gateway.get(f"/jobs/{job}").json()
