@@ -154,11 +154,12 @@ start_docker() {
   if has_part infer; then
     say "  gateway:    http://$host:$INFER_PORT  (avocado-infer: Ollama's /api, OpenAI's /v1; /readyz)"
     say "  web UI:     http://$host:$INFER_PORT/ui  (chat and the fleet; sign in with an API key)"
+    say "  API keys:   ${COMPOSE[*]} exec infer avocado keys create NAME"
   fi
   cat <<DONE
   Compose:    ${COMPOSE[*]} ps   (or logs -f worker)
   Producers on this host: set AVOCADO_BROKER_URL, AVOCADO_REDIS_URL and AVOCADO_DATABASE_URL
-  to the addresses above with the passwords of $ENV_FILE (see .env.example).
+  to the addresses above with the stack's passwords (see .env.example).
 
 Stop everything: scripts/stop-ml-services.sh
 DONE

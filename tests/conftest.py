@@ -100,7 +100,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         return
     for report in terminalreporter.stats.get("passed", []):
         for title, text in report.sections:
-            if title.endswith(f" {SHOWN}"):
+            if title.startswith(f"Captured {SHOWN} "):  # pytest titles it so
                 terminalreporter.write_sep("-", f"{report.nodeid}: {title}")
                 terminalreporter.write_line(text)
     for label in BROKERS:
