@@ -99,6 +99,21 @@ want_gpu() {
   esac
 }
 
+# When Compose could not publish a port because this host uses it (its own RabbitMQ, Redis or
+# PostgreSQL, say), name the variable that moves it.
+taken_port_hint() { # compose log
+  local port name default
+  port=$(sed -n 's/.*:\([0-9]*\): bind: address already in use.*/\1/p' "$1" | head -n 1)
+  [ -n "$port" ] || return 0
+  for name in AVOCADO_RABBITMQ_PORT:5672 AVOCADO_RABBITMQ_MANAGEMENT_PORT:15672 AVOCADO_REDIS_PORT:6379 \
+    AVOCADO_POSTGRES_PORT:5432 AVOCADO_OLLAMA_PORT:11434 AVOCADO_FLOWER_PORT:5555 AVOCADO_INFER_PORT:11435; do
+    default=${name#*:} name=${name%%:*}
+    if [ "${!name:-$default}" = "$port" ]; then
+      die "port $port is taken on this host: move the stack's with $name in $ENV_FILE (or the environment)"
+    fi
+  done
+}
+
 start_docker() {
   ensure_docker_engine
   load_env_file RABBITMQ_DEFAULT_USER RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD \
@@ -126,6 +141,7 @@ start_docker() {
   say "building and starting the Docker stack (log: $RUN/compose-up.log)"
   if ! "${COMPOSE[@]}" "${up[@]}" "${services[@]}" >"$RUN/compose-up.log" 2>&1; then
     tail -n 30 "$RUN/compose-up.log" >&2
+    taken_port_hint "$RUN/compose-up.log"
     die "docker compose up failed; the whole output is in $RUN/compose-up.log"
   fi
   wait_docker_healthy 600

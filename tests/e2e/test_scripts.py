@@ -417,8 +417,8 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
 # --------------------------------------------------------------------------- Docker path
 
 # A stand-in for the docker client: an engine that answers, Compose as a plugin, and a
-# stack whose containers report the health FAKE_DOCKER_HEALTH says. Every call is logged
-# with the environment Compose would interpolate.
+# stack whose containers report the health FAKE_DOCKER_HEALTH says (or whose up fails with
+# FAKE_DOCKER_UP_ERROR). Every call is logged with the environment Compose would interpolate.
 FAKE_DOCKER = """\
 import json, os, sys
 args = sys.argv[1:]
@@ -430,6 +430,8 @@ with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
 containers = {"c1": "rabbitmq running healthy 0", "c2": "ollama-pull exited none 0",
               "c3": "worker running " + os.environ.get("FAKE_DOCKER_HEALTH", "healthy") + " 0"}
 if args[:1] == ["compose"] and "up" in args:
+    if os.environ.get("FAKE_DOCKER_UP_ERROR"):
+        sys.exit(os.environ["FAKE_DOCKER_UP_ERROR"])
     open(state, "w").close()
 if args[:1] == ["compose"] and "down" in args and os.path.exists(state):
     os.remove(state)
@@ -547,6 +549,11 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
         ({"REDIS_PASSWORD": ""}, [], "REDIS_PASSWORD is not set"),
         ({"POSTGRES_PASSWORD": "change-me-postgres"}, [], "POSTGRES_PASSWORD is still the"),
         ({"AVOCADO_GPU": "maybe"}, [], "AVOCADO_GPU must be true, false or auto"),
+        (
+            {"FAKE_DOCKER_UP_ERROR": "listen tcp4 127.0.0.1:6379: bind: address already in use"},
+            [],
+            "port 6379 is taken on this host: move the stack's with AVOCADO_REDIS_PORT",
+        ),
         ({"FAKE_DOCKER_HEALTH": "unhealthy"}, [], "worker is unhealthy"),
         ({}, ["--only", "worker,gpu"], "unknown part 'gpu'"),
         ({}, ["--workers", "0"], "--workers needs a whole number"),
@@ -556,6 +563,7 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
         "missing-secret",
         "placeholder",
         "bad-gpu",
+        "port-taken",
         "unhealthy",
         "bad-part",
         "no-workers",
