@@ -99,10 +99,14 @@ want_gpu() {
   esac
 }
 
-# When Compose could not publish a port because this host uses it (its own RabbitMQ, Redis or
-# PostgreSQL, say), name the variable that moves it.
-taken_port_hint() { # compose log
+# What to do when Compose could not pull an image (no registry answers: name a mirror's) or
+# publish a port because this host uses it (its own RabbitMQ, Redis or PostgreSQL, say).
+compose_up_hint() { # compose log
   local port name default
+  if grep -qE "^Pulling |pull access denied" "$1" \
+    && grep -qE "registry|pull access denied|manifest unknown|no such host|failed to resolve" "$1"; then
+    die "an image could not be pulled: name one this host can reach with its *_IMAGE variable (.env.example); --simulate needs no Ollama image"
+  fi
   port=$(sed -n 's/.*:\([0-9]*\): bind: address already in use.*/\1/p' "$1" | head -n 1)
   [ -n "$port" ] || return 0
   for name in AVOCADO_RABBITMQ_PORT:5672 AVOCADO_RABBITMQ_MANAGEMENT_PORT:15672 AVOCADO_REDIS_PORT:6379 \
@@ -141,7 +145,7 @@ start_docker() {
   say "building and starting the Docker stack (log: $RUN/compose-up.log)"
   if ! "${COMPOSE[@]}" "${up[@]}" "${services[@]}" >"$RUN/compose-up.log" 2>&1; then
     tail -n 30 "$RUN/compose-up.log" >&2
-    taken_port_hint "$RUN/compose-up.log"
+    compose_up_hint "$RUN/compose-up.log"
     die "docker compose up failed; the whole output is in $RUN/compose-up.log"
   fi
   wait_docker_healthy 600

@@ -554,6 +554,14 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
             [],
             "port 6379 is taken on this host: move the stack's with AVOCADO_REDIS_PORT",
         ),
+        (
+            {
+                "FAKE_DOCKER_UP_ERROR": "Pulling ollama (ollama/ollama:latest)...\n"
+                'Get "https://registry-1.docker.io/v2/": dial tcp: no such host'
+            },
+            [],
+            "an image could not be pulled: name one this host can reach with its *_IMAGE",
+        ),
         ({"FAKE_DOCKER_HEALTH": "unhealthy"}, [], "worker is unhealthy"),
         ({}, ["--only", "worker,gpu"], "unknown part 'gpu'"),
         ({}, ["--workers", "0"], "--workers needs a whole number"),
@@ -564,6 +572,7 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
         "placeholder",
         "bad-gpu",
         "port-taken",
+        "no-registry",
         "unhealthy",
         "bad-part",
         "no-workers",
