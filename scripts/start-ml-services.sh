@@ -148,7 +148,7 @@ start_docker() {
     compose_up_hint "$RUN/compose-up.log"
     die "docker compose up failed; the whole output is in $RUN/compose-up.log"
   fi
-  wait_docker_healthy 600
+  wait_docker_healthy 600 "${services[@]}"
 
   local host=${AVOCADO_PUBLISH_ADDRESS:-127.0.0.1}
   [ "$host" != 0.0.0.0 ] || host=127.0.0.1
@@ -185,15 +185,17 @@ Stop everything: scripts/stop-ml-services.sh
 DONE
 }
 
-# Until every container of the stack is healthy (or a one-shot exited 0); loud on the first
-# that is unhealthy or failed.
-wait_docker_healthy() { # seconds
-  local deadline=$((SECONDS + $1)) id service state health code pending bad
+# Until every container of the services named is healthy (or a one-shot exited 0); loud on
+# the first that is unhealthy or failed. Compose has waited for what they depend on; the
+# others (a worker killed earlier, say) are not this start's.
+wait_docker_healthy() { # seconds service...
+  local deadline=$((SECONDS + $1)) id service state health code pending bad named=" ${*:2} "
   while :; do
     pending="" bad=""
     for id in $(compose_containers); do
       read -r service state health code <<<"$(docker inspect -f \
         '{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.ExitCode}}' "$id")"
+      [[ $named == *" $service "* ]] || continue
       case "$state/$health" in
         running/healthy | running/none) ;;
         exited/*) [ "$code" = 0 ] || bad="$service exited with status $code" ;;
