@@ -22,7 +22,7 @@ import pytest
 
 from avocado_sim import OllamaSimulator, SimConfig
 from tests.conftest import SHOWN
-from tests.processes import free_port
+from tests.services import compose_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "scripts/start-ml-services.sh"
@@ -65,20 +65,15 @@ def _standins() -> dict[str, str]:
     return dict(line.split("=", 1) for line in done.stdout.split())
 
 
-def _clean_environment() -> dict[str, str]:
-    """This process's environment without what the compose files or the scripts read."""
-    ours = ("AVOCADO_", "RABBITMQ_", "REDIS_", "POSTGRES_", "COMPOSE_", "OLLAMA_", "PYTHON_IMAGE")
-    return {k: v for k, v in os.environ.items() if not k.startswith(ours)}
-
-
 @pytest.fixture
 def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A project of its own on free host ports (the machine's services keep theirs), fresh
     secrets, the stand-in images; its containers and volumes go at the end."""
-    env = _clean_environment()
-    env.update(
-        _standins(),
+    env = compose_env(
+        **_standins(),
         COMPOSE_PROJECT_NAME=f"avocado-e2e-{uuid.uuid4().hex[:8]}",
+        # Images built on the stand-ins are not a user's: never over their :latest.
+        AVOCADO_IMAGE_TAG="e2e-standins",
         AVOCADO_RUN_DIR=str(tmp_path / "run"),
         AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),
         RABBITMQ_DEFAULT_PASS=secrets.token_urlsafe(16),
@@ -265,8 +260,7 @@ def test_a_missing_secret_stops_compose_before_anything_starts(tmp_path: Path) -
     """Refused by the start script, and by Compose itself when run by hand: no container, no
     volume, no network is made."""
     project = f"avocado-e2e-{uuid.uuid4().hex[:8]}"
-    env = _clean_environment()
-    env.update(
+    env = compose_env(
         COMPOSE_PROJECT_NAME=project,
         AVOCADO_RUN_DIR=str(tmp_path / "run"),
         AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),

@@ -7,7 +7,6 @@ tests/e2e/test_docker_stack.py starts the stack for real."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -23,6 +22,7 @@ import yaml
 from avocado_infer import InferSettings
 from avocado_shared.settings import Settings
 from ollama_worker.settings import WorkerSettings
+from tests.services import compose_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -67,24 +67,6 @@ def _compose_exe() -> str:
     return exe
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without anything the compose files interpolate."""
-    ours = (
-        "AVOCADO_",
-        "RABBITMQ_",
-        "REDIS_",
-        "POSTGRES_",
-        "COMPOSE_",
-        "OLLAMA_",
-        "NGROK_",
-        "PROMETHEUS_",
-        "GRAFANA_",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
-    env.update(extra)
-    return env
-
-
 def _config(
     env: dict[str, str], env_file: Path, *overlays: Path
 ) -> subprocess.CompletedProcess[str]:
@@ -108,7 +90,7 @@ def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def merged(empty_env_file: Path) -> dict[str, Any]:
     """The merged configuration, with the required secrets in the environment."""
-    done = _config(_clean_env(**SECRETS), empty_env_file)
+    done = _config(compose_env(**SECRETS), empty_env_file)
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     return config
@@ -164,8 +146,8 @@ def test_a_missing_secret_stops_compose(missing: str, empty_env_file: Path) -> N
     unset = {k: v for k, v in SECRETS.items() if k != missing}
     empty = {**SECRETS, missing: ""}
 
-    without = _config(_clean_env(**unset), empty_env_file)
-    blank = _config(_clean_env(**empty), empty_env_file)
+    without = _config(compose_env(**unset), empty_env_file)
+    blank = _config(compose_env(**empty), empty_env_file)
 
     for done in (without, blank):
         assert done.returncode != 0
@@ -321,7 +303,7 @@ def test_infer_reads_only_settings_that_exist(services: dict[str, dict[str, Any]
 
 
 def test_infer_port_moves_the_published_port_only(empty_env_file: Path) -> None:
-    done = _config(_clean_env(**SECRETS, AVOCADO_INFER_PORT="12000"), empty_env_file)
+    done = _config(compose_env(**SECRETS, AVOCADO_INFER_PORT="12000"), empty_env_file)
 
     assert done.returncode == 0, done.stderr
     infer = yaml.safe_load(done.stdout)["services"]["infer"]
@@ -412,7 +394,7 @@ def test_ollama_reserves_the_gpus_only_with_their_overlay(
 ) -> None:
     """An engine without NVIDIA's runtime refuses a container that reserves a GPU: the base
     files start Ollama anywhere, docker-compose.gpu.yml gives it the GPUs."""
-    done = _config(_clean_env(**SECRETS), empty_env_file, GPU)
+    done = _config(compose_env(**SECRETS), empty_env_file, GPU)
 
     assert done.returncode == 0, done.stderr
     ollama = yaml.safe_load(done.stdout)["services"]["ollama"]
@@ -428,7 +410,7 @@ def test_the_simulator_stands_in_for_ollama(
 ) -> None:
     """With docker-compose.sim.yml the workers reach the simulator where Ollama was: its own
     image, the default model, the Host it is asked by, and nothing to pull."""
-    done = _config(_clean_env(**SECRETS), empty_env_file, SIM)
+    done = _config(compose_env(**SECRETS), empty_env_file, SIM)
 
     assert done.returncode == 0, done.stderr
     merged = yaml.safe_load(done.stdout)["services"]
@@ -501,7 +483,7 @@ def test_every_image_from_a_registry_can_be_named(
     """The official images by default; a mirror's (or a machine's own stand-ins) when named,
     the base of the project's images too."""
     named = {variable: f"mirror/{service}:1" for variable, (service, _) in IMAGES.items()}
-    done = _config(_clean_env(**SECRETS, **named, PYTHON_IMAGE="mirror/python:3"), empty_env_file)
+    done = _config(compose_env(**SECRETS, **named, PYTHON_IMAGE="mirror/python:3"), empty_env_file)
 
     assert done.returncode == 0, done.stderr
     moved = yaml.safe_load(done.stdout)["services"]
@@ -530,7 +512,7 @@ def test_every_published_port_can_be_moved(empty_env_file: Path) -> None:
     """A host that runs RabbitMQ, Redis or PostgreSQL itself keeps its ports: the stack
     publishes each of its own on the host port its variable says."""
     moved = {variable: str(30001 + i) for i, variable in enumerate(PORTS)}
-    done = _config(_clean_env(**SECRETS, **moved), empty_env_file)
+    done = _config(compose_env(**SECRETS, **moved), empty_env_file)
 
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
@@ -701,6 +683,6 @@ def test_env_example_holds_placeholders_not_secrets() -> None:
 
 
 def test_env_example_is_enough_for_compose() -> None:
-    done = _config(_clean_env(), ENV_EXAMPLE)
+    done = _config(compose_env(), ENV_EXAMPLE)
 
     assert done.returncode == 0, done.stderr
