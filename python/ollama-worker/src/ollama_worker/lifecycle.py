@@ -44,9 +44,6 @@ class Lifecycle(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def create(self, parent: Any) -> Resources:
         setup_tracing("avocado-worker")  # before the pool forks: its children inherit it
-        # httpx logs each request at INFO: following the server's models alone wrote two
-        # lines every 5 s into the worker's log (docker logs); its warnings still show.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         resources = Resources(parent.app, parent.app.settings)
         resources.open(parent.hostname, parent.concurrency)
         parent.app.resources = resources
