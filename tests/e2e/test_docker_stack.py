@@ -133,7 +133,8 @@ def _docker_ps(env: dict[str, str]) -> str:
     return done.stdout
 
 
-def _start(request: pytest.FixtureRequest, env: dict[str, str]) -> None:
+def _start(request: pytest.FixtureRequest, env: dict[str, str]) -> str:
+    """The start script's output, and Compose's (its log)."""
     up = _run(START, "--docker", "--simulate", "--workers", "2", env=env, timeout=900)
     _show(
         request,
@@ -144,6 +145,7 @@ def _start(request: pytest.FixtureRequest, env: dict[str, str]) -> None:
     assert up.returncode == 0, up.stderr
     assert "stack is up (Docker" in up.stdout
     assert "(the simulator)" in up.stdout
+    return up.stdout + up.stderr + (Path(env["AVOCADO_RUN_DIR"]) / "compose-up.log").read_text()
 
 
 def _assert_healthy(env: dict[str, str]) -> None:
@@ -157,19 +159,17 @@ def _assert_healthy(env: dict[str, str]) -> None:
 
 
 def _assert_no_secret_shown(env: dict[str, str], *outputs: str) -> None:
-    """Neither the scripts' output nor the containers' arguments (docker ps and docker
-    inspect show them) hold a secret."""
-    args = _run(
-        "docker",
-        "inspect",
-        "-f",
-        "{{json .Path}} {{json .Args}}",
-        *_containers(env),
-        env=env,
-        timeout=60,
-    )
+    """Neither the scripts' output, nor the containers' arguments (docker ps and docker
+    inspect show them), nor their logs hold a secret."""
+    containers = _containers(env)
+    template = "{{json .Path}} {{json .Args}}"
+    args = _run("docker", "inspect", "-f", template, *containers, env=env, timeout=60)
+    assert args.returncode == 0, args.stderr
     no_trunc = _run("docker", "ps", "-a", "--no-trunc", env=env, timeout=60)
-    shown = "\n".join([*outputs, args.stdout, no_trunc.stdout])
+    logs = [_run("docker", "logs", container, env=env, timeout=60) for container in containers]
+    shown = "\n".join(
+        [*outputs, args.stdout, no_trunc.stdout, *(log.stdout + log.stderr for log in logs)]
+    )
     for name in (
         "RABBITMQ_DEFAULT_PASS",
         "REDIS_PASSWORD",
@@ -222,7 +222,7 @@ def _job_with_its_worker_killed(env: dict[str, str], gateway: httpx.Client) -> t
 def test_the_stack_in_containers(stack_env: dict[str, str], request: pytest.FixtureRequest) -> None:
     env = stack_env
 
-    _start(request, env)
+    first = _start(request, env)
     _assert_healthy(env)
     gateway = _gateway(env, _api_key(env))
     job, answer, killed = _job_with_its_worker_killed(env, gateway)
@@ -239,7 +239,7 @@ def test_the_stack_in_containers(stack_env: dict[str, str], request: pytest.Fixt
     assert down.returncode == 0, down.stderr
     assert _containers(env) == []
 
-    _start(request, env)
+    second = _start(request, env)
     _assert_healthy(env)
     # The key (Redis, its append-only file) and the job's row (PostgreSQL) were in volumes.
     kept = gateway.get(f"/jobs/{job}").json()
@@ -253,7 +253,7 @@ def test_the_stack_in_containers(stack_env: dict[str, str], request: pytest.Fixt
     )
     assert again.status_code == 200, again.text
     assert again.json()["done"] is True
-    _assert_no_secret_shown(env)
+    _assert_no_secret_shown(env, first, down.stdout + down.stderr, second)
 
 
 def test_a_missing_secret_stops_compose_before_anything_starts(tmp_path: Path) -> None:
