@@ -187,6 +187,50 @@ ensure_services() {
   ensure_postgres
 }
 
+# A Debian root made with debootstrap in DIR, once per machine: later calls (and whoever waited
+# on the lock while another made it) find it ready. A chroot in it resolves names as the
+# machine does.
+debootstrap_root() { # dir suite packages (comma list)
+  [ -f "$1/.avocado-ready" ] && return 0
+  as_root mkdir -p "$(dirname "$1")"
+  # One build at a time (two test runs, or a test run and the fleet's start, may ask at once).
+  exec 9>"$1.lock"
+  flock 9
+  if [ ! -f "$1/.avocado-ready" ]; then make_debian_root "$@"; fi
+  flock -u 9
+}
+
+make_debian_root() { # dir suite packages
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || apt_install debootstrap
+  local building="$1.building" mirror="${AVOCADO_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+  say "building a Debian $2 root with $3 in $1 (a minute or more, once per machine)"
+  remove_root "$building"
+  as_root env PATH="$PATH:/usr/sbin:/sbin" debootstrap --variant=minbase --include="$3" \
+    "$2" "$building" "$mirror" >"$building.log" 2>&1 \
+    || { unmount_under "$building"; die "debootstrap of Debian $2 failed: see $building.log"; }
+  as_root cp /etc/hosts "$building/etc/hosts"
+  remove_root "$1"
+  as_root mv "$building" "$1"
+  as_root touch "$1/.avocado-ready"
+  as_root rm -f "$building.log"
+}
+
+# Unmount whatever is mounted under $1, deepest first: debootstrap leaves /proc mounted when
+# it fails, and a node's root has the machine's /proc and /dev bound into it.
+unmount_under() {
+  local mounted
+  while read -r mounted; do
+    as_root umount -l "$mounted" || die "could not unmount $mounted"
+  done < <(awk -v root="$1/" 'index($2 "/", root) == 1 { print $2 }' /proc/mounts | sort -r)
+}
+
+# Delete a root without ever reaching into the machine's own /proc or /dev.
+remove_root() {
+  [ -e "$1" ] || return 0
+  unmount_under "$1"
+  as_root rm -rf --one-file-system "$1"
+}
+
 # Debian's Chromium and its chromedriver: the browser tests of the gateway's web page
 # (tests/integration/test_ui.py) drive it headless through Selenium.
 ensure_chromium() {
@@ -247,21 +291,53 @@ docker_engine_up() {
   command -v docker >/dev/null && timeout 15 docker info >/dev/null 2>&1
 }
 
+# A Docker engine that answers: Debian's docker.io installed with apt when there is no
+# dockerd, and dockerd started as root when none answers (its log: /var/log/avocado-dockerd.log).
+# An engine DOCKER_HOST names elsewhere is not this machine's to start.
+ensure_docker_engine() {
+  docker_engine_up && return 0
+  case "${DOCKER_HOST:-unix:///var/run/docker.sock}" in
+    unix:///var/run/docker.sock | unix:///run/docker.sock) ;;
+    *) die "no Docker engine answers at DOCKER_HOST=$DOCKER_HOST ('docker info' failed): start it, or unset DOCKER_HOST for this machine's own" ;;
+  esac
+  if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then apt_install docker.io; fi
+  if have_systemd; then as_root systemctl start docker
+  else
+    say "starting dockerd"
+    as_root sh -c 'setsid dockerd >>/var/log/avocado-dockerd.log 2>&1 </dev/null &'
+  fi
+  local i
+  for ((i = 0; i < 60; i++)); do docker_engine_up && return 0; sleep 1; done
+  tail -n 20 /var/log/avocado-dockerd.log >&2 2>/dev/null || true
+  die "the Docker engine did not answer 'docker info' within 60 s (log: /var/log/avocado-dockerd.log)"
+}
+
+# COMPOSE_PROJECT: the stack's Compose project, COMPOSE_PROJECT_NAME (the environment, then
+# the env file) as Compose itself would read it, else spicy-avocado.
+compose_project() {
+  load_env_file COMPOSE_PROJECT_NAME
+  COMPOSE_PROJECT=${COMPOSE_PROJECT_NAME:-spicy-avocado}
+}
+
 # COMPOSE: the Compose command line of this stack: the plugin (docker compose) when there is
-# one, else docker-compose; the project name, the env file when it exists, both files.
-COMPOSE_PROJECT=spicy-avocado
-set_compose() {
+# one, else docker-compose; the project name, the env file when it exists, both files and the
+# overlays named (sim, gpu: docker/docker-compose.NAME.yml).
+set_compose() { # overlay...
   if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
   elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
   else die "a Docker engine answers but Compose is missing: install the compose plugin (docker-compose-plugin) or docker-compose, or run with --native"
   fi
+  compose_project
   COMPOSE+=(-p "$COMPOSE_PROJECT")
   [ ! -f "$ENV_FILE" ] || COMPOSE+=(--env-file "$ENV_FILE")
   COMPOSE+=(-f "$ROOT/docker/docker-compose.yml" -f "$ROOT/docker/docker-compose.ml.yml")
+  local overlay
+  for overlay in "$@"; do COMPOSE+=(-f "$ROOT/docker/docker-compose.$overlay.yml"); done
 }
 
 # Containers of the stack, running or not.
 compose_containers() {
+  compose_project
   docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT"
 }
 

@@ -38,45 +38,7 @@ SUITE=trixie
 NODES=/var/lib/avocado-rabbitmq
 
 build_root() {
-  [ -f "$RABBIT4_ROOT/.avocado-ready" ] && return 0
-  as_root mkdir -p "$(dirname "$RABBIT4_ROOT")"
-  # One build at a time (two test runs, or a test run and the fleet's start, may ask at once);
-  # whoever waited finds the root ready.
-  exec 9>"$RABBIT4_ROOT.lock"
-  flock 9
-  if [ ! -f "$RABBIT4_ROOT/.avocado-ready" ]; then make_root; fi
-  flock -u 9
-}
-
-make_root() {
-  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || apt_install debootstrap
-  local building="$RABBIT4_ROOT.building" mirror="${AVOCADO_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-  say "building the RabbitMQ 4 root in $RABBIT4_ROOT (Debian $SUITE, about a minute, once per machine)"
-  remove_root "$building"
-  as_root env PATH="$PATH:/usr/sbin:/sbin" debootstrap --variant=minbase --include=rabbitmq-server \
-    "$SUITE" "$building" "$mirror" >"$building.log" 2>&1 \
-    || { unmount_under "$building"; die "debootstrap of Debian $SUITE failed: see $building.log"; }
-  as_root cp /etc/hosts "$building/etc/hosts"
-  remove_root "$RABBIT4_ROOT"
-  as_root mv "$building" "$RABBIT4_ROOT"
-  as_root touch "$RABBIT4_ROOT/.avocado-ready"
-  as_root rm -f "$building.log"
-}
-
-# Unmount whatever is mounted under $1, deepest first: debootstrap leaves /proc mounted when
-# it fails, and a node's root has the machine's /proc and /dev bound into it.
-unmount_under() {
-  local mounted
-  while read -r mounted; do
-    as_root umount -l "$mounted" || die "could not unmount $mounted"
-  done < <(awk -v root="$1/" 'index($2 "/", root) == 1 { print $2 }' /proc/mounts | sort -r)
-}
-
-# Delete a root without ever reaching into the machine's own /proc or /dev.
-remove_root() {
-  [ -e "$1" ] || return 0
-  unmount_under "$1"
-  as_root rm -rf --one-file-system "$1"
+  debootstrap_root "$RABBIT4_ROOT" "$SUITE" rabbitmq-server
 }
 
 mount_root() {

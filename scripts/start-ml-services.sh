@@ -14,9 +14,11 @@ usage() {
 usage: scripts/start-ml-services.sh [--native | --docker] [--simulate] [--workers N]
                                     [--concurrency N] [--only PARTS]
 
-  --docker         the compose stack in docker/ (the default when 'docker info' answers)
+  --docker         the compose stack in docker/ (the default when 'docker info' answers;
+                   asked for, this machine's engine is installed and started when missing)
   --native         processes on this machine (the default without a Docker engine)
-  --simulate       run the built-in Ollama simulator instead of a real Ollama (native only)
+  --simulate       run the built-in Ollama simulator instead of a real Ollama (natively unless
+                   --docker: then in a container, docker/docker-compose.sim.yml)
   --workers N      worker nodes (native) or worker containers (Docker); default 1
   --concurrency N  jobs at once per worker (default AVOCADO_SLOTS, else what its server runs at once)
   --only PARTS     start only these parts, a comma list of $ALL_PARTS
@@ -35,7 +37,7 @@ USAGE
 load_env_file AVOCADO_RUN_DIR AVOCADO_OLLAMA_URL AVOCADO_DEFAULT_MODEL AVOCADO_FLOWER_PORT \
   AVOCADO_FLOWER_USER AVOCADO_FLOWER_PASSWORD AVOCADO_WORKERS AVOCADO_SLOTS \
   AVOCADO_METRICS_PORT AVOCADO_PUBLISH_ADDRESS AVOCADO_INFER AVOCADO_INFER_HOST AVOCADO_INFER_PORT \
-  AVOCADO_EMBEDDED_PORT AVOCADO_EMBEDDED_THREADS
+  AVOCADO_EMBEDDED_PORT AVOCADO_EMBEDDED_THREADS AVOCADO_GPU
 # OpenTelemetry's own variables, read from the environment by its SDK in the worker and gateway.
 load_env_file OTEL_TRACES_EXPORTER OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT \
   OTEL_EXPORTER_OTLP_HEADERS OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG OTEL_RESOURCE_ATTRIBUTES \
@@ -86,10 +88,41 @@ mkdir -p "$RUN"
 cd "$ROOT"
 
 # ---------------------------------------------------------------------------------- Docker
+# Ollama on the GPUs (docker/docker-compose.gpu.yml): when the engine has NVIDIA's runtime,
+# unless AVOCADO_GPU=true or false decides.
+want_gpu() {
+  case "${AVOCADO_GPU:-auto}" in
+    true | 1 | yes | on) return 0 ;;
+    false | 0 | no | off) return 1 ;;
+    auto) [[ $(docker info --format '{{json .Runtimes}}' 2>/dev/null) == *'"nvidia"'* ]] ;;
+    *) die "AVOCADO_GPU must be true, false or auto, not '$AVOCADO_GPU'" ;;
+  esac
+}
+
+# What to do when Compose could not pull an image (no registry answers: name a mirror's) or
+# publish a port because this host uses it (its own RabbitMQ, Redis or PostgreSQL, say).
+compose_up_hint() { # compose log
+  local port name default
+  if grep -qE "^Pulling |pull access denied" "$1" \
+    && grep -qE "registry|pull access denied|manifest unknown|no such host|failed to resolve" "$1"; then
+    die "an image could not be pulled: name one this host can reach with its *_IMAGE variable (.env.example); --simulate needs no Ollama image"
+  fi
+  port=$(sed -n 's/.*:\([0-9]*\): bind: address already in use.*/\1/p' "$1" | head -n 1)
+  [ -n "$port" ] || return 0
+  for name in AVOCADO_RABBITMQ_PORT:5672 AVOCADO_RABBITMQ_MANAGEMENT_PORT:15672 AVOCADO_REDIS_PORT:6379 \
+    AVOCADO_POSTGRES_PORT:5432 AVOCADO_OLLAMA_PORT:11434 AVOCADO_FLOWER_PORT:5555 AVOCADO_INFER_PORT:11435; do
+    default=${name#*:} name=${name%%:*}
+    if [ "${!name:-$default}" = "$port" ]; then
+      die "port $port is taken on this host: move the stack's with $name in $ENV_FILE (or the environment)"
+    fi
+  done
+}
+
 start_docker() {
-  [ "$SIMULATE" = 0 ] || die "--simulate runs the Ollama simulator on this machine: use it with --native"
-  docker_engine_up || die "--docker: no Docker engine answers ('docker info' failed): start Docker, or run with --native"
-  load_env_file RABBITMQ_DEFAULT_USER RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD
+  ensure_docker_engine
+  load_env_file RABBITMQ_DEFAULT_USER RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD \
+    AVOCADO_RABBITMQ_PORT AVOCADO_RABBITMQ_MANAGEMENT_PORT AVOCADO_REDIS_PORT AVOCADO_POSTGRES_PORT \
+    AVOCADO_OLLAMA_PORT
   local name
   for name in RABBITMQ_DEFAULT_PASS REDIS_PASSWORD POSTGRES_PASSWORD AVOCADO_FLOWER_PASSWORD; do
     case "${!name:-}" in
@@ -97,7 +130,10 @@ start_docker() {
       change-me*) die "$name is still the placeholder of .env.example: set a real secret in $ENV_FILE" ;;
     esac
   done
-  set_compose
+  # The simulator in Ollama's place, or Ollama on the GPUs.
+  local overlays=()
+  if [ "$SIMULATE" = 1 ]; then overlays=(sim); elif want_gpu; then overlays=(gpu); fi
+  set_compose "${overlays[@]}"
   [ -z "$CONCURRENCY" ] || export AVOCADO_SLOTS="$CONCURRENCY"
 
   local services=() names=() part up=(up -d --build --remove-orphans)
@@ -109,21 +145,26 @@ start_docker() {
   say "building and starting the Docker stack (log: $RUN/compose-up.log)"
   if ! "${COMPOSE[@]}" "${up[@]}" "${services[@]}" >"$RUN/compose-up.log" 2>&1; then
     tail -n 30 "$RUN/compose-up.log" >&2
+    compose_up_hint "$RUN/compose-up.log"
     die "docker compose up failed; the whole output is in $RUN/compose-up.log"
   fi
-  wait_docker_healthy 600
+  wait_docker_healthy 600 "${services[@]}"
 
   local host=${AVOCADO_PUBLISH_ADDRESS:-127.0.0.1}
   [ "$host" != 0.0.0.0 ] || host=127.0.0.1
   say "Spicy Avocado stack is up (Docker, project $COMPOSE_PROJECT)."
   if has_part services || has_part worker || has_part beat || has_part flower; then
-    say "  RabbitMQ:   amqp://$host:5672//  management http://$host:15672  (user ${RABBITMQ_DEFAULT_USER:-avocado})"
-    say "  Redis:      redis://$host:6379/0"
+    say "  RabbitMQ:   amqp://$host:${AVOCADO_RABBITMQ_PORT:-5672}//  management http://$host:${AVOCADO_RABBITMQ_MANAGEMENT_PORT:-15672}  (user ${RABBITMQ_DEFAULT_USER:-avocado})"
+    say "  Redis:      redis://$host:${AVOCADO_REDIS_PORT:-6379}/0"
   fi
   if has_part services || has_part worker; then
-    say "  PostgreSQL: postgresql://avocado@$host:5432/avocado  (ml_results)"
+    say "  PostgreSQL: postgresql://avocado@$host:${AVOCADO_POSTGRES_PORT:-5432}/avocado  (ml_results)"
   fi
-  if has_part ollama || has_part worker; then say "  Ollama:     http://$host:11434"; fi
+  if has_part ollama || has_part worker; then
+    local kind=""
+    [ "$SIMULATE" = 0 ] || kind="  (the simulator)"
+    say "  Ollama:     http://$host:${AVOCADO_OLLAMA_PORT:-11434}$kind"
+  fi
   if has_part worker; then
     say "  workers:    $WORKERS container(s) x ${CONCURRENCY:-4} jobs at once; Prometheus /metrics on port $METRICS_PORT inside the stack's network"
   fi
@@ -133,25 +174,28 @@ start_docker() {
   if has_part infer; then
     say "  gateway:    http://$host:$INFER_PORT  (avocado-infer: Ollama's /api, OpenAI's /v1; /readyz)"
     say "  web UI:     http://$host:$INFER_PORT/ui  (chat and the fleet; sign in with an API key)"
+    say "  API keys:   ${COMPOSE[*]} exec infer avocado keys create NAME"
   fi
   cat <<DONE
   Compose:    ${COMPOSE[*]} ps   (or logs -f worker)
   Producers on this host: set AVOCADO_BROKER_URL, AVOCADO_REDIS_URL and AVOCADO_DATABASE_URL
-  to the addresses above with the passwords of $ENV_FILE (see .env.example).
+  to the addresses above with the stack's passwords (see .env.example).
 
 Stop everything: scripts/stop-ml-services.sh
 DONE
 }
 
-# Until every container of the stack is healthy (or a one-shot exited 0); loud on the first
-# that is unhealthy or failed.
-wait_docker_healthy() { # seconds
-  local deadline=$((SECONDS + $1)) id service state health code pending bad
+# Until every container of the services named is healthy (or a one-shot exited 0); loud on
+# the first that is unhealthy or failed. Compose has waited for what they depend on; the
+# others (a worker killed earlier, say) are not this start's.
+wait_docker_healthy() { # seconds service...
+  local deadline=$((SECONDS + $1)) id service state health code pending bad named=" ${*:2} "
   while :; do
     pending="" bad=""
     for id in $(compose_containers); do
       read -r service state health code <<<"$(docker inspect -f \
         '{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.ExitCode}}' "$id")"
+      [[ $named == *" $service "* ]] || continue
       case "$state/$health" in
         running/healthy | running/none) ;;
         exited/*) [ "$code" = 0 ] || bad="$service exited with status $code" ;;

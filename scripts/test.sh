@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the tests need, from a fresh clone: virtualenv, local services (RabbitMQ 3 and 4),
-# lint, types, tests.
+# a Docker engine, lint, types, tests.
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -k summary
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -15,6 +15,9 @@ ensure_services
 export AVOCADO_TEST_RABBIT4_PORT="${AVOCADO_TEST_RABBIT4_PORT:-5673}"
 "$ROOT/scripts/rabbitmq-node.sh" start --port "$AVOCADO_TEST_RABBIT4_PORT"
 ensure_docker_compose_v1
+# The Compose stack runs for real (tests/e2e/test_docker_stack.py): an engine, started here
+# (installed with apt when missing); its stand-in images are built by the test, cached.
+ensure_docker_engine
 ensure_chromium # the web page's browser tests
 command -v rabbitmqctl >/dev/null || [ -x /usr/sbin/rabbitmqctl ] || die "rabbitmqctl missing"
 export PATH="$VENV/bin:$PATH:/usr/sbin"

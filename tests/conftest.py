@@ -62,6 +62,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop(_DATA_HOME, ""), ignore_errors=True)
 
 
+# The title of the report sections a test adds to be shown even when it passes
+# (request.node.add_report_section("call", SHOWN, text)): what CI's log must hold.
+SHOWN = "shown"
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, each module with a server of its own first in a worker's share."""
@@ -89,9 +94,15 @@ def _broker(label: str) -> Broker:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """Say how the tests of each RabbitMQ version ended, so CI shows both were run."""
+    """Say how the tests of each RabbitMQ version ended, so CI shows both were run; and the
+    sections titled SHOWN of passed tests (reports carry them from xdist's workers)."""
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller says it
         return
+    for report in terminalreporter.stats.get("passed", []):
+        for title, text in report.sections:
+            if title.startswith(f"Captured {SHOWN} "):  # pytest titles it so
+                terminalreporter.write_sep("-", f"{report.nodeid}: {title}")
+                terminalreporter.write_line(text)
     for label in BROKERS:
         counts = {
             outcome: sum(f"[{label}" in r.nodeid or f"-{label}" in r.nodeid for r in reports)

@@ -28,6 +28,7 @@ __all__ = [
     "VENV_BIN",
     "RedisServer",
     "WorkerProcess",
+    "compose_env",
     "free_port",
     "kill_group",
     "run_cli",
@@ -39,6 +40,28 @@ __all__ = [
 ]
 
 REDIS_URL = os.environ.get("AVOCADO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# What the compose files interpolate and the scripts read.
+_COMPOSE_VARIABLES = (
+    "AVOCADO_",
+    "RABBITMQ_",
+    "REDIS_",
+    "POSTGRES_",
+    "COMPOSE_",
+    "OLLAMA_",
+    "NGROK_",
+    "PROMETHEUS_",
+    "GRAFANA_",
+    "PYTHON_IMAGE",
+)
+
+
+def compose_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything the compose files or the scripts read
+    (none of the developer's settings reaches a test's stack), and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_COMPOSE_VARIABLES)}
+    env.update(extra)
+    return env
 
 
 def service_env(broker_url: str, key_prefix: str, **extra: str) -> dict[str, str]:

@@ -417,8 +417,8 @@ def test_start_without_ollama_runs_the_embedded_model(fleet_env: dict[str, str])
 # --------------------------------------------------------------------------- Docker path
 
 # A stand-in for the docker client: an engine that answers, Compose as a plugin, and a
-# stack whose containers report the health FAKE_DOCKER_HEALTH says. Every call is logged
-# with the environment Compose would interpolate.
+# stack whose containers report the health FAKE_DOCKER_HEALTH says (or whose up fails with
+# FAKE_DOCKER_UP_ERROR). Every call is logged with the environment Compose would interpolate.
 FAKE_DOCKER = """\
 import json, os, sys
 args = sys.argv[1:]
@@ -430,6 +430,8 @@ with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
 containers = {"c1": "rabbitmq running healthy 0", "c2": "ollama-pull exited none 0",
               "c3": "worker running " + os.environ.get("FAKE_DOCKER_HEALTH", "healthy") + " 0"}
 if args[:1] == ["compose"] and "up" in args:
+    if os.environ.get("FAKE_DOCKER_UP_ERROR"):
+        sys.exit(os.environ["FAKE_DOCKER_UP_ERROR"])
     open(state, "w").close()
 if args[:1] == ["compose"] and "down" in args and os.path.exists(state):
     os.remove(state)
@@ -529,7 +531,8 @@ def test_docker_path_without_the_gateway(docker_env: dict[str, str]) -> None:
 
 
 def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
-    env = {**docker_env, **DOCKER_SECRETS}
+    """Only the parts asked for are waited on: a worker that died earlier is not theirs."""
+    env = {**docker_env, **DOCKER_SECRETS, "FAKE_DOCKER_HEALTH": "unhealthy"}
 
     up = _run(START, env, "--docker", "--only", "services,flower", timeout=60)
 
@@ -546,7 +549,20 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
     [
         ({"REDIS_PASSWORD": ""}, [], "REDIS_PASSWORD is not set"),
         ({"POSTGRES_PASSWORD": "change-me-postgres"}, [], "POSTGRES_PASSWORD is still the"),
-        ({}, ["--docker", "--simulate"], "use it with --native"),
+        ({"AVOCADO_GPU": "maybe"}, [], "AVOCADO_GPU must be true, false or auto"),
+        (
+            {"FAKE_DOCKER_UP_ERROR": "listen tcp4 127.0.0.1:6379: bind: address already in use"},
+            [],
+            "port 6379 is taken on this host: move the stack's with AVOCADO_REDIS_PORT",
+        ),
+        (
+            {
+                "FAKE_DOCKER_UP_ERROR": "Pulling ollama (ollama/ollama:latest)...\n"
+                'Get "https://registry-1.docker.io/v2/": dial tcp: no such host'
+            },
+            [],
+            "an image could not be pulled: name one this host can reach with its *_IMAGE",
+        ),
         ({"FAKE_DOCKER_HEALTH": "unhealthy"}, [], "worker is unhealthy"),
         ({}, ["--only", "worker,gpu"], "unknown part 'gpu'"),
         ({}, ["--workers", "0"], "--workers needs a whole number"),
@@ -555,7 +571,9 @@ def test_docker_path_only_some_parts(docker_env: dict[str, str]) -> None:
     ids=[
         "missing-secret",
         "placeholder",
-        "simulate",
+        "bad-gpu",
+        "port-taken",
+        "no-registry",
         "unhealthy",
         "bad-part",
         "no-workers",
@@ -574,10 +592,44 @@ def test_docker_path_refuses_loudly(
     assert "stack is up" not in done.stdout
 
 
-def test_without_a_docker_engine_docker_is_refused(docker_env: dict[str, str]) -> None:
-    env = {**docker_env, **DOCKER_SECRETS, "PATH": "/usr/bin:/bin"}
+@pytest.mark.parametrize(
+    ("args", "change", "overlay"),
+    [
+        (["--docker", "--simulate"], {}, "sim"),
+        (["--docker", "--simulate"], {"AVOCADO_GPU": "true"}, "sim"),
+        (["--docker"], {"AVOCADO_GPU": "true"}, "gpu"),
+    ],
+    ids=["simulator", "simulator-not-gpu", "gpu"],
+)
+def test_docker_path_overlays(
+    docker_env: dict[str, str], args: list[str], change: dict[str, str], overlay: str
+) -> None:
+    """--simulate puts the simulator in Ollama's place; the GPUs' overlay comes when asked
+    for (or when the engine has NVIDIA's runtime), never over the simulator."""
+    env = {**docker_env, **DOCKER_SECRETS, **change}
+
+    up = _run(START, env, *args, timeout=60)
+
+    assert up.returncode == 0, up.stderr
+    [call] = _compose_calls(env, "up")
+    files = [call["args"][i + 1] for i, a in enumerate(call["args"]) if a == "-f"]
+    assert files[2:] == [str(ROOT / f"docker/docker-compose.{overlay}.yml")]
+    assert ("(the simulator)" in up.stdout) == (overlay == "sim")
+
+
+def test_without_a_docker_engine_docker_is_refused(tmp_path: Path) -> None:
+    """Whether or not this machine runs an engine: the one DOCKER_HOST names does not answer,
+    and is not this machine's to install or start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVOCADO_")}
+    env.update(
+        DOCKER_SECRETS,
+        DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock",
+        AVOCADO_RUN_DIR=str(tmp_path / "run"),
+        AVOCADO_ENV_FILE=str(tmp_path / "absent.env"),
+    )
 
     done = _run(START, env, "--docker", timeout=60)
 
     assert done.returncode == 1
     assert "no Docker engine answers" in done.stderr
+    assert "stack is up" not in done.stdout

@@ -1,12 +1,12 @@
-"""The Docker stack as Compose sees it: docker-compose.yml merged with the ml overlay, read by
-a real Compose (Debian's docker-compose 1.29, which needs no engine for ``config``) and
-checked against the Compose Specification's JSON schema; the worker image's Dockerfile, the
-RabbitMQ config and .env.example beside them."""
+"""The Docker stack as Compose sees it: docker-compose.yml merged with the ml overlay (and the
+simulator's or the GPUs' overlay), read by a real Compose (Debian's docker-compose 1.29, which
+needs no engine for ``config``) and checked against the Compose Specification's JSON schema;
+the images' Dockerfiles, the RabbitMQ config and .env.example beside them.
+tests/e2e/test_docker_stack.py starts the stack for real."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -22,10 +22,15 @@ import yaml
 from avocado_infer import InferSettings
 from avocado_shared.settings import Settings
 from ollama_worker.settings import WorkerSettings
+from tests.services import compose_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 FILES = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.ml.yml"]
+# The simulator in place of Ollama, and Ollama on the GPUs: on top of FILES.
+SIM = DOCKER / "docker-compose.sim.yml"
+GPU = DOCKER / "docker-compose.gpu.yml"
+OVERLAYS = [SIM, GPU]
 SCHEMA = ROOT / "tests/data/compose-spec.json"
 ENV_EXAMPLE = ROOT / ".env.example"
 
@@ -62,28 +67,13 @@ def _compose_exe() -> str:
     return exe
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without anything the compose files interpolate."""
-    ours = (
-        "AVOCADO_",
-        "RABBITMQ_",
-        "REDIS_",
-        "POSTGRES_",
-        "COMPOSE_",
-        "OLLAMA_",
-        "NGROK_",
-        "PROMETHEUS_",
-        "GRAFANA_",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
-    env.update(extra)
-    return env
-
-
-def _config(env: dict[str, str], env_file: Path) -> subprocess.CompletedProcess[str]:
-    """``docker-compose config`` of both files, as the start script runs Compose."""
+def _config(
+    env: dict[str, str], env_file: Path, *overlays: Path
+) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` of both files and the overlays, as the start script runs
+    Compose."""
     args = [_compose_exe(), "-p", "spicy-avocado", "--env-file", str(env_file)]
-    for file in FILES:
+    for file in [*FILES, *overlays]:
         args += ["-f", str(file)]
     return subprocess.run(
         [*args, "config"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -100,7 +90,7 @@ def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def merged(empty_env_file: Path) -> dict[str, Any]:
     """The merged configuration, with the required secrets in the environment."""
-    done = _config(_clean_env(**SECRETS), empty_env_file)
+    done = _config(compose_env(**SECRETS), empty_env_file)
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     return config
@@ -130,7 +120,7 @@ def test_compose_merges_the_files_into_the_stack(services: dict[str, dict[str, A
     assert set(services) == LONG_RUNNING | ONE_SHOTS
 
 
-@pytest.mark.parametrize("path", [*FILES, "merged"], ids=lambda p: getattr(p, "name", p))
+@pytest.mark.parametrize("path", [*FILES, *OVERLAYS, "merged"], ids=lambda p: getattr(p, "name", p))
 def test_follows_the_compose_specification(path: Path | str, merged: dict[str, Any]) -> None:
     document = merged if path == "merged" else yaml.safe_load(Path(path).read_text())
 
@@ -156,8 +146,8 @@ def test_a_missing_secret_stops_compose(missing: str, empty_env_file: Path) -> N
     unset = {k: v for k, v in SECRETS.items() if k != missing}
     empty = {**SECRETS, missing: ""}
 
-    without = _config(_clean_env(**unset), empty_env_file)
-    blank = _config(_clean_env(**empty), empty_env_file)
+    without = _config(compose_env(**unset), empty_env_file)
+    blank = _config(compose_env(**empty), empty_env_file)
 
     for done in (without, blank):
         assert done.returncode != 0
@@ -167,7 +157,7 @@ def test_a_missing_secret_stops_compose(missing: str, empty_env_file: Path) -> N
 
 def test_secrets_have_no_default_anywhere() -> None:
     """Each use of a secret is required (``${NAME:?...}``), so no file falls back to a value."""
-    for source in FILES:
+    for source in [*FILES, *OVERLAYS]:
         uses = re.findall(r"\$\{([A-Z_]+)(\W{0,2})", source.read_text())
         for name, operator in uses:
             if name in SECRETS:
@@ -230,7 +220,10 @@ def test_secrets_come_from_the_environment_only(services: dict[str, dict[str, An
     env = {name: services[name].get("environment", {}) for name in services}
 
     assert env["postgres"]["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
-    assert services["redis"]["command"][-2:] == ["--requirepass", SECRETS["REDIS_PASSWORD"]]
+    # Redis reads its password from its standard input: docker ps shows its arguments.
+    assert SECRETS["REDIS_PASSWORD"] not in " ".join(services["redis"]["command"])
+    # (config prints the shell's "$" with Compose's escape)
+    assert "requirepass $$REDISCLI_AUTH" in services["redis"]["command"][-1]
     assert env["redis"]["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
     assert env["flower"]["FLOWER_BASIC_AUTH"] == f"avocado:{SECRETS['AVOCADO_FLOWER_PASSWORD']}"
     for source in FILES:
@@ -310,7 +303,7 @@ def test_infer_reads_only_settings_that_exist(services: dict[str, dict[str, Any]
 
 
 def test_infer_port_moves_the_published_port_only(empty_env_file: Path) -> None:
-    done = _config(_clean_env(**SECRETS, AVOCADO_INFER_PORT="12000"), empty_env_file)
+    done = _config(compose_env(**SECRETS, AVOCADO_INFER_PORT="12000"), empty_env_file)
 
     assert done.returncode == 0, done.stderr
     infer = yaml.safe_load(done.stdout)["services"]["infer"]
@@ -363,9 +356,9 @@ def _rabbitmq_conf() -> dict[str, str]:
 
 
 def test_redis_persists_with_append_only_file(services: dict[str, dict[str, Any]]) -> None:
-    command = services["redis"]["command"]
+    command = services["redis"]["command"][-1]
 
-    assert command[command.index("--appendonly") + 1] == "yes"
+    assert "--appendonly yes" in command
     assert "redis-data:/data" in _volume_specs(services["redis"])
 
 
@@ -396,12 +389,42 @@ def _volume_specs(service: dict[str, Any]) -> list[str]:
     return specs
 
 
-def test_ollama_reserves_the_gpus(services: dict[str, dict[str, Any]]) -> None:
-    devices = services["ollama"]["deploy"]["resources"]["reservations"]["devices"]
+def test_ollama_reserves_the_gpus_only_with_their_overlay(
+    services: dict[str, dict[str, Any]], empty_env_file: Path
+) -> None:
+    """An engine without NVIDIA's runtime refuses a container that reserves a GPU: the base
+    files start Ollama anywhere, docker-compose.gpu.yml gives it the GPUs."""
+    done = _config(compose_env(**SECRETS), empty_env_file, GPU)
 
+    assert done.returncode == 0, done.stderr
+    ollama = yaml.safe_load(done.stdout)["services"]["ollama"]
+    devices = ollama["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in services["ollama"]
     assert services["ollama"]["healthcheck"]["test"] == ["CMD", "ollama", "list"]
-    assert services["ollama"]["image"].startswith("ollama/ollama:")
+    assert services["ollama"]["image"] == "ollama/ollama:latest"
+
+
+def test_the_simulator_stands_in_for_ollama(
+    services: dict[str, dict[str, Any]], empty_env_file: Path
+) -> None:
+    """With docker-compose.sim.yml the workers reach the simulator where Ollama was: its own
+    image, the default model, the Host it is asked by, and nothing to pull."""
+    done = _config(compose_env(**SECRETS), empty_env_file, SIM)
+
+    assert done.returncode == 0, done.stderr
+    merged = yaml.safe_load(done.stdout)["services"]
+    sim = merged["ollama"]
+    assert sim["image"] == "spicy-avocado-sim:latest"
+    assert sim["build"]["dockerfile"] == "docker/Dockerfile.sim"
+    assert sim["command"][0] == "avocado-ollama-sim"
+    assert {"--models=llama3.2:1b", "--allowed-hosts=ollama", "--tokens-per-s=20"} <= set(
+        sim["command"]
+    )
+    assert sim["healthcheck"]["test"][:2] == ["CMD", "python3"]
+    assert merged["ollama-pull"]["image"] == sim["image"]
+    assert merged["ollama-pull"]["command"] == ["true"]
+    assert merged["worker"]["environment"] == services["worker"]["environment"]
 
 
 def test_ports_are_published_on_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:
@@ -421,12 +444,10 @@ def test_ports_are_published_on_loopback_by_default(services: dict[str, dict[str
 def test_prometheus_and_grafana_come_only_with_their_profile(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    """Official images unless a variable names another; Prometheus scrapes the gateway's and
-    every worker's metrics port; Grafana is provisioned with the dashboards' files."""
+    """Prometheus scrapes the gateway's and every worker's metrics port; Grafana is
+    provisioned with the dashboards' files."""
     for name in OBSERVABILITY:
         assert services[name]["profiles"] == ["observability"], name
-    assert services["prometheus"]["image"] == "prom/prometheus:latest"
-    assert services["grafana"]["image"] == "grafana/grafana:latest"
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     mounts = _volume_specs(services["grafana"])
@@ -444,14 +465,60 @@ def test_prometheus_and_grafana_come_only_with_their_profile(
     ]
 
 
-def test_the_observability_images_can_be_named(empty_env_file: Path) -> None:
-    images = {"PROMETHEUS_IMAGE": "mirror/prometheus:v3", "GRAFANA_IMAGE": "mirror/grafana:12"}
-    done = _config(_clean_env(**SECRETS, **images), empty_env_file)
+# The service whose image each variable names, and the official image it names by default.
+IMAGES = {
+    "RABBITMQ_IMAGE": ("rabbitmq", "rabbitmq:4-management"),
+    "REDIS_IMAGE": ("redis", "redis:7-alpine"),
+    "POSTGRES_IMAGE": ("postgres", "postgres:17-alpine"),
+    "OLLAMA_IMAGE": ("ollama", "ollama/ollama:latest"),
+    "PROMETHEUS_IMAGE": ("prometheus", "prom/prometheus:latest"),
+    "GRAFANA_IMAGE": ("grafana", "grafana/grafana:latest"),
+}
+BUILT = ["flower", "infer", "worker", "beat"]
+
+
+def test_every_image_from_a_registry_can_be_named(
+    services: dict[str, dict[str, Any]], empty_env_file: Path
+) -> None:
+    """The official images by default; a mirror's (or a machine's own stand-ins) when named,
+    the base of the project's images too."""
+    named = {variable: f"mirror/{service}:1" for variable, (service, _) in IMAGES.items()}
+    done = _config(compose_env(**SECRETS, **named, PYTHON_IMAGE="mirror/python:3"), empty_env_file)
+
+    assert done.returncode == 0, done.stderr
+    moved = yaml.safe_load(done.stdout)["services"]
+    for variable, (service, official) in IMAGES.items():
+        assert services[service]["image"] == official, variable
+        assert moved[service]["image"] == named[variable], variable
+    assert moved["ollama-pull"]["image"] == named["OLLAMA_IMAGE"]
+    for service in BUILT:
+        assert services[service]["build"]["args"] == {"PYTHON_IMAGE": "python:3.11-slim"}
+        assert moved[service]["build"]["args"] == {"PYTHON_IMAGE": "mirror/python:3"}
+
+
+# Each published port's variable, the service and the port inside its container.
+PORTS = {
+    "AVOCADO_RABBITMQ_PORT": ("rabbitmq", 5672),
+    "AVOCADO_RABBITMQ_MANAGEMENT_PORT": ("rabbitmq", 15672),
+    "AVOCADO_REDIS_PORT": ("redis", 6379),
+    "AVOCADO_POSTGRES_PORT": ("postgres", 5432),
+    "AVOCADO_OLLAMA_PORT": ("ollama", 11434),
+    "AVOCADO_FLOWER_PORT": ("flower", 5555),
+    "AVOCADO_INFER_PORT": ("infer", 11435),
+}
+
+
+def test_every_published_port_can_be_moved(empty_env_file: Path) -> None:
+    """A host that runs RabbitMQ, Redis or PostgreSQL itself keeps its ports: the stack
+    publishes each of its own on the host port its variable says."""
+    moved = {variable: str(30001 + i) for i, variable in enumerate(PORTS)}
+    done = _config(compose_env(**SECRETS, **moved), empty_env_file)
 
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
-    assert services["prometheus"]["image"] == "mirror/prometheus:v3"
-    assert services["grafana"]["image"] == "mirror/grafana:12"
+    for variable, (service, inside) in PORTS.items():
+        published = [str(port) for port in services[service]["ports"]]
+        assert f"127.0.0.1:{moved[variable]}:{inside}/tcp" in published, variable
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -494,7 +561,7 @@ def test_image_installs_only_its_two_packages(dockerfile: Path, package: str) ->
         if "pip install" in command
     ]
 
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    assert steps[:2] == [("ARG", "PYTHON_IMAGE=python:3.11-slim"), ("FROM", "${PYTHON_IMAGE}")]
     assert set(copies) == {"python/shared", package, "docker/healthcheck.py"}
     assert len(installs) == 1
     install = installs[0]
@@ -505,6 +572,16 @@ def test_image_installs_only_its_two_packages(dockerfile: Path, package: str) ->
     text = " ".join(args for _, args in steps).lower()
     for tool in ("pytest", "ruff", "mypy", "nbclient", "ipykernel", "--group", "requirements"):
         assert tool not in text, tool
+
+
+def test_simulator_image_installs_only_the_simulator() -> None:
+    steps = _instructions(DOCKER / "Dockerfile.sim")
+    copies = [shlex.split(args)[-2] for kind, args in steps if kind == "COPY"]
+
+    assert steps[:2] == [("ARG", "PYTHON_IMAGE=python:3.11-slim"), ("FROM", "${PYTHON_IMAGE}")]
+    assert copies == ["python/simulator"]
+    assert dict(steps)["USER"] not in {"root", "0"}
+    assert json.loads(dict(steps)["CMD"])[0] == "avocado-ollama-sim"
 
 
 def test_worker_image_runs_the_worker_unprivileged_and_checks_it() -> None:
@@ -567,7 +644,7 @@ def _env_names(name: str) -> list[str]:
 def _referenced_variables() -> set[str]:
     """Variables the compose files interpolate and the scripts read."""
     names = set()
-    for file in FILES:
+    for file in [*FILES, *OVERLAYS]:
         names.update(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", file.read_text()))
     for script in (ROOT / "scripts").glob("*.sh"):
         names.update(re.findall(r"\b(AVOCADO_[A-Z0-9_]+)", script.read_text()))
@@ -606,6 +683,6 @@ def test_env_example_holds_placeholders_not_secrets() -> None:
 
 
 def test_env_example_is_enough_for_compose() -> None:
-    done = _config(_clean_env(), ENV_EXAMPLE)
+    done = _config(compose_env(), ENV_EXAMPLE)
 
     assert done.returncode == 0, done.stderr
