@@ -72,10 +72,26 @@ def _line(custom_id: str | None, **fields: object) -> bytes:
     return json.dumps({k: v for k, v in line.items() if v is not None}).encode()
 
 
+class _Seen:
+    """What ``SeenIds`` answers, from a dict; and the size of each chunk it was asked."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, int] = {}
+        self.asked: list[int] = []
+
+    def first_lines(self, chunk: list[tuple[str, int]]) -> list[int | None]:
+        self.asked.append(len(chunk))
+        found = []
+        for custom_id, line in chunk:
+            found.append(self.lines.get(custom_id))
+            self.lines.setdefault(custom_id, line)
+        return found
+
+
 def test_a_good_file_counts_its_requests_and_skips_blank_lines(tmp_path: Path) -> None:
     store, file_id = _file(tmp_path, [_line("a"), b"", _line("b"), b"  "])
 
-    assert validate_file(store, file_id, CHAT) == (2, [])
+    assert validate_file(store, file_id, CHAT, _Seen().first_lines) == (2, [])
 
 
 def test_every_bad_line_is_named_with_its_number(tmp_path: Path) -> None:
@@ -92,7 +108,7 @@ def test_every_bad_line_is_named_with_its_number(tmp_path: Path) -> None:
         ],
     )
 
-    total, errors = validate_file(store, file_id, CHAT)
+    total, errors = validate_file(store, file_id, CHAT, _Seen().first_lines)
 
     assert total == 7
     assert [(e["line"], e["code"], e["param"]) for e in errors] == [
@@ -108,4 +124,25 @@ def test_every_bad_line_is_named_with_its_number(tmp_path: Path) -> None:
 def test_an_empty_file_fails(tmp_path: Path) -> None:
     store, file_id = _file(tmp_path, [b""])
 
-    assert validate_file(store, file_id, CHAT)[1][0]["code"] == "empty_file"
+    assert validate_file(store, file_id, CHAT, _Seen().first_lines)[1][0]["code"] == "empty_file"
+
+
+def test_ids_are_checked_a_chunk_at_a_time_and_the_first_errors_kept_in_order(
+    tmp_path: Path,
+) -> None:
+    lines = [_line(f"r{i}") for i in range(2500)]
+    lines[2100] = _line("r7")  # line 2101 repeats line 8, two chunks on
+    lines += [b"{bad"] * 150
+    store, file_id = _file(tmp_path, lines)
+    seen = _Seen()
+
+    total, errors = validate_file(store, file_id, CHAT, seen.first_lines)
+
+    assert total == 2650
+    assert max(seen.asked) == 1000
+    assert errors[0]["line"] == 2101
+    assert errors[0]["code"] == "duplicate_custom_id"
+    assert "'r7'" in errors[0]["message"]
+    assert "first on line 8" in errors[0]["message"]
+    assert len(errors) == 100
+    assert [e["line"] for e in errors[1:]] == list(range(2501, 2600))
