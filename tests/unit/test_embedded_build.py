@@ -20,7 +20,9 @@ def _lib_sh(function: str, root: Path = ROOT) -> str:
 
 
 def test_the_installed_engine_holds_libllama_and_ggml_alone() -> None:
-    libraries = {p.name.split(".so")[0] for p in (Path(llama_cpp.__file__).parent / "lib").iterdir()}
+    libraries = {
+        p.name.split(".so")[0] for p in (Path(llama_cpp.__file__).parent / "lib").iterdir()
+    }
 
     assert libraries == {"libllama", "libggml", "libggml-base", "libggml-cpu"}
 
