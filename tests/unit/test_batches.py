@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
+from kombu.connection import Connection
 from openai.types import Batch as SDKBatch
 
-from avocado_infer.batches import FINAL, Batch, line_job_id, validate_file
+from avocado_infer.batches import FINAL, Batch, BatchStore, batch_of_job, line_job_id, validate_file
+from avocado_infer.dead_lines import DeadLines
 from avocado_infer.files import FileStore
 
 CHAT = "/v1/chat/completions"
@@ -56,6 +59,8 @@ def test_a_lines_job_is_one_per_custom_id() -> None:
     assert line_job_id("batch_1", "a") == line_job_id("batch_1", "a")
     assert len({line_job_id("batch_1", "a"), line_job_id("batch_1", "b")}) == 2
     assert line_job_id("batch_1", "a") != line_job_id("batch_2", "a")
+    assert batch_of_job(line_job_id("batch_1-x", "a")) == "batch_1-x"
+    assert batch_of_job("3f1c6b9e-5f0e-4d1c-9a57-2b1f0e8c7d6a") is None
 
 
 def _file(tmp_path: Path, lines: list[bytes]) -> tuple[FileStore, str]:
@@ -146,3 +151,16 @@ def test_ids_are_checked_a_chunk_at_a_time_and_the_first_errors_kept_in_order(
     assert "first on line 8" in errors[0]["message"]
     assert len(errors) == 100
     assert [e["line"] for e in errors[1:]] == list(range(2501, 2600))
+
+
+def test_dead_lines_without_a_broker_note_nothing_and_try_again_later() -> None:
+    tries: list[Connection] = []
+
+    def connect() -> Connection:
+        tries.append(Connection("amqp://guest:guest@127.0.0.1:1//", connect_timeout=0.2))
+        return tries[-1]
+
+    dead = DeadLines(connect, BatchStore(redis.Redis(port=1), "test:", retention_s=60))
+
+    assert (dead.heard(), dead.heard()) == (0, 0)
+    assert len(tries) == 2  # the broken connection was dropped, a new one tried

@@ -64,7 +64,7 @@ class DeadLines:
                 noted += self._note(letter.id, letter.reason)
         except Exception as error:  # the broker, or the channel it closed: the next pass
             logger.warning("batch lines' dead letters not read now: %s", error)
-            self.close()
+            self.close(broken=True)
         return noted
 
     def _note(self, job_id: str, reason: str) -> int:
@@ -77,7 +77,11 @@ class DeadLines:
         self.store.note_dead(batch_id, job_id, reason)
         return 1
 
-    def close(self) -> None:
+    def close(self, broken: bool = False) -> None:
+        """Close the connection (its queue goes with it); a ``broken`` one is dropped without
+        a word to the broker, which may be gone."""
         connection, self._connection, self._bound = self._connection, None, None
-        if connection is not None:
+        if connection is not None and broken:
+            connection.collect()
+        elif connection is not None:
             connection.release()
