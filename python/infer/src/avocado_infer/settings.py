@@ -82,19 +82,16 @@ class InferSettings(BaseSettings):
         "as it arrives; one over it gets a 413. OpenAI's own limit for a batch file is 200 MB.",
     )
     batch_window: int = Field(
-        default=256,
+        default=64,
         ge=1,
         description="Most lines of one batch queued or running at once: its feeder queues "
-        "more as they end (and none while the lane's queue is at AVOCADO_INFER_MAX_QUEUE). "
-        "With AVOCADO_INFER_BATCH_POLL_S it bounds a batch's pace: 256 a second by default.",
+        "more as they end (and none while the lane's queue is at AVOCADO_INFER_MAX_QUEUE).",
     )
     batch_poll_s: float = Field(
-        default=1.0,
+        default=0.2,
         gt=0,
         description="How often a gateway moves on the batches it leases: counts the window's "
-        "ended jobs (one query) and fills it again. Each pass costs the gateway, the results "
-        "database and Redis the same whatever it finds: every 0.2 s, a 10,000-line batch "
-        "ran at x0.94 of plain saturation; every second, with a window of 256, at about x1.",
+        "ended jobs (one query) and fills it again.",
     )
     batch_retention_s: int = Field(
         default=30 * 24 * 3600,
