@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import amqp
+import httpx
 import openai
 import pytest
+from kombu import Queue
 from openai.types import Batch, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from openai.types.completion import Completion
 
-from avocado_infer.batches import BatchStore
+from avocado_infer.batches import BatchStore, line_job_id
 from avocado_shared import Producer, Settings
 from avocado_shared.keys import KeyStore
 from avocado_shared.routing import Lane, lane_queue_name
-from avocado_sim import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, Outcome, SimConfig
 from tests.conftest import WorkerFactory
 from tests.gateway import InProcessGateway
 from tests.infer_http import redis_client, unique
@@ -223,11 +226,38 @@ def test_a_file_that_fails_its_checks_queues_nothing(
     assert sim.requests.to("/api/chat") == []
 
 
+def test_a_repeated_custom_id_deep_in_a_large_file_is_named_by_its_line(
+    gateway: InProcessGateway, sim: OllamaSimulator, settings: Settings
+) -> None:
+    """The ids are checked in Redis a chunk at a time, not held by the gateway: a repeat
+    10,000 lines after the first is found, and the check leaves no key behind."""
+    sdk = _sdk(gateway)
+    lines = [_chat(f"r{i}", "Hi?") for i in range(10_500)]
+    lines[10_200] = _chat("r16", "Again?")
+    uploaded = sdk.files.create(file=("big.jsonl", _jsonl(lines)), purpose="batch")
+
+    made = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    ended = _ended(sdk, made.id)
+
+    assert ended.status == "failed"
+    assert ended.errors is not None
+    assert ended.errors.data is not None
+    assert [(e.line, e.code) for e in ended.errors.data] == [(10_201, "duplicate_custom_id")]
+    assert ended.errors.data[0].message == (
+        "The custom_id 'r16' is used more than once in this file (first on line 17)."
+    )
+    assert sim.requests.to("/api/chat") == []
+    with redis_client() as client:
+        assert client.keys(f"{settings.key_prefix}batch:{made.id}:ids*") == []
+
+
 def test_a_cancelled_batch_keeps_every_answer_made(
     gateway: InProcessGateway, sim: OllamaSimulator
 ) -> None:
     sdk = _sdk(gateway)
-    lines, made = _part_answered(sdk, sim, 40, answered=5)
+    lines, made = _part_answered(sdk, sim, 40, answered=20)  # half way
 
     cancelling = sdk.batches.cancel(made.id)
     ended = _ended(sdk, made.id)
@@ -240,12 +270,20 @@ def test_a_cancelled_batch_keeps_every_answer_made(
     errors = _lines(sdk, ended.error_file_id)
     assert set(output) | set(errors) == {line["custom_id"] for line in lines}
     assert not set(output) & set(errors)
-    assert len(output) >= 5
+    assert len(output) >= 20
     assert errors
     assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
-    # Every answer the model made is in the output; at most the window's lines (4) were cut
-    # short while generating.
-    assert len(output) <= len(sim.requests.to("/api/chat")) <= len(output) + 4
+    calls = Counter(
+        (r.body["messages"][0]["content"], r.outcome) for r in sim.requests.to("/api/chat")
+    )
+    print(f"cancelled: {len(output)} answers, {len(errors)} errors, calls {dict(sim.outcomes)}")
+    # Every answer in the output is one the model made once; besides them, only the window's
+    # lines (4) were in a model call when the cancel came: cut, or sent whole by the simulator
+    # (all its tokens at once) while their worker, which had seen the cancel, read them.
+    by_prompt = {line["custom_id"]: line["body"]["messages"][0]["content"] for line in lines}
+    assert all(calls[by_prompt[custom_id], Outcome.ANSWERED] == 1 for custom_id in output)
+    assert set(sim.outcomes) <= {Outcome.ANSWERED, Outcome.CUT}
+    assert sim.outcomes.total() - len(output) <= 4
     assert ended.request_counts is not None
     assert (ended.request_counts.completed, ended.request_counts.failed) == (
         len(output),
@@ -340,7 +378,7 @@ def test_a_batch_past_its_window_expires_with_every_answer_made(
     # Its 24 hours pass: its record says so, as it would a day later (again until the feeder,
     # which saves the record after each of its moves, has read it).
     with redis_client() as client:
-        store = BatchStore(client, settings.key_prefix)
+        store = BatchStore(client, settings.key_prefix, retention_s=60)
 
         def expired() -> bool:
             record = store.load(made.id)
@@ -405,6 +443,14 @@ def test_a_batch_whose_file_is_deleted_fails_and_stops(
     assert len(sim.requests.to("/api/chat")) < 30
 
 
+def _waiting(producer: Producer, model: str) -> int:
+    """The lines in the model's batch lane queue (none before the feeder declares it)."""
+    try:
+        return queue_depth(producer, lane_queue_name(model, Lane.BATCH))
+    except amqp.exceptions.NotFound:
+        return 0
+
+
 def test_the_feeder_keeps_the_lane_within_the_queue_limit(
     worker_factory: WorkerFactory,
     gateway_factory: Callable[..., InProcessGateway],
@@ -423,14 +469,9 @@ def test_the_feeder_keeps_the_lane_within_the_queue_limit(
     made = sdk.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    queue = lane_queue_name(model, Lane.BATCH)
 
     def waiting() -> int:
-        """The lines in the lane's queue (none before the feeder declares it)."""
-        try:
-            return queue_depth(producer, queue)
-        except amqp.exceptions.NotFound:
-            return 0
+        return _waiting(producer, model)
 
     depths = [wait_for(lambda: waiting() >= 3 and 3, what="three lines queued")]
 
@@ -447,3 +488,115 @@ def test_the_feeder_keeps_the_lane_within_the_queue_limit(
     assert max(depths) == 3
     assert done.status == "completed"
     assert sorted(_lines(sdk, done.output_file_id)) == sorted(f"q{i}" for i in range(8))
+
+
+def test_batches_and_files_are_listed_a_page_at_a_time(gateway: InProcessGateway) -> None:
+    sdk = _sdk(gateway)
+    uploaded = [
+        sdk.files.create(file=(f"in{i}.jsonl", _jsonl([_chat("q", f"Hi {i}?")])), purpose="batch")
+        for i in range(3)
+    ]
+    made = [
+        sdk.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        for file in uploaded
+    ]
+    newest = [batch.id for batch in reversed(made)]
+
+    first = httpx.get(f"{gateway.url}/v1/batches", params={"limit": 2}).json()
+    second = httpx.get(
+        f"{gateway.url}/v1/batches", params={"limit": 2, "after": first["last_id"]}
+    ).json()
+    walked = [batch.id for batch in sdk.batches.list(limit=2)]  # the SDK follows every page
+    files_first = sdk.files.list(purpose="batch", limit=2)
+    files_rest = sdk.files.list(purpose="batch", limit=2, after=files_first.data[-1].id)
+
+    assert [b["id"] for b in first["data"]] == newest[:2]
+    assert (first["first_id"], first["last_id"], first["has_more"]) == (*newest[:2], True)
+    assert second["data"][0]["id"] == newest[2]
+    assert second["first_id"] == newest[2]
+    assert walked[:3] == newest
+    assert len(walked) == len(set(walked))
+    assert files_first.has_more is True
+    assert files_rest.has_more is False
+    paged = [f.id for f in [*files_first.data, *files_rest.data]]
+    assert sorted(paged) == sorted(f.id for f in uploaded)
+    assert len(files_first.data) == 2
+
+
+def test_an_ended_batch_is_kept_for_its_retention_then_forgotten(
+    worker: InProcessWorker,
+    gateway_factory: Callable[..., InProcessGateway],
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    gateway = gateway_factory(files_dir=tmp_path, batch_poll_s=0.1, batch_retention_s=3)
+    sdk = _sdk(gateway)
+    uploaded = sdk.files.create(file=("in.jsonl", _jsonl([_chat("q", "Hi?")])), purpose="batch")
+    made = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    ended = _ended(sdk, made.id)
+    with redis_client() as client:
+        left = client.ttl(f"{settings.key_prefix}batch:{made.id}")
+
+    def forgotten() -> bool:
+        try:
+            sdk.batches.retrieve(made.id)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_for(forgotten, timeout=WAIT, what="the batch's record to expire")
+
+    assert ended.status == "completed"
+    assert 0 < left <= 3
+    assert made.id not in [batch.id for batch in sdk.batches.list()]
+    with redis_client() as client:
+        assert client.zscore(f"{settings.key_prefix}batches", made.id) is None
+    assert sdk.files.content(ended.output_file_id or "").text  # its files stay
+
+
+def test_a_line_whose_job_is_dead_lettered_fails_at_once_with_its_reason(
+    worker_factory: WorkerFactory,
+    gateway_factory: Callable[..., InProcessGateway],
+    producer: Producer,
+    tmp_path: Path,
+) -> None:
+    """No node serves the batch's model at first, so its lines wait in their queue; one is
+    taken off it and rejected, which RabbitMQ dead-letters: the batch counts that line failed
+    at once (its job will never have a row), and a node that comes runs the rest."""
+    model = f"dead{uuid.uuid4().hex[:6]}:1b"
+    gateway = gateway_factory(files_dir=tmp_path / "files", batch_poll_s=0.1, batch_window=4)
+    sdk = _sdk(gateway)
+    lines = [_chat(f"q{i}", f"Question {i}?", model=model) for i in range(4)]
+    uploaded = sdk.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
+    made = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(lambda: _waiting(producer, model) == 4, what="the lines queued")
+    with producer.app.connection_for_write() as connection:
+        queue = Queue(lane_queue_name(model, Lane.BATCH), no_declare=True)(connection.channel())
+        taken = wait_for(lambda: queue.get(no_ack=False), what="a line's job")
+        taken.reject(requeue=False)
+
+    def failed() -> int:
+        counts = sdk.batches.retrieve(made.id).request_counts
+        return 0 if counts is None else counts.failed
+
+    wait_for(lambda: failed() == 1, what="the dead-lettered line counted failed")
+    with OllamaSimulator(SimConfig(models=[model])) as late:
+        worker_factory.process(late.url)
+        done = _ended(sdk, made.id)
+
+    assert done.status == "completed"
+    errors = _lines(sdk, done.error_file_id)
+    assert len(errors) == 1
+    ((custom_id, record),) = errors.items()
+    assert line_job_id(made.id, custom_id) == taken.headers["id"]
+    assert record["error"]["code"] == "job_dead_lettered"
+    assert "rejected without requeue" in record["error"]["message"]
+    assert record["response"]["status_code"] == 500
+    output = _lines(sdk, done.output_file_id)
+    assert sorted(output) == sorted(f"q{i}" for i in range(4) if f"q{i}" != custom_id)

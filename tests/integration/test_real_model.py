@@ -609,6 +609,7 @@ def test_a_batch_through_the_gateway_on_the_real_model(fleet: Fleet) -> None:
             messages=[{"role": "user", "content": question}], **chat
         )
         got = openai.types.chat.ChatCompletion.model_validate(answers[f"c{i}"])
+        print(f"batch line c{i}: {question!r} -> {got.choices[0].message.content!r}")  # issue 26
         assert got.choices[0].message.content == alone.choices[0].message.content
     vectors = openai.types.CreateEmbeddingResponse.model_validate(answers["e"])
     assert [len(d.embedding) for d in vectors.data] == [384, 384]

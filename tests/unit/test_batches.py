@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
+from kombu.connection import Connection
 from openai.types import Batch as SDKBatch
 
-from avocado_infer.batches import FINAL, Batch, line_job_id, validate_file
+from avocado_infer.batches import FINAL, Batch, BatchStore, batch_of_job, line_job_id, validate_file
+from avocado_infer.dead_lines import DeadLines
 from avocado_infer.files import FileStore
 
 CHAT = "/v1/chat/completions"
@@ -56,6 +59,8 @@ def test_a_lines_job_is_one_per_custom_id() -> None:
     assert line_job_id("batch_1", "a") == line_job_id("batch_1", "a")
     assert len({line_job_id("batch_1", "a"), line_job_id("batch_1", "b")}) == 2
     assert line_job_id("batch_1", "a") != line_job_id("batch_2", "a")
+    assert batch_of_job(line_job_id("batch_1-x", "a")) == "batch_1-x"
+    assert batch_of_job("3f1c6b9e-5f0e-4d1c-9a57-2b1f0e8c7d6a") is None
 
 
 def _file(tmp_path: Path, lines: list[bytes]) -> tuple[FileStore, str]:
@@ -72,10 +77,26 @@ def _line(custom_id: str | None, **fields: object) -> bytes:
     return json.dumps({k: v for k, v in line.items() if v is not None}).encode()
 
 
+class _Seen:
+    """What ``SeenIds`` answers, from a dict; and the size of each chunk it was asked."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, int] = {}
+        self.asked: list[int] = []
+
+    def first_lines(self, chunk: list[tuple[str, int]]) -> list[int | None]:
+        self.asked.append(len(chunk))
+        found = []
+        for custom_id, line in chunk:
+            found.append(self.lines.get(custom_id))
+            self.lines.setdefault(custom_id, line)
+        return found
+
+
 def test_a_good_file_counts_its_requests_and_skips_blank_lines(tmp_path: Path) -> None:
     store, file_id = _file(tmp_path, [_line("a"), b"", _line("b"), b"  "])
 
-    assert validate_file(store, file_id, CHAT) == (2, [])
+    assert validate_file(store, file_id, CHAT, _Seen().first_lines) == (2, [])
 
 
 def test_every_bad_line_is_named_with_its_number(tmp_path: Path) -> None:
@@ -92,7 +113,7 @@ def test_every_bad_line_is_named_with_its_number(tmp_path: Path) -> None:
         ],
     )
 
-    total, errors = validate_file(store, file_id, CHAT)
+    total, errors = validate_file(store, file_id, CHAT, _Seen().first_lines)
 
     assert total == 7
     assert [(e["line"], e["code"], e["param"]) for e in errors] == [
@@ -108,4 +129,38 @@ def test_every_bad_line_is_named_with_its_number(tmp_path: Path) -> None:
 def test_an_empty_file_fails(tmp_path: Path) -> None:
     store, file_id = _file(tmp_path, [b""])
 
-    assert validate_file(store, file_id, CHAT)[1][0]["code"] == "empty_file"
+    assert validate_file(store, file_id, CHAT, _Seen().first_lines)[1][0]["code"] == "empty_file"
+
+
+def test_ids_are_checked_a_chunk_at_a_time_and_the_first_errors_kept_in_order(
+    tmp_path: Path,
+) -> None:
+    lines = [_line(f"r{i}") for i in range(2500)]
+    lines[2100] = _line("r7")  # line 2101 repeats line 8, two chunks on
+    lines += [b"{bad"] * 150
+    store, file_id = _file(tmp_path, lines)
+    seen = _Seen()
+
+    total, errors = validate_file(store, file_id, CHAT, seen.first_lines)
+
+    assert total == 2650
+    assert max(seen.asked) == 1000
+    assert errors[0]["line"] == 2101
+    assert errors[0]["code"] == "duplicate_custom_id"
+    assert "'r7'" in errors[0]["message"]
+    assert "first on line 8" in errors[0]["message"]
+    assert len(errors) == 100
+    assert [e["line"] for e in errors[1:]] == list(range(2501, 2600))
+
+
+def test_dead_lines_without_a_broker_note_nothing_and_try_again_later() -> None:
+    tries: list[Connection] = []
+
+    def connect() -> Connection:
+        tries.append(Connection("amqp://guest:guest@127.0.0.1:1//", connect_timeout=0.2))
+        return tries[-1]
+
+    dead = DeadLines(connect, BatchStore(redis.Redis(port=1), "test:", retention_s=60))
+
+    assert (dead.heard(), dead.heard()) == (0, 0)
+    assert len(tries) == 2  # the broken connection was dropped, a new one tried

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import selectors
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import ollama
 import pytest
 from pydantic import BaseModel
 
-from avocado_sim import OllamaSimulator, SimConfig
+from avocado_sim import OllamaSimulator, Outcome, SimConfig
+from tests.processes import wait_for
 
 MODEL = "llama3.2:1b"
 # Plain http only; sharing one context spares every client ~0.1 s of CA loading.
@@ -614,3 +616,48 @@ def test_cli_serves_until_signalled(signum: signal.Signals) -> None:
     assert code == 0
     assert proc.stdout is not None
     assert proc.stdout.read() == ""  # exactly one line
+
+
+def _post_raw(sim: OllamaSimulator, prompt: str) -> socket.socket:
+    """A generation sent on a bare socket, its answer left unread."""
+    body = json.dumps({"model": MODEL, "prompt": prompt, "stream": False}).encode()
+    head = f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n"
+    made = socket.create_connection(("127.0.0.1", sim.port))
+    made.sendall(head.encode() + body)
+    return made
+
+
+def test_each_generation_call_is_answered_refused_or_cut(
+    client: ollama.Client, sim: OllamaSimulator
+) -> None:
+    sim.config.fail_first = 1
+    with pytest.raises(ollama.ResponseError):
+        client.generate(model=MODEL, prompt="refused")
+    sim.hold()
+    gone = _post_raw(sim, "cut")
+    kept = _post_raw(sim, "answered")
+    wait_for(lambda: sim.held == 2, timeout=10, what="two answers held")
+    still_held = sim.outcomes.total()
+
+    gone.close()
+    sim.release()
+    kept.settimeout(10)
+    answer = kept.recv(65536)
+    kept.close()
+    outcomes = wait_for(lambda: sim.outcomes.total() == 3 and sim.outcomes, what="three ends")
+
+    assert still_held == 1  # only the refused call had ended
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert outcomes == {Outcome.REFUSED: 1, Outcome.CUT: 1, Outcome.ANSWERED: 1}
+    by_prompt = {r.body["prompt"]: r.outcome for r in sim.requests.to("/api/generate")}
+    assert by_prompt == {
+        "refused": Outcome.REFUSED,
+        "cut": Outcome.CUT,
+        "answered": Outcome.ANSWERED,
+    }
+    assert sim.abandoned == 1
+    assert httpx.get(f"{sim.url}/_sim/stats").json()["outcomes"] == {
+        "answered": 1,
+        "refused": 1,
+        "cut": 1,
+    }

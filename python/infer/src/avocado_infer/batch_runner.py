@@ -26,7 +26,16 @@ from typing import Any, BinaryIO
 import redis
 from fastapi.concurrency import run_in_threadpool
 
-from avocado_infer.batches import Batch, BatchStore, Line, line_job_id, read_line, validate_file
+from avocado_infer.batches import (
+    Batch,
+    Line,
+    SeenIds,
+    line_job_id,
+    read_line,
+    validate_file,
+)
+from avocado_infer.batches_api import batch_store
+from avocado_infer.dead_lines import DeadLines
 from avocado_infer.files import FileStore
 from avocado_infer.gateway import Gateway
 from avocado_shared.contracts import EmbedRequest, InvalidRequest, JobKind, parse_result
@@ -56,7 +65,8 @@ class BatchRunner:
         self.gateway = gateway
         self.files = files
         settings = gateway.settings
-        self.store = BatchStore(gateway.redis, settings.fleet.key_prefix)
+        self.store = batch_store(gateway)
+        self.dead = DeadLines(gateway.producer.app.connection_for_read, self.store)
         self.window = settings.batch_window
         self.poll_s = settings.batch_poll_s
         self._token = uuid.uuid4().hex
@@ -82,6 +92,8 @@ class BatchRunner:
             except redis.RedisError as error:
                 logger.warning("batches not read: %s", error)
                 return
+            if open_ids:
+                self.dead.heard()
             for batch_id in open_ids:
                 if self._stopping.is_set():
                     return
@@ -93,6 +105,7 @@ class BatchRunner:
 
     def _release(self) -> None:
         with self._passing:
+            self.dead.close()
             try:
                 for batch_id in self.store.open_ids():
                     key = self.store.key(batch_id, ":lease")
@@ -150,7 +163,13 @@ class BatchRunner:
         self.store.save(batch)
 
     def _validated(self, batch: Batch) -> Batch:
-        total, errors = validate_file(self.files, batch.input_file_id, batch.endpoint)
+        # A key of this check's own: a check another gateway runs at once (a lease lost to a
+        # long check) must not see its ids.
+        key = self.store.key(batch.id, f":ids:{uuid.uuid4().hex}")
+        with SeenIds(self.store.client, key) as seen:
+            total, errors = validate_file(
+                self.files, batch.input_file_id, batch.endpoint, seen.first_lines
+            )
         batch.total = total
         if errors:
             batch.errors = errors
@@ -161,7 +180,12 @@ class BatchRunner:
         return int(self.store.client.scard(self.store.key(batch.id, ":running")))
 
     def _count(self, batch: Batch) -> None:
-        """Count the window's jobs that ended (their rows in ``ml_results``, one query)."""
+        """Count the window's jobs that ended: dead-lettered, or with a row in ``ml_results``
+        that says so (one query)."""
+        window = self.store.key(batch.id, ":running")
+        for job_id in self.store.dead(batch.id):
+            if self.store.client.srem(window, job_id):  # counted once, as below
+                batch.failed += 1
         running = self.store.members(batch.id, ":running")
         try:
             rows = self.gateway.producer.results.get_many(running)
@@ -250,19 +274,19 @@ class BatchRunner:
         """Write the output file (every answer made) and the error file (every other line)."""
         out_id, err_id = self.files.new_id(), self.files.new_id()
         directory = self.files.uploading(out_id)
-        refused = self.store.key(batch.id, ":refused")
         counts = {"output": 0, "error": 0}
         out_path, err_path = directory / "output.jsonl", directory / "errors.jsonl"
         requests = _requests(self.files.path(batch.input_file_id))
         with out_path.open("wb") as out, err_path.open("wb") as err:
-            # A chunk of lines at a time: their rows in one query, their refusals in one read.
+            # A chunk of lines at a time: their rows in one query, their refusals and dead
+            # letters in one read each.
             while lines := [read_line(raw) for raw in itertools.islice(requests, _CHUNK)]:
                 ids = [line_job_id(batch.id, line.custom_id) for line in lines]
                 rows = {r.job_id: r for r in self.gateway.producer.results.get_many(ids)}
-                refusals = self.store.client.hmget(refused, [line.custom_id for line in lines])
-                for line, job_id, refusal in zip(lines, ids, refusals, strict=True):
-                    why = refusal.decode() if isinstance(refusal, bytes) else refusal
-                    kind, record = self._outcome(batch, line, job_id, why, rows.get(job_id))
+                refusals = self.store.reasons(batch.id, ":refused", [x.custom_id for x in lines])
+                deaths = self.store.reasons(batch.id, ":dead", ids)
+                for line, job_id, why, died in zip(lines, ids, refusals, deaths, strict=True):
+                    kind, record = self._outcome(batch, line, job_id, why, died, rows.get(job_id))
                     (out if kind == "output" else err).write(json.dumps(record).encode() + b"\n")
                     counts[kind] += 1
         if counts["output"]:
@@ -282,36 +306,46 @@ class BatchRunner:
         return batch.moved(_FINAL_OF.get(batch.ending or "", "completed"))
 
     def _outcome(
-        self, batch: Batch, line: Line, job_id: str, why: str | None, row: ResultRow | None
+        self,
+        batch: Batch,
+        line: Line,
+        job_id: str,
+        why: str | None,
+        died: str | None,
+        row: ResultRow | None,
     ) -> tuple[str, dict[str, Any]]:
         """Where a line goes at the end, and its record there: ``why`` the job contract refused
-        it, else its job's ``row``."""
+        it, else its job's ``row``, else why its job was dead-lettered (``died``)."""
         head = {"id": f"batch_req_{job_id}", "custom_id": line.custom_id}
         if why is not None:
-            body = {"error": {"message": why, "type": "invalid_request_error"}}
-            response = {"status_code": 400, "request_id": job_id, "body": body}
-            return "error", head | {
-                "response": response,
-                "error": {"code": "invalid_request", "message": why},
-            }
+            return "error", head | _failed(job_id, 400, "invalid_request", why)
         if row is not None and row.status is JobStatus.SUCCESS and row.result is not None:
             answer = line.answer(batch.endpoint, job_id, parse_result(row.result))  # type: ignore[arg-type]
             response = {"status_code": 200, "request_id": job_id, "body": answer}
             return "output", head | {"response": response, "error": None}
         if row is not None and row.status is JobStatus.FAILURE:
             message = f"job {job_id} failed: {row.error}"
-            body = {"error": {"message": message, "type": "server_error"}}
-            response = {"status_code": 502, "request_id": job_id, "body": body}
-            return "error", head | {
-                "response": response,
-                "error": {"code": "job_failed", "message": message},
-            }
+            return "error", head | _failed(job_id, 502, "job_failed", message)
+        if died is not None:
+            message = f"job {job_id} was dead-lettered: {died}"
+            return "error", head | _failed(job_id, 500, "job_dead_lettered", message)
         code = batch.ending or "batch_incomplete"
         message = {
             "batch_cancelled": "The batch was cancelled before this request ran.",
             "batch_expired": "The batch expired before this request ran.",
         }.get(code, "This request has no answer.")
         return "error", head | {"response": None, "error": {"code": code, "message": message}}
+
+
+def _failed(job_id: str, status: int, code: str, message: str) -> dict[str, Any]:
+    """An error file's ``response`` (the error the endpoint would have answered) and
+    ``error`` of a line that ran and failed, or that the job contract refused (400)."""
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    body = {"error": {"message": message, "type": kind}}
+    return {
+        "response": {"status_code": status, "request_id": job_id, "body": body},
+        "error": {"code": code, "message": message},
+    }
 
 
 def _next_request(handle: BinaryIO) -> tuple[bytes, int]:

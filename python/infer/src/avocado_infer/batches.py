@@ -15,7 +15,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast
 
@@ -41,8 +41,11 @@ __all__ = [
     "Batch",
     "BatchStore",
     "Endpoint",
+    "FirstLines",
     "Line",
+    "SeenIds",
     "UnknownBatch",
+    "batch_of_job",
     "line_job_id",
     "read_line",
     "validate_file",
@@ -131,15 +134,24 @@ def line_job_id(batch_id: str, custom_id: str) -> str:
     return f"{batch_id}-{hashlib.sha256(custom_id.encode()).hexdigest()[:24]}"
 
 
+def batch_of_job(job_id: str) -> str | None:
+    """The batch whose line ``job_id`` is (``line_job_id``); None for any other job."""
+    batch_id, _, digest = job_id.rpartition("-")
+    return batch_id if batch_id.startswith("batch_") and len(digest) == 24 else None
+
+
 class BatchStore:
     """Batch records in Redis: ``{prefix}batch:<id>`` (JSON), the index ``{prefix}batches``
     (by creation time), the open ones ``{prefix}batches:open``, a batch's cancel flag, its
-    lines' jobs not yet ended (``:running``) and the lines the job contract refused
-    (``:refused``, custom id -> why)."""
+    lines' jobs not yet ended (``:running``), the lines the job contract refused
+    (``:refused``, custom id -> why) and those whose jobs were dead-lettered (``:dead``, job
+    id -> why). An ended batch's record expires ``retention_s`` later;
+    its index entry goes when a listing finds the record gone."""
 
-    def __init__(self, client: redis.Redis, key_prefix: str) -> None:
+    def __init__(self, client: redis.Redis, key_prefix: str, retention_s: int) -> None:
         self.client = client
         self.prefix = key_prefix
+        self.retention_s = retention_s
 
     def key(self, batch_id: str, part: str = "") -> str:
         return f"{self.prefix}batch:{batch_id}{part}"
@@ -159,17 +171,20 @@ class BatchStore:
         )
         with self.client.pipeline() as pipe:
             pipe.set(self.key(batch.id), json.dumps(asdict(batch)))
-            pipe.zadd(f"{self.prefix}batches", {batch.id: now})
+            pipe.zadd(f"{self.prefix}batches", {batch.id: time.time()})  # newest first, to the µs
             pipe.sadd(f"{self.prefix}batches:open", batch.id)
             pipe.execute()
         return batch
 
     def save(self, batch: Batch) -> None:
-        """Write the record; an ended batch leaves the open ones, its feeder's keys deleted."""
-        self.client.set(self.key(batch.id), json.dumps(asdict(batch)))
-        if batch.status in FINAL:
-            parts = (":running", ":refused", ":cancel", ":lease")
+        """Write the record; an ended batch's expires, it leaves the open ones, its feeder's
+        keys deleted."""
+        if batch.status not in FINAL:
+            self.client.set(self.key(batch.id), json.dumps(asdict(batch)))
+        else:
+            parts = (":running", ":refused", ":dead", ":cancel", ":lease")
             with self.client.pipeline() as pipe:
+                pipe.set(self.key(batch.id), json.dumps(asdict(batch)), ex=self.retention_s)
                 pipe.srem(f"{self.prefix}batches:open", batch.id)
                 pipe.delete(*(self.key(batch.id, part) for part in parts))
                 pipe.execute()
@@ -194,15 +209,38 @@ class BatchStore:
         return sum(1 for batch in found if batch is not None and batch.owner == owner)
 
     def newest(self, owner: str | None, admin: bool) -> Iterator[Batch]:
-        """The batches the caller may see, newest first."""
-        for batch_id in self.client.zrevrange(f"{self.prefix}batches", 0, -1):
-            batch = self.load(_text(cast(bytes, batch_id)))
-            if batch is not None and (owner is None or admin or batch.owner == owner):
+        """The batches the caller may see, newest first; one past its retention leaves the
+        index."""
+        index = f"{self.prefix}batches"
+        for member in self.client.zrevrange(index, 0, -1):
+            batch_id = _text(cast(bytes, member))
+            batch = self.load(batch_id)
+            if batch is None:
+                self.client.zrem(index, batch_id)
+            elif owner is None or admin or batch.owner == owner:
                 yield batch
 
     def members(self, batch_id: str, part: str) -> list[str]:
         """The members of the batch's set ``part`` (``:running``)."""
         return [_text(m) for m in self.client.smembers(self.key(batch_id, part))]
+
+    def note_dead(self, batch_id: str, job_id: str, reason: str) -> None:
+        """The line's job was dead-lettered: why (kept no longer than the batch's window)."""
+        with self.client.pipeline() as pipe:
+            pipe.hset(self.key(batch_id, ":dead"), job_id, reason)
+            pipe.expire(self.key(batch_id, ":dead"), 2 * WINDOW_S)
+            pipe.execute()
+
+    def dead(self, batch_id: str) -> dict[str, str]:
+        """The batch's lines' jobs that were dead-lettered, and why."""
+        found = self.client.hgetall(self.key(batch_id, ":dead"))
+        return {_text(job_id): _text(why) for job_id, why in found.items()}
+
+    def reasons(self, batch_id: str, part: str, fields: list[str]) -> list[str | None]:
+        """Why each of ``fields`` is in the batch's hash ``part`` (``:refused``, ``:dead``);
+        None where it is not."""
+        found = self.client.hmget(self.key(batch_id, part), fields)
+        return [None if why is None else _text(why) for why in found]
 
     def ask_cancel(self, batch_id: str) -> None:
         self.client.set(self.key(batch_id, ":cancel"), "1")
@@ -249,24 +287,78 @@ def read_line(raw: bytes) -> Line:
     return Line(data["custom_id"], data.get("body") or {})
 
 
+# The custom ids of this many lines are checked for repeats at once (one Redis round trip).
+_ID_CHUNK = 1000
+FirstLines = Callable[[list[tuple[str, int]]], list[int | None]]
+"""Given a chunk of ``(custom_id, line)`` in file order, the line each id was first seen on
+(earlier in the file or the chunk), None for an id seen the first time."""
+
+
+class SeenIds:
+    """The custom ids a file's check has seen, in a Redis hash (a digest of each id -> the
+    line it was first on) that expires: the gateway holds one chunk of ids at a time, never
+    the file's, whatever its size. Deleted when the check ends."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: int = 3600) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_s = ttl_s
+
+    def first_lines(self, chunk: list[tuple[str, int]]) -> list[int | None]:
+        digests = [hashlib.sha256(custom_id.encode()).digest()[:16] for custom_id, _ in chunk]
+        with self.client.pipeline(transaction=False) as pipe:
+            for digest, (_, line) in zip(digests, chunk, strict=True):
+                pipe.hsetnx(self.key, digest, line)
+            pipe.expire(self.key, self.ttl_s)
+            added = pipe.execute()[:-1]
+        repeated = [digest for digest, new in zip(digests, added, strict=True) if not new]
+        firsts: dict[bytes, Any] = {}
+        if repeated:
+            firsts = dict(zip(repeated, self.client.hmget(self.key, repeated), strict=True))
+        return [None if new else int(firsts[d]) for d, new in zip(digests, added, strict=True)]
+
+    def __enter__(self) -> SeenIds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.delete(self.key)
+
+
 def validate_file(
-    files: FileStore, file_id: str, endpoint: str
+    files: FileStore, file_id: str, endpoint: str, first_lines: FirstLines
 ) -> tuple[int, list[dict[str, Any]]]:
-    """The number of requests in the file and what is wrong with it, read a line at a time
-    (only its custom ids are held): bad JSON, a missing or duplicate ``custom_id``, a
-    ``method`` other than POST, a ``url`` other than the batch's ``endpoint``."""
+    """The number of requests in the file and what is wrong with it, by line, read a line at a
+    time: bad JSON, a missing or repeated ``custom_id`` (``first_lines`` says, a chunk of ids
+    at a time), a ``method`` other than POST, a ``url`` other than the batch's ``endpoint``.
+    At most ``_MAX_ERRORS`` are kept: the first ones."""
     errors: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    chunk_errors: list[dict[str, Any]] = []
+    ids: list[tuple[str, int]] = []
     total = 0
 
     def wrong(code: str, message: str, line: int, param: str | None = None) -> None:
-        if len(errors) < _MAX_ERRORS:
-            errors.append({"code": code, "message": message, "param": param, "line": line})
+        chunk_errors.append({"code": code, "message": message, "param": param, "line": line})
+
+    def checked() -> None:
+        """Check the chunk's ids, then keep its errors in line order."""
+        for (custom_id, number), first in zip(ids, first_lines(ids) if ids else [], strict=True):
+            if first is not None:
+                message = (
+                    f"The custom_id '{custom_id}' is used more than once in this file "
+                    f"(first on line {first})."
+                )
+                wrong("duplicate_custom_id", message, number, "custom_id")
+        errors.extend(sorted(chunk_errors, key=lambda error: error["line"]))
+        del errors[_MAX_ERRORS:]
+        chunk_errors.clear()
+        ids.clear()
 
     with files.path(file_id).open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
+            if len(ids) + len(chunk_errors) >= _ID_CHUNK:
+                checked()
             total += 1
             try:
                 data = json.loads(raw)
@@ -279,15 +371,8 @@ def validate_file(
             custom_id = data.get("custom_id")
             if not isinstance(custom_id, str) or not custom_id:
                 wrong("missing_required_parameter", "custom_id is required.", number, "custom_id")
-            elif custom_id in seen:
-                wrong(
-                    "duplicate_custom_id",
-                    f"The custom_id '{custom_id}' is used more than once in this file.",
-                    number,
-                    "custom_id",
-                )
             else:
-                seen.add(custom_id)
+                ids.append((custom_id, number))
             if data.get("method") != "POST":
                 wrong("invalid_method", "Only POST is supported.", number, "method")
             if data.get("url") != endpoint:
@@ -302,4 +387,5 @@ def validate_file(
                 wrong("invalid_request", "body: an object is required.", number, "body")
     if total == 0:
         wrong("empty_file", "The input file holds no requests.", 0)
+    checked()
     return total, errors

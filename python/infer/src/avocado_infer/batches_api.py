@@ -27,7 +27,8 @@ router = APIRouter(
 
 
 def batch_store(gateway: Gateway) -> BatchStore:
-    return BatchStore(gateway.redis, gateway.settings.fleet.key_prefix)
+    settings = gateway.settings
+    return BatchStore(gateway.redis, settings.fleet.key_prefix, settings.batch_retention_s)
 
 
 class BatchBody(BaseModel):

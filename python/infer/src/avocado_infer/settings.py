@@ -93,6 +93,13 @@ class InferSettings(BaseSettings):
         description="How often a gateway moves on the batches it leases: counts the window's "
         "ended jobs (one query) and fills it again.",
     )
+    batch_retention_s: int = Field(
+        default=30 * 24 * 3600,
+        ge=1,
+        description="How long a batch's record is kept once it has ended (completed, failed, "
+        "expired or cancelled): its Redis keys expire then and it leaves GET /v1/batches. Its "
+        "output and error files are files: they stay until deleted.",
+    )
     max_open_batches: int = Field(
         default=10,
         ge=0,

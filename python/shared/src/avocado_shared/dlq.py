@@ -40,6 +40,7 @@ __all__ = [
     "dead_letter_headers",
     "list_dead_letters",
     "raw_body",
+    "read_letter",
     "replay",
 ]
 
@@ -155,7 +156,7 @@ def list_dead_letters(connection: Connection, limit: int = 100) -> list[DeadLett
     letters: list[DeadLetter] = []
     with _Scan(connection) as scan:
         while len(letters) < limit and (message := scan.next()) is not None:
-            letters.append(_parse(message))
+            letters.append(read_letter(message))
     return letters
 
 
@@ -250,13 +251,15 @@ class _Scan:
     def find(self, dead_letter_id: str) -> tuple[Any, DeadLetter]:
         """The first dead letter with this id, and its raw message."""
         while (message := self.next()) is not None:
-            letter = _parse(message)
+            letter = read_letter(message)
             if letter.id == dead_letter_id:
                 return message, letter
         raise DeadLetterNotFound(dead_letter_id)
 
 
-def _parse(message: Any) -> DeadLetter:
+def read_letter(message: Any) -> DeadLetter:
+    """A message of ``ml.dlx`` (from ``ml.dead-letter`` or a queue of its own) as a
+    ``DeadLetter``: its job, why it died, where it was going."""
     headers: dict[str, Any] = dict(message.headers or {})
     properties = message.properties or {}
     delivery = message.delivery_info or {}

@@ -8,6 +8,6 @@ their own producers meet the wire format of production.
 
 from __future__ import annotations
 
-from avocado_sim.simulator import OllamaSimulator, RecordedRequest, RequestLog, SimConfig
+from avocado_sim.simulator import OllamaSimulator, Outcome, RecordedRequest, RequestLog, SimConfig
 
-__all__ = ["OllamaSimulator", "RecordedRequest", "RequestLog", "SimConfig"]
+__all__ = ["OllamaSimulator", "Outcome", "RecordedRequest", "RequestLog", "SimConfig"]

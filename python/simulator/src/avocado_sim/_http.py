@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import select
 import socket
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 from avocado_sim import _catalog as catalog
 from avocado_sim import _embed, _openai
-from avocado_sim._state import RecordedRequest, SimState
+from avocado_sim._state import Outcome, RecordedRequest, SimState
 from avocado_sim._text import Reply, count_words, plan_chat
 
 __all__ = ["SimServer", "host_is_loopback"]
@@ -166,6 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server: SimServer
+    # Per request (set in _dispatch): a generation's call is counted by how it ended; an
+    # answer in its slot waits while answers are held, and is not sent to a client gone.
+    _is_generation = False
+    _answer_pending = False
+    _status = 0
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: a log line per request would cost more than the answer."""
@@ -192,6 +198,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _head(self, status: int, ctype: str | None, extra: str) -> bytes:
+        if self._answer_pending:
+            self._answer_pending = False
+            if not self.server.state.await_release():
+                raise _Abort
+            if self._client_gone():
+                raise ConnectionAbortedError("the client went away before its answer")
+        self._status = status
         lines = f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nDate: {catalog.http_date()}\r\n"
         if ctype:
             lines += f"Content-Type: {ctype}\r\n"
@@ -227,6 +240,15 @@ class _Handler(BaseHTTPRequestHandler):
         if out:
             self.wfile.write(b"".join(out))
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (a worker killed, a job cancelled): its socket
+        reads as ended. A write alone would not say so: the kernel takes a small answer."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _drop(self) -> None:
         """Cut the connection mid-answer, as a crashed server or a dead tunnel does."""
         raise _Abort
@@ -246,9 +268,11 @@ class _Handler(BaseHTTPRequestHandler):
             if state.stopping.is_set():
                 raise _Abort
             return fail(503)
+        self._answer_pending = True
         try:
             run()
         finally:
+            self._answer_pending = False
             state.gate.leave()
 
     def _end_stream(self) -> None:
@@ -273,10 +297,11 @@ class _Handler(BaseHTTPRequestHandler):
             recorded = json.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError):
             recorded = None
+        record = RecordedRequest(self.command, path, recorded, dict(self.headers.items()))
         if state.config.max_recorded > 0:
-            state.requests.append(
-                RecordedRequest(self.command, path, recorded, dict(self.headers.items()))
-            )
+            state.requests.append(record)
+        self._is_generation, self._status = False, 0
+        outcome = Outcome.CUT
         try:
             if self.server.check_hosts and not _host_allowed(
                 self.headers.get("Host", ""), state.config.allowed_hosts
@@ -290,6 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(405, b"405 method not allowed", _TEXT)
             else:
                 routes[self.command](self, raw, started)
+            outcome = Outcome.ANSWERED if self._status < 400 else Outcome.REFUSED
         except _Abort:
             self.close_connection = True
         except OSError:  # the client closed the connection while its answer was written
@@ -299,6 +325,15 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.close_connection = True
             self._error(500, f"ollama simulator error: {exc!r}")
+            outcome = Outcome.REFUSED
+        if self._is_generation:
+            record.outcome = outcome
+            state.count_outcome(outcome)
+
+    def _generation_call(self) -> None:
+        """This request is a generation: counted now, and by how it ends."""
+        self._is_generation = True
+        self.server.state.count_generation()
 
     # -- simple endpoints --------------------------------------------------
 
@@ -327,7 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
         runs it as a subprocess."""
         state = self.server.state
         counts = {"generation_calls": state.generation_calls, "loads": state.loads}
-        self._json(200, {**counts, "abandoned": state.abandoned})
+        outcomes = {outcome.value: state.outcomes[outcome] for outcome in Outcome}
+        self._json(200, {**counts, "abandoned": state.abandoned, "outcomes": outcomes})
 
     def _show(self, raw: bytes, started: int) -> None:
         body, err = _json_error(raw, "ShowRequest")
@@ -403,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _generation(self, raw: bytes, started: int, *, chat: bool) -> None:
         state = self.server.state
-        state.count_generation()
+        self._generation_call()
         struct = "ChatRequest" if chat else "GenerateRequest"
         body, err = _json_error(raw, struct)
         if err is None:

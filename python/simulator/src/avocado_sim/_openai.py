@@ -207,7 +207,7 @@ def request_body(h: _Handler, raw: bytes) -> dict[str, Any] | None:
 def _generation(h: _Handler, raw: bytes, started: int, *, chat: bool) -> None:
     """Validate like a real server, then answer within a slot of the shared scheduler."""
     state = h.server.state
-    state.count_generation()
+    h._generation_call()
     body = request_body(h, raw)
     if body is None:
         return None

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal, overload
 
 from avocado_sim._catalog import normalize
 
-__all__ = ["RecordedRequest", "RequestLog", "SimConfig", "SimState", "SlotGate"]
+__all__ = ["Outcome", "RecordedRequest", "RequestLog", "SimConfig", "SimState", "SlotGate"]
 
 _LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "0.0.0.0"]  # noqa: S104 - a Host value
 # Ollama also accepts these suffixes on a loopback bind (allowedHost in server/routes.go).
@@ -90,7 +91,20 @@ class SimConfig:
             raise ValueError("tokens_per_s must be positive or None")
 
 
-@dataclass(frozen=True)
+class Outcome(str, Enum):
+    """How a generation call ended: what a test counts to tell a model call made twice from
+    one cut short."""
+
+    ANSWERED = "answered"
+    """The whole answer was sent."""
+    REFUSED = "refused"
+    """An error status was sent."""
+    CUT = "cut"
+    """The answer was not sent whole: the client went away before or while it was written
+    (a worker killed, a job cancelled), or the simulator cut it (``drop_first``, ``stop``)."""
+
+
+@dataclass
 class RecordedRequest:
     """One request as the simulator received it."""
 
@@ -99,6 +113,8 @@ class RecordedRequest:
     body: Any
     """The parsed JSON body; None when there was none or it was not JSON."""
     headers: Mapping[str, str]
+    outcome: Outcome | None = None
+    """A generation's, once it ended; None for other requests and while it runs."""
 
 
 class RequestLog(Sequence[RecordedRequest]):
@@ -205,7 +221,11 @@ class SimState:
         self.stopping = threading.Event()
         self.requests = RequestLog(config.max_recorded)
         self.generation_calls = 0
+        self.outcomes: Counter[Outcome] = Counter()  # generation calls that ended, by how
         self.abandoned = 0  # answers whose client closed the connection before their end
+        self.released = threading.Event()  # cleared: answers wait before their first byte
+        self.released.set()
+        self.held = 0  # answers waiting for release
         self._latencies = 0  # generations so far, never reset: the jitter sequence goes on
         self.started_at = time.time()
         self.modified: dict[str, float] = {}
@@ -219,6 +239,25 @@ class SimState:
     def count_abandoned(self) -> None:
         with self.lock:
             self.abandoned += 1
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+
+    def await_release(self) -> bool:
+        """Wait while answers are held; False when the simulator stops meanwhile."""
+        if self.released.is_set():
+            return True
+        with self.lock:
+            self.held += 1
+        try:
+            while not self.released.wait(0.05):
+                if self.stopping.is_set():
+                    return False
+            return True
+        finally:
+            with self.lock:
+                self.held -= 1
 
     def latency_s(self) -> float:
         """The next generation's delay: latency_ms, moved by its place in the jitter sequence."""

@@ -13,13 +13,14 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from types import FrameType, TracebackType
 
 from avocado_sim._http import SimServer
-from avocado_sim._state import RecordedRequest, RequestLog, SimConfig, SimState
+from avocado_sim._state import Outcome, RecordedRequest, RequestLog, SimConfig, SimState
 
-__all__ = ["OllamaSimulator", "RecordedRequest", "RequestLog", "SimConfig", "main"]
+__all__ = ["OllamaSimulator", "Outcome", "RecordedRequest", "RequestLog", "SimConfig", "main"]
 
 
 class OllamaSimulator:
@@ -67,12 +68,35 @@ class OllamaSimulator:
         with self._state.lock:
             return self._state.abandoned
 
+    @property
+    def outcomes(self) -> Counter[Outcome]:
+        """Generation calls that ended, by how (answered, refused, cut); each recorded
+        request's ``outcome`` says which was which."""
+        with self._state.lock:
+            return Counter(self._state.outcomes)
+
+    def hold(self) -> None:
+        """Hold every answer in its slot before its first byte, until ``release``: a test
+        then acts while known calls are in flight (kills their client, say)."""
+        self._state.released.clear()
+
+    def release(self) -> None:
+        """Send the held answers (a client gone by then gets none: its call is cut)."""
+        self._state.released.set()
+
+    @property
+    def held(self) -> int:
+        """Answers waiting for ``release``."""
+        with self._state.lock:
+            return self._state.held
+
     def clear(self) -> None:
-        """Forget recorded requests and zero `generation_calls` and `abandoned`, e.g. between
-        tests."""
+        """Forget recorded requests and zero `generation_calls`, `outcomes` and `abandoned`,
+        e.g. between tests."""
         with self._state.lock:
             self._state.requests.clear()
             self._state.generation_calls = 0
+            self._state.outcomes.clear()
             self._state.abandoned = 0
 
     @property
