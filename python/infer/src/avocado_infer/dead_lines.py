@@ -20,7 +20,7 @@ from kombu.entity import Queue
 from avocado_infer.batches import FINAL, BatchStore, batch_of_job
 from avocado_shared.dlq import read_letter
 from avocado_shared.routing import MODEL_QUEUE_PREFIX, Lane
-from avocado_shared.topology import DEAD_LETTER_EXCHANGE
+from avocado_shared.topology import DEAD_LETTER_EXCHANGE, listener_queue
 
 __all__ = ["DeadLines"]
 
@@ -37,14 +37,8 @@ class DeadLines:
     def __init__(self, connect: Callable[[], Connection], store: BatchStore) -> None:
         self.connect = connect
         self.store = store
-        self.queue = Queue(
-            f"avocado-infer.dead-lines.{uuid.uuid4().hex}",
-            DEAD_LETTER_EXCHANGE,
-            routing_key=_BATCH_LANES,
-            durable=False,
-            exclusive=True,
-            auto_delete=True,
-            queue_arguments={"x-queue-type": "classic"},  # exclusive: never a quorum queue
+        self.queue = listener_queue(
+            f"avocado-infer.dead-lines.{uuid.uuid4().hex}", DEAD_LETTER_EXCHANGE, _BATCH_LANES
         )
         self._connection: Connection | None = None
         self._bound: Queue | None = None

@@ -117,10 +117,11 @@ class JobTask(TracedJob):
                 resources.redis(), job_id, cancel_key(prefix, job_id), stream
             ) as begun:
                 # Under the lease: a copy that finished just before cannot be missed.
-                stored = stored_success(resources.store, job_id) if begun.cancelled else None
-                if begun.cancelled and stored is None:
-                    raise JobCancelled("cancelled on request before it ran")
-                if stored is None:
+                if begun.cancelled:  # unless a copy of it succeeded: its result stands
+                    stored = stored_success(resources.store, job_id)
+                    if stored is None:
+                        raise JobCancelled("cancelled on request before it ran")
+                else:
                     stored = started(self, job_id, kwargs)
                 if stored is not None:
                     logger.info("%s[%s] already succeeded: its result stands", self.name, job_id)

@@ -19,12 +19,17 @@ from enum import Enum
 from typing import Any, Literal
 
 from kombu.connection import Connection
-from kombu.entity import Exchange, Queue
+from kombu.entity import Exchange
 from kombu.message import Message
 from kombu.messaging import Consumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from avocado_shared.topology import DISCOVERY_EXCHANGE, URL_CHANGED, URL_REMOVED
+from avocado_shared.topology import (
+    DISCOVERY_EXCHANGE,
+    URL_CHANGED,
+    URL_REMOVED,
+    listener_queue,
+)
 
 __all__ = [
     "Announcement",
@@ -142,13 +147,8 @@ class EndpointWatcher:
         on_event: Callable[[Announcement], None] | None = None,
     ) -> None:
         self.connection = connection
-        self.queue = Queue(
-            f"discovery.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
-            DISCOVERY_EXCHANGE,
-            routing_key=binding,
-            durable=False,
-            exclusive=True,
-            auto_delete=True,
+        self.queue = listener_queue(
+            f"discovery.{socket.gethostname()}.{uuid.uuid4().hex[:8]}", DISCOVERY_EXCHANGE, binding
         )
         self._on_event = on_event
         self._endpoints: dict[str, Endpoint] = {}

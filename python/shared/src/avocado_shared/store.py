@@ -140,7 +140,7 @@ class ResultStore:
         self._returns = bool(self._engine.dialect.insert_returning)
         self._upsert = _upsert(self._engine.dialect.name, self._returns)
         self._closed = False
-        self._lock_pid, self._write_lock = 0, threading.Lock()
+        self._lock_pid, self._write_lock = os.getpid(), threading.Lock()
 
     @classmethod
     def open(cls, url: str) -> ResultStore:

@@ -44,6 +44,7 @@ __all__ = [
     "job_queue",
     "job_queues",
     "lane_queues",
+    "listener_queue",
     "task_routes",
 ]
 
@@ -74,6 +75,21 @@ _ROUTES = {
     EMBED_TASK: EMBED_QUEUE,
     ANNOUNCE_TASK: ANNOUNCE_QUEUE,
 }
+
+
+def listener_queue(name: str, exchange: Exchange, routing_key: str) -> Queue:
+    """A queue of one process's own on ``exchange`` (a watcher of announcements, of dead
+    letters): not durable, exclusive to its connection and deleted with it; classic, as an
+    exclusive queue can never be a quorum queue, whatever the vhost's default type."""
+    return Queue(
+        name,
+        exchange,
+        routing_key=routing_key,
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+        queue_arguments={"x-queue-type": "classic"},
+    )
 
 
 def job_queue(name: str, exchange: Exchange, settings: Settings) -> Queue:
