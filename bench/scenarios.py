@@ -93,7 +93,7 @@ _QUICK: dict[str, Any] = {
     **{"fix_seq": 30, "fix_burst": 60, "gateway_jobs": 10, "gateway_burst": 32},
     **{"mix_jobs": 15, "lane_backlog": 60, "lane_jobs": 5},
     **{"cutoff_s": 15.0, "drain_job_s": 4.0, "drain_jobs": 6, "streams_jobs": 32},
-    **{"embed_batch": 128, "embed_single": 30, "batch_lines": 1000, "batch_reps": 1},
+    **{"embed_batch": 128, "embed_single": 30, "batch_lines": 1000, "batch_reps": 2},
 }
 
 

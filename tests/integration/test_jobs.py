@@ -12,6 +12,7 @@ from avocado_shared import GenerateResult, Producer, SummarizeResult
 from avocado_shared.fleet import WorkerRegistry
 from avocado_shared.redis_clients import redis_client
 from avocado_shared.routing import Lane, lane_queue_name
+from avocado_shared.store import JobStatus, ResultRow
 from avocado_sim import OllamaSimulator
 from tests.inprocess import InProcessWorker
 from tests.processes import wait_for
@@ -79,6 +80,30 @@ def test_chat_generation_goes_to_api_chat_with_system_first(
     (body,) = _bodies(fresh_sim, "/api/chat")
     assert body["messages"] == [{"role": "system", "content": "Be terse."}, *messages]
     assert not _bodies(fresh_sim, "/api/generate")
+
+
+def test_an_unwatched_job_runs_with_no_result_channel_and_no_celery_result(
+    producer: Producer, fresh_sim: OllamaSimulator
+) -> None:
+    """A job published ``watched=False`` (a batch's line, read from ``ml_results``) leaves its
+    publisher subscribed to nothing, and no Celery result behind; a watched one has both."""
+    client = redis_client(producer.settings)
+    backend = producer.app.backend
+    watched = producer.submit(producer.generate_request("Name a colour."), Lane.BATCH)
+    request = producer.generate_request("Name a fruit.")
+    unwatched = producer.submit(request, Lane.BATCH, watched=False)
+    channels = [backend.get_key_for_task(handle.id) for handle in (watched, unwatched)]
+
+    assert [n for _, n in client.pubsub_numsub(*channels)] == [1, 0]
+    assert watched.get(timeout=WAIT).text.strip()
+
+    def ended() -> ResultRow | None:
+        row = producer.results.get(unwatched.id)
+        return row if row is not None and row.status is not JobStatus.STARTED else None
+
+    row = wait_for(ended, timeout=WAIT, what="the unwatched job's row to say how it ended")
+    assert row.status is JobStatus.SUCCESS, row.error
+    assert [client.exists(channel) for channel in channels] == [1, 0]
 
 
 def test_options_json_schema_and_keep_alive_are_passed_through(

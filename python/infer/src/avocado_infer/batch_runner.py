@@ -251,7 +251,7 @@ class BatchRunner:
         if limit and depth is not None and depth >= limit:
             return False
         try:
-            producer.submit(request, Lane.BATCH, job_id=job_id)
+            producer.submit(request, Lane.BATCH, job_id=job_id, watched=False)
         except PublishError as error:
             logger.info("batch %s: line %s not queued now: %s", batch.id, line.custom_id, error)
             return False

@@ -229,6 +229,7 @@ class Producer:
         request: GenerateRequest | SummarizeRequest | EmbedRequest,
         lane: Lane = Lane.BATCH,
         job_id: str | None = None,
+        watched: bool = True,
     ) -> JobHandle[JobResult]:
         """Publish a validated request to its model's ``lane`` queue, persistent and
         confirmed; duplicates share one job. The queue is declared first, so a job for a model
@@ -238,6 +239,12 @@ class Producer:
         with the same ``idempotency_key``, that is still queued or running is not published
         again. ``job_id``: the job's id, when the caller derives it (a batch's line: its
         results are found again by it); a new one when None.
+
+        ``watched=False``: no one waits on the handle (its ``ml_results`` row is read instead),
+        so the job goes without a Celery result. Celery subscribes a publisher to each job's
+        result channel and unsubscribes when the handle is dropped, but the replies are read
+        only while some handle is waited on: a process that publishes many jobs and waits on
+        none keeps a channel name per job and Redis an unread reply, until it waits again.
         """
         task = _TASKS[type(request)]
         body = request.model_dump(mode="json", exclude_none=True)
@@ -268,6 +275,7 @@ class Producer:
                         # consumer timeout.
                         time_limit=None,
                         soft_time_limit=None,
+                        ignore_result=not watched,
                     )
                 except _PUBLISH_ERRORS as error:
                     # Not for reuse: a confirm may still arrive on it, or the broker closed
