@@ -75,7 +75,7 @@ class Config:
     embed_single: int = 200
     batch_lines: int = 10_000
     batch_latency_ms: float = 50.0
-    batch_reps: int = 2
+    batch_reps: int = 3
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
 
     @classmethod
