@@ -194,9 +194,7 @@ class BatchRunner:
             return
         for row in rows:
             # Counted once, by whoever takes it out of the window.
-            if row.status in _ENDED and self.store.client.srem(
-                self.store.key(batch.id, ":running"), row.job_id
-            ):
+            if row.status in _ENDED and self.store.client.srem(window, row.job_id):
                 if row.status is JobStatus.SUCCESS:
                     batch.completed += 1
                 else:
