@@ -4,6 +4,7 @@ overwrites a success, as Celery's read-then-write did in two round trips."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from celery import Celery, states
 
 from avocado_shared import Settings
 from avocado_shared.celery_config import make_celery
-from avocado_shared.overrides.result_backend import FleetRedisBackend
+from avocado_shared.overrides.result_backend import FleetRedisBackend, FleetResultConsumer
 from tests.conftest import REDIS_URL
 from tests.processes import wait_for
 
@@ -72,3 +73,32 @@ def test_a_success_is_never_overwritten(app: Celery) -> None:
 
     meta, _ = _stored(app, job_id)
     assert (meta["status"], meta["result"]) == (states.SUCCESS, {"text": "first"})
+
+
+def test_a_result_stored_while_its_waiter_reconnects_reaches_it(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client waits on a job; its subscription is made again (as after Redis dropped it),
+    and the job's result is stored and published just after the consumer read what was
+    stored meanwhile (nothing). Subscribed again before that read, the waiter hears the
+    publish; subscribed after it (Celery's order), it would wait in vain."""
+    backend = app.backend
+    consumer = backend.result_consumer
+    job_id = str(uuid.uuid4())
+    channel = backend.get_key_for_task(job_id)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(app.AsyncResult(job_id).get, timeout=10)
+        wait_for(lambda: backend.client.pubsub_numsub(channel)[0][1], timeout=10, what="the waiter")
+        read = backend.client.mget
+
+        def read_then_store(keys: object) -> object:
+            found = read(keys)
+            backend.store_result(job_id, {"text": "meanwhile"}, states.SUCCESS)
+            return found
+
+        monkeypatch.setattr(backend.client, "mget", read_then_store)
+        consumer._reconnect_pubsub()
+        monkeypatch.undo()
+
+        assert isinstance(consumer, FleetResultConsumer)
+        assert waiting.result() == {"text": "meanwhile"}

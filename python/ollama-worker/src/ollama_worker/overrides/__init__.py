@@ -95,6 +95,12 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     integration/test_result_backend.py::test_a_success_is_never_overwritten
     integration/test_result_backend.py::test_an_outcome_is_stored_with_its_expiry_and_published
 
+``avocado_shared.overrides.result_backend.FleetResultConsumer._reconnect_pubsub``
+    When Redis dropped a waiter's subscription, Celery reads the results stored meanwhile,
+    then subscribes again: a result published between the two reaches no one. This
+    subscribes first.
+    integration/test_result_backend.py::test_a_result_stored_while_its_waiter_reconnects_reaches_it
+
 ``avocado_shared.overrides.singleton``: ``SingletonJob.singleton_backend``,
 ``new_lock_store``, ``close_lock_store``
     Each task's lock store of its own app, closable (a ``Producer`` closes its own;

@@ -1,10 +1,16 @@
-"""Celery's Redis result backend, storing a job's outcome in one round trip.
+"""Celery's Redis result backend, storing a job's outcome in one round trip, and never
+missing one while its waiters reconnect.
 
 Celery 5.7's ``BaseKeyValueStoreBackend._store_result`` reads the task's meta first (a GET:
 a result that is SUCCESS already is never overwritten, so a lost copy of a job cannot
 replace it), then ``RedisBackend._set`` writes it and publishes it to waiting clients in a
 MULTI/EXEC: two round trips per outcome, one per job on the worker's hot path. Here one
 script does the same three steps in Redis, atomically.
+
+When its subscription to Redis was lost, Celery's result consumer reads the results stored
+meanwhile (MGET), then subscribes again: a result stored and published between the two
+reaches no one, and its waiter times out. Here it subscribes first: Redis has the SUBSCRIBE
+(sent first) by the time it answers the MGET, so a result is either read or published to it.
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, ResultConsumer
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 from redis.commands.core import Script
 
-__all__ = ["FleetRedisBackend"]
+__all__ = ["FleetRedisBackend", "FleetResultConsumer"]
 
 # KEYS[1]: the meta's key; ARGV[1]: the meta (JSON), ARGV[2]: its expiry in seconds (0: none).
 _STORE = """
@@ -34,10 +40,33 @@ return 1
 """
 
 
+class FleetResultConsumer(ResultConsumer):  # type: ignore[misc]
+    """Celery's result consumer, subscribed again before it reads what was stored while it
+    was not."""
+
+    def _reconnect_pubsub(self) -> None:
+        with self._locked():  # reentrant: Celery's own, below, takes it too
+            # Cancels queued so far were never subscribed on the new connection.
+            self.subscribed_to -= self._pending_unsubscribe
+            self._pending_unsubscribe.clear()
+            if not self.subscribed_to:  # nothing to read: Celery's connects and waits
+                super()._reconnect_pubsub()
+                return
+            self._pubsub = None
+            self.backend.client.connection_pool.reset()
+            self._pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(*self.subscribed_to)
+            for meta in self.backend.client.mget(self.subscribed_to):
+                if meta:  # its cancel goes out on the new connection when the lock is let go
+                    self.on_state_change(self._decode_result(meta), None)
+
+
 class FleetRedisBackend(RedisBackend):  # type: ignore[misc]
     """``RedisBackend`` whose ``_store_result`` is one script (JSON results only: the script
-    reads the stored status; any other serializer takes Celery's own two round trips)."""
+    reads the stored status; any other serializer takes Celery's own two round trips), and
+    whose waiters subscribe again before reading (``FleetResultConsumer``)."""
 
+    ResultConsumer = FleetResultConsumer
     _script: Script | None = None
 
     def _store_result(
