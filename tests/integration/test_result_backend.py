@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,15 +20,20 @@ from avocado_shared.celery_config import make_celery
 from avocado_shared.overrides.result_backend import FleetRedisBackend, FleetResultConsumer
 from tests.conftest import REDIS_URL
 from tests.processes import wait_for
+from tests.services import RedisServer
+
+
+def _app(redis_url: str, prefix: str) -> Celery:
+    settings = Settings(
+        broker_url="amqp://guest@127.0.0.1:5672//", redis_url=redis_url, key_prefix=prefix
+    )
+    return make_celery("result-backend-test", settings)
 
 
 @pytest.fixture
 def app() -> Iterator[Celery]:
     prefix = f"avocado-test-{uuid.uuid4().hex[:8]}:"
-    settings = Settings(
-        broker_url="amqp://guest@127.0.0.1:5672//", redis_url=REDIS_URL, key_prefix=prefix
-    )
-    made = make_celery("result-backend-test", settings)
+    made = _app(REDIS_URL, prefix)
     yield made
     client = redis.Redis.from_url(REDIS_URL)
     for key in client.scan_iter(f"{prefix}*"):
@@ -102,3 +109,38 @@ def test_a_result_stored_while_its_waiter_reconnects_reaches_it(
 
         assert isinstance(consumer, FleetResultConsumer)
         assert waiting.result() == {"text": "meanwhile"}
+
+
+def test_a_handle_dropped_while_redis_is_away_goes_quietly_and_waiters_still_hear(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two jobs are waited on; Redis stops; one handle is dropped (its unsubscribe, as
+    ``AsyncResult.__del__`` makes it). It neither raises nor logs that the application must
+    be restarted (Celery's consumer did both, after reconnecting with retries), and once
+    Redis is back the other job's result still reaches its waiter."""
+    with RedisServer(tmp_path) as server:
+        app = _app(server.url, "avocado-test:")
+        backend = app.backend
+        dropped, kept = str(uuid.uuid4()), str(uuid.uuid4())
+        for job_id in (dropped, kept):
+            backend.result_consumer.consume_from(job_id)
+        server.stop()
+        # As redis-py leaves a connection it found broken (a failed read, a health check):
+        # the next command on it connects first.
+        backend.result_consumer._pubsub.connection.disconnect()
+
+        with caplog.at_level(logging.WARNING):
+            backend.result_consumer.cancel_for(dropped)
+        server.start()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(app.AsyncResult(kept).get, timeout=10)
+            wait_for(
+                lambda: backend.client.pubsub_numsub(backend.get_key_for_task(kept))[0][1],
+                timeout=10,
+                what="the waiter subscribed again",
+            )
+            backend.store_result(kept, {"text": "after"}, states.SUCCESS)
+            assert waiting.result() == {"text": "after"}
+        app.close()
+
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL] == []

@@ -101,6 +101,13 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     subscribes first.
     integration/test_result_backend.py::test_a_result_stored_while_its_waiter_reconnects_reaches_it
 
+``avocado_shared.overrides.result_backend.FleetResultConsumer._flush_pending_unsubscribe``,
+``_reconnect``
+    A handle dropped while Redis is away unsubscribes in ``AsyncResult.__del__``: Celery
+    reconnects there with retries, logs CRITICAL and raises, per handle. The lost connection
+    took the subscription along: this gives up at once, and the next waiter reconnects.
+    integration/test_result_backend.py::test_a_handle_dropped_while_redis_is_away_goes_quietly_and_waiters_still_hear
+
 ``avocado_shared.overrides.singleton``: ``SingletonJob.singleton_backend``,
 ``new_lock_store``, ``close_lock_store``
     Each task's lock store of its own app, closable (a ``Producer`` closes its own;

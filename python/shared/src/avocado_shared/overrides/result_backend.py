@@ -11,10 +11,18 @@ When its subscription to Redis was lost, Celery's result consumer reads the resu
 meanwhile (MGET), then subscribes again: a result stored and published between the two
 reaches no one, and its waiter times out. Here it subscribes first: Redis has the SUBSCRIBE
 (sent first) by the time it answers the MGET, so a result is either read or published to it.
+
+A handle dropped while Redis is away unsubscribes from its channel in ``AsyncResult.__del__``,
+on whatever thread the garbage collector runs (a gateway's event loop, say). Celery then
+reconnects with retries, logs CRITICAL that the application must be restarted and raises
+from ``__del__``, once per handle. No UNSUBSCRIBE is needed there: the lost connection took
+the subscription with it, and the next waiter's reconnect subscribes only to what is still
+waited on. Here such an unsubscribe gives up at once and leaves the reconnect to that waiter.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import states
@@ -42,7 +50,24 @@ return 1
 
 class FleetResultConsumer(ResultConsumer):  # type: ignore[misc]
     """Celery's result consumer, subscribed again before it reads what was stored while it
-    was not."""
+    was not, and letting a dropped handle go without reconnecting."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unsubscribing = threading.local()
+
+    def _flush_pending_unsubscribe(self) -> None:
+        outer = getattr(self._unsubscribing, "active", False)
+        self._unsubscribing.active = True
+        try:
+            super()._flush_pending_unsubscribe()
+        finally:
+            self._unsubscribing.active = outer
+
+    def _reconnect(self) -> None:
+        if getattr(self._unsubscribing, "active", False):
+            return  # the connection went with the subscription: the next waiter reconnects
+        super()._reconnect()
 
     def _reconnect_pubsub(self) -> None:
         with self._locked():  # reentrant: Celery's own, below, takes it too
