@@ -600,3 +600,19 @@ def test_a_line_whose_job_is_dead_lettered_fails_at_once_with_its_reason(
     assert record["response"]["status_code"] == 500
     output = _lines(sdk, done.output_file_id)
     assert sorted(output) == sorted(f"q{i}" for i in range(4) if f"q{i}" != custom_id)
+
+
+def test_a_job_leaves_the_window_once_whoever_takes_it(settings: Settings) -> None:
+    """Two feeders may count the same window: each job is counted by the one whose take
+    removed it, and a take reports that per job, in the order asked."""
+    with redis_client() as client:
+        store = BatchStore(client, settings.key_prefix, retention_s=60)
+        window = store.key("batch_take", ":running")
+        client.sadd(window, "a", "b")
+        try:
+            assert store.take("batch_take", ":running", ["a", "c"]) == [True, False]
+            assert store.take("batch_take", ":running", ["a", "b"]) == [False, True]
+            assert store.take("batch_take", ":running", []) == []
+            assert client.scard(window) == 0
+        finally:
+            client.delete(window)

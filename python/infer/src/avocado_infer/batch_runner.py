@@ -181,24 +181,22 @@ class BatchRunner:
 
     def _count(self, batch: Batch) -> None:
         """Count the window's jobs that ended: dead-lettered, or with a row in ``ml_results``
-        that says so (one query)."""
-        window = self.store.key(batch.id, ":running")
-        for job_id in self.store.dead(batch.id):
-            if self.store.client.srem(window, job_id):  # counted once, as below
-                batch.failed += 1
+        that says so (one query); each kind leaves the window in one round trip."""
+        dead = list(self.store.dead(batch.id))
+        batch.failed += sum(self.store.take(batch.id, ":running", dead))
         running = self.store.members(batch.id, ":running")
         try:
             rows = self.gateway.producer.results.get_many(running)
         except StoreError as error:  # no worker made its tables yet, or it is down: later
             logger.info("batch %s: its jobs' rows not read now: %s", batch.id, error)
             return
-        for row in rows:
-            # Counted once, by whoever takes it out of the window.
-            if row.status in _ENDED and self.store.client.srem(window, row.job_id):
-                if row.status is JobStatus.SUCCESS:
-                    batch.completed += 1
-                else:
-                    batch.failed += 1
+        ended = [row for row in rows if row.status in _ENDED]
+        taken = self.store.take(batch.id, ":running", [row.job_id for row in ended])
+        for row in (row for row, took in zip(ended, taken, strict=True) if took):
+            if row.status is JobStatus.SUCCESS:
+                batch.completed += 1
+            else:
+                batch.failed += 1
 
     def _cancel_running(self, batch: Batch) -> None:
         for job_id in self.store.members(batch.id, ":running"):

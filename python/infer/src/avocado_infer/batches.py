@@ -224,6 +224,16 @@ class BatchStore:
         """The members of the batch's set ``part`` (``:running``)."""
         return [_text(m) for m in self.client.smembers(self.key(batch_id, part))]
 
+    def take(self, batch_id: str, part: str, job_ids: list[str]) -> list[bool]:
+        """Take ``job_ids`` out of the batch's set ``part`` in one round trip: which of them
+        were in it (whoever takes a job out counts it, so it is counted once)."""
+        if not job_ids:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.srem(self.key(batch_id, part), job_id)
+            return [bool(removed) for removed in pipe.execute()]
+
     def note_dead(self, batch_id: str, job_id: str, reason: str) -> None:
         """The line's job was dead-lettered: why (kept no longer than the batch's window)."""
         with self.client.pipeline() as pipe:
