@@ -144,3 +144,32 @@ def test_a_handle_dropped_while_redis_is_away_goes_quietly_and_waiters_still_hea
         app.close()
 
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL] == []
+
+
+def test_a_waiter_waits_through_a_redis_restart_and_gets_its_result(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client waits on a job while Redis stops for longer than Celery's reconnect retries,
+    and the job's result is stored once Redis is back: the waiter gets it (Celery's consumer
+    raised RuntimeError, 'must be restarted', a second into the outage)."""
+    with RedisServer(tmp_path) as server:
+        app = _app(server.url, "avocado-test:")
+        backend = app.backend
+        job_id = str(uuid.uuid4())
+        channel = backend.get_key_for_task(job_id)
+        with caplog.at_level(logging.WARNING), concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(app.AsyncResult(job_id).get, timeout=60)
+            wait_for(
+                lambda: backend.client.pubsub_numsub(channel)[0][1], timeout=10, what="the waiter"
+            )
+            server.stop()
+            wait_for(
+                lambda: waiting.done() or "still lost" in caplog.text,
+                timeout=30,
+                what="the waiter to find Redis gone, past Celery's retries",
+            )
+            server.start()
+            backend.store_result(job_id, {"text": "after the restart"}, states.SUCCESS)
+
+            assert waiting.result() == {"text": "after the restart"}
+        app.close()

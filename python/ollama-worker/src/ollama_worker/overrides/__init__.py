@@ -101,11 +101,14 @@ it changes and why, and the tests (under ``tests/``) that pin it.
     subscribes first.
     integration/test_result_backend.py::test_a_result_stored_while_its_waiter_reconnects_reaches_it
 
-``avocado_shared.overrides.result_backend.FleetResultConsumer._flush_pending_unsubscribe``,
-``_reconnect``
-    A handle dropped while Redis is away unsubscribes in ``AsyncResult.__del__``: Celery
-    reconnects there with retries, logs CRITICAL and raises, per handle. The lost connection
-    took the subscription along: this gives up at once, and the next waiter reconnects.
+``avocado_shared.overrides.result_backend.FleetResultConsumer._reconnect``,
+``drain_events``, ``_flush_pending_unsubscribe``
+    Redis away past Celery's three reconnect attempts: Celery logs CRITICAL ("must be
+    restarted") and raises RuntimeError to the waiter, and to ``AsyncResult.__del__`` of
+    each handle dropped meanwhile. Here a waiter tries again at each poll until its own
+    timeout, and a dropped handle's unsubscribe gives up at once (the lost connection took
+    the subscription along).
+    integration/test_result_backend.py::test_a_waiter_waits_through_a_redis_restart_and_gets_its_result
     integration/test_result_backend.py::test_a_handle_dropped_while_redis_is_away_goes_quietly_and_waiters_still_hear
 
 ``avocado_shared.overrides.singleton``: ``SingletonJob.singleton_backend``,

@@ -12,16 +12,22 @@ meanwhile (MGET), then subscribes again: a result stored and published between t
 reaches no one, and its waiter times out. Here it subscribes first: Redis has the SUBSCRIBE
 (sent first) by the time it answers the MGET, so a result is either read or published to it.
 
+When Redis stays away through Celery's three reconnect attempts (1.5 s here), Celery's
+consumer logs CRITICAL that the application must be restarted and raises RuntimeError: a
+client waiting on a job through a Redis restart got an error for a job that then succeeded.
+Here the connection is marked lost and a waiter tries again at each of its polls, until its
+own timeout; once reconnected it reads what was stored meanwhile, as above.
+
 A handle dropped while Redis is away unsubscribes from its channel in ``AsyncResult.__del__``,
-on whatever thread the garbage collector runs (a gateway's event loop, say). Celery then
-reconnects with retries, logs CRITICAL that the application must be restarted and raises
-from ``__del__``, once per handle. No UNSUBSCRIBE is needed there: the lost connection took
-the subscription with it, and the next waiter's reconnect subscribes only to what is still
-waited on. Here such an unsubscribe gives up at once and leaves the reconnect to that waiter.
+on whatever thread the garbage collector runs (a gateway's event loop, say), and Celery
+reconnected there, with the same retries and the same error, once per handle. No UNSUBSCRIBE
+is needed: the lost connection took the subscription with it. Here such an unsubscribe gives
+up at once and leaves the reconnect to the next waiter.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -32,6 +38,8 @@ from kombu.utils.encoding import bytes_to_str
 from redis.commands.core import Script
 
 __all__ = ["FleetRedisBackend", "FleetResultConsumer"]
+
+logger = logging.getLogger(__name__)
 
 # KEYS[1]: the meta's key; ARGV[1]: the meta (JSON), ARGV[2]: its expiry in seconds (0: none).
 _STORE = """
@@ -50,11 +58,20 @@ return 1
 
 class FleetResultConsumer(ResultConsumer):  # type: ignore[misc]
     """Celery's result consumer, subscribed again before it reads what was stored while it
-    was not, and letting a dropped handle go without reconnecting."""
+    was not, waiting through a Redis restart, and letting a dropped handle go without
+    reconnecting."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._unsubscribing = threading.local()
+        self._lost = False  # the connection broke and no reconnect has worked since
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        if self._lost:
+            self._reconnect()  # the retry policy's intervals (1.5 s) are this poll's wait
+            if self._lost:
+                return
+        super().drain_events(timeout)
 
     def _flush_pending_unsubscribe(self) -> None:
         outer = getattr(self._unsubscribing, "active", False)
@@ -65,9 +82,15 @@ class FleetResultConsumer(ResultConsumer):  # type: ignore[misc]
             self._unsubscribing.active = outer
 
     def _reconnect(self) -> None:
+        self._lost = True
         if getattr(self._unsubscribing, "active", False):
             return  # the connection went with the subscription: the next waiter reconnects
-        super()._reconnect()
+        try:
+            super()._reconnect()
+        except self._connection_errors as error:
+            logger.warning("Redis result channel still lost, a waiter tries again: %s", error)
+            return
+        self._lost = False
 
     def _reconnect_pubsub(self) -> None:
         with self._locked():  # reentrant: Celery's own, below, takes it too
