@@ -32,7 +32,14 @@ from tests.gateway import InProcessGateway
 from tests.gateway_clients import Fleet
 from tests.inprocess import InProcessWorker, given_settings
 from tests.placement import place
-from tests.rabbit import Broker, RabbitNode, isolated_vhost, machine_broker, rabbitmq4
+from tests.rabbit import (
+    Broker,
+    RabbitNode,
+    isolated_vhost,
+    machine_broker,
+    rabbitmq4,
+    wipe_orphans,
+)
 from tests.services import (
     REDIS_URL,
     WorkerProcess,
@@ -56,6 +63,13 @@ def pytest_configure(config: pytest.Config) -> None:
     """Default SQLite results of this session go to a directory of its own, not the user's."""
     home = tempfile.mkdtemp(prefix="avocado-test-data-")
     os.environ["XDG_DATA_HOME"] = os.environ[_DATA_HOME] = home
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Private RabbitMQ nodes an earlier session left behind when it was killed go first."""
+    if not hasattr(session.config, "workerinput"):  # once, in the controller
+        for name in wipe_orphans():
+            print(f"wiped RabbitMQ node {name}: its test process is gone")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

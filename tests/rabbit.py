@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import amqp.exceptions
+import psutil
 from kombu.connection import Connection
 
 from avocado_shared import Producer
@@ -24,6 +26,7 @@ from tests.services import free_port, wait_for
 
 # What a job names when it names no model (Settings.default_model).
 DEFAULT_MODEL = "llama3.2:1b"
+_PRIVATE = "avocado-test-"  # the names of private nodes: this, their process's id, a nonce
 
 __all__ = [
     "ALARMS",
@@ -148,8 +151,9 @@ class RabbitNode:
     def private(
         cls, version: int, port: int, dist_port: int | None = None, mgmt_port: int | None = None
     ) -> RabbitNode:
-        """A node no other test uses, to stop, kill or reconfigure at will."""
-        name = f"avocado-test-{uuid.uuid4().hex[:6]}"
+        """A node no other test uses, to stop, kill or reconfigure at will. Its name holds this
+        process's id: a session that finds the process gone wipes it (``wipe_orphans``)."""
+        name = f"{_PRIVATE}{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return cls(version, name, port, dist_port or free_port(), mgmt_port)
 
     @property
@@ -223,6 +227,21 @@ class RabbitNode:
     def diagnostics(self, *args: str) -> str:
         """``rabbitmq-diagnostics ARGS`` against it (``alarms``, ``status``...)."""
         return self._script("diagnostics", "--", *args)
+
+
+def wipe_orphans() -> list[str]:
+    """Wipe the private nodes whose test process is gone: one killed (SIGKILL, or SIGTERM,
+    which skips Python's cleanup) never ran its fixtures' wipe, and its nodes would go on
+    holding ports, memory and a little CPU (enough to skew a benchmark). Their names."""
+    wiped = []
+    for version in (3, 4):
+        nodes = RabbitNode(version, "any", 0).data_dir().parent
+        for data in sorted(nodes.glob(f"{_PRIVATE}*")):
+            found = re.fullmatch(rf"{_PRIVATE}(\d+)-[0-9a-f]{{6}}", data.name)
+            if found is not None and not psutil.pid_exists(int(found[1])):
+                RabbitNode(version, data.name, 0).wipe()
+                wiped.append(data.name)
+    return wiped
 
 
 def machine_broker() -> Broker:
