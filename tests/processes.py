@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx
+import psutil
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,6 +37,7 @@ __all__ = [
     "kill_group",
     "ping",
     "private_vhost",
+    "process_runs",
     "rabbitmqctl",
     "service_env",
     "spawn",
@@ -77,6 +79,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie does not: here a process whose parent is gone
+    may stay one, as init does not reap it at once (scripts/lib.sh's ``alive`` agrees)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop_group(

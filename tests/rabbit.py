@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import amqp.exceptions
-import psutil
 from kombu.connection import Connection
 
 from avocado_shared import Producer
 from avocado_shared.routing import Lane, lane_queue_name
+from tests.processes import process_runs
 from tests.services import free_port, wait_for
 
 # What a job names when it names no model (Settings.default_model).
@@ -238,7 +238,7 @@ def wipe_orphans() -> list[str]:
         nodes = RabbitNode(version, "any", 0).data_dir().parent
         for data in sorted(nodes.glob(f"{_PRIVATE}*")):
             found = re.fullmatch(rf"{_PRIVATE}(\d+)-[0-9a-f]{{6}}", data.name)
-            if found is not None and not psutil.pid_exists(int(found[1])):
+            if found is not None and not process_runs(int(found[1])):
                 RabbitNode(version, data.name, 0).wipe()
                 wiped.append(data.name)
     return wiped

@@ -5,8 +5,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 
-import psutil
-
+from tests.processes import process_runs
 from tests.rabbit import RabbitNode, wipe_orphans
 from tests.services import free_port
 
@@ -23,7 +22,7 @@ def test_a_node_whose_test_process_is_gone_is_wiped_and_a_live_ones_kept() -> No
 
         assert orphan.name in wiped
         assert ours.name not in wiped
-        assert not _running(vm)
+        assert not process_runs(vm)
         assert not orphan.data_dir().exists()
         assert ours.data_dir().exists()
     finally:
@@ -36,12 +35,3 @@ def _exited_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs: a killed node's VM may stay a zombie until its reaper (init here,
-    the node runs in a session of its own) collects it."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
